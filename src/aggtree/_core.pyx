@@ -1,0 +1,1902 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""aggtree._core: the native Aggregate, Cython glue over the C core.
+
+Reading order: README -> python/aggtree/__init__.py (public names) -> this
+file (argument handling, bound translation, status -> exception mapping) ->
+aggtree.h / aggtree.c (the counted B+tree).  Key encoding for general keys
+lives in keycodec.pxi, included below.
+
+How a Python call becomes a tree walk
+-------------------------------------
+* An Aggregate is a dict ``namespace -> _Tree``; a _Tree owns one C tree.
+  Empty namespaces are removed at once, so they hold no memory.
+* Each tree has a *kind* chosen by its first item and widened on demand:
+    K_FLOAT   every key is a float, every id an int64: C FAST keys
+              (head = sortable double, rest = sortable id).
+    K_INT     every key is an int with |key| <= 2**53, every id an int64:
+              also FAST keys (ints that size are exact doubles); the kind only
+              records that keys read back as ints.
+    K_GENERAL anything else: keys are the memcmp-ordered byte encoding of
+              keycodec.pxi.
+  An item that does not fit a FAST tree converts it to GENERAL first (read
+  out, re-encode, bulk build: O(n), once).  The conversion preserves order,
+  since both encodings are order-preserving images of the same order.
+* Every bound form becomes a *gap*: the number of items before a point of the
+  key order (``_gap``).  A range is then a half-open index interval
+  ``[lo, hi)`` and count / sum / at / min / max / paginate are walks by index.
+  For FAST trees a bound key of another type is placed by the cross-type
+  order (None before all numbers, str / bytes / tuple after them), and
+  integers that are not exact doubles fall in the gap between two doubles.
+* Errors: C statuses map to exceptions in ``_raise_status``.  Everything is
+  validated (keys encoded, values converted, targets looked up) before the
+  first C call that mutates, and the C core itself never half-applies an
+  operation, so a failed call leaves the aggregate unchanged.
+
+Threads
+-------
+Writers hold the GIL for the whole mutation, so per-item calls are atomic
+with respect to each other.  Vectorised read loops release the GIL; they hold
+the aggregate's lock while they run, and every writer takes that lock too,
+so such a reader sees the state before or after a write, never a torn one.
+"""
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, UINT64_MAX
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy, memset, memcmp
+from libc.math cimport isnan, isfinite, floor, nextafter, INFINITY
+from cpython.float cimport PyFloat_Check, PyFloat_CheckExact, PyFloat_AS_DOUBLE
+from cpython.long cimport PyLong_CheckExact, PyLong_AsLongLongAndOverflow, PyLong_FromLongLong
+from cpython.bool cimport PyBool_Check
+from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
+                               PyThread_free_lock, PyThread_acquire_lock,
+                               PyThread_release_lock, WAIT_LOCK)
+from cpython.ref cimport PyObject
+
+cimport numpy as cnp
+import numpy as np
+
+include "keycodec.pxi"
+
+import base64 as _base64
+import binascii as _binascii
+import operator as _operator
+import random as _random_module
+
+from aggtree._types import Bound, DuplicateItemError, Item, MissingItemError, Page
+
+cnp.import_array()
+
+# ---------------------------------------------------------------- kinds --
+
+cdef enum:
+    K_FLOAT = 0
+    K_INT = 1
+    K_GENERAL = 2
+
+# Positions of a bound key in the double domain of a FAST tree.
+cdef enum:
+    P_EXACT = 0       # the key is the double d
+    P_BELOW = 1       # before every item
+    P_ABOVE = 2       # after every item
+    P_GAP = 3         # strictly between d and the next double (after d's items)
+
+cdef double _TWO53 = 9007199254740992.0
+cdef uint64_t _ID_MIN = 0
+cdef uint64_t _ID_MAX = UINT64_MAX
+
+cdef object _UNSET = object()          # default of eq= (None is a valid key)
+cdef object _item_new = tuple.__new__  # Item(k, i, v) without the namedtuple __new__ wrapper
+cdef object _SAME = object()           # default of new_namespace=
+
+_CURSOR_PREFIX = "agg1."
+_ALLOWED_QUERY_KEYS = frozenset(("namespace", "lower", "upper", "eq", "prefix"))
+_ALLOWED_AT_KEYS = frozenset(("namespace", "lower", "upper", "eq", "prefix", "offset"))
+
+
+cdef inline object _mk_item(object key, object id, double value):
+    return _item_new(Item, (key, id, value))
+
+
+# ------------------------------------------------------- status mapping --
+
+cdef int _raise_status(agg_status st, object key, object id, object ns) except -1:
+    """Turn a C status into the documented exception (the one place that does)."""
+    if st == AGG_OK:
+        return 0
+    if st == AGG_NOMEM:
+        raise MemoryError("aggtree: out of memory (the aggregate is unchanged)")
+    if st == AGG_DUPLICATE:
+        raise DuplicateItemError(
+            f"item with key={key!r}, id={id!r} already exists in namespace {ns!r}")
+    if st == AGG_MISSING:
+        raise MissingItemError(
+            f"no item with key={key!r}, id={id!r} in namespace {ns!r}")
+    if st == AGG_RANGE:
+        raise IndexError("aggtree: index out of range")
+    if st == AGG_INVALID:
+        raise ValueError("aggtree: invalid argument")
+    raise AssertionError("aggtree: corrupt tree")
+
+
+# ------------------------------------------------------ scalar checking --
+
+cdef inline int _kb_append(KeyBuf *b, const unsigned char *p, Py_ssize_t n) except -1:
+    kb_reserve(b, n)
+    memcpy(b.data + b.len, p, <size_t>n)
+    b.len += n
+    return 0
+
+
+cdef inline double _value(object v) except? -1.0:
+    """A finite float from a real number; TypeError / ValueError otherwise."""
+    cdef double x
+    if PyFloat_CheckExact(v):
+        x = PyFloat_AS_DOUBLE(v)
+    elif PyLong_CheckExact(v):
+        try:
+            x = <double>v
+        except OverflowError:
+            raise ValueError(f"value {v!r} is too large for a float")
+    elif v is None or isinstance(v, (str, bytes, bytearray, complex)):
+        raise TypeError(f"value must be a real number, not {type(v).__name__}")
+    else:
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise TypeError(f"value must be a real number, not {type(v).__name__}")
+        except OverflowError:
+            raise ValueError(f"value {v!r} is too large for a float")
+    if not isfinite(x):
+        raise ValueError(f"value must be finite, got {x!r}")
+    return x
+
+
+cdef inline int _item_kind(object key, object id, double *d, int64_t *i) except -1:
+    """Which FAST kind can hold (key, id), filling d and i; or K_GENERAL.
+
+    Floats (subclasses too: np.float64 reads back as float), exact ints with
+    |key| <= 2**53 and exact int64 ids qualify; bools, other int subclasses
+    and everything else go GENERAL, which keeps their type."""
+    cdef int overflow = 0
+    cdef long long v
+    cdef double x
+    if not PyLong_CheckExact(id):
+        return K_GENERAL
+    v = PyLong_AsLongLongAndOverflow(id, &overflow)
+    if overflow:
+        return K_GENERAL
+    i[0] = v
+    if PyFloat_Check(key):
+        x = PyFloat_AS_DOUBLE(key)
+        if isnan(x):
+            raise ValueError("key must not be NaN")
+        d[0] = x + 0.0          # maps -0.0 to 0.0
+        return K_FLOAT
+    if PyLong_CheckExact(key):
+        v = PyLong_AsLongLongAndOverflow(key, &overflow)
+        if overflow or v > 9007199254740992LL or v < -9007199254740992LL:
+            return K_GENERAL
+        d[0] = <double>v
+        return K_INT
+    return K_GENERAL
+
+
+cdef inline agg_key _fast_key(double d, int64_t i) noexcept nogil:
+    cdef agg_key k
+    k.head = agg_f64_to_key(d)
+    k.rest = agg_i64_to_key(i)
+    return k
+
+
+cdef int _validate_key(object v) except -1:
+    """Raise what an insert would raise for a bad key (encodes into scratch)."""
+    cdef KeyBuf kb
+    kb_init(&kb)
+    try:
+        kb_put_value(&kb, v, NULL)
+    finally:
+        kb_free(&kb)
+    return 0
+
+
+cdef int _num_position(object v, double *d) except -1:
+    """Place a bound key in the double domain of a FAST tree (P_* code)."""
+    cdef double x
+    cdef int overflow = 0
+    cdef long long iv
+    if v is None:
+        return P_BELOW
+    if PyFloat_Check(v):
+        x = PyFloat_AS_DOUBLE(v)
+        if isnan(x):
+            raise ValueError("key must not be NaN")
+        d[0] = x + 0.0
+        return P_EXACT
+    if PyBool_Check(v):
+        d[0] = 1.0 if v else 0.0
+        return P_EXACT
+    if PyLong_CheckExact(v) or isinstance(v, int):
+        iv = PyLong_AsLongLongAndOverflow(v, &overflow)
+        if not overflow and -9007199254740992LL <= iv <= 9007199254740992LL:
+            d[0] = <double>iv
+            return P_EXACT
+        try:
+            x = float(v)
+        except OverflowError:
+            return P_ABOVE if v > 0 else P_BELOW
+        if int(x) == v:
+            d[0] = x
+            return P_EXACT
+        if int(x) > v:
+            x = nextafter(x, -INFINITY)
+        d[0] = x
+        return P_GAP
+    _validate_key(v)      # TypeError / ValueError for unsupported keys
+    return P_ABOVE        # str, bytes, tuple, list: after every number
+
+
+cdef int _id_position(object v, int64_t *i) except -1:
+    """Place a bound id among int64 ids (P_EXACT / P_BELOW / P_ABOVE / P_GAP
+    meaning "after id i[0]")."""
+    cdef double x, f
+    cdef int overflow = 0
+    cdef long long iv
+    if v is None:
+        return P_BELOW
+    if PyBool_Check(v):
+        i[0] = 1 if v else 0
+        return P_EXACT
+    if isinstance(v, int):
+        iv = PyLong_AsLongLongAndOverflow(v, &overflow)
+        if overflow:
+            return P_ABOVE if overflow > 0 else P_BELOW
+        i[0] = iv
+        return P_EXACT
+    if PyFloat_Check(v):
+        x = PyFloat_AS_DOUBLE(v)
+        if isnan(x):
+            raise ValueError("id must not be NaN")
+        if x >= 9223372036854775808.0:
+            return P_ABOVE
+        if x < -9223372036854775808.0:
+            return P_BELOW
+        f = floor(x)
+        i[0] = <int64_t>f
+        return P_EXACT if f == x else P_GAP
+    _validate_key(v)
+    return P_ABOVE
+
+
+# ------------------------------------------------------ general keys --
+
+cdef struct GKey:
+    KeyBuf kb              # the full encoding being built
+    agg_tail *tail         # where agg_key_from_bytes put the tail
+    bint tail_heap         # tail was malloc'd
+    uint64_t tail_small[34]  # inline tail storage (272 bytes, 8-aligned)
+
+
+cdef inline void gkey_init(GKey *g) noexcept:
+    kb_init(&g.kb)
+    g.tail = NULL
+    g.tail_heap = False
+
+
+cdef inline void gkey_free(GKey *g) noexcept:
+    kb_free(&g.kb)
+    if g.tail_heap:
+        free(g.tail)
+        g.tail_heap = False
+    g.tail = NULL
+
+
+cdef agg_key gkey_finish(GKey *g) except *:
+    """The agg_key view of the bytes in g.kb (valid while g lives)."""
+    cdef Py_ssize_t n = g.kb.len
+    cdef size_t need
+    if n > 8:
+        need = sizeof(agg_tail) + <size_t>(n - 8)
+        if need <= sizeof(g.tail_small):
+            g.tail = <agg_tail *>g.tail_small
+        else:
+            g.tail = <agg_tail *>malloc(need)
+            if g.tail == NULL:
+                raise MemoryError()
+            g.tail_heap = True
+    return agg_key_from_bytes(<uint8_t *>g.kb.data, <size_t>n, g.tail)
+
+
+cdef object _decode_general(agg_key k):
+    """(key, id) of a GENERAL agg_key."""
+    cdef uint8_t small[256]
+    cdef uint8_t *buf = small
+    cdef size_t n = agg_key_to_bytes(k, small, sizeof(small))
+    if n > sizeof(small):
+        buf = <uint8_t *>malloc(n)
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            agg_key_to_bytes(k, buf, n)
+            return kb_decode_item(<const unsigned char *>buf, <Py_ssize_t>n)
+        finally:
+            free(buf)
+    return kb_decode_item(<const unsigned char *>buf, <Py_ssize_t>n)
+
+
+cdef bytes _encode_item_bytes(object key, object id):
+    cdef KeyBuf kb
+    kb_init(&kb)
+    try:
+        kb_put_item(&kb, key, id)
+        return (<char *>kb.data)[:kb.len]
+    finally:
+        kb_free(&kb)
+
+
+# ---------------------------------------------------------------- trees --
+
+cdef class _Tree:
+    """One namespace: owns one C tree and remembers its key kind."""
+    cdef agg_tree *t
+    cdef int kind
+
+    def __dealloc__(self):
+        if self.t != NULL:
+            agg_tree_free(self.t)
+            self.t = NULL
+
+
+cdef _Tree _new_tree(uint32_t node_size, int kind):
+    cdef _Tree tree = _Tree.__new__(_Tree)
+    cdef agg_status st = agg_tree_new(&tree.t, node_size,
+                                      AGG_KEYS_GENERAL if kind == K_GENERAL else AGG_KEYS_FAST)
+    _raise_status(st, None, None, None)
+    tree.kind = kind
+    return tree
+
+
+cdef object _item_at(_Tree tree, agg_key k, double v):
+    """The Item for a key read from `tree`."""
+    cdef object key, id
+    if tree.kind == K_FLOAT:
+        return _mk_item(agg_key_to_f64(k.head), PyLong_FromLongLong(agg_key_to_i64(k.rest)), v)
+    if tree.kind == K_INT:
+        return _mk_item(PyLong_FromLongLong(<long long>agg_key_to_f64(k.head)),
+                        PyLong_FromLongLong(agg_key_to_i64(k.rest)), v)
+    key, id = _decode_general(k)
+    return _mk_item(key, id, v)
+
+
+cdef list _read_items(_Tree tree, uint64_t start, uint64_t n, bint desc):
+    """Up to n Items from index start (ascending, or descending)."""
+    cdef agg_key stack_keys[64]
+    cdef double stack_vals[64]
+    cdef agg_key *keys = stack_keys
+    cdef double *vals = stack_vals
+    cdef uint64_t got, j
+    cdef list out = []
+    if n == 0:
+        return out
+    if n > 64:
+        keys = <agg_key *>malloc(n * sizeof(agg_key))
+        vals = <double *>malloc(n * sizeof(double))
+        if keys == NULL or vals == NULL:
+            free(keys); free(vals)
+            raise MemoryError()
+    try:
+        got = agg_tree_read(tree.t, start, n, desc, keys, vals)
+        for j in range(got):
+            out.append(_item_at(tree, keys[j], vals[j]))
+    finally:
+        if keys != stack_keys:
+            free(keys)
+            free(vals)
+    return out
+
+
+cdef int _build_from_sorted_general(_Tree tree, list encs, double *vals) except -1:
+    """Bulk-build an empty GENERAL tree from sorted, distinct full encodings."""
+    cdef Py_ssize_t n = len(encs), j, total = 0, off = 0, m
+    cdef agg_key *keys = NULL
+    cdef uint8_t *arena = NULL
+    cdef const unsigned char *p
+    cdef agg_tail *tl
+    cdef bytes e
+    cdef uint64_t bad = 0
+    cdef agg_status st
+    for e in encs:
+        m = len(e)
+        if m > 8:
+            total += (sizeof(agg_tail) + m - 8 + 7) & ~7
+    keys = <agg_key *>malloc((n if n > 0 else 1) * sizeof(agg_key))
+    arena = <uint8_t *>malloc(total if total > 0 else 8)
+    if keys == NULL or arena == NULL:
+        free(keys); free(arena)
+        raise MemoryError()
+    try:
+        for j in range(n):
+            e = <bytes>encs[j]
+            m = len(e)
+            p = <const unsigned char *>(<char *>e)
+            tl = <agg_tail *>(arena + off)
+            keys[j] = agg_key_from_bytes(p, <size_t>m, tl)
+            if m > 8:
+                off += (sizeof(agg_tail) + m - 8 + 7) & ~7
+        st = agg_tree_build(tree.t, keys, vals, <uint64_t>n, &bad)
+        if st == AGG_DUPLICATE or st == AGG_INVALID:
+            key, id = kb_decode_item(<const unsigned char *>(<char *>encs[bad]), len(encs[bad]))
+            raise DuplicateItemError(f"duplicate item key={key!r}, id={id!r}")
+        _raise_status(st, None, None, None)
+    finally:
+        free(keys)
+        free(arena)
+    return 0
+
+
+cdef int _tree_to_general(_Tree tree) except -1:
+    """Convert a FAST tree to GENERAL in place (same items, same order)."""
+    cdef uint64_t n = agg_tree_len(tree.t), j
+    cdef list items
+    cdef list encs = []
+    cdef double *vals
+    cdef agg_tree *fresh = NULL
+    cdef agg_tree *old
+    cdef _Tree tmp
+    if tree.kind == K_GENERAL:
+        return 0
+    items = _read_items(tree, 0, n, False)
+    vals = <double *>malloc((n if n > 0 else 1) * sizeof(double))
+    if vals == NULL:
+        raise MemoryError()
+    try:
+        for j in range(n):
+            it = items[j]
+            encs.append(_encode_item_bytes(it[0], it[1]))
+            vals[j] = it[2]
+        tmp = _new_tree(agg_tree_node_size(tree.t), K_GENERAL)
+        _build_from_sorted_general(tmp, encs, vals)
+    finally:
+        free(vals)
+    old = tree.t
+    tree.t = tmp.t
+    tree.kind = K_GENERAL
+    tmp.t = old          # freed with tmp
+    return 0
+
+
+# ------------------------------------------------------------- gaps --
+
+cdef uint64_t _gap(_Tree tree, object key, object id, bint has_id, bint after) except? 0xFFFFFFFFFFFFFFFF:
+    """Number of items of `tree` before a point of the key order.
+
+    The point is just before (after=False) or just after (after=True) the
+    item (key, id), or, without an id, all the items of `key`."""
+    cdef double d
+    cdef int64_t i
+    cdef int pk, pi
+    cdef GKey g
+    cdef agg_key k
+    cdef uint64_t r
+    if tree.kind == K_GENERAL:
+        gkey_init(&g)
+        try:
+            kb_put_value(&g.kb, key, NULL)
+            if has_id:
+                kb_put_value(&g.kb, id, NULL)
+            if after:
+                kb_put_byte(&g.kb, 0xFF)
+            k = gkey_finish(&g)
+            r = agg_tree_rank(tree.t, k, 0)
+        finally:
+            gkey_free(&g)
+        return r
+    pk = _num_position(key, &d)
+    if pk == P_BELOW:
+        if has_id:
+            _id_position(id, &i)     # still validate the id
+        return 0
+    if pk == P_ABOVE:
+        if has_id:
+            _id_position(id, &i)
+        return agg_tree_len(tree.t)
+    if pk == P_GAP:
+        if has_id:
+            _id_position(id, &i)
+        k.head = agg_f64_to_key(d)
+        k.rest = _ID_MAX
+        return agg_tree_rank(tree.t, k, 1)
+    k.head = agg_f64_to_key(d)
+    if not has_id:
+        k.rest = _ID_MAX if after else _ID_MIN
+        return agg_tree_rank(tree.t, k, after)
+    pi = _id_position(id, &i)
+    if pi == P_BELOW:
+        k.rest = _ID_MIN
+        return agg_tree_rank(tree.t, k, 0)
+    if pi == P_ABOVE:
+        k.rest = _ID_MAX
+        return agg_tree_rank(tree.t, k, 1)
+    k.rest = agg_i64_to_key(i)
+    if pi == P_GAP:
+        return agg_tree_rank(tree.t, k, 1)
+    return agg_tree_rank(tree.t, k, after)
+
+
+cdef inline tuple _split_bound(object b):
+    """(key, inclusive, id) of a Bound or a bare key (inclusive, no id)."""
+    if isinstance(b, Bound):
+        return (b.key, b.inclusive, b.id)
+    return (b, True, None)
+
+
+cdef int _check_prefix(object prefix) except -1:
+    if not isinstance(prefix, (tuple, list)):
+        raise TypeError(f"prefix must be a tuple or list, not {type(prefix).__name__}")
+    cdef KeyBuf kb
+    kb_init(&kb)
+    try:
+        kb_put_prefix(&kb, prefix)
+    finally:
+        kb_free(&kb)
+    return 0
+
+
+cdef int _range(_Tree tree, object lower, object upper, object eq, object prefix,
+                uint64_t *lo, uint64_t *hi) except -1:
+    """Resolve the bounds keywords to an index interval [lo, hi) of `tree`.
+
+    With tree None (missing namespace) only validates, and sets [0, 0)."""
+    cdef object key, id
+    cdef bint incl
+    cdef uint64_t a = 0, b = 0
+    cdef GKey g
+    cdef agg_key k
+    cdef bint has_eq = eq is not _UNSET
+    if has_eq or prefix is not None:
+        if lower is not None or upper is not None or (has_eq and prefix is not None):
+            raise ValueError("eq, prefix and lower/upper are exclusive: pass only one form of bounds")
+    if tree is None:
+        # Validate exactly as a present namespace would, then report empty.
+        if has_eq:
+            _validate_key(eq)
+        elif prefix is not None:
+            _check_prefix(prefix)
+        else:
+            if lower is not None:
+                key, incl, id = _split_bound(lower)
+                _validate_key(key)
+                if id is not None:
+                    _validate_key(id)
+            if upper is not None:
+                key, incl, id = _split_bound(upper)
+                _validate_key(key)
+                if id is not None:
+                    _validate_key(id)
+        lo[0] = 0
+        hi[0] = 0
+        return 0
+    if has_eq:
+        a = _gap(tree, eq, None, False, False)
+        b = _gap(tree, eq, None, False, True)
+    elif prefix is not None:
+        _check_prefix(prefix)
+        if len(prefix) == 0:
+            a = 0
+            b = agg_tree_len(tree.t)
+        elif tree.kind != K_GENERAL:
+            a = 0
+            b = 0
+        else:
+            gkey_init(&g)
+            try:
+                kb_put_prefix(&g.kb, prefix)
+                k = gkey_finish(&g)
+                a = agg_tree_rank(tree.t, k, 0)
+                kb_put_byte(&g.kb, 0xFF)
+                if g.tail_heap:
+                    free(g.tail)
+                    g.tail_heap = False
+                k = gkey_finish(&g)
+                b = agg_tree_rank(tree.t, k, 0)
+            finally:
+                gkey_free(&g)
+    else:
+        if lower is None:
+            a = 0
+        else:
+            key, incl, id = _split_bound(lower)
+            a = _gap(tree, key, id, id is not None, not incl)
+        if upper is None:
+            b = agg_tree_len(tree.t)
+        else:
+            key, incl, id = _split_bound(upper)
+            b = _gap(tree, key, id, id is not None, incl)
+    if b < a:
+        b = a
+    lo[0] = a
+    hi[0] = b
+    return 0
+
+
+cdef object _order_desc(object order):
+    if order == "asc":
+        return False
+    if order == "desc":
+        return True
+    raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
+
+
+cdef str _make_cursor(object key, object id):
+    return _CURSOR_PREFIX + _base64.urlsafe_b64encode(_encode_item_bytes(key, id)).decode("ascii")
+
+
+cdef tuple _parse_cursor(object cursor):
+    if not isinstance(cursor, str):
+        raise TypeError(f"cursor must be a str from paginate(), not {type(cursor).__name__}")
+    if not cursor.startswith(_CURSOR_PREFIX):
+        raise ValueError(f"malformed cursor {cursor!r}")
+    try:
+        raw = _base64.urlsafe_b64decode(cursor[len(_CURSOR_PREFIX):].encode("ascii"))
+    except (_binascii.Error, ValueError, UnicodeEncodeError):
+        raise ValueError(f"malformed cursor {cursor!r}")
+    try:
+        res = kb_decode_item(<const unsigned char *>(<char *>raw), len(raw))
+    except (ValueError, TypeError):
+        raise ValueError(f"malformed cursor {cursor!r}")
+    if _encode_item_bytes(res[0], res[1]) != raw:
+        raise ValueError(f"malformed cursor {cursor!r}")
+    return res
+
+
+# ---------------------------------------------------------- Aggregate --
+
+cdef class Aggregate:
+    """Items ``(key, id, value)`` in ``(key, id)`` order, per namespace, with
+    O(log n) count, sum, rank and select over any key range.
+
+    See docs/API.md for the full contract; every method's docstring states
+    its meaning and cost (n = items in the namespace, B = node_size).
+
+    >>> agg = Aggregate()
+    >>> agg.insert(1.5, 1, 10.0); agg.insert(2.5, 2, 5.0)
+    >>> agg.count(lower=2.0), agg.sum()
+    (1, 15.0)
+    """
+
+    cdef dict _trees
+    cdef uint32_t _node_size
+    cdef PyThread_type_lock _lock
+
+    def __cinit__(self):
+        self._lock = PyThread_allocate_lock()
+        if self._lock == NULL:
+            raise MemoryError()
+        self._trees = {}
+
+    def __init__(self, node_size=64):
+        if not isinstance(node_size, int) or isinstance(node_size, bool):
+            raise TypeError(f"node_size must be an int, not {type(node_size).__name__}")
+        if not (AGG_NODE_SIZE_MIN <= node_size <= AGG_NODE_SIZE_MAX):
+            raise ValueError(
+                f"node_size must be in [{AGG_NODE_SIZE_MIN}, {AGG_NODE_SIZE_MAX}], got {node_size}")
+        if self._trees:
+            raise RuntimeError("Aggregate.__init__ called twice")
+        self._node_size = node_size
+
+    def __dealloc__(self):
+        if self._lock != NULL:
+            PyThread_free_lock(self._lock)
+
+    # -- locking (see the module docstring) --
+
+    cdef inline void _wlock(self) noexcept:
+        if not PyThread_acquire_lock(self._lock, 0):
+            with nogil:
+                PyThread_acquire_lock(self._lock, WAIT_LOCK)
+
+    cdef inline void _wunlock(self) noexcept:
+        PyThread_release_lock(self._lock)
+
+    # -- namespace lookup --
+
+    cdef inline _Tree _tree(self, object namespace):
+        try:
+            return <_Tree>self._trees.get(namespace)
+        except TypeError:
+            raise TypeError(f"namespace must be hashable, not {type(namespace).__name__}") from None
+
+    cdef _Tree _tree_for_insert(self, object namespace, int kind):
+        """The tree of `namespace`, created or widened so it can take `kind`."""
+        cdef _Tree tree = self._tree(namespace)
+        if tree is None:
+            tree = _new_tree(self._node_size, kind)
+            self._trees[namespace] = tree
+        elif tree.kind != kind and tree.kind != K_GENERAL:
+            _tree_to_general(tree)
+        return tree
+
+    cdef inline void _drop_if_empty(self, object namespace, _Tree tree):
+        if agg_tree_len(tree.t) == 0:
+            self._trees.pop(namespace, None)
+
+    # ------------------------------------------------------------ writes --
+
+    cdef int _find(self, _Tree tree, object key, object id, GKey *g,
+                   agg_key *stored) except -1:
+        """1 if (key, id) is an item of `tree`, with its stored key in *stored
+        (borrowed: valid until the next write); else 0.  Validates key and id
+        either way (TypeError / ValueError).  `g` must be initialised; it is
+        used as scratch.
+
+        Items that compare equal are the same item whatever their types, so
+        (1, 5), (1.0, 5) and (True, 5) all find one another: FAST trees
+        translate the pair into their double domain, GENERAL trees search by
+        the ordered encoding (without the type signature that follows it)."""
+        cdef double d, v
+        cdef int64_t i
+        cdef int pk, pi
+        cdef agg_key k, sk
+        cdef uint64_t r
+        cdef Py_ssize_t olen
+        cdef uint8_t small[256]
+        cdef uint8_t *buf = small
+        cdef size_t n
+        cdef int found = 0
+        if tree is None:
+            kb_put_item(&g.kb, key, id)          # validate only
+            return 0
+        if tree.kind != K_GENERAL:
+            pk = _num_position(key, &d)
+            pi = _id_position(id, &i)
+            if pk != P_EXACT or pi != P_EXACT:
+                return 0
+            k = _fast_key(d, i)
+            if not agg_tree_get(tree.t, k, NULL):
+                return 0
+            stored[0] = k
+            return 1
+        kb_put_value(&g.kb, key, NULL)
+        kb_put_value(&g.kb, id, NULL)
+        olen = g.kb.len
+        k = gkey_finish(g)
+        r = agg_tree_rank(tree.t, k, 0)
+        if r >= agg_tree_len(tree.t):
+            return 0
+        agg_tree_select(tree.t, r, &sk, &v)
+        n = agg_key_to_bytes(sk, small, sizeof(small))
+        if n > sizeof(small):
+            buf = <uint8_t *>malloc(n)
+            if buf == NULL:
+                raise MemoryError()
+            agg_key_to_bytes(sk, buf, n)
+        if n >= <size_t>olen and memcmp(buf, g.kb.data, olen) == 0:
+            stored[0] = sk
+            found = 1
+        if buf != small:
+            free(buf)
+        return found
+
+    cdef int _insert(self, object key, object id, double v, object namespace,
+                     bint overwrite, bint *existed) except -1:
+        """Insert or (overwrite) upsert one validated value; see insert()."""
+        cdef double d
+        cdef int64_t i
+        cdef int kind = _item_kind(key, id, &d, &i)
+        cdef _Tree tree = self._tree(namespace)
+        cdef GKey g, e
+        cdef KeyBuf sig
+        cdef agg_key k, sk
+        cdef agg_status st
+        cdef int ex = 0
+        cdef bint created = tree is None
+        gkey_init(&g)
+        gkey_init(&e)
+        kb_init(&sig)
+        try:
+            if kind == K_GENERAL or (tree is not None and tree.kind == K_GENERAL):
+                # Full encoding E = ordered(key, id) + type signature; this is
+                # also the validation of key and id.
+                kb_put_value(&e.kb, key, &sig)
+                kb_put_value(&e.kb, id, &sig)
+                _kb_append(&e.kb, sig.data, sig.len)
+            if tree is not None and (tree.kind == K_GENERAL or kind != tree.kind):
+                # The pair may already be present under another spelling
+                # (1 vs 1.0), which only a lookup by value can tell.
+                if self._find(tree, key, id, &g, &sk):
+                    if not overwrite:
+                        _raise_status(AGG_DUPLICATE, key, id, namespace)
+                    st = agg_tree_insert(tree.t, sk, v, 1, &ex, NULL)
+                    _raise_status(st, key, id, namespace)
+                    existed[0] = 1
+                    return 0
+            tree = self._tree_for_insert(namespace, kind)
+            if tree.kind == K_GENERAL:
+                if kind != K_GENERAL and e.kb.len == 0:
+                    kb_put_value(&e.kb, key, &sig)
+                    kb_put_value(&e.kb, id, &sig)
+                    _kb_append(&e.kb, sig.data, sig.len)
+                k = gkey_finish(&e)
+            else:
+                k = _fast_key(d, i)
+            st = agg_tree_insert(tree.t, k, v, overwrite, &ex, NULL)
+            if st != AGG_OK and created:
+                self._trees.pop(namespace, None)
+            _raise_status(st, key, id, namespace)
+        finally:
+            gkey_free(&g)
+            gkey_free(&e)
+            kb_free(&sig)
+        existed[0] = ex
+        return 0
+
+    cdef bint _delete(self, object key, object id, object namespace, bint must) except -1:
+        """Delete (key, id); MissingItemError if absent and `must`."""
+        cdef _Tree tree = self._tree(namespace)
+        cdef GKey g, c
+        cdef agg_key sk
+        cdef agg_status st = AGG_MISSING
+        cdef uint8_t small[256]
+        cdef size_t n
+        gkey_init(&g)
+        gkey_init(&c)
+        try:
+            if self._find(tree, key, id, &g, &sk):
+                if tree.kind == K_GENERAL:
+                    # Delete by a private copy of the stored key: the tree
+                    # frees the stored tail while it deletes.
+                    n = agg_key_to_bytes(sk, small, 0)
+                    kb_reserve(&c.kb, <Py_ssize_t>n)
+                    agg_key_to_bytes(sk, <uint8_t *>c.kb.data, n)
+                    c.kb.len = <Py_ssize_t>n
+                    sk = gkey_finish(&c)
+                st = agg_tree_delete(tree.t, sk, NULL)
+        finally:
+            gkey_free(&g)
+            gkey_free(&c)
+        if st == AGG_MISSING:
+            if must:
+                _raise_status(st, key, id, namespace)
+            return False
+        _raise_status(st, key, id, namespace)
+        self._drop_if_empty(namespace, tree)
+        return True
+
+    cdef bint _exists(self, object key, object id, object namespace) except -1:
+        cdef GKey g
+        cdef agg_key sk
+        cdef int found
+        gkey_init(&g)
+        try:
+            found = self._find(self._tree(namespace), key, id, &g, &sk)
+        finally:
+            gkey_free(&g)
+        return found
+
+    def insert(self, key, id, value=0.0, *, namespace=None):
+        """Insert item ``(key, id)`` with ``value``.
+
+        Raises DuplicateItemError (a KeyError) if ``(key, id)`` exists in the
+        namespace, TypeError / ValueError for a bad key, id, value or
+        namespace; nothing changes then.  O(B log n)."""
+        cdef bint ex
+        cdef double v = _value(value)
+        self._wlock()
+        try:
+            self._insert(key, id, v, namespace, False, &ex)
+        finally:
+            self._wunlock()
+
+    def upsert(self, key, id, value=0.0, *, namespace=None):
+        """Insert ``(key, id)``, or overwrite the value of the existing item.
+
+        Returns True if a new item was inserted.  The idempotent form for
+        backfills and sync hooks (Convex: insertIfDoesNotExist).  O(B log n)."""
+        cdef bint ex
+        cdef double v = _value(value)
+        self._wlock()
+        try:
+            self._insert(key, id, v, namespace, True, &ex)
+        finally:
+            self._wunlock()
+        return not ex
+
+    def delete(self, key, id, *, namespace=None):
+        """Delete item ``(key, id)``; MissingItemError if absent.  O(B log n)."""
+        self._wlock()
+        try:
+            self._delete(key, id, namespace, True)
+        finally:
+            self._wunlock()
+
+    def delete_if_exists(self, key, id, *, namespace=None):
+        """Delete ``(key, id)`` if present; returns whether it was."""
+        self._wlock()
+        try:
+            return self._delete(key, id, namespace, False)
+        finally:
+            self._wunlock()
+
+    cdef object _replace(self, object key, object id, object new_key, object value,
+                         object namespace, object new_namespace, bint must):
+        """replace / replace_or_insert: validate all, then at most one step
+        that can fail (the insert), then the delete, which cannot."""
+        cdef double v = _value(value)
+        cdef bint ex
+        cdef bint old_exists
+        cdef _Tree old_tree
+        if new_namespace is _SAME:
+            new_namespace = namespace
+        old_tree = self._tree(namespace)
+        self._tree(new_namespace)                       # hashable?
+        _validate_key(new_key)
+        old_exists = self._exists(key, id, namespace)
+        if not old_exists and must:
+            _raise_status(AGG_MISSING, key, id, namespace)
+        if (old_exists and old_tree is self._trees.get(new_namespace)
+                and _encode_item_ordered(key, id) == _encode_item_ordered(new_key, id)):
+            # The target is the item itself: only its value changes.
+            self._insert(key, id, v, namespace, True, &ex)
+            return True
+        if self._exists(new_key, id, new_namespace) and must:
+            _raise_status(AGG_DUPLICATE, new_key, id, new_namespace)
+        self._insert(new_key, id, v, new_namespace, True, &ex)
+        if old_exists:
+            self._delete(key, id, namespace, True)
+        return old_exists
+
+    def replace(self, key, id, new_key, value=0.0, *, namespace=None, new_namespace=_SAME):
+        """Move item ``(key, id)`` to ``new_key`` (and optionally
+        ``new_namespace``) with ``value``, atomically.
+
+        MissingItemError if the item is absent, DuplicateItemError if the
+        target exists (and is not the item itself).  O(B log n)."""
+        self._wlock()
+        try:
+            self._replace(key, id, new_key, value, namespace, new_namespace, True)
+        finally:
+            self._wunlock()
+
+    def replace_or_insert(self, key, id, new_key, value=0.0, *, namespace=None,
+                          new_namespace=_SAME):
+        """Idempotent replace: delete ``(key, id)`` if present, then upsert
+        ``(new_key, id)`` in ``new_namespace``.  Returns True if the old item
+        existed.  Atomic."""
+        self._wlock()
+        try:
+            return self._replace(key, id, new_key, value, namespace, new_namespace, False)
+        finally:
+            self._wunlock()
+
+    def clear(self, namespace=None):
+        """Remove every item of one namespace (it then no longer exists)."""
+        self._tree(namespace)
+        self._wlock()
+        try:
+            self._trees.pop(namespace, None)
+        finally:
+            self._wunlock()
+
+    def clear_all(self):
+        """Remove every item of every namespace."""
+        self._wlock()
+        try:
+            self._trees.clear()
+        finally:
+            self._wunlock()
+
+    # ------------------------------------------------------------- reads --
+
+    def count(self, *, namespace=None, lower=None, upper=None, eq=_UNSET, prefix=None):
+        """Number of items in the range (0 for a missing namespace).  O(log n)."""
+        cdef uint64_t lo, hi
+        _range(self._tree(namespace), lower, upper, eq, prefix, &lo, &hi)
+        return hi - lo
+
+    def sum(self, *, namespace=None, lower=None, upper=None, eq=_UNSET, prefix=None):
+        """Sum of the values in the range (0.0 when empty).  Accumulated in
+        double-double from per-subtree sums, rounded once.  O(B log n)."""
+        cdef uint64_t lo, hi
+        cdef _Tree tree = self._tree(namespace)
+        _range(tree, lower, upper, eq, prefix, &lo, &hi)
+        if hi == lo:
+            return 0.0
+        return agg_tree_sum(tree.t, lo, hi)
+
+    def at(self, offset, *, namespace=None, lower=None, upper=None, eq=_UNSET, prefix=None):
+        """The item at ``offset`` within the range, in (key, id) order;
+        negative offsets count from the end.  IndexError out of range.
+        O(log n)."""
+        cdef uint64_t lo, hi
+        cdef agg_key k
+        cdef double v
+        cdef _Tree tree = self._tree(namespace)
+        try:
+            off = _operator.index(offset)
+        except TypeError:
+            raise TypeError(f"offset must be an integer, not {type(offset).__name__}") from None
+        _range(tree, lower, upper, eq, prefix, &lo, &hi)
+        n = hi - lo
+        if off < 0:
+            off += n
+        if off < 0 or off >= n:
+            raise IndexError(f"offset {offset} out of range for {n} items")
+        agg_tree_select(tree.t, lo + <uint64_t>off, &k, &v)
+        return _item_at(tree, k, v)
+
+    def index_of(self, key, *, id=None, order="asc", namespace=None, lower=None,
+                 upper=None, eq=_UNSET, prefix=None):
+        """Rank of ``(key, id)`` within the range.
+
+        Ascending: the number of items in the range before ``(key, id)`` (no
+        id: before every item of ``key``).  Descending: the number after it
+        (no id: after every item of ``key``).  Absent keys get the position
+        where they would be.  O(log n)."""
+        cdef uint64_t lo, hi, g
+        cdef _Tree tree = self._tree(namespace)
+        desc = _order_desc(order)
+        _range(tree, lower, upper, eq, prefix, &lo, &hi)
+        if tree is None:
+            _validate_key(key)
+            if id is not None:
+                _validate_key(id)
+            return 0
+        g = _gap(tree, key, id, id is not None, desc)
+        if g < lo:
+            g = lo
+        if g > hi:
+            g = hi
+        return (hi - g) if desc else (g - lo)
+
+    def min(self, *, namespace=None, lower=None, upper=None, eq=_UNSET, prefix=None):
+        """The first item of the range, or None.  O(log n)."""
+        cdef uint64_t lo, hi
+        cdef agg_key k
+        cdef double v
+        cdef _Tree tree = self._tree(namespace)
+        _range(tree, lower, upper, eq, prefix, &lo, &hi)
+        if hi == lo:
+            return None
+        agg_tree_select(tree.t, lo, &k, &v)
+        return _item_at(tree, k, v)
+
+    def max(self, *, namespace=None, lower=None, upper=None, eq=_UNSET, prefix=None):
+        """The last item of the range, or None.  O(log n)."""
+        cdef uint64_t lo, hi
+        cdef agg_key k
+        cdef double v
+        cdef _Tree tree = self._tree(namespace)
+        _range(tree, lower, upper, eq, prefix, &lo, &hi)
+        if hi == lo:
+            return None
+        agg_tree_select(tree.t, hi - 1, &k, &v)
+        return _item_at(tree, k, v)
+
+    def random(self, *, rng=None, namespace=None, lower=None, upper=None, eq=_UNSET,
+               prefix=None):
+        """A uniformly random item of the range, or None if it is empty.
+
+        Calls ``rng.randrange(n)`` once (default: the ``random`` module).
+        O(log n)."""
+        cdef uint64_t lo, hi
+        cdef agg_key k
+        cdef double v
+        cdef _Tree tree = self._tree(namespace)
+        _range(tree, lower, upper, eq, prefix, &lo, &hi)
+        if hi == lo:
+            return None
+        r = (_random_module if rng is None else rng).randrange(hi - lo)
+        agg_tree_select(tree.t, lo + <uint64_t>r, &k, &v)
+        return _item_at(tree, k, v)
+
+    def paginate(self, *, cursor=None, order="asc", page_size=100, namespace=None,
+                 lower=None, upper=None, eq=_UNSET, prefix=None):
+        """One page of keyset pagination: ``Page(items, cursor, is_done)``.
+
+        The page starts strictly after (asc) or before (desc) the cursor's
+        item, within the range, so it stays correct across inserts and
+        deletes between calls, even of the cursor's own item.  ``is_done`` is
+        true exactly when nothing in the range is left after this page.
+        O(log n + page_size)."""
+        cdef uint64_t lo, hi, start, n
+        cdef _Tree tree = self._tree(namespace)
+        desc = _order_desc(order)
+        if not isinstance(page_size, int) or isinstance(page_size, bool):
+            raise TypeError(f"page_size must be an int, not {type(page_size).__name__}")
+        if page_size <= 0:
+            raise ValueError(f"page_size must be positive, got {page_size}")
+        ck = None
+        if cursor is not None:
+            ck, cid = _parse_cursor(cursor)
+        _range(tree, lower, upper, eq, prefix, &lo, &hi)
+        if tree is None:
+            return Page([], cursor, True)
+        if ck is not None:
+            if desc:
+                g = _gap(tree, ck, cid, True, False)
+                if g < hi:
+                    hi = g
+            else:
+                g = _gap(tree, ck, cid, True, True)
+                if g > lo:
+                    lo = g
+        if hi <= lo:
+            return Page([], cursor, True)
+        n = min(<uint64_t>page_size, hi - lo)
+        items = _read_items(tree, (hi - 1) if desc else lo, n, desc)
+        last = items[len(items) - 1]
+        return Page(items, _make_cursor(last[0], last[1]), n == hi - lo)
+
+    def iter(self, *, order="asc", namespace=None, lower=None, upper=None, eq=_UNSET,
+             prefix=None):
+        """Iterate over the items of the range in (key, id) order (or reverse).
+
+        Keyset iteration in chunks: the aggregate may change between steps;
+        items present throughout are yielded exactly once, in order."""
+        cdef uint64_t lo, hi
+        desc = _order_desc(order)
+        _range(self._tree(namespace), lower, upper, eq, prefix, &lo, &hi)  # validate now
+        return self._iter(desc, namespace, lower, upper, eq, prefix)
+
+    def _iter(self, desc, namespace, lower, upper, eq, prefix):
+        cdef uint64_t lo, hi, g, n
+        cdef _Tree tree
+        chunk = 64
+        last = None
+        while True:
+            tree = self._tree(namespace)
+            if tree is None:
+                return
+            _range(tree, lower, upper, eq, prefix, &lo, &hi)
+            if last is not None:
+                if desc:
+                    g = _gap(tree, last[0], last[1], True, False)
+                    if g < hi:
+                        hi = g
+                else:
+                    g = _gap(tree, last[0], last[1], True, True)
+                    if g > lo:
+                        lo = g
+            if hi <= lo:
+                return
+            n = min(<uint64_t>chunk, hi - lo)
+            items = _read_items(tree, (hi - 1) if desc else lo, n, desc)
+            yield from items
+            last = items[len(items) - 1]
+            if n == hi - lo:
+                # The chunk reached the end of the range as it was; check again
+                # only if the caller keeps going (the loop re-reads positions).
+                pass
+            if chunk < 4096:
+                chunk *= 2
+
+    def __iter__(self):
+        """Iterate over the items of the None namespace."""
+        return self.iter()
+
+    # ----------------------------------------------------------- batches --
+
+    def count_batch(self, queries):
+        """``[count(**q) for q in queries]`` in one call."""
+        out = []
+        for q in queries:
+            _check_query(q, _ALLOWED_QUERY_KEYS)
+            out.append(self.count(**q))
+        return out
+
+    def sum_batch(self, queries):
+        """``[sum(**q) for q in queries]`` in one call."""
+        out = []
+        for q in queries:
+            _check_query(q, _ALLOWED_QUERY_KEYS)
+            out.append(self.sum(**q))
+        return out
+
+    def at_batch(self, queries):
+        """``[at(q['offset'], **rest) for q in queries]`` in one call."""
+        out = []
+        for q in queries:
+            _check_query(q, _ALLOWED_AT_KEYS)
+            if "offset" not in q:
+                raise TypeError("at_batch: every query needs an 'offset'")
+            q = dict(q)
+            off = q.pop("offset")
+            out.append(self.at(off, **q))
+        return out
+
+    # ------------------------------------------------------- whole object --
+
+    def namespaces(self):
+        """The namespaces that hold at least one item."""
+        return list(self._trees)
+
+    def __len__(self):
+        cdef uint64_t n = 0
+        cdef _Tree tree
+        for tree in self._trees.values():
+            n += agg_tree_len(tree.t)
+        return n
+
+    def __bool__(self):
+        return bool(self._trees)
+
+    def __repr__(self):
+        return (f"Aggregate(items={len(self)}, namespaces={len(self._trees)}, "
+                f"node_size={self._node_size})")
+
+    @property
+    def node_size(self):
+        """Maximum entries per tree node."""
+        return self._node_size
+
+    @property
+    def nbytes(self):
+        """Bytes of native memory held by the trees (nodes and key tails)."""
+        cdef size_t n = 0
+        cdef _Tree tree
+        for tree in self._trees.values():
+            n += agg_tree_nbytes(tree.t)
+        return n
+
+    def check(self):
+        """Verify every invariant of every tree (see aggtree.c); raises
+        AssertionError describing the first broken one.  O(total items)."""
+        cdef char msg[512]
+        cdef _Tree tree
+        cdef agg_status st
+        for ns, tree in self._trees.items():
+            if tree.t == NULL:
+                raise AssertionError(f"namespace {ns!r}: no tree")
+            if agg_tree_len(tree.t) == 0:
+                raise AssertionError(f"namespace {ns!r}: empty tree kept")
+            if (tree.kind == K_GENERAL) != (agg_tree_mode(tree.t) == AGG_KEYS_GENERAL):
+                raise AssertionError(f"namespace {ns!r}: kind and key mode disagree")
+            st = agg_tree_check(tree.t, msg, sizeof(msg))
+            if st != AGG_OK:
+                raise AssertionError(f"namespace {ns!r}: {msg.decode('utf-8', 'replace')}")
+            if tree.kind == K_INT:
+                for it in _read_items(tree, 0, agg_tree_len(tree.t), False):
+                    if not (-_TWO53 <= it[0] <= _TWO53):
+                        raise AssertionError(f"namespace {ns!r}: int key out of range")
+
+    def __reduce__(self):
+        cdef _Tree tree
+        state = []
+        for ns, tree in self._trees.items():
+            state.append((ns, _read_items(tree, 0, agg_tree_len(tree.t), False)))
+        return (_restore, (self._node_size, state))
+
+    def __copy__(self):
+        return _restore(self._node_size, self.__reduce__()[1][1])
+
+    # -------------------------------------------------------- vectorised --
+
+    @classmethod
+    def from_arrays(cls, keys, ids, values=None, namespaces=None, node_size=64):
+        """Build an Aggregate from arrays in O(n log n) sort + O(n) build.
+
+        ``keys`` / ``ids`` / ``values`` are equal-length 1-D array-likes
+        (unsorted is fine); ``namespaces`` is None (all items in the None
+        namespace) or one namespace per item.  Float or integer keys with
+        integer ids take the native fast path (nodes packed full, no per-item
+        inserts); other key and id types fall back to a per-item encoding.
+        DuplicateItemError names a repeated (key, id), ValueError reports NaN
+        or a length mismatch, TypeError a dtype that cannot be converted
+        losslessly; nothing is half-built."""
+        cdef Aggregate agg = cls(node_size)
+        ka, ia, va, kind = _item_arrays(keys, ids, values)
+        if namespaces is None:
+            agg._load_arrays(ka, ia, va, kind, None)
+            return agg
+        if isinstance(namespaces, np.ndarray) and namespaces.dtype.kind in "iub":
+            nsa = namespaces
+        else:
+            nsa = None
+        nss = namespaces.tolist() if isinstance(namespaces, np.ndarray) else list(namespaces)
+        if len(nss) != len(ka):
+            raise ValueError(f"namespaces has {len(nss)} entries for {len(ka)} items")
+        if nsa is not None:
+            uniq, inv = np.unique(nsa, return_inverse=True)
+            order = np.argsort(inv, kind="stable")
+            bounds = np.searchsorted(inv[order], np.arange(len(uniq) + 1))
+            for g in range(len(uniq)):
+                idx = order[bounds[g]:bounds[g + 1]]
+                agg._load_arrays(ka[idx], ia[idx], va[idx], kind, uniq[g].item())
+            return agg
+        groups = {}
+        for j, ns in enumerate(nss):
+            try:
+                groups.setdefault(ns, []).append(j)
+            except TypeError:
+                raise TypeError(f"namespace must be hashable, not {type(ns).__name__}") from None
+        for ns, idx in groups.items():
+            idx = np.asarray(idx, dtype=np.intp)
+            agg._load_arrays(ka[idx], ia[idx], va[idx], kind, ns)
+        return agg
+
+    def _load_arrays(self, cnp.ndarray ka, cnp.ndarray ia, cnp.ndarray va, int kind, namespace):
+        """Bulk-load one empty namespace from validated arrays."""
+        cdef _Tree tree
+        cdef agg_status st
+        cdef uint64_t bad = 0
+        cdef Py_ssize_t n = len(ka)
+        cdef cnp.ndarray karr
+        if n == 0:
+            return
+        if kind == K_GENERAL:
+            self._load_items(zip(ka.tolist(), ia.tolist(), va.tolist()), namespace)
+            return
+        order = np.lexsort((ia, ka))
+        ks = np.ascontiguousarray(ka[order], dtype=np.float64)
+        iss = np.ascontiguousarray(ia[order], dtype=np.int64)
+        vs = np.ascontiguousarray(va[order], dtype=np.float64)
+        karr = _fast_key_array(ks, iss)
+        tree = _new_tree(self._node_size, kind)
+        st = agg_tree_build(tree.t, <agg_key *>cnp.PyArray_DATA(karr),
+                            <double *>cnp.PyArray_DATA(vs), <uint64_t>n, &bad)
+        if st == AGG_DUPLICATE:
+            k = ks[bad].item()
+            raise DuplicateItemError(
+                f"duplicate item key={(int(k) if kind == K_INT else k)!r}, id={iss[bad].item()!r}")
+        _raise_status(st, None, None, namespace)
+        self._trees[namespace] = tree
+
+    def insert_many(self, keys, ids, values=None, *, namespace=None):
+        """Insert every ``(keys[i], ids[i], values[i])``; all or nothing.
+
+        DuplicateItemError if a pair repeats within the batch or already
+        exists (nothing is inserted then).  Numeric arrays go through the
+        C core without per-item Python work."""
+        ka, ia, va, kind = _item_arrays(keys, ids, values)
+        cdef Py_ssize_t n = len(ka), j
+        cdef _Tree tree = self._tree(namespace)
+        cdef cnp.ndarray karr, vs
+        cdef agg_key *kp
+        cdef double *vp
+        cdef agg_status st = AGG_OK
+        cdef int ex
+        cdef uint64_t done = 0, bad = 0
+        if n == 0:
+            return
+        if kind == K_GENERAL or (tree is not None and tree.kind != kind):
+            self._insert_many_slow(list(zip(ka.tolist(), ia.tolist(), va.tolist())), namespace)
+            return
+        if tree is None:
+            self._wlock()
+            try:
+                self._load_arrays(ka, ia, va, kind, namespace)
+            finally:
+                self._wunlock()
+            return
+        order = np.lexsort((ia, ka))
+        ks = np.ascontiguousarray(ka[order], dtype=np.float64)
+        iss = np.ascontiguousarray(ia[order], dtype=np.int64)
+        vs = np.ascontiguousarray(va[order], dtype=np.float64)
+        karr = _fast_key_array(ks, iss)
+        kp = <agg_key *>cnp.PyArray_DATA(karr)
+        vp = <double *>cnp.PyArray_DATA(vs)
+        for j in range(1, n):
+            if kp[j - 1].head == kp[j].head and kp[j - 1].rest == kp[j].rest:
+                raise DuplicateItemError(
+                    f"duplicate item key={_fast_key_obj(kind, kp[j])!r}, id={agg_key_to_i64(kp[j].rest)!r} in the batch")
+        for j in range(n):
+            if agg_tree_get(tree.t, kp[j], NULL):
+                raise DuplicateItemError(
+                    f"item with key={_fast_key_obj(kind, kp[j])!r}, id={agg_key_to_i64(kp[j].rest)!r} "
+                    f"already exists in namespace {namespace!r}")
+        self._wlock()
+        try:
+            with nogil:
+                while done < <uint64_t>n:
+                    st = agg_tree_insert(tree.t, kp[done], vp[done], 0, &ex, NULL)
+                    if st != AGG_OK:
+                        break
+                    done += 1
+                if st != AGG_OK:
+                    while done > 0:
+                        done -= 1
+                        agg_tree_delete(tree.t, kp[done], NULL)
+        finally:
+            self._wunlock()
+        _raise_status(st, None, None, namespace)
+
+    cdef _insert_many_slow(self, list items, object namespace):
+        """insert_many for general keys: validate all, insert, roll back on failure."""
+        cdef bint ex
+        seen = set()
+        vals = []
+        for it in items:
+            enc = _encode_item_ordered(it[0], it[1])
+            if enc in seen:
+                raise DuplicateItemError(f"duplicate item key={it[0]!r}, id={it[1]!r} in the batch")
+            seen.add(enc)
+            vals.append(_value(it[2]))
+            if self._exists(it[0], it[1], namespace):
+                _raise_status(AGG_DUPLICATE, it[0], it[1], namespace)
+        done = 0
+        self._wlock()
+        try:
+            for it, v in zip(items, vals):
+                self._insert(it[0], it[1], v, namespace, False, &ex)
+                done += 1
+        except BaseException:
+            for it in items[:done]:
+                self._delete(it[0], it[1], namespace, False)
+            raise
+        finally:
+            self._wunlock()
+
+    def delete_many(self, keys, ids, *, namespace=None):
+        """Delete every ``(keys[i], ids[i])``; all or nothing.
+
+        MissingItemError if any is absent (or named twice)."""
+        ka, ia, _, kind = _item_arrays(keys, ids, None)
+        cdef Py_ssize_t n = len(ka), j
+        cdef _Tree tree = self._tree(namespace)
+        cdef cnp.ndarray karr
+        cdef agg_key *kp
+        if n == 0:
+            return
+        if tree is None or kind == K_GENERAL or tree.kind == K_GENERAL:
+            items = list(zip(ka.tolist(), ia.tolist()))
+            seen = set()
+            for it in items:
+                enc = _encode_item_ordered(it[0], it[1])
+                if enc in seen or not self._exists(it[0], it[1], namespace):
+                    _raise_status(AGG_MISSING, it[0], it[1], namespace)
+                seen.add(enc)
+            self._wlock()
+            try:
+                for it in items:
+                    self._delete(it[0], it[1], namespace, True)
+            finally:
+                self._wunlock()
+            return
+        order = np.lexsort((ia, ka))
+        ks = np.ascontiguousarray(ka[order], dtype=np.float64)
+        iss = np.ascontiguousarray(ia[order], dtype=np.int64)
+        karr = _fast_key_array(ks, iss)
+        kp = <agg_key *>cnp.PyArray_DATA(karr)
+        for j in range(n):
+            if (j > 0 and kp[j - 1].head == kp[j].head and kp[j - 1].rest == kp[j].rest) \
+                    or not agg_tree_get(tree.t, kp[j], NULL):
+                _raise_status(AGG_MISSING, _fast_key_obj(tree.kind, kp[j]),
+                              agg_key_to_i64(kp[j].rest), namespace)
+        self._wlock()
+        try:
+            with nogil:
+                for j in range(n):
+                    agg_tree_delete(tree.t, kp[j], NULL)
+        finally:
+            self._wunlock()
+        self._drop_if_empty(namespace, tree)
+
+    cdef tuple _bound_ranks(self, _Tree tree, lowers, uppers, bint lower_inclusive,
+                            bint upper_inclusive):
+        """(lo, hi) int64 arrays of the ranges [lowers[i], uppers[i]]."""
+        la = np.asarray(lowers)
+        ua = np.asarray(uppers)
+        if la.ndim != 1 or ua.ndim != 1:
+            la, ua = np.broadcast_arrays(np.atleast_1d(la), np.atleast_1d(ua))
+        if la.ndim != 1 or len(la) != len(ua):
+            raise ValueError(f"lowers and uppers must be 1-D of equal length, got {la.shape} and {ua.shape}")
+        n = len(la)
+        lf = _bound_array(la, "lowers")
+        uf = _bound_array(ua, "uppers")
+        if tree is None or lf is None or uf is None or tree.kind == K_GENERAL:
+            if lf is None:
+                la = la.astype(object)
+            if uf is None:
+                ua = ua.astype(object)
+            los = np.empty(n, dtype=np.int64)
+            his = np.empty(n, dtype=np.int64)
+            for j in range(n):
+                l = la[j]; u = ua[j]
+                if isinstance(l, np.generic):
+                    l = l.item()
+                if isinstance(u, np.generic):
+                    u = u.item()
+                if tree is None:
+                    _validate_key(l); _validate_key(u)
+                    los[j] = 0; his[j] = 0
+                else:
+                    los[j] = _gap(tree, l, None, False, not lower_inclusive)
+                    his[j] = max(_gap(tree, u, None, False, upper_inclusive), los[j])
+            return los, his
+        return _rank_pairs(self, tree, lf, uf, lower_inclusive, upper_inclusive)
+
+    def count_many(self, lowers, uppers, *, namespace=None, lower_inclusive=True,
+                   upper_inclusive=True):
+        """Vectorised count: ``out[i]`` = items with lowers[i] <= key <=
+        uppers[i] (inclusive flags as given).  int64 array, input order.  The
+        ranking loop runs in C without the GIL."""
+        lo, hi = self._bound_ranks(self._tree(namespace), lowers, uppers,
+                                   bool(lower_inclusive), bool(upper_inclusive))
+        return hi - lo
+
+    def sum_many(self, lowers, uppers, *, namespace=None, lower_inclusive=True,
+                 upper_inclusive=True):
+        """Vectorised sum over the same ranges as count_many; float64 array."""
+        cdef _Tree tree = self._tree(namespace)
+        cdef cnp.ndarray lo, hi
+        lo, hi = self._bound_ranks(tree, lowers, uppers, bool(lower_inclusive),
+                                   bool(upper_inclusive))
+        cdef Py_ssize_t n = len(lo), j
+        cdef cnp.ndarray out = np.zeros(n, dtype=np.float64)
+        cdef double *op = <double *>cnp.PyArray_DATA(out)
+        cdef int64_t *lp = <int64_t *>cnp.PyArray_DATA(lo)
+        cdef int64_t *hp = <int64_t *>cnp.PyArray_DATA(hi)
+        if tree is None or n == 0:
+            return out
+        self._rlock()
+        try:
+            with nogil:
+                for j in range(n):
+                    if hp[j] > lp[j]:
+                        op[j] = agg_tree_sum(tree.t, <uint64_t>lp[j], <uint64_t>hp[j])
+        finally:
+            self._wunlock()
+        return out
+
+    def index_of_many(self, keys, *, namespace=None, order="asc", lower=None, upper=None,
+                      eq=_UNSET, prefix=None):
+        """Vectorised index_of (no ids): int64 array, input order."""
+        cdef uint64_t lo, hi
+        cdef _Tree tree = self._tree(namespace)
+        desc = _order_desc(order)
+        _range(tree, lower, upper, eq, prefix, &lo, &hi)
+        ka = np.asarray(keys)
+        if ka.ndim != 1:
+            raise ValueError(f"keys must be 1-D, got shape {ka.shape}")
+        kf = _bound_array(ka, "keys")
+        if tree is None:
+            if kf is None:
+                for k in ka.tolist():
+                    _validate_key(k)
+            return np.zeros(len(ka), dtype=np.int64)
+        if kf is None or tree.kind == K_GENERAL:
+            g = np.array([_gap(tree, k, None, False, desc) for k in ka.tolist()], dtype=np.int64)
+        else:
+            r1, r2 = _rank_pairs(self, tree, kf, kf, not desc, not desc)
+            g = r1
+        g = np.clip(g, lo, hi)
+        return (hi - g) if desc else (g - lo)
+
+    def at_many(self, offsets, *, namespace=None, lower=None, upper=None, eq=_UNSET,
+                prefix=None):
+        """Vectorised at: ``(keys, ids, values)`` arrays of the items at the
+        given offsets within the range (negative from the end).  IndexError
+        if any offset is out of range."""
+        cdef uint64_t lo, hi
+        cdef _Tree tree = self._tree(namespace)
+        _range(tree, lower, upper, eq, prefix, &lo, &hi)
+        oa = np.asarray(offsets)
+        if oa.ndim != 1:
+            raise ValueError(f"offsets must be 1-D, got shape {oa.shape}")
+        if oa.dtype.kind not in "iu" and not (oa.dtype.kind == "O" and all(
+                isinstance(o, int) and not isinstance(o, bool) for o in oa.tolist())) \
+                and len(oa) > 0:
+            raise TypeError(f"offsets must be integers, not {oa.dtype}")
+        n = hi - lo
+        if len(oa) == 0:
+            return _empty_arrays(tree)
+        offs = [int(o) for o in oa.tolist()]
+        pos = np.empty(len(offs), dtype=np.int64)
+        for j, o in enumerate(offs):
+            if o < 0:
+                o += n
+            if o < 0 or o >= n:
+                raise IndexError(f"offset {offs[j]} out of range for {n} items")
+            pos[j] = lo + o
+        return _select_arrays(tree, pos)
+
+    def to_arrays(self, *, namespace=None, lower=None, upper=None, eq=_UNSET, prefix=None):
+        """``(keys, ids, values)`` arrays of the items in the range, in order.
+
+        float64 / int64 arrays for numeric namespaces, object arrays
+        otherwise.  O(log n + items)."""
+        cdef uint64_t lo, hi
+        cdef _Tree tree = self._tree(namespace)
+        _range(tree, lower, upper, eq, prefix, &lo, &hi)
+        if hi == lo:
+            return _empty_arrays(tree)
+        return _read_arrays(self, tree, lo, hi - lo)
+
+    cdef inline void _rlock(self) noexcept:
+        """Readers that release the GIL hold the lock too (see module doc)."""
+        with nogil:
+            PyThread_acquire_lock(self._lock, WAIT_LOCK)
+
+    # internal: bulk-load one empty namespace from Python (key, id, value)
+    # triples in any order (pickling, the general path of from_arrays).
+    def _load_items(self, items, namespace=None):
+        cdef list its = list(items)
+        cdef Py_ssize_t n = len(its), j
+        cdef double d
+        cdef int64_t i
+        cdef int kind = -1, k
+        cdef _Tree tree
+        if self._tree(namespace) is not None:
+            raise ValueError("_load_items needs an empty namespace")
+        if n == 0:
+            return
+        hs = [0] * n
+        for j in range(n):
+            it = its[j]
+            k = _item_kind(it[0], it[1], &d, &i)
+            if kind == -1:
+                kind = k
+            elif k != kind:
+                kind = K_GENERAL
+            if kind == K_GENERAL:
+                break
+            hs[j] = (agg_f64_to_key(d), agg_i64_to_key(i))
+        if kind != K_GENERAL:
+            order = sorted(range(n), key=hs.__getitem__)
+            ka = np.array([its[j][0] for j in order], dtype=np.float64)
+            ia = np.array([its[j][1] for j in order], dtype=np.int64)
+            va = np.array([_value(its[j][2]) for j in order], dtype=np.float64)
+            self._load_arrays(ka, ia, va, kind, namespace)
+            return
+        # General keys: sort by full encoding; a repeated ordered part (the
+        # same item spelt 1 and 1.0) is a duplicate.
+        rows = []
+        for it in its:
+            rows.append((_encode_item_bytes(it[0], it[1]), _encode_item_ordered(it[0], it[1]),
+                         _value(it[2]), it))
+        rows.sort(key=lambda r: r[0])
+        for j in range(1, n):
+            if rows[j][1] == rows[j - 1][1]:
+                it = rows[j][3]
+                raise DuplicateItemError(f"duplicate item key={it[0]!r}, id={it[1]!r}")
+        vals = np.array([r[2] for r in rows], dtype=np.float64)
+        tree = _new_tree(self._node_size, K_GENERAL)
+        _build_from_sorted_general(tree, [r[0] for r in rows], <double *>cnp.PyArray_DATA(vals))
+        self._trees[namespace] = tree
+
+
+# ------------------------------------------------------ array helpers --
+
+cdef object _fast_key_obj(int kind, agg_key k):
+    if kind == K_INT:
+        return int(agg_key_to_f64(k.head))
+    return agg_key_to_f64(k.head)
+
+
+cdef tuple _item_arrays(keys, ids, values):
+    """Validate and convert item arrays: (keys, ids, values, kind).
+
+    kind is K_FLOAT / K_INT when keys and ids can take the FAST path, else
+    K_GENERAL (object arrays, per-item encoding)."""
+    ka = np.asarray(keys)
+    ia = np.asarray(ids)
+    if ka.ndim != 1 or ia.ndim != 1:
+        raise ValueError(f"keys and ids must be 1-D, got shapes {ka.shape} and {ia.shape}")
+    n = len(ka)
+    if len(ia) != n:
+        raise ValueError(f"keys has {n} entries but ids has {len(ia)}")
+    if values is None:
+        va = np.zeros(n, dtype=np.float64)
+    else:
+        va = np.asarray(values)
+        if va.ndim != 1 or len(va) != n:
+            raise ValueError(f"values must be 1-D with {n} entries, got shape {va.shape}")
+        if va.dtype.kind not in "fiub":
+            if va.dtype.kind == "O":
+                va = np.array([_value(v) for v in va.tolist()], dtype=np.float64)
+            else:
+                raise TypeError(f"values must be numbers, not {va.dtype}")
+        va = np.ascontiguousarray(va, dtype=np.float64)
+        if n and not np.isfinite(va).all():
+            raise ValueError("values must be finite (no NaN or infinity)")
+    kk = ka.dtype.kind
+    ik = ia.dtype.kind
+    if kk in "cmMV" or ik in "cmMV":
+        raise TypeError(f"unsupported array dtype for keys/ids: {ka.dtype} / {ia.dtype}")
+    kind = K_GENERAL
+    if kk == "f":
+        ka = ka.astype(np.float64, copy=False)
+        if n and np.isnan(ka).any():
+            raise ValueError("keys must not contain NaN")
+        kind = K_FLOAT
+    elif kk in "iu":
+        if n and (ka.max() > 9007199254740992 or ka.min() < -9007199254740992):
+            ka = ka.astype(object)
+        else:
+            ka = ka.astype(np.int64, copy=False)
+            kind = K_INT
+    else:
+        ka = ka.astype(object, copy=False)
+    if ik in "iu" and not (ik == "u" and n and ia.max() > 9223372036854775807):
+        ia = ia.astype(np.int64, copy=False)
+    else:
+        ia = ia.astype(object, copy=False)
+        kind = K_GENERAL
+    if kind == K_GENERAL:
+        ka = ka.astype(object, copy=False)
+        ia = ia.astype(object, copy=False)
+    return ka, ia, va, kind
+
+
+cdef cnp.ndarray _fast_key_array(cnp.ndarray ks, cnp.ndarray iss):
+    """agg_key array (as a uint64 (n, 2) array) from sorted float64 keys and int64 ids."""
+    cdef Py_ssize_t n = len(ks), j
+    cdef cnp.ndarray out = np.empty((n, 2), dtype=np.uint64)
+    cdef agg_key *kp = <agg_key *>cnp.PyArray_DATA(out)
+    cdef double *dp = <double *>cnp.PyArray_DATA(ks)
+    cdef int64_t *ip = <int64_t *>cnp.PyArray_DATA(iss)
+    with nogil:
+        for j in range(n):
+            kp[j] = _fast_key(dp[j] + 0.0, ip[j])
+    return out
+
+
+cdef object _bound_array(a, str what):
+    """A contiguous float64 copy of a numeric bound array, or None when the
+    values must go through the per-item path (objects, huge ints)."""
+    kind = a.dtype.kind
+    if kind == "f":
+        f = np.ascontiguousarray(a, dtype=np.float64)
+        if len(f) and np.isnan(f).any():
+            raise ValueError(f"{what} must not contain NaN")
+        return f
+    if kind in "iu":
+        if len(a) and (a.max() > 9007199254740992 or a.min() < -9007199254740992):
+            return None
+        return np.ascontiguousarray(a, dtype=np.float64)
+    if kind in "cmMV":
+        raise TypeError(f"unsupported dtype for {what}: {a.dtype}")
+    return None
+
+
+cdef tuple _rank_pairs(Aggregate agg, _Tree tree, cnp.ndarray lf, cnp.ndarray uf,
+                       bint lower_inclusive, bint upper_inclusive):
+    """Ranks of [lf[i], uf[i]] ranges in a FAST tree, GIL released."""
+    cdef Py_ssize_t n = len(lf), j
+    cdef cnp.ndarray lk = np.empty((n, 2), dtype=np.uint64)
+    cdef cnp.ndarray uk = np.empty((n, 2), dtype=np.uint64)
+    cdef cnp.ndarray lo = np.empty(n, dtype=np.int64)
+    cdef cnp.ndarray hi = np.empty(n, dtype=np.int64)
+    cdef agg_key *lkp = <agg_key *>cnp.PyArray_DATA(lk)
+    cdef agg_key *ukp = <agg_key *>cnp.PyArray_DATA(uk)
+    cdef double *lp = <double *>cnp.PyArray_DATA(lf)
+    cdef double *up = <double *>cnp.PyArray_DATA(uf)
+    cdef int64_t *lop = <int64_t *>cnp.PyArray_DATA(lo)
+    cdef int64_t *hip = <int64_t *>cnp.PyArray_DATA(hi)
+    # lower inclusive: before (d, min id); exclusive: after (d, max id).
+    # upper inclusive: after (d, max id); exclusive: before (d, min id).
+    cdef uint64_t lrest = _ID_MIN if lower_inclusive else _ID_MAX
+    cdef uint64_t urest = _ID_MAX if upper_inclusive else _ID_MIN
+    agg._rlock()
+    try:
+        with nogil:
+            for j in range(n):
+                lkp[j].head = agg_f64_to_key(lp[j] + 0.0)
+                lkp[j].rest = lrest
+                ukp[j].head = agg_f64_to_key(up[j] + 0.0)
+                ukp[j].rest = urest
+            agg_tree_rank_many(tree.t, lkp, n, not lower_inclusive, <uint64_t *>lop)
+            agg_tree_rank_many(tree.t, ukp, n, upper_inclusive, <uint64_t *>hip)
+            for j in range(n):
+                if hip[j] < lop[j]:
+                    hip[j] = lop[j]
+    finally:
+        agg._wunlock()
+    return lo, hi
+
+
+cdef tuple _empty_arrays(_Tree tree):
+    if tree is None or tree.kind == K_FLOAT:
+        return (np.empty(0, dtype=np.float64), np.empty(0, dtype=np.int64),
+                np.empty(0, dtype=np.float64))
+    if tree.kind == K_INT:
+        return (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64),
+                np.empty(0, dtype=np.float64))
+    return (np.empty(0, dtype=object), np.empty(0, dtype=object),
+            np.empty(0, dtype=np.float64))
+
+
+cdef tuple _read_arrays(Aggregate agg, _Tree tree, uint64_t start, uint64_t n):
+    """keys, ids, values arrays of items start .. start+n-1."""
+    cdef cnp.ndarray karr = np.empty((n, 2), dtype=np.uint64)
+    cdef cnp.ndarray vals = np.empty(n, dtype=np.float64)
+    cdef agg_key *kp = <agg_key *>cnp.PyArray_DATA(karr)
+    cdef double *vp = <double *>cnp.PyArray_DATA(vals)
+    cdef uint64_t j
+    if tree.kind == K_GENERAL:
+        items = _read_items(tree, start, n, False)
+        return (_obj_array([it[0] for it in items]), _obj_array([it[1] for it in items]),
+                np.array([it[2] for it in items], dtype=np.float64))
+    agg._rlock()
+    try:
+        with nogil:
+            agg_tree_read(tree.t, start, n, 0, kp, vp)
+    finally:
+        agg._wunlock()
+    return _split_fast_keys(tree, karr) + (vals,)
+
+
+cdef tuple _split_fast_keys(_Tree tree, cnp.ndarray karr):
+    cdef Py_ssize_t n = karr.shape[0], j
+    cdef agg_key *kp = <agg_key *>cnp.PyArray_DATA(karr)
+    cdef cnp.ndarray keys = np.empty(n, dtype=np.float64)
+    cdef cnp.ndarray ids = np.empty(n, dtype=np.int64)
+    cdef double *dp = <double *>cnp.PyArray_DATA(keys)
+    cdef int64_t *ip = <int64_t *>cnp.PyArray_DATA(ids)
+    with nogil:
+        for j in range(n):
+            dp[j] = agg_key_to_f64(kp[j].head)
+            ip[j] = agg_key_to_i64(kp[j].rest)
+    if tree.kind == K_INT:
+        keys = keys.astype(np.int64)
+    return (keys, ids)
+
+
+cdef tuple _select_arrays(_Tree tree, cnp.ndarray pos):
+    cdef Py_ssize_t n = len(pos), j
+    cdef cnp.ndarray karr = np.empty((n, 2), dtype=np.uint64)
+    cdef cnp.ndarray vals = np.empty(n, dtype=np.float64)
+    cdef agg_key *kp = <agg_key *>cnp.PyArray_DATA(karr)
+    cdef double *vp = <double *>cnp.PyArray_DATA(vals)
+    cdef int64_t *pp = <int64_t *>cnp.PyArray_DATA(pos)
+    if tree.kind == K_GENERAL:
+        items = [_read_items(tree, <uint64_t>p, 1, False)[0] for p in pos.tolist()]
+        return (_obj_array([it[0] for it in items]), _obj_array([it[1] for it in items]),
+                np.array([it[2] for it in items], dtype=np.float64))
+    for j in range(n):
+        agg_tree_select(tree.t, <uint64_t>pp[j], &kp[j], &vp[j])
+    return _split_fast_keys(tree, karr) + (vals,)
+
+
+cdef object _obj_array(list xs):
+    cdef Py_ssize_t j
+    out = np.empty(len(xs), dtype=object)
+    for j in range(len(xs)):
+        out[j] = xs[j]
+    return out
+
+
+cdef bytes _encode_item_ordered(object key, object id):
+    cdef KeyBuf kb
+    kb_init(&kb)
+    try:
+        kb_put_value(&kb, key, NULL)
+        kb_put_value(&kb, id, NULL)
+        return (<char *>kb.data)[:kb.len]
+    finally:
+        kb_free(&kb)
+
+
+cdef int _check_query(object q, frozenset allowed) except -1:
+    if not isinstance(q, dict):
+        raise TypeError(f"each query must be a dict, not {type(q).__name__}")
+    for name in q:
+        if name not in allowed:
+            raise TypeError(f"unknown query argument {name!r}")
+    return 0
+
+
+def _restore(node_size, state):
+    """Rebuild an Aggregate from ``__reduce__`` state."""
+    agg = Aggregate(node_size)
+    for ns, items in state:
+        agg._load_items(items, ns)
+    return agg
+
+
+# --------------------------------------------------------- test hooks --
+
+def _debug_fail_after(long n):
+    """Make every allocation after the next ``n`` fail (n < 0: stop).
+
+    Returns the number of allocations made since the previous call.  For
+    the failure-injection tests only; not thread-safe."""
+    return agg_debug_fail_after(n)
+
+
+def _tree_info(Aggregate agg, namespace=None):
+    """(kind, depth, len, nbytes) of one namespace's tree, for tests."""
+    cdef _Tree tree = agg._tree(namespace)
+    if tree is None:
+        return None
+    return ({K_FLOAT: "float", K_INT: "int", K_GENERAL: "general"}[tree.kind],
+            agg_tree_depth(tree.t), agg_tree_len(tree.t), agg_tree_nbytes(tree.t))

@@ -1,0 +1,229 @@
+/*
+ * aggtree.h - public C API of the aggtree core: a counted B+tree of items
+ * (key, value) kept in key order, answering count, sum, rank and select in
+ * O(log n).  Plain C99, no Python.h: the Cython layer (_core.pyx) encodes
+ * Python keys into the fixed 16-byte `agg_key` below before calling in, so
+ * every comparison here is a couple of integer compares (plus a memcmp for
+ * general keys whose 8-byte heads tie) and can never fail or call back.
+ *
+ * One tree = one namespace.  The Python layer keeps a dict namespace -> tree.
+ *
+ * KEYS
+ * ----
+ * An item's key is the *pair* (sort key, id) of the Python API, already
+ * encoded; it is unique in a tree.  Two key modes exist, fixed per tree at
+ * creation (the Python layer converts a tree from FAST to GENERAL by reading
+ * it out and bulk-building a new one when an item arrives that FAST cannot
+ * hold):
+ *
+ *   AGG_KEYS_FAST     head = order-preserving bits of a double sort key
+ *                     rest = order-preserving bits of an int64 id
+ *                     (x ^ 0x8000000000000000); compare (head, rest) as two
+ *                     unsigned 64-bit integers.
+ *
+ *   AGG_KEYS_GENERAL  the key is a byte string E (memcmp order) defined by
+ *                     keycodec.pxi.  head = first 8 bytes of E, big-endian,
+ *                     zero-padded when E is shorter; rest = (uintptr_t) a
+ *                     pointer to an agg_tail holding E[8:], or 0 when
+ *                     len(E) <= 8.  Compare heads as unsigned integers; on a
+ *                     tie compare the tails bytewise (memcmp over the common
+ *                     length, then the shorter tail first; a missing tail is
+ *                     the empty tail).  The codec guarantees that this equals
+ *                     memcmp order on the E's that are ever compared (no tag
+ *                     byte is 0x00, so zero padding never ties two distinct
+ *                     strings).
+ *
+ * Tails in the tree are reference counted: an item owns one reference and
+ * every internal-node separator that copies the key owns one more.  So
+ * separators never allocate, and a delete never allocates.  Tails passed IN
+ * by the caller (search keys, keys to insert) are only borrowed: the tree
+ * makes its own copy when it stores a new item, and the caller keeps
+ * ownership of what it passed (a caller-built tail may have refs == 0).
+ *
+ * POSITIONS
+ * ---------
+ * Items are numbered 0..n-1 in key order.  A search key plus a side names a
+ * gap between items: agg_tree_rank(t, k, 0) is the number of items < k
+ * (the gap before k), agg_tree_rank(t, k, 1) the number of items <= k (the
+ * gap after k).  The Python layer maps every bound form (inclusive,
+ * exclusive, with or without id, eq, prefix) onto such gaps, so a range is a
+ * half-open index interval [lo, hi) and every read is a walk by index.
+ *
+ * STATUS
+ * ------
+ * Every function that can fail returns agg_status; on any status other than
+ * AGG_OK the tree is exactly as it was before the call (all allocation is
+ * done before the first mutation).  "Not found" is AGG_MISSING, never folded
+ * into an error.
+ *
+ * THREADS
+ * -------
+ * No internal locking.  Any number of concurrent readers are safe; a writer
+ * needs exclusive access (the Python layer provides it).  The allocation
+ * failure injector is global and meant for single-threaded tests.
+ */
+#ifndef AGGTREE_H
+#define AGGTREE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum agg_status {
+    AGG_OK = 0,
+    AGG_NOMEM = 1,      /* an allocation failed; nothing changed */
+    AGG_DUPLICATE = 2,  /* insert: the key is already present */
+    AGG_MISSING = 3,    /* delete / get: the key is absent */
+    AGG_RANGE = 4,      /* select / read: index out of range */
+    AGG_INVALID = 5,    /* bad argument: node size, unsorted bulk input */
+    AGG_CORRUPT = 6     /* agg_tree_check found a broken invariant */
+} agg_status;
+
+typedef enum agg_keymode {
+    AGG_KEYS_FAST = 0,
+    AGG_KEYS_GENERAL = 1
+} agg_keymode;
+
+/* Out-of-line part of a GENERAL key: bytes E[8:] of the encoding. */
+typedef struct agg_tail {
+    uint32_t refs;      /* references held by the tree (0 for caller-owned) */
+    uint32_t len;       /* number of bytes that follow */
+    uint8_t bytes[];    /* E[8:] */
+} agg_tail;
+
+/* An encoded item key; see KEYS above. 16 bytes, passed by value. */
+typedef struct agg_key {
+    uint64_t head;      /* FAST: sortable double; GENERAL: E[0:8] big-endian */
+    uint64_t rest;      /* FAST: sortable int64 id; GENERAL: agg_tail* or 0 */
+} agg_key;
+
+typedef struct agg_tree agg_tree;
+
+/* Smallest and largest node_size accepted (entries per node, both kinds). */
+#define AGG_NODE_SIZE_MIN 4
+#define AGG_NODE_SIZE_MAX 4096
+
+/* ---------------------------------------------------------------- keys -- */
+
+/* Order-preserving 64-bit image of a double (caller rejects NaN and maps
+ * -0.0 to 0.0 first) and of an int64; and their inverses. */
+uint64_t agg_f64_to_key(double x);
+double agg_key_to_f64(uint64_t k);
+uint64_t agg_i64_to_key(int64_t x);
+int64_t agg_key_to_i64(uint64_t k);
+
+/* Three-way compare of two keys under `mode`: <0, 0, >0. */
+int agg_key_cmp(agg_keymode mode, agg_key a, agg_key b);
+
+/* Build a GENERAL key from a full encoding E of `len` bytes.  When len > 8
+ * the tail is written into `tail_buf`, which must hold
+ * sizeof(agg_tail) + len - 8 bytes (the key borrows it; refs is set to 0).
+ * Never allocates. */
+agg_key agg_key_from_bytes(const uint8_t *e, size_t len, agg_tail *tail_buf);
+
+/* Write the bytes of a GENERAL key into `out` (capacity `cap`): the 8 head
+ * bytes (big-endian, so an encoding shorter than 8 comes back zero-padded)
+ * followed by the tail.  Returns 8 + tail length, which may exceed cap: then
+ * only cap bytes are written.  The codec's encodings are self-delimiting, so
+ * the decoder never needs to know where the padding starts. */
+size_t agg_key_to_bytes(agg_key k, uint8_t *out, size_t cap);
+
+/* ---------------------------------------------------------- life cycle -- */
+
+/* Create an empty tree.  AGG_INVALID if node_size is outside
+ * [AGG_NODE_SIZE_MIN, AGG_NODE_SIZE_MAX]; AGG_NOMEM. */
+agg_status agg_tree_new(agg_tree **out, uint32_t node_size, agg_keymode mode);
+
+/* Free the tree, its nodes and its tails.  NULL is allowed. */
+void agg_tree_free(agg_tree *t);
+
+uint64_t agg_tree_len(const agg_tree *t);
+agg_keymode agg_tree_mode(const agg_tree *t);
+uint32_t agg_tree_node_size(const agg_tree *t);
+uint32_t agg_tree_depth(const agg_tree *t);   /* 0 when empty, 1 = root is a leaf */
+
+/* Bytes allocated by the tree: nodes and tails (not the agg_tree header's
+ * caller). O(1): maintained as a counter. */
+size_t agg_tree_nbytes(const agg_tree *t);
+
+/* -------------------------------------------------------------- writes -- */
+
+/* Insert `key` with `value`.  If the key exists: with overwrite == 0 return
+ * AGG_DUPLICATE (nothing changes); with overwrite != 0 set its value.
+ * *existed (may be NULL) tells which happened; *old_value (may be NULL)
+ * receives the previous value when it existed.  O(B log n). */
+agg_status agg_tree_insert(agg_tree *t, agg_key key, double value,
+                           int overwrite, int *existed, double *old_value);
+
+/* Delete `key`.  AGG_MISSING if absent.  *old_value (may be NULL) receives
+ * its value.  Never allocates, so never AGG_NOMEM. */
+agg_status agg_tree_delete(agg_tree *t, agg_key key, double *old_value);
+
+/* Remove every item (the tree stays usable, empty). */
+void agg_tree_clear(agg_tree *t);
+
+/* Bulk-build into an EMPTY tree from n keys in strictly increasing order
+ * with their values (NULL values = all 0.0).  Leaves and internal nodes are
+ * packed full (the last two nodes of a level share what is left so both
+ * keep the minimum fill).  Tails are copied.  AGG_INVALID if the tree is
+ * not empty; AGG_DUPLICATE if two neighbours are equal (and *bad_index, if
+ * not NULL, is the index of the second), AGG_INVALID if out of order (same
+ * *bad_index); AGG_NOMEM.  On failure the tree stays empty.  O(n). */
+agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
+                          const double *values, uint64_t n,
+                          uint64_t *bad_index);
+
+/* --------------------------------------------------------------- reads -- */
+
+/* 1 and *value (may be NULL) if the key is present, else 0.  O(log n). */
+int agg_tree_get(const agg_tree *t, agg_key key, double *value);
+
+/* Number of items < key (after == 0) or <= key (after != 0). O(log n). */
+uint64_t agg_tree_rank(const agg_tree *t, agg_key key, int after);
+
+/* Item at `index` (0-based).  The returned key's tail is borrowed from the
+ * tree and valid until the next write.  AGG_RANGE if index >= len. */
+agg_status agg_tree_select(const agg_tree *t, uint64_t index,
+                           agg_key *key, double *value);
+
+/* Sum of the values of items lo..hi-1 (empty or inverted range: 0.0).
+ * Walks the two boundary paths and adds whole-subtree sums in between,
+ * accumulating in double-double, then rounds once.  O(B log n). */
+double agg_tree_sum(const agg_tree *t, uint64_t lo, uint64_t hi);
+
+/* Copy up to `max` items starting at `index` into keys[] / values[] (either
+ * may be NULL): ascending (index, index+1, ...) or, with descending != 0,
+ * (index, index-1, ...).  Returns the number copied (0 if index is out of
+ * range).  Tails are borrowed as in agg_tree_select.  O(log n + max). */
+uint64_t agg_tree_read(const agg_tree *t, uint64_t index, uint64_t max,
+                       int descending, agg_key *keys, double *values);
+
+/* Batch forms for the vectorised API: out[i] = agg_tree_rank(t, keys[i],
+ * after).  Pure loops over C data, safe to run without the GIL. */
+void agg_tree_rank_many(const agg_tree *t, const agg_key *keys, uint64_t n,
+                        int after, uint64_t *out);
+
+/* -------------------------------------------------------------- checks -- */
+
+/* Walk the whole tree and verify every invariant listed in aggtree.c
+ * (ordering within and across nodes, fill bounds, uniform depth, per-child
+ * counts and sums equal to what they summarise, separator bounds, leaf chain
+ * complete and consistent in both directions, tail reference counts, the
+ * item count and nbytes).  AGG_OK, or AGG_CORRUPT with a one-line
+ * description written into msg (NUL-terminated, truncated to msg_len). */
+agg_status agg_tree_check(const agg_tree *t, char *msg, size_t msg_len);
+
+/* ------------------------------------------------- allocation failures -- */
+
+/* Test hook, global: after `n` more successful allocations every allocation
+ * fails (returns NULL) until reset; n < 0 disables injection (the default).
+ * Returns the number of allocations made since the last call. */
+long agg_debug_fail_after(long n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* AGGTREE_H */
