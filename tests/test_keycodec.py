@@ -29,6 +29,7 @@ DBL_MAX = sys.float_info.max
 IMAX = int(DBL_MAX)                 # largest int a double holds
 INT_LO = -IMAX                      # smallest int key accepted
 INT_HI = IMAX + 2**1600 - 1         # largest int key accepted (200-byte remainder)
+INT_LO = -(IMAX + 2**1600) + 1      # smallest int key accepted (d = -inf, remainder from the floor)
 INF = math.inf
 NAN = math.nan
 MAX_DEPTH = 32
@@ -537,10 +538,11 @@ def test_nan_rejected(bad):
 
 
 @pytest.mark.parametrize("bad", [
-    -IMAX - 1, -IMAX - 2**970, -(2**1024), -(2**5000), INT_HI + 1,
+    INT_LO - 1, -(IMAX + 2**1600) - 2**970, -(2**1700), -(2**5000), INT_HI + 1,
     IMAX + 2**1600, 2**1700, 2**10000,
 ])
 def test_int_out_of_range(bad):
+    """Integer keys must lie in [INT_LO, INT_HI]."""
     with pytest.raises(ValueError, match="out of range"):
         _encode_key(bad)
     with pytest.raises(ValueError):
@@ -638,3 +640,22 @@ def test_large_buffers():
     assert len(e) > 20000
     k, i = _decode_item(e)
     assert k == s and i == (s, 2**1000 + 1, (b"\x00" * 700,))
+
+
+def test_many_numbers_sig_growth():
+    k = tuple(range(-300, 300)) + tuple(x / 7 for x in range(300)) + (True,) * 300
+    ident = [2**60 + 1] * 100
+    e = _encode_item(k, ident)
+    assert e.endswith(expected_sig(k, ident)) and len(expected_sig(k, ident)) == 1300
+    dk, di = _decode_item(e)
+    assert same(k, dk) and same(ident, di)
+
+
+def test_ints_below_minus_dbl_max():
+    """Ints below -DBL_MAX sit between -inf and -DBL_MAX, in order, and round-trip."""
+    vals = [-INF, INT_LO, INT_LO + 1, -(2**1100), -IMAX - 2, -IMAX - 1, -DBL_MAX, -IMAX + 1]
+    encs = [_encode_key(v) for v in vals]
+    assert encs[6] == _encode_key(-IMAX)
+    assert all(a < b for a, b in zip(encs, encs[1:6])) and encs[5] < encs[7]
+    for v in (INT_LO, -(2**1100), -IMAX - 1):
+        assert _decode_item(_encode_item(v, v)) == (v, v)

@@ -760,6 +760,23 @@ class EventStore:
         self._replay(rows)
         self._data_version = version
 
+    def _begin_caught_up(self) -> None:
+        """Open a read transaction whose snapshot the aggregates reflect
+        exactly (replaying the change log inside it; reloading if needed)."""
+        conn = self._conn
+        for _ in range(3):
+            conn.execute("BEGIN")
+            try:
+                self._catch_up_in_transaction()
+                return
+            except _NeedReload:
+                conn.execute("COMMIT")
+                self._reload()
+            except BaseException:
+                conn.execute("COMMIT")
+                raise
+        raise RuntimeError("could not catch up with the change log")  # pragma: no cover
+
     def _catch_up_in_transaction(self) -> None:
         """Inside a transaction: replay the change-log rows after ours that
         this snapshot holds (consistent with the snapshot's tables)."""
@@ -1249,12 +1266,15 @@ class EventStore:
         try:
             while state["phase"] != "done":
                 with self._lock:
+                    if self._migration is not state:
+                        break  # the aggregates were reloaded in bulk meanwhile: complete
                     n = self._migrate_batch(state, batch_size)
                 bar.update(n)
         finally:
             bar.close()
         with self._lock:
-            self._migration = None
+            if self._migration is state:
+                self._migration = None
         return MigrationReport(
             events=state["events"],
             follows=state["follows"],
@@ -1268,17 +1288,15 @@ class EventStore:
         """One batch of the migration; advances ``state`` only when the batch
         is fully applied.  Returns the number of rows processed."""
         conn = self._conn
+        reloads = self.reloads
         if self._stale:
-            self._reload()  # a reload is a complete migration
-        conn.execute("BEGIN")
+            self._reload()
+        self._begin_caught_up()
+        if self.reloads != reloads:  # a bulk reload is a complete migration
+            conn.execute("COMMIT")
+            state["phase"] = "done"
+            return 0
         try:
-            try:
-                self._catch_up_in_transaction()
-            except _NeedReload:
-                conn.execute("COMMIT")
-                self._reload()
-                state["phase"] = "done"
-                return 0
             after = state["after"]
             if state["phase"] == "events":
                 rows = conn.execute(
@@ -1349,14 +1367,8 @@ class EventStore:
         with self._lock:
             self._sync()
             conn = self._conn
-            conn.execute("BEGIN")
+            self._begin_caught_up()
             try:
-                try:
-                    self._catch_up_in_transaction()
-                except _NeedReload:
-                    conn.execute("COMMIT")
-                    self._reload()
-                    conn.execute("BEGIN")
                 ev = _read_matrix(
                     conn,
                     "SELECT count(*) FROM events",
@@ -1414,30 +1426,38 @@ def _aggregate_items(agg: Any, *, key_is_none: bool) -> tuple:
         keys, ids, _values = agg.to_arrays(namespace=ns)
         if not len(ids):
             continue
-        try:
-            if isinstance(ns, bool) or not isinstance(ns, (int, np.integer)):
-                raise TypeError
-            ids_arr = np.asarray(ids).astype(np.int64, casting="unsafe")
-            if key_is_none:
-                bad = [i for i, k in enumerate(keys) if k is not None]
-                for i in bad:
-                    odd.append((ns, keys[i], ids[i]))
-                if bad:
-                    mask = np.ones(len(ids), dtype=bool)
-                    mask[bad] = False
-                    ids_arr = ids_arr[mask]
-                keys_arr = np.zeros(len(ids_arr), dtype=np.int64)
-            else:
-                keys_arr = np.asarray(keys).astype(np.int64, casting="unsafe")
-                if not np.array_equal(keys_arr, np.asarray(keys)) or not np.array_equal(ids_arr, np.asarray(ids)):
-                    raise TypeError
-        except (TypeError, ValueError, OverflowError):
+        if not _is_int(ns):
             odd.extend((ns, k, i) for k, i in zip(keys, ids))
             continue
-        parts.append(np.column_stack([np.full(len(ids_arr), ns, dtype=np.int64), keys_arr, ids_arr]))
+        rows = None
+        try:  # the fast path: every key and id an int
+            ids_arr = np.asarray(ids).astype(np.int64)
+            keys_arr = (np.zeros(len(ids_arr), dtype=np.int64) if key_is_none
+                        else np.asarray(keys).astype(np.int64))
+            if np.array_equal(ids_arr, np.asarray(ids)) and (
+                all(k is None for k in keys) if key_is_none else np.array_equal(keys_arr, np.asarray(keys))
+            ):
+                rows = np.column_stack([np.full(len(ids_arr), ns, dtype=np.int64), keys_arr, ids_arr])
+        except (TypeError, ValueError, OverflowError):
+            pass
+        if rows is None:  # item by item: the odd ones apart
+            good = []
+            for k, i in zip(keys, ids):
+                if _is_int(i) and (k is None if key_is_none else _is_int(k)):
+                    good.append((ns, 0 if key_is_none else int(k), int(i)))
+                else:
+                    odd.append((ns, k, i))
+            rows = np.array(good, dtype=np.int64).reshape(-1, 3)
+        parts.append(rows)
     if parts:
         return np.concatenate(parts), odd
     return np.zeros((0, 3), dtype=np.int64), odd
+
+
+def _is_int(x: Any) -> bool:
+    """An int that fits in int64 (the type of every namespace, key and id the
+    tables produce)."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and -(2**63) <= x < 2**63
 
 
 def _diff_rows(expected: np.ndarray, actual: np.ndarray) -> tuple:
@@ -1606,16 +1626,19 @@ def generate_dataset(
         if not dup.any():
             break
         f_events[dup] = draw(int(dup.sum()))
-    keep.sort()
-    f_users, f_events = f_users[keep], f_events[keep]
+    f_users, f_events = f_users[keep], f_events[keep]  # sorted by (user, event)
     f_created = np.maximum(created[f_events - 1], now_ms - 365 * day) + rng.integers(0, 7 * day, size=len(f_users))
 
     conn = _connect(path, 30.0, "OFF")
     try:
+        conn.execute("PRAGMA cache_size = -262144")  # 256 MiB: no thrashing on big loads
         create_schema(conn)
         if conn.execute("SELECT count(*) FROM users").fetchone()[0]:
             raise ValueError(f"{path} already holds data")
         conn.execute("BEGIN")
+        # Secondary indexes are cheaper to build once, sorted, after the load.
+        conn.execute("DROP INDEX events_user")
+        conn.execute("DROP INDEX event_follows_event")
         conn.executemany(
             "INSERT INTO users (id, username, created_at) VALUES (?, ?, ?)",
             zip(range(1, users + 1), names, itertools.repeat(user_created)),
@@ -1636,6 +1659,8 @@ def generate_dataset(
             "INSERT INTO event_follows (user_id, event_id, created_at) VALUES (?, ?, ?)",
             zip(f_users.tolist(), f_events.tolist(), f_created.tolist()),
         )
+        for stmt in _SCHEMA:  # the indexes again
+            conn.execute(stmt)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

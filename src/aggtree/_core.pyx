@@ -666,6 +666,7 @@ cdef class Aggregate:
     cdef dict _trees
     cdef uint32_t _node_size
     cdef PyThread_type_lock _lock
+    cdef uint64_t _version          # bumped by every write (live iteration)
 
     def __cinit__(self):
         self._lock = PyThread_allocate_lock()
@@ -693,6 +694,7 @@ cdef class Aggregate:
         if not PyThread_acquire_lock(self._lock, 0):
             with nogil:
                 PyThread_acquire_lock(self._lock, WAIT_LOCK)
+        self._version += 1
 
     cdef inline void _wunlock(self) noexcept:
         PyThread_release_lock(self._lock)
@@ -769,7 +771,12 @@ cdef class Aggregate:
             if buf == NULL:
                 raise MemoryError()
             agg_key_to_bytes(sk, buf, n)
-        if n >= <size_t>olen and memcmp(buf, g.kb.data, olen) == 0:
+        # The stored E must be our ordered pair plus its type signature: the
+        # byte after it is a sig byte (0x01..0x03), head padding, or nothing.
+        # 0xFF there would mean a longer pair that merely extends ours (an
+        # escaped 0x00 inside a str / bytes id).
+        if (n >= <size_t>olen and memcmp(buf, g.kb.data, olen) == 0
+                and (n == <size_t>olen or buf[olen] != 0xFF)):
             stored[0] = sk
             found = 1
         if buf != small:
@@ -1121,7 +1128,9 @@ cdef class Aggregate:
                     lo = g
         if hi <= lo:
             return Page([], cursor, True)
-        n = min(<uint64_t>page_size, hi - lo)
+        n = hi - lo
+        if page_size < n:
+            n = <uint64_t>page_size
         items = _read_items(tree, (hi - 1) if desc else lo, n, desc)
         last = items[len(items) - 1]
         return Page(items, _make_cursor(last[0], last[1]), n == hi - lo)
@@ -1138,9 +1147,13 @@ cdef class Aggregate:
         return self._iter(desc, namespace, lower, upper, eq, prefix)
 
     def _iter(self, desc, namespace, lower, upper, eq, prefix):
+        # Reads chunks of growing size; yields from a chunk only while the
+        # aggregate is unchanged (self._version), and otherwise seeks again
+        # from the last item yielded, so every step sees the live state.
         cdef uint64_t lo, hi, g, n
         cdef _Tree tree
-        chunk = 64
+        cdef uint64_t version
+        chunk = 16
         last = None
         while True:
             tree = self._tree(namespace)
@@ -1160,12 +1173,12 @@ cdef class Aggregate:
                 return
             n = min(<uint64_t>chunk, hi - lo)
             items = _read_items(tree, (hi - 1) if desc else lo, n, desc)
-            yield from items
-            last = items[len(items) - 1]
-            if n == hi - lo:
-                # The chunk reached the end of the range as it was; check again
-                # only if the caller keeps going (the loop re-reads positions).
-                pass
+            version = self._version
+            for it in items:
+                if self._version != version:
+                    break
+                yield it
+                last = it
             if chunk < 4096:
                 chunk *= 2
 
@@ -1666,9 +1679,12 @@ cdef tuple _item_arrays(keys, ids, values):
     """Validate and convert item arrays: (keys, ids, values, kind).
 
     kind is K_FLOAT / K_INT when keys and ids can take the FAST path, else
-    K_GENERAL (object arrays, per-item encoding)."""
-    ka = np.asarray(keys)
-    ia = np.asarray(ids)
+    K_GENERAL (object arrays, per-item encoding).  Any iterable is accepted;
+    a str / bytes / scalar is not."""
+    ka = _as_1d(keys, "keys")
+    ia = _as_1d(ids, "ids")
+    if values is not None:
+        values = _as_1d(values, "values")
     if ka.ndim != 1 or ia.ndim != 1:
         raise ValueError(f"keys and ids must be 1-D, got shapes {ka.shape} and {ia.shape}")
     n = len(ka)
@@ -1715,6 +1731,36 @@ cdef tuple _item_arrays(keys, ids, values):
         ka = ka.astype(object, copy=False)
         ia = ia.astype(object, copy=False)
     return ka, ia, va, kind
+
+
+cdef object _as_1d(x, str what):
+    """A 1-D ndarray from an array-like or any iterable (tuples inside a
+    sequence stay single elements: tuple keys are keys)."""
+    if isinstance(x, np.ndarray):
+        a = x
+    elif isinstance(x, (str, bytes, bytearray)) or not hasattr(x, "__iter__"):
+        raise TypeError(f"{what} must be an array or an iterable, not {type(x).__name__}")
+    else:
+        # Only all-float or all-int lists become numeric arrays: numpy would
+        # otherwise coerce mixed lists (1 and "a" both to str, say).
+        xs = list(x)
+        a = None
+        if xs and all(type(v) is float for v in xs):
+            a = np.array(xs, dtype=np.float64)
+        elif xs and all(type(v) is int for v in xs):
+            try:
+                a = np.array(xs, dtype=np.int64)
+            except OverflowError:
+                a = None
+        elif not xs:
+            a = np.empty(0, dtype=np.float64)
+        if a is None:
+            a = np.empty(len(xs), dtype=object)
+            for j in range(len(xs)):
+                a[j] = xs[j]
+    if a.ndim != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {a.shape}")
+    return a
 
 
 cdef cnp.ndarray _fast_key_array(cnp.ndarray ks, cnp.ndarray iss):

@@ -117,6 +117,7 @@ cdef extern from *:
     static inline double kc_next_up(double d) { return nextafter(d, INFINITY); }
     static inline double kc_next_down(double d) { return nextafter(d, -INFINITY); }
     #define KC_DBL_MAX DBL_MAX
+    #define KC_INFINITY INFINITY
     """
     unsigned long long kc_f64_to_key(double x) noexcept nogil
     double kc_key_to_f64(unsigned long long k) noexcept nogil
@@ -131,6 +132,7 @@ cdef extern from *:
     double kc_next_up(double d) noexcept nogil
     double kc_next_down(double d) noexcept nogil
     double KC_DBL_MAX
+    double KC_INFINITY
 
 cdef extern from "Python.h":
     void *kc_malloc "PyMem_RawMalloc"(size_t n) noexcept nogil
@@ -275,13 +277,13 @@ cdef int kc_put_bigint(KeyBuf *b, object v, KeyBuf *sig) except -1:
         d = float(v)
     except OverflowError:
         if v < 0:
-            kc_raise_int_range()
+            return kc_put_negbigint(b, v, sig)
         d = KC_DBL_MAX
     iv = kc_PyLong_FromDouble(d)
     if iv > v:
         d = kc_next_down(d)
         if not kc_isfinite(d):
-            kc_raise_int_range()
+            return kc_put_negbigint(b, v, sig)
         iv = kc_PyLong_FromDouble(d)
     r = v - iv
     if not r:
@@ -299,11 +301,37 @@ cdef int kc_put_bigint(KeyBuf *b, object v, KeyBuf *sig) except -1:
     b.len += 10 + nb
     return kc_put_sig(sig, KC_SIG_INT)
 
+# Ints below -DBL_MAX sit between -inf and -DBL_MAX: they are encoded with
+# d = -inf and the remainder r = v - KC_NEG_FLOOR > 0, where KC_NEG_FLOOR =
+# -(DBL_MAX + 2**1600) is the smallest int accepted; r grows with v, so the
+# bytes order the ints correctly, after -inf itself (marker KC_EXACT).
+cdef object KC_NEG_FLOOR = -(int(1.7976931348623157e308) + (1 << 1600))
+
+cdef int kc_put_negbigint(KeyBuf *b, object v, KeyBuf *sig) except -1:
+    cdef object r = v - KC_NEG_FLOOR
+    cdef Py_ssize_t nb
+    cdef unsigned char *p
+    cdef bytes rb
+    if r <= 0:
+        kc_raise_int_range()
+    nb = (r.bit_length() + 7) // 8
+    if nb > KC_MAX_REM:
+        kc_raise_int_range()
+    rb = r.to_bytes(nb, "big")
+    kb_reserve(b, 10 + nb)
+    p = b.data + b.len
+    p[0] = KC_TAG_NUM
+    kc_store_be64(p + 1, kc_f64_to_key(-KC_INFINITY))
+    p[9] = <unsigned char>(KC_EXACT + nb)
+    kc_memcpy(p + 10, kc_PyBytes_AS_STRING(rb), <size_t>nb)
+    b.len += 10 + nb
+    return kc_put_sig(sig, KC_SIG_INT)
+
 cdef inline int kc_put_int(KeyBuf *b, object v, KeyBuf *sig) except -1:
     # v is an int (or int subclass), not a bool.
     cdef int overflow = 0
     cdef long long x = kc_PyLong_AsLongLongAndOverflow(v, &overflow)
-    cdef unsigned long long rem
+    cdef unsigned long long rem = 0
     cdef double d
     cdef unsigned char *p
     cdef int nb, i
@@ -370,7 +398,7 @@ cdef int kc_put_str_slow(KeyBuf *b, object s) except -1:
                           kc_PyBytes_GET_SIZE(enc))
 
 cdef inline int kc_put_str(KeyBuf *b, object s) except -1:
-    cdef Py_ssize_t n
+    cdef Py_ssize_t n = 0
     cdef const char *u = kc_PyUnicode_AsUTF8AndSize(s, &n)
     if u == NULL:
         return kc_put_str_slow(b, s)   # lone surrogates
@@ -504,7 +532,8 @@ cdef Py_ssize_t kc_skip(const unsigned char *p, Py_ssize_t n, Py_ssize_t i,
         if rl < 1 or rl > KC_MAX_REM or n - (i + 10) < rl or p[i + 10] == 0:
             kc_corrupt()
         # a remainder only follows the floor of an int no double holds
-        if not kc_isfinite(d) or (d < 9007199254740992.0 and d > -9007199254740992.0):
+        # (or -inf, for ints below -DBL_MAX)
+        if (not kc_isfinite(d) and d > 0) or (d < 9007199254740992.0 and d > -9007199254740992.0):
             kc_corrupt()
         return i + 10 + rl
     if tag == KC_TAG_STR or tag == KC_TAG_BYTES:
@@ -569,9 +598,15 @@ cdef object kc_dec_escaped(const unsigned char *p, Py_ssize_t start,
 
 cdef object kc_dec_bignum(const unsigned char *p, Py_ssize_t i, double d,
                           Py_ssize_t rl):
-    cdef object iv = kc_PyLong_FromDouble(d)
+    cdef object iv
     cdef object r = int.from_bytes(
         kc_PyBytes_FromStringAndSize(<const char *>(p + i + 10), rl), "big")
+    if not kc_isfinite(d):
+        iv = KC_NEG_FLOOR + r
+        if iv >= -int(1.7976931348623157e308):
+            kc_corrupt()            # belongs above -DBL_MAX: non-canonical
+        return iv
+    iv = kc_PyLong_FromDouble(d)
     if d != KC_DBL_MAX and r >= kc_PyLong_FromDouble(kc_next_up(d)) - iv:
         kc_corrupt()                # not the floor: non-canonical
     return iv + r

@@ -1,0 +1,2416 @@
+/*
+ * aggtree.c - the C core of aggtree: a counted B+tree of (key, value) items
+ * kept in key order, answering count, sum, rank and select in O(log n).
+ *
+ * ==========================================================================
+ *  DESIGN
+ * ==========================================================================
+ *
+ * 1. What the tree is
+ * -------------------
+ * A B+tree: every item lives in a leaf, leaves are chained left to right,
+ * and internal nodes hold only routing separators plus, for every child, a
+ * summary of the child's subtree: how many items it holds (`cnt`) and the
+ * sum of their values (`sum_hi` + `sum_lo`, a double-double).  The counts
+ * make rank and select O(log n) walks; the sums make a range sum a walk
+ * down the two boundary paths that adds whole-child sums in between.
+ *
+ * One tree has one node capacity, `cap` = node_size (4..4096), chosen at
+ * creation and used for both kinds of node: a leaf holds at most cap items,
+ * an internal node at most cap children.  `min` = cap / 2.
+ *
+ * 2. Node layout
+ * --------------
+ * Every node is ONE allocation: a 24-byte header followed by
+ * struct-of-arrays sized by the tree's capacity.  The array offsets depend
+ * only on cap, so they are computed once per tree (agg_tree.off_*).
+ *
+ *   leaf (24 + 24*cap bytes):
+ *   +-------+------+------+------+---------------------------+-------------+
+ *   | count | leaf | prev | next | agg_key keys[cap]         | double      |
+ *   | u32   | u32  | ptr  | ptr  | (head, rest) 16 B each    | vals[cap]   |
+ *   +-------+------+------+------+---------------------------+-------------+
+ *             = 1     leaf chain    keys[0] < keys[1] < ... < keys[count-1]
+ *
+ *   internal (24 + 49*cap bytes, rounded up to 8):
+ *   +--------+---------------+-------------+-----------+----------+----------+-----------+
+ *   | header | agg_key       | node *      | uint64_t  | double   | double   | uint8_t   |
+ *   | leaf=0 | sep[cap]      | child[cap]  | cnt[cap]  | hi[cap]  | lo[cap]  | exact[cap]|
+ *   +--------+---------------+-------------+-----------+----------+----------+-----------+
+ *
+ *            sep[1]        sep[2]              sep[count-1]
+ *              |             |                     |
+ *   child[0]   v  child[1]   v  child[2]   ...     v  child[count-1]
+ *   (keys < sep[1]) (sep[1] <= keys < sep[2])        (sep[count-1] <= keys)
+ *
+ * sep[0] is unused and always zeroed.  cnt[i], hi[i] + lo[i] and exact[i]
+ * summarise child i.  The 24 bytes per leaf slot are what the project's
+ * memory budget (<= 32 bytes per item, agg_tree_nbytes / len, FAST keys)
+ * is made of: at the ~83% leaf fill that insertion reaches under random
+ * order (section 6), 24 / 0.83 + leaf headers + internal nodes ~= 30.5.
+ *
+ * 3. Keys
+ * -------
+ * An agg_key is (head, rest).  FAST: both are order-preserving 64-bit
+ * images, compared as one unsigned 128-bit integer (branch-free: the hot
+ * search loops compile to cmov chains).  GENERAL: head is the first 8
+ * bytes of the encoding, rest a pointer to an agg_tail holding the others;
+ * compare heads, and only on a tie the tails (memcmp, shorter first).  The
+ * mode is stored in the tree and every search routine exists twice, one
+ * per mode, chosen by one predictable branch per node visit.  Within a node
+ * the search is a branch-free binary search (lower or upper bound); on
+ * entry to a node the key array is prefetched, so the few cache misses of
+ * the search overlap instead of forming a chain.
+ *
+ * GENERAL tails are reference counted.  The item owns one reference; a
+ * separator that copies the item's key owns one more.  So building a
+ * separator never allocates, and a separator can outlive its item (delete
+ * leaves separators alone) without dangling.  Tails passed in are borrowed:
+ * insert allocates the tree's own copy (refs = 1) once it knows the key is
+ * new.  A tail of length 0 is the same key as no tail, so it is dropped on
+ * entry (rest = 0) and never stored.
+ *
+ * 4. Invariants (verified, every one of them, by agg_tree_check)
+ * ---------------------------------------------------------------
+ *  I1  Keys strictly increase within a leaf and along the leaf chain.
+ *  I2  In an internal node, for 1 <= i < count:
+ *        max(subtree of child i-1) < sep[i] <= min(subtree of child i);
+ *      sep[0] is {0, 0}.
+ *  I3  All leaves are at depth t->depth - 1 (root = depth 0).
+ *  I4  Fill: count <= cap everywhere.  The root: a leaf holds >= 1 item, an
+ *      internal root >= 2 children.  A node on the rightmost path (the last
+ *      node of its level) holds >= 1 item if a leaf, >= 2 children if
+ *      internal.  Every other node holds >= min = cap / 2.
+ *  I5  cnt[i] == number of items under child i; the sum of all == t->len.
+ *  I6  Sums, per entry (section 8): if exact[i] == 1 then hi[i] + lo[i] is
+ *      EXACTLY the real sum of the values under child i, and (hi, lo) is
+ *      its canonical double-double form (hi = round(sum), lo = sum - hi).
+ *      If exact[i] == 0 then (hi[i], lo[i]) is bitwise what
+ *      node_summary() computes from child i's own values (leaf) or
+ *      entries (internal) - and that computation also reports inexact.
+ *  I7  Leaf chain: first->prev == NULL, last->next == NULL, and following
+ *      next from the leftmost leaf visits every leaf in key order, with
+ *      x->next->prev == x; internal nodes have prev == next == NULL.
+ *  I8  Tail reference counts equal the number of references (items plus
+ *      separators) found in the tree; no stored tail has length 0.
+ *  I9  t->nbytes == sum over live nodes of their size + sum over distinct
+ *      tails of sizeof(agg_tail) + len.  An empty tree has no nodes, depth
+ *      0 and nbytes 0.
+ *
+ *  Why I4 exempts the rightmost path: the append pattern (section 6)
+ *  splits a full rightmost node so that the left part STAYS FULL and the
+ *  new right node gets one item (leaves) or two children (internal nodes).
+ *  Sequential loads then pack every node full, as SQLite's "quick balance"
+ *  does.  That is incompatible with "every non-root node >= cap/2"; the
+ *  rightmost node of each level is the only place the pattern creates, so
+ *  only it is exempt.  An internal rightmost node keeps >= 2 children so
+ *  that its last child always has a sibling under the same parent to
+ *  merge with or borrow from.  Delete repairs any path node below min,
+ *  exempt or not, so the exemption never spreads.
+ *
+ * 5. Walking the tree
+ * -------------------
+ * Descending to key k: at an internal node take child i = the number of
+ * separators sep[1..count-1] that are <= k (an upper bound).  By I2 every
+ * item < k lies in children 0..i or is not in the tree, and every item of
+ * children > i is > k.  Both rank sides use the same child:
+ *   rank(k, after=0) = items < k  = sum cnt[0..i) + lower_bound in the leaf
+ *   rank(k, after=1) = items <= k = sum cnt[0..i) + upper_bound in the leaf
+ * since the items of children before i are < sep[i] <= k (so counted by
+ * both) and the items of children after i are >= sep[i+1] > k (counted by
+ * neither).  A search key equal to a separator goes right, where an item
+ * equal to it would be.
+ *
+ * select(index) walks down subtracting cnt[] until the index falls inside a
+ * child.  read(index, max) selects the start and then follows the leaf
+ * chain, next or prev.  sum(lo, hi) descends while [lo, hi) lies in one
+ * child; where it splits, it adds the middle children whole and follows the
+ * left boundary (a suffix of a subtree: add the children to the right
+ * whole) and the right boundary (a prefix) down to the leaves, where single
+ * values are added.  Whole children are taken whole as soon as the boundary
+ * falls on their edge.  Everything is accumulated in double-double and
+ * rounded once.  rank_many remembers the leaf of the previous answer and
+ * its base rank: when the next key falls in that leaf or the next one (two
+ * comparisons say so), the descent is skipped, which makes sorted batches
+ * nearly linear; any order stays correct.
+ *
+ * 6. Insert
+ * ---------
+ *  a. Descend recording path[] and idx[] (and which path nodes are
+ *     rightmost).  Lower-bound in the leaf.  An equal key means DUPLICATE,
+ *     or with overwrite a value change: a value change touches no
+ *     structure and never allocates.
+ *  b. PLAN.  If the leaf has room: a plain insert.  If it is full:
+ *      - append pattern (rightmost leaf, key after its last): quick balance,
+ *        a new right leaf with the new item alone;
+ *      - else, if a sibling under the same parent has room (the emptier of
+ *        the two): redistribute the two leaves' items plus the new one
+ *        evenly between them, no new node (B*-style overflow);
+ *      - else both siblings are full: a 2-to-3 split, the leaf, one full
+ *        sibling and a new leaf between them share 2*cap+1 items evenly
+ *        (each ~2/3 full);
+ *      - a full root leaf splits 1-to-2 (quick balance if appending).
+ *     Overflow into siblings plus 2-to-3 splits keep random-order leaves at
+ *     ~83% (plain 1-to-2 splitting gives ~69% and 35 bytes/item; overflow
+ *     alone ~77%).  Redistribution happens only between children of one
+ *     parent, so only that parent's separators change.
+ *     A split adds one entry to the parent; a full parent splits (1-to-2
+ *     evenly, or quick balance if the entry is appended to a rightmost
+ *     node); and so on up; a full root splits and a new root is made.  The
+ *     plan knows exactly how many nodes: one leaf if the leaf level splits,
+ *     one per consecutive full ancestor, one for a new root.
+ *  c. RESERVE everything before touching the tree: the tail copy and those
+ *     nodes.  If any allocation fails, free what was reserved and return
+ *     AGG_NOMEM: the tree was never modified.  After this point nothing can
+ *     fail.
+ *  d. APPLY, bottom-up.  Leaf redistribution is one routine
+ *     (leaves_rebalance_insert) that moves items across the boundaries of 2
+ *     or 3 consecutive leaves to target counts and drops the new item where
+ *     it belongs.  Separators of leaves whose first key changed are reset to
+ *     that first key; their entries are recomputed; a new node's entry is
+ *     inserted into the parent, splitting it if full, the pushed-up
+ *     separator going to the grandparent, and so on.  Each path entry whose
+ *     child did not change shape gets cnt + 1 and its sum + value.
+ *
+ * 7. Delete
+ * ---------
+ * Descend, lower-bound, AGG_MISSING if absent.  Remove the item, release
+ * its tail reference (separators copying it keep theirs).  Bottom-up along
+ * the path: if the child has fallen below min it is repaired with a sibling
+ * under the same parent (the left one, or the right one for child 0): if
+ * both fit in one node they merge (the right into the left; for internal
+ * nodes the parent's separator between them moves down into the merged
+ * node), otherwise they share their entries evenly (for internal nodes the
+ * separators rotate through the parent).  Repaired entries are recomputed;
+ * an untouched path entry gets cnt - 1 and its sum - value.  A root left
+ * with one child is replaced by it; an empty root leaf is freed (depth 0,
+ * nbytes 0).  Nothing here allocates, so delete cannot fail.
+ *
+ * 8. Counts and sums
+ * ------------------
+ * Counts are integers: cnt[i] +/- 1 along the path, recomputed (sum of the
+ * child's cnt[] or its item count) for every entry whose child changed
+ * shape.
+ *
+ * Sums must not drift: a stored sum has to be a function of the items
+ * present, not of the history (insert 1e20 then delete it, and a plain
+ * running sum has lost every small value under it).  The baseline -
+ * recompute every path entry from its child with compensated summation -
+ * satisfies that but costs O(cap) additions per level: measured ~0.2 us
+ * per insert at cap 64, more than the whole rest of the insert.  This file
+ * instead keeps each entry in one of two states, flagged by exact[i]:
+ *
+ *   exact    hi + lo equals the true sum S of the subtree exactly, stored
+ *            canonically (hi = fl(S), lo = S - hi).  S is a function of
+ *            the items alone.  Adding or removing a value v is O(1):
+ *            dd_add_exact() computes S + v with error-free transformations
+ *            (TwoSum) and reports whether the result is again exactly a
+ *            double-double; if so it is stored, still exact.
+ *   inexact  (hi, lo) is node_summary() of the child: a deterministic
+ *            compensated (TwoSum cascade, i.e. double-double) sum of the
+ *            child's values or of its entries, in order.  It is a function
+ *            of the child's current contents; it is recomputed, never
+ *            updated incrementally.
+ *
+ * When an exact update would round, or the entry is inexact, or the child
+ * changed shape, the entry is recomputed by node_summary(), which itself
+ * reports exact when every child entry it read was exact and none of its
+ * own additions rounded.  So no stored sum ever carries error from an
+ * earlier state: it is exact, or a fresh double-double sum of exact-or-
+ * fresh parts, with the error bound of a depth-level double-double sum
+ * (relative to the sum of |values|, ~depth * cap * 2^-104).
+ *
+ * For ordinary data (integers, decimals, measurements whose magnitudes span
+ * less than ~50 binary orders within a subtree) every sum is exactly
+ * representable in 106 bits, every entry stays exact and every update is
+ * O(1) per level.  Data spanning wider (1e-30 next to 1e30) makes the
+ * affected entries inexact and their updates O(cap), the baseline cost,
+ * and only there.  Integers below 2^53 always sum exactly (their sums fit
+ * in 106 bits); sum() of a range adds exact or compensated parts in
+ * double-double and rounds once, so it is within a few ulps of math.fsum
+ * except under cancellation beyond double-double (relative to sum |v|).
+ * An empty range is 0.0 without any arithmetic.
+ *
+ * TwoSum needs IEEE round-to-nearest double additions that the compiler
+ * does not reassociate: building with -ffast-math is refused below.
+ *
+ * 9. Bulk build
+ * -------------
+ * agg_tree_build checks strict order first (AGG_DUPLICATE / AGG_INVALID
+ * with the index of the offending key) before allocating anything; then
+ * allocates every node of every level and every tail copy; if any fails
+ * it frees all of them and the tree stays empty.  Only then it fills:
+ * leaves packed full, internal levels likewise, in each level the last two
+ * nodes sharing the remainder when the last one would fall below min.
+ * O(n), ~25 bytes per FAST item at cap 64.
+ *
+ * 10. Allocation
+ * --------------
+ * Every malloc/free goes through mem_alloc/mem_free: they keep t->nbytes
+ * (the requested sizes) and honour the global failure injector
+ * agg_debug_fail_after(n) (a countdown of successful allocations; atomic,
+ * so threads working on different trees do not race on it).  Writes
+ * allocate only in their reserve step (insert, build, new) or never
+ * (delete, clear, value overwrite), which is what makes "on failure nothing
+ * changed" hold.
+ *
+ * 11. The checker
+ * ---------------
+ * agg_tree_check walks everything and verifies I1..I9.  Exact sums are
+ * verified with an exact fixed-point accumulator (2304 bits in 32-bit
+ * digits) summing the subtree's values, inexact ones by recomputing
+ * node_summary() and comparing bits.  Tail references are collected into a
+ * temporary array (plain malloc, outside the tree's accounting and the
+ * injector), sorted, and counted.  The first failure is reported with the
+ * level, the node's position within its level, the entry and the rule.
+ *
+ * 12. Deviations from the first design, and why
+ * ---------------------------------------------
+ *  - Rightmost-path fill exemption (I4): needed by the quick balance.
+ *  - 2-to-3 leaf splits when both siblings are full: overflow alone did
+ *    not reach the 32 bytes/item budget.
+ *  - exact[] per internal entry (1 byte/entry, ~0.02 bytes/item at cap 64)
+ *    and the exact/inexact sum scheme of section 8 instead of recomputing
+ *    every path entry: same no-drift property, O(1) per level.
+ */
+#include "aggtree.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__STDC_NO_ATOMICS__)
+#define AGG_ATOMIC(T) volatile T
+#define atomic_load_relaxed(p) (*(p))
+#define atomic_store_relaxed(p, v) (*(p) = (v))
+#define atomic_add_relaxed(p, v) (*(p) += (v))
+#define atomic_exchange_relaxed(p, v) agg_exchange_plain((p), (v))
+static long agg_exchange_plain(volatile long *p, long v)
+{
+    long old = *p;
+    *p = v;
+    return old;
+}
+#else
+#include <stdatomic.h>
+#define AGG_ATOMIC(T) _Atomic T
+#define atomic_load_relaxed(p) atomic_load_explicit((p), memory_order_relaxed)
+#define atomic_store_relaxed(p, v) \
+    atomic_store_explicit((p), (v), memory_order_relaxed)
+#define atomic_add_relaxed(p, v) \
+    atomic_fetch_add_explicit((p), (v), memory_order_relaxed)
+#define atomic_exchange_relaxed(p, v) \
+    atomic_exchange_explicit((p), (v), memory_order_relaxed)
+#endif
+
+#ifdef __FAST_MATH__
+#error "aggtree.c needs exact IEEE additions (TwoSum); do not build it with -ffast-math"
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define AGG_LIKELY(x) __builtin_expect(!!(x), 1)
+#define AGG_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define AGG_PREFETCH(p) __builtin_prefetch(p)
+#define AGG_INLINE static inline __attribute__((always_inline))
+#define AGG_NOINLINE static __attribute__((noinline))
+#else
+#define AGG_LIKELY(x) (x)
+#define AGG_UNLIKELY(x) (x)
+#define AGG_PREFETCH(p) ((void)(p))
+#define AGG_INLINE static inline
+#define AGG_NOINLINE static
+#endif
+
+/* Deepest tree possible: every level at least doubles (internal nodes keep
+ * >= 2 children), so 2^64 items need at most 65 levels. */
+#define MAX_DEPTH 72
+
+/* ====================================================================== */
+/*  Structures                                                            */
+/* ====================================================================== */
+
+/* Header shared by both node kinds; the arrays follow (see section 2). */
+typedef struct node {
+    uint32_t count;              /* items (leaf) or children (internal) in use */
+    uint32_t leaf;               /* 1 for a leaf, 0 for an internal node */
+    struct node *prev;           /* leaf chain: left neighbour or NULL; NULL in internal nodes */
+    struct node *next;           /* leaf chain: right neighbour or NULL; NULL in internal nodes */
+} node;
+
+struct agg_tree {
+    node *root;                  /* NULL when empty */
+    uint64_t len;                /* number of items */
+    size_t nbytes;               /* bytes in live node and tail allocations */
+    agg_keymode mode;            /* FAST or GENERAL, fixed at creation */
+    uint32_t cap;                /* node_size: max items per leaf, children per internal node */
+    uint32_t min;                /* cap / 2: min fill of non-root, non-rightmost nodes */
+    uint32_t depth;              /* levels: 0 empty, 1 = the root is a leaf */
+    size_t off_vals;             /* leaf: offset of double vals[cap] */
+    size_t off_child;            /* internal: offset of node *child[cap] */
+    size_t off_cnt;              /* internal: offset of uint64_t cnt[cap] */
+    size_t off_hi;               /* internal: offset of double hi[cap] (sum, high part) */
+    size_t off_lo;               /* internal: offset of double lo[cap] (sum, low part) */
+    size_t off_exact;            /* internal: offset of uint8_t exact[cap] */
+    size_t leaf_bytes;           /* size of one leaf allocation */
+    size_t inner_bytes;          /* size of one internal node allocation */
+};
+
+/* One internal-node entry in transit (a new child on its way up). */
+typedef struct entry {
+    agg_key sep;                 /* separator: min key of the child (owns a tail ref) */
+    node *child;                 /* the child */
+    uint64_t cnt;                /* items under the child */
+    double hi;                   /* sum of the child's values, high part */
+    double lo;                   /* low part */
+    uint8_t exact;               /* 1 if hi + lo is exactly that sum (I6) */
+} entry;
+
+/* Node array accessors.  Keys (leaf) and separators (internal) sit right
+ * after the header; everything else at the per-tree offsets. */
+AGG_INLINE agg_key *node_keys(node *n)
+{
+    return (agg_key *)(void *)((char *)n + sizeof(node));
+}
+AGG_INLINE double *leaf_vals(const agg_tree *t, node *n)
+{
+    return (double *)(void *)((char *)n + t->off_vals);
+}
+AGG_INLINE node **inner_child(const agg_tree *t, node *n)
+{
+    return (node **)(void *)((char *)n + t->off_child);
+}
+AGG_INLINE uint64_t *inner_cnt(const agg_tree *t, node *n)
+{
+    return (uint64_t *)(void *)((char *)n + t->off_cnt);
+}
+AGG_INLINE double *inner_hi(const agg_tree *t, node *n)
+{
+    return (double *)(void *)((char *)n + t->off_hi);
+}
+AGG_INLINE double *inner_lo(const agg_tree *t, node *n)
+{
+    return (double *)(void *)((char *)n + t->off_lo);
+}
+AGG_INLINE uint8_t *inner_ex(const agg_tree *t, node *n)
+{
+    return (uint8_t *)n + t->off_exact;
+}
+
+/* ====================================================================== */
+/*  Allocation                                                            */
+/* ====================================================================== */
+
+/* Failure injector: < 0 off; else the number of allocations still allowed
+ * to succeed.  alloc_count: successful allocations since the last
+ * agg_debug_fail_after call. */
+static AGG_ATOMIC(long) g_fail_countdown = -1;
+static AGG_ATOMIC(long) g_alloc_count = 0;
+
+/* malloc honouring the injector.  NULL on (real or injected) failure. */
+static void *raw_alloc(size_t size)
+{
+    long c = atomic_load_relaxed(&g_fail_countdown);
+    void *p;
+    if (AGG_UNLIKELY(c >= 0)) {
+        if (c == 0)
+            return NULL;
+        atomic_store_relaxed(&g_fail_countdown, c - 1);
+    }
+    p = malloc(size);
+    if (p)
+        atomic_add_relaxed(&g_alloc_count, 1);
+    return p;
+}
+
+/* Allocate `size` bytes for tree t, counted in t->nbytes. */
+static void *mem_alloc(agg_tree *t, size_t size)
+{
+    void *p = raw_alloc(size);
+    if (p)
+        t->nbytes += size;
+    return p;
+}
+
+/* Free a block of `size` bytes obtained from mem_alloc(t, size). */
+static void mem_free(agg_tree *t, void *p, size_t size)
+{
+    if (!p)
+        return;
+    t->nbytes -= size;
+    free(p);
+}
+
+long agg_debug_fail_after(long n)
+{
+    long made = atomic_exchange_relaxed(&g_alloc_count, 0);
+    atomic_store_relaxed(&g_fail_countdown, n < 0 ? -1 : n);
+    return made;
+}
+
+/* ====================================================================== */
+/*  Keys                                                                  */
+/* ====================================================================== */
+
+uint64_t agg_f64_to_key(double x)
+{
+    uint64_t b;
+    memcpy(&b, &x, sizeof b);
+    return (b >> 63) ? ~b : (b | (UINT64_C(1) << 63));
+}
+
+double agg_key_to_f64(uint64_t k)
+{
+    uint64_t b = (k >> 63) ? (k & ~(UINT64_C(1) << 63)) : ~k;
+    double x;
+    memcpy(&x, &b, sizeof x);
+    return x;
+}
+
+uint64_t agg_i64_to_key(int64_t x)
+{
+    return (uint64_t)x ^ (UINT64_C(1) << 63);
+}
+
+int64_t agg_key_to_i64(uint64_t k)
+{
+    uint64_t u = k ^ (UINT64_C(1) << 63);
+    int64_t x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+/* Bytewise compare of two GENERAL tails (0 = the empty tail). */
+static int tail_cmp(uint64_t a, uint64_t b)
+{
+    const agg_tail *ta = (const agg_tail *)(uintptr_t)a;
+    const agg_tail *tb = (const agg_tail *)(uintptr_t)b;
+    uint32_t la, lb, m;
+    if (a == b)
+        return 0;
+    la = ta ? ta->len : 0;
+    lb = tb ? tb->len : 0;
+    m = la < lb ? la : lb;
+    if (m) {
+        int c = memcmp(ta->bytes, tb->bytes, m);
+        if (c)
+            return c < 0 ? -1 : 1;
+    }
+    return (la > lb) - (la < lb);
+}
+
+/* Three-way GENERAL compare: heads, then tails. */
+AGG_INLINE int key_cmp_general(agg_key a, agg_key b)
+{
+    if (a.head != b.head)
+        return a.head < b.head ? -1 : 1;
+    if (a.rest == b.rest)
+        return 0;
+    return tail_cmp(a.rest, b.rest);
+}
+
+/* Three-way FAST compare: (head, rest) as one 128-bit unsigned integer. */
+AGG_INLINE int key_cmp_fast(agg_key a, agg_key b)
+{
+    int h = (a.head > b.head) - (a.head < b.head);
+    int r = (a.rest > b.rest) - (a.rest < b.rest);
+    return h ? h : r;
+}
+
+/* FAST a < b and a <= b, branch-free. */
+#if defined(__SIZEOF_INT128__)
+AGG_INLINE int key_lt_fast(agg_key a, agg_key b)
+{
+    unsigned __int128 x = ((unsigned __int128)a.head << 64) | a.rest;
+    unsigned __int128 y = ((unsigned __int128)b.head << 64) | b.rest;
+    return x < y;
+}
+AGG_INLINE int key_le_fast(agg_key a, agg_key b)
+{
+    unsigned __int128 x = ((unsigned __int128)a.head << 64) | a.rest;
+    unsigned __int128 y = ((unsigned __int128)b.head << 64) | b.rest;
+    return x <= y;
+}
+#else
+AGG_INLINE int key_lt_fast(agg_key a, agg_key b)
+{
+    return (a.head < b.head) | ((a.head == b.head) & (a.rest < b.rest));
+}
+AGG_INLINE int key_le_fast(agg_key a, agg_key b)
+{
+    return (a.head < b.head) | ((a.head == b.head) & (a.rest <= b.rest));
+}
+#endif
+
+int agg_key_cmp(agg_keymode mode, agg_key a, agg_key b)
+{
+    return mode == AGG_KEYS_FAST ? key_cmp_fast(a, b) : key_cmp_general(a, b);
+}
+
+/* Three-way compare under the tree's mode. */
+AGG_INLINE int key_cmp(const agg_tree *t, agg_key a, agg_key b)
+{
+    return t->mode == AGG_KEYS_FAST ? key_cmp_fast(a, b) : key_cmp_general(a, b);
+}
+
+agg_key agg_key_from_bytes(const uint8_t *e, size_t len, agg_tail *tail_buf)
+{
+    agg_key k;
+    size_t i, h = len < 8 ? len : 8;
+    k.head = 0;
+    for (i = 0; i < h; i++)
+        k.head |= (uint64_t)e[i] << (56 - 8 * i);
+    k.rest = 0;
+    if (len > 8) {
+        tail_buf->refs = 0;
+        tail_buf->len = (uint32_t)(len - 8);
+        memcpy(tail_buf->bytes, e + 8, len - 8);
+        k.rest = (uint64_t)(uintptr_t)tail_buf;
+    }
+    return k;
+}
+
+size_t agg_key_to_bytes(agg_key k, uint8_t *out, size_t cap)
+{
+    const agg_tail *tl = (const agg_tail *)(uintptr_t)k.rest;
+    size_t tlen = tl ? tl->len : 0, i;
+    for (i = 0; i < 8 && i < cap; i++)
+        out[i] = (uint8_t)(k.head >> (56 - 8 * i));
+    if (tlen && cap > 8)
+        memcpy(out + 8, tl->bytes, tlen < cap - 8 ? tlen : cap - 8);
+    return 8 + tlen;
+}
+
+/* Searches within one node.  Each returns the number of a[0..n) that are
+ * < k (count_lt, i.e. lower bound) or <= k (count_le, upper bound). The
+ * FAST ones are branch-free binary searches: the range [base, base + n]
+ * always holds the answer; each step halves n with a conditional move. */
+AGG_INLINE uint32_t fast_count_lt(const agg_key *a, uint32_t n, agg_key k)
+{
+    const agg_key *base = a;
+    if (n == 0)
+        return 0;
+    while (n > 1) {
+        uint32_t half = n >> 1;
+        base = key_lt_fast(base[half], k) ? base + half : base;
+        n -= half;
+    }
+    return (uint32_t)(base - a) + (uint32_t)key_lt_fast(*base, k);
+}
+
+AGG_INLINE uint32_t fast_count_le(const agg_key *a, uint32_t n, agg_key k)
+{
+    const agg_key *base = a;
+    if (n == 0)
+        return 0;
+    while (n > 1) {
+        uint32_t half = n >> 1;
+        base = key_le_fast(base[half], k) ? base + half : base;
+        n -= half;
+    }
+    return (uint32_t)(base - a) + (uint32_t)key_le_fast(*base, k);
+}
+
+static uint32_t general_count_lt(const agg_key *a, uint32_t n, agg_key k)
+{
+    uint32_t lo = 0, hi = n;
+    while (lo < hi) {
+        uint32_t mid = lo + ((hi - lo) >> 1);
+        if (key_cmp_general(a[mid], k) < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+static uint32_t general_count_le(const agg_key *a, uint32_t n, agg_key k)
+{
+    uint32_t lo = 0, hi = n;
+    while (lo < hi) {
+        uint32_t mid = lo + ((hi - lo) >> 1);
+        if (key_cmp_general(a[mid], k) <= 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Prefetch the first n keys of a node (its search region). */
+#ifndef PF_MODE
+#define PF_MODE 3
+#endif
+AGG_INLINE void keys_prefetch(const agg_key *a, uint32_t n)
+{
+    if (PF_MODE == 0) return;
+    const char *p = (const char *)a, *end = (const char *)(a + n);
+    for (; p < end; p += 64)
+        AGG_PREFETCH(p);
+}
+
+/* Lower / upper bound in a leaf: items < k, items <= k. */
+AGG_INLINE uint32_t leaf_count_lt(const agg_tree *t, node *n, agg_key k)
+{
+    return t->mode == AGG_KEYS_FAST ? fast_count_lt(node_keys(n), n->count, k)
+                                    : general_count_lt(node_keys(n), n->count, k);
+}
+AGG_INLINE uint32_t leaf_count_le(const agg_tree *t, node *n, agg_key k)
+{
+    return t->mode == AGG_KEYS_FAST ? fast_count_le(node_keys(n), n->count, k)
+                                    : general_count_le(node_keys(n), n->count, k);
+}
+
+/* Index of the child of internal node n to descend into for key k: the
+ * number of separators sep[1..count-1] that are <= k (section 5). */
+AGG_INLINE uint32_t inner_find(const agg_tree *t, node *n, agg_key k)
+{
+    const agg_key *sep = node_keys(n) + 1;
+    return t->mode == AGG_KEYS_FAST ? fast_count_le(sep, n->count - 1, k)
+                                    : general_count_le(sep, n->count - 1, k);
+}
+
+/* ====================================================================== */
+/*  Tails (GENERAL keys)                                                  */
+/* ====================================================================== */
+
+AGG_INLINE agg_tail *key_tail(agg_key k)
+{
+    return (agg_tail *)(uintptr_t)k.rest;
+}
+
+/* Allocation size of a tail holding len bytes. */
+AGG_INLINE size_t tail_bytes(uint32_t len)
+{
+    return sizeof(agg_tail) + (size_t)len;
+}
+
+/* A caller's key in canonical form: a GENERAL empty tail becomes no tail. */
+AGG_INLINE agg_key key_normalize(const agg_tree *t, agg_key k)
+{
+    if (t->mode == AGG_KEYS_GENERAL && k.rest && key_tail(k)->len == 0)
+        k.rest = 0;
+    return k;
+}
+
+/* The key to store for a new item: GENERAL keys with a tail get the tree's
+ * own copy (refs = 1).  0 on allocation failure (nothing allocated). */
+static int tail_copy(agg_tree *t, agg_key k, agg_key *out)
+{
+    *out = k;
+    if (t->mode == AGG_KEYS_GENERAL && k.rest) {
+        const agg_tail *src = key_tail(k);
+        agg_tail *cp = (agg_tail *)mem_alloc(t, tail_bytes(src->len));
+        if (!cp)
+            return 0;
+        cp->refs = 1;
+        cp->len = src->len;
+        memcpy(cp->bytes, src->bytes, src->len);
+        out->rest = (uint64_t)(uintptr_t)cp;
+    }
+    return 1;
+}
+
+/* Take one more reference to a stored key's tail (for a separator). */
+AGG_INLINE void tail_ref(const agg_tree *t, agg_key k)
+{
+    if (t->mode == AGG_KEYS_GENERAL && k.rest)
+        key_tail(k)->refs++;
+}
+
+/* Drop one reference to a stored key's tail; free it at zero. */
+AGG_INLINE void tail_release(agg_tree *t, agg_key k)
+{
+    if (t->mode == AGG_KEYS_GENERAL && k.rest) {
+        agg_tail *tl = key_tail(k);
+        if (--tl->refs == 0)
+            mem_free(t, tl, tail_bytes(tl->len));
+    }
+}
+
+/* ====================================================================== */
+/*  Sums: error-free double-double arithmetic                             */
+/* ====================================================================== */
+
+/* Knuth's TwoSum: s = fl(a + b) and e such that a + b == s + e exactly
+ * (for finite, non-overflowing a + b; otherwise e is NaN). */
+AGG_INLINE void two_sum(double a, double b, double *s, double *e)
+{
+    double x = a + b;
+    double bv = x - a;
+    double av = x - bv;
+    *e = (a - av) + (b - bv);
+    *s = x;
+}
+
+/* (hi, lo) += x with the error of hi + x carried into lo.  Returns 1 if
+ * the new hi + lo is exactly the old hi + lo + x (lo's addition did not
+ * round), 0 otherwise; the new (hi, lo) is the same either way. */
+AGG_INLINE int dd_step(double *hi, double *lo, double x)
+{
+    double s, e, t, f;
+    two_sum(*hi, x, &s, &e);
+    two_sum(*lo, e, &t, &f);
+    *hi = s;
+    *lo = t;
+    return f == 0.0;
+}
+
+/* dd_step without the exactness test (same result). */
+AGG_INLINE void dd_step_fast(double *hi, double *lo, double x)
+{
+    double s, e;
+    two_sum(*hi, x, &s, &e);
+    *hi = s;
+    *lo += e;
+}
+
+/* Canonicalise an accumulated (hi, lo); returns `exact` and'ed with the
+ * result being finite. */
+AGG_INLINE int dd_finish(double *hi, double *lo, int exact)
+{
+    double s, e;
+    two_sum(*hi, *lo, &s, &e);
+    *hi = s;
+    *lo = e;
+    return exact && (s - s == 0.0) && (e - e == 0.0);
+}
+
+/* Exact update of a canonical exact double-double (hi, lo) by x: if the
+ * real hi + lo + x is again (detectably) a double-double, store it in
+ * canonical form and return 1; otherwise return 0 and leave (hi, lo). */
+AGG_INLINE int dd_add_exact(double *hi, double *lo, double x)
+{
+    double s, e, t, f, h, l;
+    two_sum(*hi, x, &s, &e);    /* hi + x == s + e */
+    two_sum(*lo, e, &t, &f);    /* lo + e == t + f */
+    two_sum(s, t, &h, &l);      /* s + t == h + l, h = fl(sum) */
+    if (!(f == 0.0) || !(h - h == 0.0))
+        return 0;               /* lo + e rounded, or overflow / NaN */
+    *hi = h;
+    *lo = l;
+    return 1;
+}
+
+/* Summary of a node as its parent's entry would hold it: item count and
+ * the deterministic compensated sum of its values (leaf) or of its entries
+ * hi[0], lo[0], hi[1], ... (internal), canonicalised.  Returns the exact
+ * flag: 1 iff all child entries read were exact and no addition rounded,
+ * so that hi + lo is exactly the subtree's sum (I6). */
+static int node_summary(const agg_tree *t, node *c, uint64_t *cnt, double *hi,
+                        double *lo)
+{
+    double h = 0.0, l = 0.0;
+    uint32_t i = 0, n = c->count;
+    int ex = 1;
+    if (c->leaf) {
+        const double *v = leaf_vals(t, c);
+        for (; i < n && ex; i++)
+            ex = dd_step(&h, &l, v[i]);
+        for (; i < n; i++)
+            dd_step_fast(&h, &l, v[i]);
+        *cnt = n;
+    } else {
+        const uint64_t *cn = inner_cnt(t, c);
+        const double *ch = inner_hi(t, c), *cl = inner_lo(t, c);
+        const uint8_t *ce = inner_ex(t, c);
+        uint64_t s = 0;
+        for (; i < n && ex; i++) {
+            int a, b;
+            s += cn[i];
+            a = dd_step(&h, &l, ch[i]);     /* always both steps: no && */
+            b = dd_step(&h, &l, cl[i]);
+            ex = ce[i] & a & b;
+        }
+        for (; i < n; i++) {
+            s += cn[i];
+            dd_step_fast(&h, &l, ch[i]);
+            dd_step_fast(&h, &l, cl[i]);
+        }
+        *cnt = s;
+    }
+    ex = dd_finish(&h, &l, ex);
+    *hi = h;
+    *lo = l;
+    return ex;
+}
+
+/* ====================================================================== */
+/*  Leaves                                                                */
+/* ====================================================================== */
+
+/* A new empty leaf, or NULL. */
+static node *leaf_new(agg_tree *t)
+{
+    node *n = (node *)mem_alloc(t, t->leaf_bytes);
+    if (n) {
+        n->count = 0;
+        n->leaf = 1;
+        n->prev = n->next = NULL;
+    }
+    return n;
+}
+
+/* Insert (k, v) at pos of a leaf with room. */
+static void leaf_insert_at(const agg_tree *t, node *n, uint32_t pos, agg_key k,
+                           double v)
+{
+    agg_key *keys = node_keys(n);
+    double *vals = leaf_vals(t, n);
+    uint32_t c = n->count;
+    memmove(keys + pos + 1, keys + pos, (size_t)(c - pos) * sizeof *keys);
+    memmove(vals + pos + 1, vals + pos, (size_t)(c - pos) * sizeof *vals);
+    keys[pos] = k;
+    vals[pos] = v;
+    n->count = c + 1;
+}
+
+/* Remove the item at pos (its tail reference is the caller's business). */
+static void leaf_remove_at(const agg_tree *t, node *n, uint32_t pos)
+{
+    agg_key *keys = node_keys(n);
+    double *vals = leaf_vals(t, n);
+    uint32_t c = n->count;
+    memmove(keys + pos, keys + pos + 1, (size_t)(c - pos - 1) * sizeof *keys);
+    memmove(vals + pos, vals + pos + 1, (size_t)(c - pos - 1) * sizeof *vals);
+    n->count = c - 1;
+}
+
+/* Move the last k items of src to the front of dst, its right neighbour
+ * (dst must have room for them). */
+static void leaf_move_tail(const agg_tree *t, node *src, node *dst, uint32_t k)
+{
+    agg_key *sk = node_keys(src), *dk = node_keys(dst);
+    double *sv = leaf_vals(t, src), *dv = leaf_vals(t, dst);
+    uint32_t from = src->count - k;
+    memmove(dk + k, dk, (size_t)dst->count * sizeof *dk);
+    memmove(dv + k, dv, (size_t)dst->count * sizeof *dv);
+    memcpy(dk, sk + from, (size_t)k * sizeof *dk);
+    memcpy(dv, sv + from, (size_t)k * sizeof *dv);
+    src->count -= k;
+    dst->count += k;
+}
+
+/* Move the first k items of src to the end of dst, its left neighbour. */
+static void leaf_move_head(const agg_tree *t, node *src, node *dst, uint32_t k)
+{
+    agg_key *sk = node_keys(src), *dk = node_keys(dst);
+    double *sv = leaf_vals(t, src), *dv = leaf_vals(t, dst);
+    memcpy(dk + dst->count, sk, (size_t)k * sizeof *dk);
+    memcpy(dv + dst->count, sv, (size_t)k * sizeof *dv);
+    memmove(sk, sk + k, (size_t)(src->count - k) * sizeof *sk);
+    memmove(sv, sv + k, (size_t)(src->count - k) * sizeof *sv);
+    src->count -= k;
+    dst->count += k;
+}
+
+/* Link leaf m into the chain right after leaf a. */
+static void leaf_link_after(agg_tree *t, node *a, node *m)
+{
+    (void)t;
+    m->prev = a;
+    m->next = a->next;
+    if (a->next)
+        a->next->prev = m;
+    a->next = m;
+}
+
+/* Redistribute the items of m (2 or 3) consecutive sibling leaves g[0..m),
+ * plus a new item (k, v) at position q of their concatenation, so that
+ * leaf i ends up with tg[i] items (sum tg == items + 1, each <= cap).  A
+ * fresh empty leaf may stand at g[1].  Items cross one boundary at a time,
+ * left to right: with m == 3 the middle leaf is the empty new one, so the
+ * left boundary only ever pushes into it and the right one only pulls from
+ * g[2] into it - no leaf overflows on the way. */
+static void leaves_rebalance_insert(const agg_tree *t, node **g, uint32_t m,
+                                    const uint32_t *tg, uint32_t q, agg_key k,
+                                    double v)
+{
+    uint32_t j = 0, pre = 0, b, ot[3], done = 0, want = 0;
+    while (q >= pre + tg[j]) {  /* leaf receiving the new item */
+        pre += tg[j];
+        j++;
+    }
+    for (b = 0; b < m; b++)
+        ot[b] = tg[b] - (b == j);  /* targets for the old items */
+    for (b = 0; b + 1 < m; b++) {
+        uint32_t have = done + g[b]->count;  /* items in g[0..b] */
+        want += ot[b];
+        if (have > want)
+            leaf_move_tail(t, g[b], g[b + 1], have - want);
+        else if (have < want)
+            leaf_move_head(t, g[b + 1], g[b], want - have);
+        done = want;
+    }
+    leaf_insert_at(t, g[j], q - pre, k, v);
+}
+
+/* ====================================================================== */
+/*  Internal nodes                                                        */
+/* ====================================================================== */
+
+/* A new empty internal node (sep[0] zeroed), or NULL. */
+static node *inner_new(agg_tree *t)
+{
+    node *n = (node *)mem_alloc(t, t->inner_bytes);
+    if (n) {
+        n->count = 0;
+        n->leaf = 0;
+        n->prev = n->next = NULL;
+        node_keys(n)[0].head = 0;
+        node_keys(n)[0].rest = 0;
+    }
+    return n;
+}
+
+/* Move entries [from, from + k) of n to [to, to + k) (ranges may overlap). */
+static void inner_shift(const agg_tree *t, node *n, uint32_t from, uint32_t to,
+                        uint32_t k)
+{
+    if (k == 0 || from == to)
+        return;
+    memmove(node_keys(n) + to, node_keys(n) + from, (size_t)k * sizeof(agg_key));
+    memmove(inner_child(t, n) + to, inner_child(t, n) + from, (size_t)k * sizeof(node *));
+    memmove(inner_cnt(t, n) + to, inner_cnt(t, n) + from, (size_t)k * sizeof(uint64_t));
+    memmove(inner_hi(t, n) + to, inner_hi(t, n) + from, (size_t)k * sizeof(double));
+    memmove(inner_lo(t, n) + to, inner_lo(t, n) + from, (size_t)k * sizeof(double));
+    memmove(inner_ex(t, n) + to, inner_ex(t, n) + from, (size_t)k);
+}
+
+/* Copy entries [si, si + k) of src to [di, di + k) of dst (distinct nodes). */
+static void inner_copy(const agg_tree *t, node *dst, uint32_t di, node *src,
+                       uint32_t si, uint32_t k)
+{
+    if (k == 0)
+        return;
+    memcpy(node_keys(dst) + di, node_keys(src) + si, (size_t)k * sizeof(agg_key));
+    memcpy(inner_child(t, dst) + di, inner_child(t, src) + si, (size_t)k * sizeof(node *));
+    memcpy(inner_cnt(t, dst) + di, inner_cnt(t, src) + si, (size_t)k * sizeof(uint64_t));
+    memcpy(inner_hi(t, dst) + di, inner_hi(t, src) + si, (size_t)k * sizeof(double));
+    memcpy(inner_lo(t, dst) + di, inner_lo(t, src) + si, (size_t)k * sizeof(double));
+    memcpy(inner_ex(t, dst) + di, inner_ex(t, src) + si, (size_t)k);
+}
+
+/* Write entry e at position pos of n. */
+static void inner_put(const agg_tree *t, node *n, uint32_t pos, const entry *e)
+{
+    node_keys(n)[pos] = e->sep;
+    inner_child(t, n)[pos] = e->child;
+    inner_cnt(t, n)[pos] = e->cnt;
+    inner_hi(t, n)[pos] = e->hi;
+    inner_lo(t, n)[pos] = e->lo;
+    inner_ex(t, n)[pos] = e->exact;
+}
+
+/* Insert entry e at pos of n (n has room).  pos 0 writes e's separator into
+ * the unused sep[0]: only inner_split_insert does that, and takes it out. */
+static void inner_insert_entry(const agg_tree *t, node *n, uint32_t pos,
+                               const entry *e)
+{
+    inner_shift(t, n, pos, pos + 1, n->count - pos);
+    inner_put(t, n, pos, e);
+    n->count++;
+}
+
+/* Remove entry pos >= 1 of n (its separator's ownership is the caller's). */
+static void inner_remove_entry(const agg_tree *t, node *n, uint32_t pos)
+{
+    inner_shift(t, n, pos + 1, pos, n->count - pos - 1);
+    n->count--;
+}
+
+/* Recompute entry j of p (count and sum) from its child. */
+static void inner_refresh(const agg_tree *t, node *p, uint32_t j)
+{
+    node *c = inner_child(t, p)[j];
+    inner_ex(t, p)[j] = (uint8_t)node_summary(t, c, &inner_cnt(t, p)[j],
+                                              &inner_hi(t, p)[j], &inner_lo(t, p)[j]);
+}
+
+/* Entry for node c with separator sep (whose reference the entry takes
+ * over). */
+static entry entry_make(const agg_tree *t, node *c, agg_key sep)
+{
+    entry e;
+    e.sep = sep;
+    e.child = c;
+    e.exact = (uint8_t)node_summary(t, c, &e.cnt, &e.hi, &e.lo);
+    return e;
+}
+
+/* Entry j of p after its child gained (dcnt = +1) or lost (-1) one item or
+ * changed a value (dcnt = 0), without changing shape: the sum changes by
+ * xs[0] + ... + xs[nx-1].  Exact entries are updated in O(1) if the result
+ * stays exact; otherwise the entry is recomputed from the child. */
+static void inner_bump(const agg_tree *t, node *p, uint32_t j, int dcnt,
+                       const double *xs, int nx)
+{
+    uint8_t *ex = inner_ex(t, p);
+    double *hi = inner_hi(t, p), *lo = inner_lo(t, p);
+    inner_cnt(t, p)[j] += (uint64_t)(int64_t)dcnt;
+    if (ex[j]) {
+        double h = hi[j], l = lo[j];
+        int k, ok = 1;
+        for (k = 0; k < nx && ok; k++)
+            ok = dd_add_exact(&h, &l, xs[k]);
+        if (ok) {
+            hi[j] = h;
+            lo[j] = l;
+            return;
+        }
+    }
+    inner_refresh(t, p, j);
+}
+
+/* Replace separator j of p by key k (a stored key): reference the new
+ * tail before releasing the old one. */
+static void inner_set_sep(agg_tree *t, node *p, uint32_t j, agg_key k)
+{
+    agg_key old = node_keys(p)[j];
+    tail_ref(t, k);
+    node_keys(p)[j] = k;
+    tail_release(t, old);
+}
+
+/* The full node n (count == cap) gains entry e at position pos (1..cap):
+ * n keeps the first a of the cap + 1 entries, the empty node r gets the
+ * rest.  The separator that now divides n from r (the virtual sep[a]) is
+ * returned in *up, its reference moving with it; r->sep[0] is re-zeroed. */
+static void inner_split_insert(const agg_tree *t, node *n, node *r, uint32_t pos,
+                               const entry *e, uint32_t a, agg_key *up)
+{
+    uint32_t cap = t->cap;
+    if (pos < a) {
+        inner_copy(t, r, 0, n, a - 1, cap - a + 1);
+        r->count = cap - a + 1;
+        n->count = a - 1;
+        inner_insert_entry(t, n, pos, e);
+    } else {
+        inner_copy(t, r, 0, n, a, cap - a);
+        r->count = cap - a;
+        n->count = a;
+        inner_insert_entry(t, r, pos - a, e);
+    }
+    *up = node_keys(r)[0];
+    node_keys(r)[0].head = 0;
+    node_keys(r)[0].rest = 0;
+}
+
+/* Merge internal child j of p into child j - 1; p's separator j moves down
+ * between them.  Frees child j and removes entry j. */
+static void inner_merge(agg_tree *t, node *p, uint32_t j)
+{
+    node *l = inner_child(t, p)[j - 1], *r = inner_child(t, p)[j];
+    node_keys(r)[0] = node_keys(p)[j];
+    inner_copy(t, l, l->count, r, 0, r->count);
+    l->count += r->count;
+    inner_remove_entry(t, p, j);
+    mem_free(t, r, t->inner_bytes);
+}
+
+/* Move the last k entries of internal child j - 1 of p to the front of
+ * child j, rotating separators through p's separator j. */
+static void inner_move_right(const agg_tree *t, node *p, uint32_t j, uint32_t k)
+{
+    node *l = inner_child(t, p)[j - 1], *r = inner_child(t, p)[j];
+    node_keys(r)[0] = node_keys(p)[j];
+    inner_shift(t, r, 0, k, r->count);
+    inner_copy(t, r, 0, l, l->count - k, k);
+    node_keys(p)[j] = node_keys(r)[0];
+    node_keys(r)[0].head = 0;
+    node_keys(r)[0].rest = 0;
+    l->count -= k;
+    r->count += k;
+}
+
+/* Move the first k entries of internal child j of p to the end of child
+ * j - 1, rotating separators through p's separator j. */
+static void inner_move_left(const agg_tree *t, node *p, uint32_t j, uint32_t k)
+{
+    node *l = inner_child(t, p)[j - 1], *r = inner_child(t, p)[j];
+    node_keys(r)[0] = node_keys(p)[j];
+    inner_copy(t, l, l->count, r, 0, k);
+    node_keys(p)[j] = node_keys(r)[k];
+    inner_shift(t, r, k, 0, r->count - k);
+    node_keys(r)[0].head = 0;
+    node_keys(r)[0].rest = 0;
+    l->count += k;
+    r->count -= k;
+}
+
+/* Free a subtree: its nodes, and its references to tails. */
+static void node_free_rec(agg_tree *t, node *n)
+{
+    uint32_t i;
+    if (n->leaf) {
+        agg_key *keys = node_keys(n);
+        if (t->mode == AGG_KEYS_GENERAL)
+            for (i = 0; i < n->count; i++)
+                tail_release(t, keys[i]);
+        mem_free(t, n, t->leaf_bytes);
+        return;
+    }
+    for (i = 0; i < n->count; i++) {
+        if (i > 0)
+            tail_release(t, node_keys(n)[i]);
+        node_free_rec(t, inner_child(t, n)[i]);
+    }
+    mem_free(t, n, t->inner_bytes);
+}
+
+/* ====================================================================== */
+/*  Life cycle                                                            */
+/* ====================================================================== */
+
+agg_status agg_tree_new(agg_tree **out, uint32_t node_size, agg_keymode mode)
+{
+    agg_tree *t;
+    size_t cap = node_size, off;
+    if (node_size < AGG_NODE_SIZE_MIN || node_size > AGG_NODE_SIZE_MAX ||
+        (mode != AGG_KEYS_FAST && mode != AGG_KEYS_GENERAL))
+        return AGG_INVALID;
+    t = (agg_tree *)raw_alloc(sizeof *t);
+    if (!t)
+        return AGG_NOMEM;
+    memset(t, 0, sizeof *t);
+    t->mode = mode;
+    t->cap = node_size;
+    t->min = node_size / 2;
+    t->off_vals = sizeof(node) + cap * sizeof(agg_key);
+    t->leaf_bytes = t->off_vals + cap * sizeof(double);
+    off = sizeof(node) + cap * sizeof(agg_key);
+    t->off_child = off;
+    off += cap * sizeof(node *);
+    t->off_cnt = off;
+    off += cap * sizeof(uint64_t);
+    t->off_hi = off;
+    off += cap * sizeof(double);
+    t->off_lo = off;
+    off += cap * sizeof(double);
+    t->off_exact = off;
+    off += cap;
+    t->inner_bytes = (off + 7) & ~(size_t)7;
+    *out = t;
+    return AGG_OK;
+}
+
+void agg_tree_clear(agg_tree *t)
+{
+    if (!t)
+        return;
+    if (t->root)
+        node_free_rec(t, t->root);
+    t->root = NULL;
+    t->len = 0;
+    t->depth = 0;
+}
+
+void agg_tree_free(agg_tree *t)
+{
+    if (!t)
+        return;
+    agg_tree_clear(t);
+    free(t);
+}
+
+uint64_t agg_tree_len(const agg_tree *t) { return t->len; }
+agg_keymode agg_tree_mode(const agg_tree *t) { return t->mode; }
+uint32_t agg_tree_node_size(const agg_tree *t) { return t->cap; }
+uint32_t agg_tree_depth(const agg_tree *t) { return t->depth; }
+size_t agg_tree_nbytes(const agg_tree *t) { return t->nbytes; }
+
+/* ====================================================================== */
+/*  Insert                                                                */
+/* ====================================================================== */
+
+/* What the leaf level of an insert does (section 6b). */
+enum { INS_PLAIN, INS_SHIFT, INS_SPLIT };
+
+agg_status agg_tree_insert(agg_tree *t, agg_key key, double value,
+                           int overwrite, int *existed, double *old_value)
+{
+    node *path[MAX_DEPTH];       /* internal nodes from the root down */
+    uint32_t idx[MAX_DEPTH];     /* child index taken at path[d] */
+    uint8_t rmost[MAX_DEPTH];    /* path[d] is the last node of its level */
+    node *res[MAX_DEPTH + 2];    /* reserved nodes: [0] leaf if any, then internal */
+    uint32_t nres = 0, used = 0, depth, pos, cap = t->cap, i;
+    node *n, *grp[3] = {NULL, NULL, NULL};
+    uint32_t tg[3] = {0, 0, 0}, m = 0, q = 0, b = 0, need_inner = 0;
+    int kind = INS_PLAIN, rm = 1, d, child_done, have_pend;
+    agg_key stored;
+    entry pend;
+    uint32_t ppos = 0;
+
+    if (existed)
+        *existed = 0;
+    key = key_normalize(t, key);
+
+    if (!t->root) {
+        node *leaf;
+        if (!tail_copy(t, key, &stored))
+            return AGG_NOMEM;
+        leaf = leaf_new(t);
+        if (!leaf) {
+            tail_release(t, stored);
+            return AGG_NOMEM;
+        }
+        leaf_insert_at(t, leaf, 0, stored, value);
+        t->root = leaf;
+        t->depth = 1;
+        t->len = 1;
+        return AGG_OK;
+    }
+
+    /* a. descend */
+    depth = t->depth;
+    n = t->root;
+    d = 0;
+    while (!n->leaf) {
+        keys_prefetch(node_keys(n) + 1, n->count - 1);
+        i = inner_find(t, n, key);
+        path[d] = n;
+        idx[d] = i;
+        rmost[d] = (uint8_t)rm;
+        rm = rm && i + 1 == n->count;
+        n = inner_child(t, n)[i];
+        d++;
+    }
+    keys_prefetch(node_keys(n), n->count);
+    pos = leaf_count_lt(t, n, key);
+
+    if (pos < n->count && key_cmp(t, node_keys(n)[pos], key) == 0) {
+        double *vp = &leaf_vals(t, n)[pos], old = *vp, xs[2];
+        if (existed)
+            *existed = 1;
+        if (old_value)
+            *old_value = old;
+        if (!overwrite)
+            return AGG_DUPLICATE;
+        if (memcmp(&old, &value, sizeof old) == 0)
+            return AGG_OK;
+        *vp = value;
+        xs[0] = value;
+        xs[1] = -old;
+        for (d = (int)depth - 2; d >= 0; d--)
+            inner_bump(t, path[d], idx[d], 0, xs, 2);
+        return AGG_OK;
+    }
+
+    /* b. plan */
+    if (n->count == cap) {
+        if (depth == 1) {
+            kind = INS_SPLIT;
+            m = 2;
+            grp[0] = n;
+            q = pos;
+            if (pos == cap) {
+                tg[0] = cap;
+                tg[1] = 1;
+            } else {
+                tg[0] = (cap + 2) / 2;
+                tg[1] = (cap + 1) / 2;
+            }
+        } else {
+            node *p = path[depth - 2];
+            node **ch = inner_child(t, p);
+            i = idx[depth - 2];
+            if (rm && pos == cap) {
+                kind = INS_SPLIT;       /* quick balance: append */
+                m = 2;
+                grp[0] = n;
+                b = i;
+                q = pos;
+                tg[0] = cap;
+                tg[1] = 1;
+            } else {
+                node *ls = i > 0 ? ch[i - 1] : NULL;
+                node *rs = i + 1 < p->count ? ch[i + 1] : NULL;
+                uint32_t lc = ls ? ls->count : cap, rc = rs ? rs->count : cap, tot;
+                if (lc < cap && lc <= rc) {
+                    kind = INS_SHIFT;
+                    m = 2;
+                    grp[0] = ls;
+                    grp[1] = n;
+                    b = i - 1;
+                    q = lc + pos;
+                    tot = lc + cap + 1;
+                    tg[0] = (tot + 1) / 2;
+                    tg[1] = tot - tg[0];
+                } else if (rc < cap) {
+                    kind = INS_SHIFT;
+                    m = 2;
+                    grp[0] = n;
+                    grp[1] = rs;
+                    b = i;
+                    q = pos;
+                    tot = cap + 1 + rc;
+                    tg[0] = (tot + 1) / 2;
+                    tg[1] = tot - tg[0];
+                } else {
+                    kind = INS_SPLIT;   /* 2-to-3 with a full sibling */
+                    m = 3;
+                    tot = 2 * cap + 1;
+                    if (rs) {
+                        grp[0] = n;
+                        grp[2] = rs;
+                        b = i;
+                        q = pos;
+                    } else {
+                        grp[0] = ls;
+                        grp[2] = n;
+                        b = i - 1;
+                        q = cap + pos;
+                    }
+                    tg[0] = tot / 3;
+                    tg[1] = (tot - tg[0]) / 2;
+                    tg[2] = tot - tg[0] - tg[1];
+                }
+            }
+        }
+        if (kind == INS_SPLIT) {
+            if (depth == 1) {
+                need_inner = 1;
+            } else {
+                for (d = (int)depth - 2; d >= 0; d--) {
+                    if (path[d]->count < cap)
+                        break;
+                    need_inner++;
+                    if (d == 0)
+                        need_inner++;
+                }
+            }
+        }
+    }
+
+    /* c. reserve */
+    if (!tail_copy(t, key, &stored))
+        return AGG_NOMEM;
+    if (kind == INS_SPLIT) {
+        if (!(res[nres] = leaf_new(t)))
+            goto nomem;
+        nres++;
+        for (i = 0; i < need_inner; i++) {
+            if (!(res[nres] = inner_new(t)))
+                goto nomem;
+            nres++;
+        }
+    }
+
+    /* d. apply */
+    t->len++;
+    if (kind == INS_PLAIN) {
+        leaf_insert_at(t, n, pos, stored, value);
+        for (d = (int)depth - 2; d >= 0; d--)
+            inner_bump(t, path[d], idx[d], 1, &value, 1);
+        return AGG_OK;
+    }
+    if (kind == INS_SPLIT) {
+        grp[1] = res[used++];
+        leaf_link_after(t, grp[0], grp[1]);
+    }
+    leaves_rebalance_insert(t, grp, m, tg, q, stored, value);
+
+    if (depth == 1) {           /* the root leaf split: new root */
+        node *r = res[used++];
+        agg_key up = node_keys(grp[1])[0];
+        entry e0, e1;
+        tail_ref(t, up);
+        e0 = entry_make(t, grp[0], node_keys(r)[0]);
+        e1 = entry_make(t, grp[1], up);
+        inner_put(t, r, 0, &e0);
+        inner_put(t, r, 1, &e1);
+        r->count = 2;
+        t->root = r;
+        t->depth = 2;
+        return AGG_OK;
+    }
+
+    {
+        node *p = path[depth - 2];
+        have_pend = 0;
+        if (kind == INS_SHIFT) {
+            inner_set_sep(t, p, b + 1, node_keys(grp[1])[0]);
+            inner_refresh(t, p, b);
+            inner_refresh(t, p, b + 1);
+        } else {
+            agg_key s = node_keys(grp[1])[0];
+            if (m == 3) {
+                inner_set_sep(t, p, b + 1, node_keys(grp[2])[0]);
+                inner_refresh(t, p, b + 1);
+            }
+            inner_refresh(t, p, b);
+            tail_ref(t, s);
+            pend = entry_make(t, grp[1], s);
+            ppos = b + 1;
+            have_pend = 1;
+        }
+    }
+    child_done = 1;
+    for (d = (int)depth - 2; d >= 0; d--) {
+        node *p = path[d], *r;
+        agg_key up;
+        uint32_t a;
+        if (!child_done)
+            inner_bump(t, p, idx[d], 1, &value, 1);
+        child_done = 0;
+        if (!have_pend)
+            continue;
+        if (p->count < cap) {
+            inner_insert_entry(t, p, ppos, &pend);
+            have_pend = 0;
+            continue;
+        }
+        r = res[used++];
+        a = (rmost[d] && ppos == cap) ? cap - 1 : (cap + 2) / 2;
+        inner_split_insert(t, p, r, ppos, &pend, a, &up);
+        if (d == 0) {           /* the root split: new root */
+            node *nr = res[used++];
+            entry e0 = entry_make(t, p, node_keys(nr)[0]);
+            entry e1 = entry_make(t, r, up);
+            inner_put(t, nr, 0, &e0);
+            inner_put(t, nr, 1, &e1);
+            nr->count = 2;
+            t->root = nr;
+            t->depth++;
+            have_pend = 0;
+            break;
+        }
+        inner_refresh(t, path[d - 1], idx[d - 1]);
+        pend = entry_make(t, r, up);
+        ppos = idx[d - 1] + 1;
+        child_done = 1;
+    }
+    /* the plan is exact; free anything unused all the same */
+    while (used < nres) {
+        node *x = res[used++];
+        mem_free(t, x, x->leaf ? t->leaf_bytes : t->inner_bytes);
+    }
+    return AGG_OK;
+
+nomem:
+    while (nres > 0) {
+        node *x = res[--nres];
+        mem_free(t, x, x->leaf ? t->leaf_bytes : t->inner_bytes);
+    }
+    tail_release(t, stored);
+    return AGG_NOMEM;
+}
+
+/* ====================================================================== */
+/*  Delete                                                                */
+/* ====================================================================== */
+
+/* Child i of p has fallen below min: merge it with a sibling under p (the
+ * left one, or the right one for child 0) if both fit in one node, else
+ * share their entries evenly.  Recomputes the entries concerned. */
+static void node_repair(agg_tree *t, node *p, uint32_t i)
+{
+    uint32_t j = i > 0 ? i : 1;
+    node **ch = inner_child(t, p);
+    node *l = ch[j - 1], *r = ch[j];
+    uint32_t total = l->count + r->count;
+    if (total <= t->cap) {
+        if (l->leaf) {
+            leaf_move_head(t, r, l, r->count);
+            l->next = r->next;
+            if (r->next)
+                r->next->prev = l;
+            tail_release(t, node_keys(p)[j]);
+            inner_remove_entry(t, p, j);
+            mem_free(t, r, t->leaf_bytes);
+        } else {
+            inner_merge(t, p, j);
+        }
+        inner_refresh(t, p, j - 1);
+    } else {
+        uint32_t tl = (total + 1) / 2;
+        if (l->leaf) {
+            if (l->count > tl)
+                leaf_move_tail(t, l, r, l->count - tl);
+            else
+                leaf_move_head(t, r, l, tl - l->count);
+            inner_set_sep(t, p, j, node_keys(r)[0]);
+        } else if (l->count > tl) {
+            inner_move_right(t, p, j, l->count - tl);
+        } else {
+            inner_move_left(t, p, j, tl - l->count);
+        }
+        inner_refresh(t, p, j - 1);
+        inner_refresh(t, p, j);
+    }
+}
+
+agg_status agg_tree_delete(agg_tree *t, agg_key key, double *old_value)
+{
+    node *path[MAX_DEPTH];
+    uint32_t idx[MAX_DEPTH], pos, i;
+    node *n;
+    int d;
+    double v, negv;
+    agg_key k;
+
+    key = key_normalize(t, key);
+    if (!t->root)
+        return AGG_MISSING;
+    n = t->root;
+    d = 0;
+    while (!n->leaf) {
+        keys_prefetch(node_keys(n) + 1, n->count - 1);
+        i = inner_find(t, n, key);
+        path[d] = n;
+        idx[d] = i;
+        n = inner_child(t, n)[i];
+        d++;
+    }
+    keys_prefetch(node_keys(n), n->count);
+    pos = leaf_count_lt(t, n, key);
+    if (pos >= n->count || key_cmp(t, node_keys(n)[pos], key) != 0)
+        return AGG_MISSING;
+
+    k = node_keys(n)[pos];
+    v = leaf_vals(t, n)[pos];
+    if (old_value)
+        *old_value = v;
+    leaf_remove_at(t, n, pos);
+    tail_release(t, k);
+    t->len--;
+
+    negv = -v;
+    for (d = (int)t->depth - 2; d >= 0; d--) {
+        node *p = path[d];
+        node *c = inner_child(t, p)[idx[d]];
+        if (c->count >= t->min)
+            inner_bump(t, p, idx[d], -1, &negv, 1);
+        else
+            node_repair(t, p, idx[d]);
+    }
+    n = t->root;
+    if (!n->leaf && n->count == 1) {
+        t->root = inner_child(t, n)[0];
+        mem_free(t, n, t->inner_bytes);
+        t->depth--;
+    } else if (n->leaf && n->count == 0) {
+        mem_free(t, n, t->leaf_bytes);
+        t->root = NULL;
+        t->depth = 0;
+    }
+    return AGG_OK;
+}
+
+/* ====================================================================== */
+/*  Reads                                                                 */
+/* ====================================================================== */
+
+int agg_tree_get(const agg_tree *t, agg_key key, double *value)
+{
+    node *n = t->root;
+    uint32_t pos;
+    if (!n)
+        return 0;
+    key = key_normalize(t, key);
+    while (!n->leaf) {
+        keys_prefetch(node_keys(n) + 1, n->count - 1);
+        n = inner_child(t, n)[inner_find(t, n, key)];
+    }
+    keys_prefetch(node_keys(n), n->count);
+    pos = leaf_count_lt(t, n, key);
+    if (pos >= n->count || key_cmp(t, node_keys(n)[pos], key) != 0)
+        return 0;
+    if (value)
+        *value = leaf_vals(t, n)[pos];
+    return 1;
+}
+
+/* Sum of cnt[0..i) of an internal node. */
+AGG_INLINE uint64_t cnt_prefix(const agg_tree *t, node *n, uint32_t i)
+{
+    const uint64_t *c = inner_cnt(t, n);
+    uint64_t s = 0;
+    uint32_t j;
+    for (j = 0; j < i; j++)
+        s += c[j];
+    return s;
+}
+
+/* Descend to the leaf where key belongs; *base = items in earlier leaves. */
+AGG_INLINE node *leaf_for_key(const agg_tree *t, agg_key key, uint64_t *base)
+{
+    node *n = t->root;
+    uint64_t r = 0;
+    while (!n->leaf) {
+        uint32_t i;
+        keys_prefetch(node_keys(n) + 1, n->count - 1);
+        i = inner_find(t, n, key);
+        r += cnt_prefix(t, n, i);
+        n = inner_child(t, n)[i];
+    }
+    keys_prefetch(node_keys(n), n->count);
+    *base = r;
+    return n;
+}
+
+uint64_t agg_tree_rank(const agg_tree *t, agg_key key, int after)
+{
+    uint64_t base;
+    node *n;
+    if (!t->root)
+        return 0;
+    key = key_normalize(t, key);
+    n = leaf_for_key(t, key, &base);
+    return base + (after ? leaf_count_le(t, n, key) : leaf_count_lt(t, n, key));
+}
+
+/* key lies in leaf n's key interval [n's first key, next leaf's first key)
+ * (unbounded at the ends of the chain); then the answer for key is the
+ * leaf's base rank plus a search in the leaf. */
+AGG_INLINE int leaf_covers(const agg_tree *t, node *n, agg_key key)
+{
+    return (!n->prev || key_cmp(t, node_keys(n)[0], key) <= 0) &&
+           (!n->next || key_cmp(t, key, node_keys(n->next)[0]) < 0);
+}
+
+void agg_tree_rank_many(const agg_tree *t, const agg_key *keys, uint64_t n,
+                        int after, uint64_t *out)
+{
+    node *leaf = NULL;
+    uint64_t base = 0, i;
+    if (!t->root) {
+        for (i = 0; i < n; i++)
+            out[i] = 0;
+        return;
+    }
+    for (i = 0; i < n; i++) {
+        agg_key k = key_normalize(t, keys[i]);
+        if (leaf && leaf_covers(t, leaf, k)) {
+            /* same leaf as before */
+        } else if (leaf && leaf->next && leaf_covers(t, leaf->next, k)) {
+            base += leaf->count;
+            leaf = leaf->next;
+        } else {
+            leaf = leaf_for_key(t, k, &base);
+        }
+        out[i] = base + (after ? leaf_count_le(t, leaf, k) : leaf_count_lt(t, leaf, k));
+    }
+}
+
+/* The leaf holding item `index` (< len) and the item's position in it. */
+static node *leaf_at(const agg_tree *t, uint64_t index, uint32_t *pos)
+{
+    node *n = t->root;
+    while (!n->leaf) {
+        const uint64_t *c = inner_cnt(t, n);
+        uint32_t j = 0;
+        while (index >= c[j]) {
+            index -= c[j];
+            j++;
+        }
+        n = inner_child(t, n)[j];
+    }
+    *pos = (uint32_t)index;
+    return n;
+}
+
+agg_status agg_tree_select(const agg_tree *t, uint64_t index, agg_key *key,
+                           double *value)
+{
+    node *n;
+    uint32_t pos;
+    if (index >= t->len)
+        return AGG_RANGE;
+    n = leaf_at(t, index, &pos);
+    if (key)
+        *key = node_keys(n)[pos];
+    if (value)
+        *value = leaf_vals(t, n)[pos];
+    return AGG_OK;
+}
+
+uint64_t agg_tree_read(const agg_tree *t, uint64_t index, uint64_t max,
+                       int descending, agg_key *keys, double *values)
+{
+    node *n;
+    uint32_t pos;
+    uint64_t want, got = 0;
+    if (index >= t->len || max == 0)
+        return 0;
+    want = descending ? index + 1 : t->len - index;
+    if (want > max)
+        want = max;
+    n = leaf_at(t, index, &pos);
+    if (!descending) {
+        while (got < want) {
+            uint64_t k = n->count - pos;
+            if (k > want - got)
+                k = want - got;
+            if (keys)
+                memcpy(keys + got, node_keys(n) + pos, (size_t)k * sizeof *keys);
+            if (values)
+                memcpy(values + got, leaf_vals(t, n) + pos, (size_t)k * sizeof *values);
+            got += k;
+            n = n->next;
+            pos = 0;
+        }
+    } else {
+        while (got < want) {
+            const agg_key *nk = node_keys(n);
+            const double *nv = leaf_vals(t, n);
+            int64_t j = pos;
+            for (; j >= 0 && got < want; j--, got++) {
+                if (keys)
+                    keys[got] = nk[j];
+                if (values)
+                    values[got] = nv[j];
+            }
+            n = n->prev;
+            if (n)
+                pos = n->count - 1;
+        }
+    }
+    return got;
+}
+
+/* Double-double accumulator of sum(). */
+typedef struct ddacc {
+    double hi;                   /* running rounded sum */
+    double lo;                   /* accumulated rounding errors */
+} ddacc;
+
+AGG_INLINE void acc_add(ddacc *a, double x)
+{
+    dd_step_fast(&a->hi, &a->lo, x);
+}
+
+/* Add entry j of internal node n (a whole child) to the accumulator. */
+AGG_INLINE void acc_entry(const agg_tree *t, node *n, uint32_t j, ddacc *a)
+{
+    acc_add(a, inner_hi(t, n)[j]);
+    acc_add(a, inner_lo(t, n)[j]);
+}
+
+/* Add values [from, to) of leaf n. */
+static void acc_leaf(const agg_tree *t, node *n, uint32_t from, uint32_t to,
+                     ddacc *a)
+{
+    const double *v = leaf_vals(t, n);
+    uint32_t i;
+    for (i = from; i < to; i++)
+        acc_add(a, v[i]);
+}
+
+/* Add the first h items of subtree n, 0 < h < items(n). */
+static void sum_prefix(const agg_tree *t, node *n, uint64_t h, ddacc *a)
+{
+    while (!n->leaf) {
+        const uint64_t *c = inner_cnt(t, n);
+        uint32_t j = 0;
+        while (h >= c[j]) {
+            acc_entry(t, n, j, a);
+            h -= c[j];
+            j++;
+        }
+        if (h == 0)
+            return;
+        n = inner_child(t, n)[j];
+    }
+    acc_leaf(t, n, 0, (uint32_t)h, a);
+}
+
+/* Add the items of subtree n from the l-th on, 0 < l < items(n). */
+static void sum_suffix(const agg_tree *t, node *n, uint64_t l, ddacc *a)
+{
+    while (!n->leaf) {
+        const uint64_t *c = inner_cnt(t, n);
+        uint32_t j = 0, k;
+        while (l >= c[j]) {
+            l -= c[j];
+            j++;
+        }
+        for (k = j + 1; k < n->count; k++)
+            acc_entry(t, n, k, a);
+        if (l == 0) {
+            acc_entry(t, n, j, a);
+            return;
+        }
+        n = inner_child(t, n)[j];
+    }
+    acc_leaf(t, n, (uint32_t)l, n->count, a);
+}
+
+double agg_tree_sum(const agg_tree *t, uint64_t lo, uint64_t hi)
+{
+    ddacc a = {0.0, 0.0};
+    node *n = t->root;
+    if (hi > t->len)
+        hi = t->len;
+    if (lo >= hi || !n)
+        return 0.0;
+    while (!n->leaf) {
+        const uint64_t *c = inner_cnt(t, n);
+        uint32_t j = 0;
+        while (lo >= c[j]) {
+            lo -= c[j];
+            hi -= c[j];
+            j++;
+        }
+        if (hi <= c[j]) {       /* [lo, hi) inside child j */
+            if (lo == 0 && hi == c[j]) {
+                acc_entry(t, n, j, &a);
+                return a.hi + a.lo;
+            }
+            n = inner_child(t, n)[j];
+            continue;
+        }
+        /* the range splits here: left boundary child j ... */
+        if (lo == 0)
+            acc_entry(t, n, j, &a);
+        else
+            sum_suffix(t, inner_child(t, n)[j], lo, &a);
+        hi -= c[j];
+        j++;
+        /* ... whole children, then the right boundary */
+        while (hi > 0) {
+            if (hi >= c[j]) {
+                acc_entry(t, n, j, &a);
+                hi -= c[j];
+                j++;
+            } else {
+                sum_prefix(t, inner_child(t, n)[j], hi, &a);
+                break;
+            }
+        }
+        return a.hi + a.lo;
+    }
+    acc_leaf(t, n, (uint32_t)lo, (uint32_t)hi, &a);
+    return a.hi + a.lo;
+}
+
+/* ====================================================================== */
+/*  Bulk build                                                            */
+/* ====================================================================== */
+
+/* Size of node i of the `nodes` nodes packing `total` entries of a level:
+ * full, except that when the last one would fall below min the last two
+ * share what is left after the full ones. */
+static uint32_t pack_size(uint64_t total, uint64_t nodes, uint64_t i,
+                          uint32_t cap, uint32_t min)
+{
+    uint64_t r, share;
+    if (nodes == 1)
+        return (uint32_t)total;
+    r = total - (nodes - 1) * (uint64_t)cap;
+    if (r >= min)
+        return i + 1 < nodes ? cap : (uint32_t)r;
+    share = cap + r;
+    if (i + 2 < nodes)
+        return cap;
+    return i + 2 == nodes ? (uint32_t)(share - share / 2) : (uint32_t)(share / 2);
+}
+
+/* Smallest key of subtree n. */
+static agg_key node_min_key(const agg_tree *t, node *n)
+{
+    while (!n->leaf)
+        n = inner_child(t, n)[0];
+    return node_keys(n)[0];
+}
+
+/* Free the level chains of a failed build: nodes linked by next from
+ * heads[0..levels), leaves holding `filled` tails. */
+static void build_unwind(agg_tree *t, node **heads, uint32_t levels)
+{
+    uint32_t l;
+    for (l = 0; l < levels; l++) {
+        node *n = heads[l];
+        while (n) {
+            node *nx = n->next;
+            if (l == 0) {
+                uint32_t i;
+                if (t->mode == AGG_KEYS_GENERAL)
+                    for (i = 0; i < n->count; i++)
+                        tail_release(t, node_keys(n)[i]);
+                mem_free(t, n, t->leaf_bytes);
+            } else {
+                mem_free(t, n, t->inner_bytes);
+            }
+            n = nx;
+        }
+    }
+}
+
+agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
+                          const double *values, uint64_t n,
+                          uint64_t *bad_index)
+{
+    uint64_t sizes[MAX_DEPTH], i, at;
+    node *heads[MAX_DEPTH] = {NULL};
+    uint32_t levels = 0, l, cap = t->cap;
+    node *prev, *x;
+
+    if (t->root)
+        return AGG_INVALID;
+    if (n == 0)
+        return AGG_OK;
+    /* 1. order, before anything is allocated */
+    for (i = 1; i < n; i++) {
+        int c = key_cmp(t, key_normalize(t, keys[i - 1]), key_normalize(t, keys[i]));
+        if (c >= 0) {
+            if (bad_index)
+                *bad_index = i;
+            return c == 0 ? AGG_DUPLICATE : AGG_INVALID;
+        }
+    }
+    /* 2. level sizes */
+    sizes[0] = (n + cap - 1) / cap;
+    levels = 1;
+    while (sizes[levels - 1] > 1) {
+        sizes[levels] = (sizes[levels - 1] + cap - 1) / cap;
+        levels++;
+    }
+    /* 3. allocate every node, chained per level */
+    for (l = 0; l < levels; l++)
+        heads[l] = NULL;
+    for (l = 0; l < levels; l++) {
+        prev = NULL;
+        for (i = 0; i < sizes[l]; i++) {
+            x = l == 0 ? leaf_new(t) : inner_new(t);
+            if (!x) {
+                build_unwind(t, heads, levels);
+                return AGG_NOMEM;
+            }
+            if (prev) {
+                prev->next = x;
+                if (l == 0)
+                    x->prev = prev;
+            } else {
+                heads[l] = x;
+            }
+            prev = x;
+        }
+    }
+    /* 4. fill the leaves, copying tails (the only allocations left) */
+    at = 0;
+    i = 0;
+    for (x = heads[0]; x; x = x->next, i++) {
+        uint32_t k, sz = pack_size(n, sizes[0], i, cap, t->min);
+        agg_key *nk = node_keys(x);
+        double *nv = leaf_vals(t, x);
+        for (k = 0; k < sz; k++, at++) {
+            if (!tail_copy(t, key_normalize(t, keys[at]), &nk[k])) {
+                x->count = k;
+                build_unwind(t, heads, levels);
+                return AGG_NOMEM;
+            }
+            nv[k] = values ? values[at] : 0.0;
+            x->count = k + 1;
+        }
+    }
+    /* 5. internal levels: nothing can fail from here on */
+    for (l = 1; l < levels; l++) {
+        node *c = heads[l - 1];
+        i = 0;
+        for (x = heads[l]; x; x = x->next, i++) {
+            uint32_t k, sz = pack_size(sizes[l - 1], sizes[l], i, cap, t->min);
+            for (k = 0; k < sz; k++, c = c->next) {
+                agg_key s = {0, 0};
+                entry e;
+                if (k > 0) {
+                    s = node_min_key(t, c);
+                    tail_ref(t, s);
+                }
+                e = entry_make(t, c, s);
+                inner_put(t, x, k, &e);
+            }
+            x->count = sz;
+        }
+    }
+    for (l = 1; l < levels; l++) {  /* internal nodes have no chain */
+        x = heads[l];
+        while (x) {
+            node *nx = x->next;
+            x->next = NULL;
+            x = nx;
+        }
+    }
+    t->root = heads[levels - 1];
+    t->depth = levels;
+    t->len = n;
+    return AGG_OK;
+}
+
+/* ====================================================================== */
+/*  Checker                                                               */
+/* ====================================================================== */
+
+/* Exact fixed-point accumulator: digit i (32 bits' worth, kept in an int64
+ * so carries can wait) has weight 2^(32 i - 1074); 72 digits cover every
+ * finite double and sums of up to 2^64 of them.  Normalisation truncates
+ * (digits may differ in sign, |digit| < 2^32), which is not a canonical
+ * form but makes "value == 0" equivalent to "every digit == 0" - the only
+ * question the checker asks - and keeps the touched range [lo, hi] small
+ * for sums of either sign. */
+#define XACC_DIGITS 72
+typedef struct xacc {
+    int64_t d[XACC_DIGITS];      /* digits; zero outside [lo, hi] */
+    int lo;                      /* lowest possibly nonzero digit */
+    int hi;                      /* highest possibly nonzero digit (lo > hi: none) */
+    uint32_t adds;               /* additions since the last normalisation */
+    int nonfinite;               /* an infinity or NaN was added */
+} xacc;
+
+static void xacc_zero(xacc *a)
+{
+    memset(a, 0, sizeof *a);
+    a->lo = XACC_DIGITS;
+    a->hi = -1;
+}
+
+/* Carry so that |digit| < 2^32 everywhere; shrink [lo, hi]. */
+static void xacc_norm(xacc *a)
+{
+    int i;
+    a->adds = 0;
+    if (a->lo > a->hi)
+        return;
+    for (i = a->lo; i < XACC_DIGITS - 1; i++) {
+        int64_t carry = a->d[i] / ((int64_t)1 << 32);   /* truncates */
+        a->d[i] -= carry * ((int64_t)1 << 32);
+        a->d[i + 1] += carry;
+        if (carry && i + 1 > a->hi)
+            a->hi = i + 1;
+        if (i >= a->hi)
+            break;
+    }
+    while (a->lo <= a->hi && a->d[a->lo] == 0)
+        a->lo++;
+    while (a->hi >= a->lo && a->d[a->hi] == 0)
+        a->hi--;
+    if (a->lo > a->hi) {
+        a->lo = XACC_DIGITS;
+        a->hi = -1;
+    }
+}
+
+/* a += x, exactly. */
+static void xacc_add(xacc *a, double x)
+{
+    uint64_t bits, m, lo, hi;
+    uint32_t e, pos, limb, sh;
+    int64_t s;
+    if (!(x - x == 0.0)) {
+        a->nonfinite = 1;
+        return;
+    }
+    memcpy(&bits, &x, sizeof bits);
+    s = (bits >> 63) ? -1 : 1;
+    e = (uint32_t)((bits >> 52) & 0x7ff);
+    m = bits & ((UINT64_C(1) << 52) - 1);
+    if (e) {
+        m |= UINT64_C(1) << 52;
+        pos = e - 1;
+    } else {
+        pos = 0;
+    }
+    if (m == 0)
+        return;
+    limb = pos / 32;
+    sh = pos % 32;
+    lo = (m & 0xffffffffu) << sh;
+    hi = (m >> 32) << sh;
+    a->d[limb] += s * (int64_t)(lo & 0xffffffffu);
+    a->d[limb + 1] += s * (int64_t)((lo >> 32) + (hi & 0xffffffffu));
+    a->d[limb + 2] += s * (int64_t)(hi >> 32);
+    if ((int)limb < a->lo)
+        a->lo = (int)limb;
+    if ((int)limb + 2 > a->hi)
+        a->hi = (int)limb + 2;
+    if (++a->adds >= (1u << 28))
+        xacc_norm(a);
+}
+
+/* a += b. */
+static void xacc_merge(xacc *a, xacc *b)
+{
+    int i;
+    xacc_norm(b);
+    a->nonfinite |= b->nonfinite;
+    if (b->lo > b->hi)
+        return;
+    xacc_norm(a);
+    for (i = b->lo; i <= b->hi; i++)
+        a->d[i] += b->d[i];
+    if (b->lo < a->lo)
+        a->lo = b->lo;
+    if (b->hi > a->hi)
+        a->hi = b->hi;
+    xacc_norm(a);
+}
+
+/* 1 iff the accumulated value is exactly 0. */
+static int xacc_is_zero(xacc *a)
+{
+    xacc_norm(a);
+    return a->lo > a->hi;
+}
+
+/* State of one agg_tree_check walk. */
+typedef struct chk {
+    const agg_tree *t;           /* the tree */
+    char *msg;                   /* where the failure message goes */
+    size_t msg_len;              /* its capacity */
+    node *prev_leaf;             /* last leaf visited, in key order */
+    agg_key last_key;            /* last item key visited */
+    int have_last;               /* last_key is set */
+    uint64_t level_pos[MAX_DEPTH]; /* nodes visited so far per level */
+    uint64_t items;              /* items seen */
+    size_t bytes;                /* node bytes seen */
+    uintptr_t *refs;             /* every tail reference seen (plain malloc) */
+    size_t nrefs;                /* used */
+    size_t refs_cap;             /* allocated */
+    int oom;                     /* the refs array could not grow */
+} chk;
+
+/* Record the failure (printf-style) and return 0. */
+static int chk_fail(chk *c, const char *fmt, ...)
+{
+    va_list ap;
+    if (c->msg && c->msg_len) {
+        va_start(ap, fmt);
+        vsnprintf(c->msg, c->msg_len, fmt, ap);
+        va_end(ap);
+    }
+    return 0;
+}
+
+/* Record one reference to the tail of stored key k. */
+static void chk_ref(chk *c, agg_key k)
+{
+    if (c->t->mode != AGG_KEYS_GENERAL || !k.rest)
+        return;
+    if (c->nrefs == c->refs_cap) {
+        size_t nc = c->refs_cap ? 2 * c->refs_cap : 1024;
+        uintptr_t *nr = (uintptr_t *)realloc(c->refs, nc * sizeof *nr);
+        if (!nr) {
+            c->oom = 1;
+            return;
+        }
+        c->refs = nr;
+        c->refs_cap = nc;
+    }
+    c->refs[c->nrefs++] = (uintptr_t)k.rest;
+}
+
+static int cmp_uintptr(const void *a, const void *b)
+{
+    uintptr_t x = *(const uintptr_t *)a, y = *(const uintptr_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Verify the subtree n at `level` (0 = root), I1..I8 locally; on success
+ * return 1 and its item count, exact value sum, and min / max keys. */
+static int chk_node(chk *c, node *n, uint32_t level, int rightmost,
+                    uint64_t *count, xacc *sum, agg_key *kmin, agg_key *kmax)
+{
+    const agg_tree *t = c->t;
+    uint64_t at = c->level_pos[level]++;
+    uint32_t lowfill, i;
+    int is_root = level == 0;
+    if (level >= t->depth)
+        return chk_fail(c, "level %u node %llu: below the leaf level (depth %u)",
+                        level, (unsigned long long)at, t->depth);
+    if (!!n->leaf != (level == t->depth - 1))
+        return chk_fail(c, "level %u node %llu: %s at the wrong level (depth %u)",
+                        level, (unsigned long long)at, n->leaf ? "leaf" : "internal node",
+                        t->depth);
+    if (n->leaf)
+        lowfill = (is_root || rightmost) ? 1 : t->min;
+    else
+        lowfill = (is_root || rightmost) ? 2 : t->min;
+    if (n->count > t->cap || n->count < lowfill)
+        return chk_fail(c, "level %u node %llu: %s holds %u, allowed %u..%u%s",
+                        level, (unsigned long long)at, n->leaf ? "leaf" : "internal node",
+                        n->count, lowfill, t->cap,
+                        is_root ? " (root)" : rightmost ? " (rightmost)" : "");
+
+    if (n->leaf) {
+        agg_key *keys = node_keys(n);
+        const double *vals = leaf_vals(t, n);
+        c->bytes += t->leaf_bytes;
+        if (n->prev != c->prev_leaf)
+            return chk_fail(c, "level %u leaf %llu: prev pointer does not point to the previous leaf",
+                            level, (unsigned long long)at);
+        if (c->prev_leaf && c->prev_leaf->next != n)
+            return chk_fail(c, "level %u leaf %llu: the previous leaf's next does not point here",
+                            level, (unsigned long long)at);
+        if (!c->prev_leaf && n->prev)
+            return chk_fail(c, "level %u leaf %llu: first leaf has a prev",
+                            level, (unsigned long long)at);
+        c->prev_leaf = n;
+        xacc_zero(sum);
+        for (i = 0; i < n->count; i++) {
+            if (c->have_last && key_cmp(t, c->last_key, keys[i]) >= 0)
+                return chk_fail(c, "level %u leaf %llu item %u: key not greater than the previous item's",
+                                level, (unsigned long long)at, i);
+            if (t->mode == AGG_KEYS_GENERAL && keys[i].rest) {
+                const agg_tail *tl = key_tail(keys[i]);
+                if (tl->len == 0 || tl->refs == 0)
+                    return chk_fail(c, "level %u leaf %llu item %u: stored tail has len %u refs %u",
+                                    level, (unsigned long long)at, i, tl->len, tl->refs);
+            }
+            chk_ref(c, keys[i]);
+            c->last_key = keys[i];
+            c->have_last = 1;
+            xacc_add(sum, vals[i]);
+        }
+        *count = n->count;
+        *kmin = keys[0];
+        *kmax = keys[n->count - 1];
+        return 1;
+    } else {
+        agg_key *sep = node_keys(n);
+        node **ch = inner_child(t, n);
+        const uint64_t *cn = inner_cnt(t, n);
+        const double *hi = inner_hi(t, n), *lo = inner_lo(t, n);
+        const uint8_t *ex = inner_ex(t, n);
+        uint64_t total = 0;
+        xacc sub;
+        c->bytes += t->inner_bytes;
+        if (n->prev || n->next)
+            return chk_fail(c, "level %u node %llu: internal node has leaf-chain pointers",
+                            level, (unsigned long long)at);
+        if (sep[0].head || sep[0].rest)
+            return chk_fail(c, "level %u node %llu: sep[0] is not zero",
+                            level, (unsigned long long)at);
+        xacc_zero(sum);
+        for (i = 0; i < n->count; i++) {
+            uint64_t cc;
+            agg_key cmin, cmax, prev_max = {0, 0};
+            uint64_t ccnt;
+            double h, l;
+            int e;
+            if (i > 0) {
+                prev_max = *kmax;
+                chk_ref(c, sep[i]);
+                if (t->mode == AGG_KEYS_GENERAL && sep[i].rest &&
+                    (key_tail(sep[i])->len == 0 || key_tail(sep[i])->refs == 0))
+                    return chk_fail(c, "level %u node %llu sep %u: tail has len 0 or refs 0",
+                                    level, (unsigned long long)at, i);
+            }
+            if (!ch[i])
+                return chk_fail(c, "level %u node %llu: child %u is NULL",
+                                level, (unsigned long long)at, i);
+            if (!chk_node(c, ch[i], level + 1, rightmost && i + 1 == n->count,
+                          &cc, &sub, &cmin, &cmax))
+                return 0;
+            if (i > 0) {
+                if (!(key_cmp(t, prev_max, sep[i]) < 0))
+                    return chk_fail(c, "level %u node %llu sep %u: not greater than the max key of child %u",
+                                    level, (unsigned long long)at, i, i - 1);
+                if (!(key_cmp(t, sep[i], cmin) <= 0))
+                    return chk_fail(c, "level %u node %llu sep %u: greater than the min key of child %u",
+                                    level, (unsigned long long)at, i, i);
+            } else {
+                *kmin = cmin;
+            }
+            *kmax = cmax;
+            if (cn[i] != cc)
+                return chk_fail(c, "level %u node %llu entry %u: cnt %llu but the child holds %llu items",
+                                level, (unsigned long long)at, i,
+                                (unsigned long long)cn[i], (unsigned long long)cc);
+            total += cc;
+            if (ex[i] > 1)
+                return chk_fail(c, "level %u node %llu entry %u: exact flag is %u",
+                                level, (unsigned long long)at, i, ex[i]);
+            if (ex[i]) {
+                xacc diff = sub;
+                double s2, e2;
+                if (sub.nonfinite || !(hi[i] - hi[i] == 0.0) || !(lo[i] - lo[i] == 0.0))
+                    return chk_fail(c, "level %u node %llu entry %u: flagged exact but not finite",
+                                    level, (unsigned long long)at, i);
+                two_sum(hi[i], lo[i], &s2, &e2);
+                if (s2 != hi[i] || e2 != lo[i])
+                    return chk_fail(c, "level %u node %llu entry %u: exact sum (%.17g, %.17g) not canonical",
+                                    level, (unsigned long long)at, i, hi[i], lo[i]);
+                xacc_add(&diff, -hi[i]);
+                xacc_add(&diff, -lo[i]);
+                if (!xacc_is_zero(&diff))
+                    return chk_fail(c, "level %u node %llu entry %u: flagged exact but %.17g + %.17g is not the sum of the child's values",
+                                    level, (unsigned long long)at, i, hi[i], lo[i]);
+            } else {
+                e = node_summary(t, ch[i], &ccnt, &h, &l);
+                if (e || memcmp(&h, &hi[i], sizeof h) != 0 || memcmp(&l, &lo[i], sizeof l) != 0)
+                    return chk_fail(c, "level %u node %llu entry %u: inexact sum (%.17g, %.17g) but the child sums to (%.17g, %.17g)%s",
+                                    level, (unsigned long long)at, i, hi[i], lo[i], h, l,
+                                    e ? " exactly" : "");
+            }
+            xacc_merge(sum, &sub);
+        }
+        *count = total;
+        return 1;
+    }
+}
+
+agg_status agg_tree_check(const agg_tree *t, char *msg, size_t msg_len)
+{
+    chk c;
+    uint64_t count = 0;
+    size_t tail_total = 0, i, j;
+    xacc sum;
+    agg_key kmin, kmax;
+    int ok = 1;
+    if (msg && msg_len)
+        msg[0] = 0;
+    if (!t)
+        return AGG_INVALID;
+    memset(&c, 0, sizeof c);
+    c.t = t;
+    c.msg = msg;
+    c.msg_len = msg_len;
+    if (!t->root) {
+        if (t->depth != 0 || t->len != 0 || t->nbytes != 0) {
+            chk_fail(&c, "empty tree with depth %u, len %llu, nbytes %zu",
+                     t->depth, (unsigned long long)t->len, t->nbytes);
+            return AGG_CORRUPT;
+        }
+        return AGG_OK;
+    }
+    if (t->depth == 0 || t->depth > MAX_DEPTH) {
+        chk_fail(&c, "depth %u with a root", t->depth);
+        return AGG_CORRUPT;
+    }
+    ok = chk_node(&c, t->root, 0, 1, &count, &sum, &kmin, &kmax);
+    if (ok && c.prev_leaf && c.prev_leaf->next) {
+        chk_fail(&c, "last leaf has a next pointer");
+        ok = 0;
+    }
+    if (ok && count != t->len) {
+        chk_fail(&c, "tree holds %llu items, len says %llu",
+                 (unsigned long long)count, (unsigned long long)t->len);
+        ok = 0;
+    }
+    if (ok && c.oom) {
+        free(c.refs);
+        chk_fail(&c, "out of memory while checking tail references");
+        return AGG_NOMEM;
+    }
+    if (ok && c.nrefs) {
+        qsort(c.refs, c.nrefs, sizeof *c.refs, cmp_uintptr);
+        for (i = 0; i < c.nrefs && ok; i = j) {
+            const agg_tail *tl = (const agg_tail *)c.refs[i];
+            for (j = i; j < c.nrefs && c.refs[j] == c.refs[i]; j++)
+                ;
+            if (tl->refs != j - i) {
+                chk_fail(&c, "tail %p (len %u) has refs %u but %zu references",
+                         (const void *)tl, tl->len, tl->refs, j - i);
+                ok = 0;
+            }
+            tail_total += tail_bytes(tl->len);
+        }
+    }
+    if (ok && c.bytes + tail_total != t->nbytes) {
+        chk_fail(&c, "nbytes is %zu, the structure holds %zu (nodes %zu + tails %zu)",
+                 t->nbytes, c.bytes + tail_total, c.bytes, tail_total);
+        ok = 0;
+    }
+    free(c.refs);
+    return ok ? AGG_OK : AGG_CORRUPT;
+}
