@@ -108,7 +108,8 @@ def snapshot(agg):
     """The full observable content of an aggregate, types included."""
     out = {}
     for ns in agg.namespaces():
-        out[_typed(ns)] = [
+        # Keyed by the namespace itself: dict semantics, as in the aggregate.
+        out[ns] = [
             (_typed(it.key), _typed(it.id), float(it.value).hex()) for it in agg.iter(namespace=ns)
         ]
     return len(agg), out

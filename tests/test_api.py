@@ -572,6 +572,33 @@ def test_paginate_cursor_of_deleted_item(make):
     assert agg.paginate(cursor=p1.cursor).items == [Item(2, "bb", 1.0)]
 
 
+def test_paginate_and_iter_after_key_or_id_none(make):
+    # Regression (native): a cursor naming an item whose key or id is None
+    # must resume strictly after (before) that item.
+    items = [(None, None, 1.0), (None, 0, 2.0), (None, 1, 4.0), (0, None, 8.0), (1, "x", 16.0)]
+    agg = make(reversed(items))
+    want = [Item(*t) for t in items]
+    for size in (1, 2, 3):
+        assert walk(agg, page_size=size) == want
+        assert walk(agg, page_size=size, order="desc") == want[::-1]
+        assert walk(agg, page_size=size, eq=None) == want[:3]
+        assert walk(agg, page_size=size, order="desc", upper=Bound(None)) == want[2::-1]
+    p = agg.paginate(page_size=1)
+    assert p.items == want[:1] and not p.is_done
+    p = agg.paginate(page_size=1, cursor=p.cursor)
+    assert p.items == want[1:2] and not p.is_done
+    p = agg.paginate(page_size=2, cursor=p.cursor)
+    assert p.items == want[2:4] and not p.is_done
+    it = agg.iter()
+    assert [next(it), next(it)] == want[:2]
+    agg.delete(None, 0)
+    assert list(it) == want[2:]
+    it = agg.iter(order="desc")
+    assert [next(it) for _ in range(3)] == [want[4], want[3], want[2]]
+    agg.delete(None, 1)
+    assert list(it) == want[:1]
+
+
 def _model_range(model, lo, hi):
     return sorted(x for x in model if lo <= x[0] < hi)
 
@@ -1064,17 +1091,23 @@ def test_negative_zero_and_infinities(make):
     with pytest.raises(DuplicateItemError):
         agg.insert(0, "a")
     assert agg.count(eq=0) == 1 and agg.count(eq=-0.0) == 1
-    assert agg.at(0).key == 0.0  # -0.0 and 0.0 are one key
+    # -0.0 and 0.0 are one key, which reads back as 0.0 (as a float).
+    assert typed(agg.at(0).key) == typed(0.0)
     agg.insert(0.0, "b")
-    assert math.copysign(1.0, agg.at(1).key) == 1.0
+    agg.insert(0, "c")
+    agg.insert((-0.0, [-0.0]), -0.0)
+    assert [typed(it.key) for it in agg.iter(upper=0)] == [typed(0.0), typed(0.0), typed(0)]
+    assert typed(agg.max()) == typed(((0.0, (0.0,)), 0.0, 0.0))
+    agg.delete((0, [0]), 0)
+    agg.delete(0, "c")
     agg.insert(INF, "a")
     agg.insert(-INF, "a")
     agg.insert(10**400, "a")
     agg.insert(-(10**400), "a")
     agg.insert(1.7976931348623157e308, "a")
-    assert [it.key for it in agg.iter()] == [
-        -INF, -(10**400), -0.0, 0.0, 1.7976931348623157e308, 10**400, INF
-    ]
+    assert [typed(it.key) for it in agg.iter()] == [typed(k) for k in [
+        -INF, -(10**400), 0.0, 0.0, 1.7976931348623157e308, 10**400, INF
+    ]]
     assert agg.count(lower=Bound(-INF, inclusive=False), upper=Bound(INF, inclusive=False)) == 5
     assert agg.count(eq=INF) == 1 and agg.count(eq=-INF) == 1
     assert agg.index_of(INF) == 6 and agg.index_of(INF, order="desc") == 0
@@ -1098,6 +1131,42 @@ def test_big_ints_beyond_float_precision(make):
     assert [type(k) for k in got].count(float) == 2
     assert agg.count(lower=Bound(2**53, inclusive=False), upper=Bound(2.0**53 + 2, inclusive=False)) == 1
     assert agg.count(eq=2**64) == 1 and agg.at(0, eq=2**64).key == float(2**64)
+
+
+def test_ints_of_any_size(make):
+    # The contract says "int (any size)": far beyond DBL_MAX too.
+    huge = 10**1000
+    agg = make([(huge, "a", 1.0), (-huge, "b", 2.0), (INF, "c", 4.0), (-INF, "d", 8.0), (10**400, "e", 16.0)])
+    assert [it.key for it in agg.iter()] == [-INF, -huge, 10**400, huge, INF]
+    assert agg.count(lower=huge) == 2 and agg.count(upper=Bound(huge, inclusive=False)) == 3
+    assert agg.count(lower=huge + 1) == 1 and agg.count(eq=huge) == 1
+    assert agg.index_of(2**5000) == 4 and agg.index_of(-(2**5000), order="desc") == 4
+    agg.delete(huge, "a")
+    assert agg.sum() == 30.0
+    agg.check()
+
+
+def test_huge_int_bounds_on_float_keys(make):
+    # Regression (native): float keys with int ids take the fixed-width fast
+    # path; bounds that are ints beyond DBL_MAX must still be placed exactly.
+    agg = make([(-INF, 0, 1.0), (-1.5, 1, 2.0), (1e308, 2, 4.0), (INF, 3, 8.0)])
+    assert agg.count(lower=10**400) == 1
+    assert agg.count(upper=10**400) == 3
+    assert agg.count(lower=-(10**400)) == 3
+    assert agg.count(upper=-(10**400)) == 1
+    assert agg.count(lower=Bound(10**400, inclusive=False), upper=Bound(INF, inclusive=False)) == 0
+    assert agg.count(lower=2**1024) == 1 and agg.count(upper=-(2**1024)) == 1
+    assert agg.count(lower=int(1e308)) == 2 and agg.count(lower=int(1e308) + 1) == 1
+    assert agg.count(upper=Bound(int(1e308), inclusive=False)) == 2
+    assert agg.index_of(10**400) == 3 and agg.index_of(10**400, order="desc") == 1
+    assert agg.sum(lower=-(10**400), upper=10**400) == 6.0
+    # Int keys within 2**53 (the other fast path) against ints just outside.
+    agg = make([(0, 0, 1.0), (2**53, 1, 2.0), (-(2**53), 2, 4.0)])
+    assert agg.count(lower=2**53 + 1) == 0 and agg.count(upper=2**53 + 1) == 3
+    assert agg.count(lower=Bound(2**53 - 1, inclusive=False)) == 1
+    assert agg.count(upper=-(2**53) - 1) == 0 and agg.count(lower=-(2**53) - 1) == 3
+    assert agg.count(lower=0.5, upper=Bound(2**53, inclusive=False)) == 0
+    assert agg.count(eq=2**53 + 1) == 0 and agg.count(eq=2.0**53) == 1
 
 
 def test_lists_become_tuples(make):

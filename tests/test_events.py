@@ -711,10 +711,87 @@ def test_verify_reports_odd_items(world):
     store.event_follows.aggregate.insert(0, e1, namespace=alice)  # key must be None
     report = store.verify_aggregates()
     found = sorted((d.aggregate, d.kind, repr(d.namespace), d.actual_key) for d in report.differences)
-    assert found == [
+    assert found == sorted([
         ("event_follows", "extra", repr(alice), 0),
         ("events_by_start", "extra", repr(alice), 5.5),
         ("events_by_start", "extra", "'not-a-user'", 1),
-    ]
+    ])
     assert store.verify_aggregates(repair=True).repaired
     assert_consistent(store)
+
+
+def log_rows(store: EventStore) -> int:
+    return store._conn.execute("SELECT count(*) FROM aggtree_changes").fetchone()[0]
+
+
+def test_a_store_alone_does_not_log(tmp_path):
+    path = str(tmp_path / "alone.db")
+    a = EventStore.open(path)
+    u = a.create_user("u")
+    e = a.create_event(u, name="x", start=at(1), created_at=at(-1))
+    a.follow_event(u, e)
+    assert log_rows(a) == 0
+    b = EventStore.open(path)  # loads everything a wrote; a logs from now on
+    a.update_event(u, e, start=at(-1))
+    assert log_rows(a) == 1
+    assert b.get_user_stats("u", now=T0) == a.get_user_stats("u", now=T0)
+    assert b.reloads == 1 and b.changes_replayed == 1
+    b.close()
+    a.delete_event(u, e)  # a notices that b is gone
+    a.create_event(u, name="y", start=at(2), created_at=at(-2))
+    assert log_rows(a) == 1
+    assert_consistent(a)
+    c = EventStore.open(path)
+    assert_consistent(c)
+    a.close()
+    c.close()
+    assert sqlite3.connect(path).execute("SELECT count(*) FROM aggtree_stores").fetchone()[0] == 0
+
+
+def test_registrations_of_dead_processes_are_dropped(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "stale.db")
+    EventStore.open(path).close()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "INSERT INTO aggtree_stores (host, pid, opened_at) VALUES (?, ?, 0), ('elsewhere', 1, 0)",
+        (socket.gethostname(), dead.pid),
+    )
+    conn.commit()
+    conn.close()
+    store = EventStore.open(path)
+    hosts = [r[0] for r in store._conn.execute("SELECT host FROM aggtree_stores ORDER BY id")]
+    assert hosts == ["elsewhere", socket.gethostname()]  # the dead one is gone
+    u = store.create_user("u")
+    store.create_event(u, name="x", start=at(1), created_at=at(-1))
+    assert log_rows(store) == 1  # another host may have it open: log, to be safe
+    store.close()
+
+
+@pytest.mark.parametrize("write", sorted(WRITES))
+def test_failure_while_shared_leaves_no_drift(tmp_path, write):
+    """Shared file: the failed write's change-log row is rolled back with it,
+    so the other store never replays it."""
+    path = str(tmp_path / "shared.db")
+    store = EventStore.open(path)
+    watcher = EventStore.open(path)
+    owner, fans, eid = popular_world(store)
+    assert watcher.get_user_stats("fan0", now=T0).total_follows == 1
+    top = log_rows(store)
+    real = make_flaky(store, 1)
+    with pytest.raises(Injected):
+        WRITES[write](store, owner, fans, eid)
+    restore(store, real)
+    assert log_rows(store) == top
+    for s in (store, watcher):
+        assert_consistent(s, nows=(T0, at(-40)))
+    WRITES[write](store, owner, fans, eid)
+    for s in (store, watcher):
+        assert_consistent(s, nows=(T0, at(-40)))
+    store.close()
+    watcher.close()

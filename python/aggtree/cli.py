@@ -30,7 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Optional, Sequence
 
 __all__ = ["main"]
@@ -190,8 +190,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("\nLive writes (create, follow, move, delete) keep the aggregates in sync ...", file=out)
         top = store.user_id(info.heavy_users[0])
         other = store.user_id(info.heavy_users[-1])
-        from datetime import timedelta
-
         eid = store.create_event(top, name="demo", start=now + timedelta(days=2), created_at=now)
         store.follow_event(other, eid)
         store.update_event(top, eid, start=now - timedelta(days=1))
@@ -309,9 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate a skewed dataset, migrate, compare both stats paths")
     p.add_argument("--db", metavar="PATH", help="write the database here (default: a temporary file)")
-    p.add_argument("--users", type=_positive, default=2000, help="number of users (default 2000)")
-    p.add_argument("--events", type=_positive, default=200_000, help="number of events (default 200000)")
-    p.add_argument("--follows", type=_positive, default=100_000, help="number of follows (default 100000)")
+    p.add_argument("--users", type=_positive, default=5000, help="number of users (default 5000)")
+    p.add_argument("--events", type=_positive, default=400_000,
+                   help="number of events (default 400000; the heaviest user owns a quarter)")
+    p.add_argument("--follows", type=_positive, default=200_000, help="number of follows (default 200000)")
     p.add_argument("--heavy", type=_positive, default=3, help="number of heavy users (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--runs", type=_positive, default=300, help="timed runs of the aggregate path per user")

@@ -17,7 +17,9 @@ number of milliseconds since the Unix epoch, UTC:
   description, location)``
 * ``event_follows(user_id -> users, event_id -> events ON DELETE CASCADE,
   created_at)``, primary key ``(user_id, event_id)``
-* ``aggtree_changes(id, kind, ops)``: the change log (see below).
+* ``aggtree_changes(id, kind, ops)``: the change log, and
+  ``aggtree_stores(id, host, pid, opened_at)``: the stores that have the file
+  open (see below).
 
 Four aggregates live in memory, each namespaced by user id, each a
 :class:`~aggtree.TableAggregate`:
@@ -39,8 +41,8 @@ Writes
 ------
 Each write is one SQLite transaction (``BEGIN IMMEDIATE``).  Inside it the
 SQL runs first and yields a list of aggregate *ops* (add / remove / move an
-item); the ops are appended to the change log, then applied to the
-aggregates, and the transaction commits last.  If applying an op or the
+item); the ops are appended to the change log (if another store is open),
+then applied to the aggregates, and the transaction commits last.  If applying an op or the
 commit raises, the ops already applied are undone and the transaction is
 rolled back, so the tables and the aggregates never disagree.  Live writes use
 the idempotent forms (``upsert``, ``delete_if_exists``), which is what lets a
@@ -48,14 +50,21 @@ backfill (:meth:`EventStore.initialize_aggregates`) run next to them.
 
 Several processes
 -----------------
-Every ``EventStore`` remembers the id of the last change-log row its
-aggregates reflect.  Before each read it asks SQLite's ``PRAGMA
-data_version`` (a cheap, in-memory check) whether another connection
-committed; if so it reads only the change-log rows after its own and replays
-their ops.  A writer holds the write lock, so it replays any rows that other
-processes appended since its last read before applying its own.  Writers
-prune the log now and then (keeping the newest ``change_log_keep`` rows); a
-store that has fallen further behind than that reloads in bulk.
+Every ``EventStore`` on a file registers itself in ``aggtree_stores`` when it
+opens (before loading) and unregisters when it closes.  A writer appends its
+ops to the change log only while another store is registered: a store that
+is alone pays nothing for the log, and a store that registers later loads
+every unlogged write from the tables.  Rows of dead processes on the same
+host are dropped at the next open; a stale row only costs logging.
+
+Every store remembers the id of the last change-log row its aggregates
+reflect.  Before each read it asks SQLite's ``PRAGMA data_version`` (a cheap,
+in-memory check) whether another connection committed; if so it reads only
+the change-log rows after its own and replays their ops.  A writer asks the
+same question under the write lock, replays what others appended and
+re-reads the registry.  Writers prune the log now and then (keeping the
+newest ``change_log_keep`` rows); a store that has fallen further behind than
+that reloads in bulk.
 
 >>> from datetime import datetime, timedelta, timezone
 >>> store = EventStore.open(":memory:")
@@ -72,8 +81,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 import os
+import socket
 import sqlite3
 import struct
 import sys
@@ -142,6 +151,14 @@ _SCHEMA = (
         id          INTEGER PRIMARY KEY,
         kind        TEXT    NOT NULL,
         ops         BLOB    NOT NULL
+    )""",
+    # The EventStores that have this file open: writers append to the change
+    # log only while some other store is registered.
+    """CREATE TABLE IF NOT EXISTS aggtree_stores (
+        id          INTEGER PRIMARY KEY,
+        host        TEXT    NOT NULL,
+        pid         INTEGER NOT NULL,
+        opened_at   INTEGER NOT NULL
     )""",
     """CREATE TABLE IF NOT EXISTS aggtree_meta (
         name        TEXT PRIMARY KEY,
@@ -362,8 +379,16 @@ class _NeedReload(Exception):
 # ---------------------------------------------------------------------------
 
 
-def _encode(ops: list) -> bytes:
-    return struct.pack(f"<{_OP_WIDTH * len(ops)}q", *itertools.chain.from_iterable(ops))
+_STRUCTS: dict = {}
+
+
+def _encode(ops: Any) -> bytes:
+    """The ops as little-endian int64s (one ``_OP_WIDTH``-tuple per op)."""
+    n = len(ops)
+    packer = _STRUCTS.get(n)
+    if packer is None:
+        packer = _STRUCTS[n] = struct.Struct(f"<{_OP_WIDTH * n}q")
+    return packer.pack(*itertools.chain.from_iterable(ops))
 
 
 def _decode(blob: bytes) -> list:
@@ -465,15 +490,43 @@ def _table_aggregates(aggs: list) -> list:
     ]
 
 
-def _read_matrix(conn: sqlite3.Connection, count_sql: str, sql: str, width: int) -> np.ndarray:
+def _read_matrix(conn: sqlite3.Connection, sql: str, width: int) -> np.ndarray:
     """Stream an all-integer query into an (n, width) int64 array without
-    building a list of rows.  Call inside a read transaction so that the count
-    and the rows agree."""
-    n = conn.execute(count_sql).fetchone()[0]
-    flat = np.fromiter(
-        itertools.chain.from_iterable(conn.execute(sql)), dtype=np.int64, count=n * width
-    )
-    return flat.reshape(n, width)
+    building a list of rows (cheaper than ``fetchall``)."""
+    flat = np.fromiter(itertools.chain.from_iterable(conn.execute(sql)), dtype=np.int64)
+    return flat.reshape(-1, width)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _lookup(ids: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> tuple:
+    """``(values of wanted ids, found mask)`` for ascending ``ids``: a dense
+    table indexed by id when the ids are dense enough (O(n)), a binary search
+    otherwise."""
+    found = np.zeros(len(wanted), dtype=bool)
+    if not len(ids) or not len(wanted):
+        return np.zeros(len(wanted), dtype=np.int64), found
+    lo, hi = int(ids[0]), int(ids[-1])
+    if lo >= 0 and hi < 4 * len(ids) + 1024:
+        table = np.zeros(hi + 1, dtype=np.int64)
+        present = np.zeros(hi + 1, dtype=bool)
+        table[ids] = values
+        present[ids] = True
+        inside = (wanted >= 0) & (wanted <= hi)
+        idx = np.where(inside, wanted, 0)
+        found = inside & present[idx]
+        return table[idx], found
+    pos = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
+    return values[pos], ids[pos] == wanted
 
 
 def _is_memory(path: str) -> bool:
@@ -519,7 +572,9 @@ class EventStore:
     in memory (see the module docstring).  Create one with :meth:`open`.
 
     All methods are thread-safe (one lock per store); for several processes,
-    open one store per process on the same file.
+    open one store per process on the same file.  Close a store (or use it
+    as a context manager) when done: while it is open, writers in other
+    processes keep a change log for it.
 
     The aggregates are public attributes (:class:`~aggtree.TableAggregate`):
     :attr:`events_by_creation`, :attr:`events_by_start`,
@@ -546,7 +601,10 @@ class EventStore:
         self._clock = clock
         self._lock = threading.RLock()
         self._user_ids: dict = {}
-        self._data_version = None
+        self._data_version = None   # PRAGMA data_version the aggregates reflect (reads)
+        self._write_version = None  # ... when the writer last checked log and registry
+        self._shared = not self._memory  # another store may be open: log every write
+        self._store_id: Optional[int] = None
         self._stale = False
         self._migration: Optional[dict] = None
         self._tables: list = _table_aggregates([self._cls(node_size=node_size) for _ in range(4)])
@@ -601,6 +659,7 @@ class EventStore:
         if not create and not _is_memory(path) and not os.path.exists(path):
             raise FileNotFoundError(f"no database at {path}")
         conn = _connect(path, timeout, synchronous)
+        store = None
         try:
             if not create:
                 found = conn.execute(
@@ -612,6 +671,8 @@ class EventStore:
             create_schema(conn)
             store = cls(conn, path, node_size=node_size, change_log_keep=change_log_keep,
                         clock=clock or _utcnow, aggregate_class=aggregate_class)
+            if not store._memory:
+                store._register()  # before loading: later writers log for us
             if load:
                 store._reload()
             else:
@@ -620,13 +681,26 @@ class EventStore:
                     "SELECT coalesce(max(id), 0) FROM aggtree_changes"
                 ).fetchone()[0]
         except BaseException:
-            conn.close()
+            if store is not None:
+                store.close()  # unregisters
+            else:
+                conn.close()
             raise
         return store
 
     def close(self) -> None:
-        """Close the database connection (the aggregates stay readable)."""
+        """Unregister and close the database connection (the aggregates stay
+        readable).  Idempotent."""
         with self._lock:
+            if self._store_id is not None:
+                try:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    self._conn.execute("DELETE FROM aggtree_stores WHERE id = ?", (self._store_id,))
+                    self._conn.execute("COMMIT")
+                except sqlite3.Error:  # a stale row is cleaned up by the next open
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                self._store_id = None
             self._conn.close()
 
     def __enter__(self) -> "EventStore":
@@ -664,6 +738,29 @@ class EventStore:
 
     # -- loading and catching up -------------------------------------------
 
+    def _register(self) -> None:
+        """Add this store to ``aggtree_stores`` (and drop the rows of dead
+        processes on this host) in one write transaction."""
+        conn = self._conn
+        host = socket.gethostname()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for row_id, pid in conn.execute(
+                "SELECT id, pid FROM aggtree_stores WHERE host = ?", (host,)
+            ).fetchall():
+                if not _pid_alive(pid):
+                    conn.execute("DELETE FROM aggtree_stores WHERE id = ?", (row_id,))
+            self._store_id = conn.execute(
+                "INSERT INTO aggtree_stores (host, pid, opened_at) VALUES (?, ?, ?)",
+                (host, os.getpid(), to_ms(_utcnow())),
+            ).lastrowid
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._write_version = None
+
     def _read_data_version(self) -> Optional[int]:
         if self._memory:
             return None
@@ -677,46 +774,38 @@ class EventStore:
         try:
             last = conn.execute("SELECT coalesce(max(id), 0) FROM aggtree_changes").fetchone()[0]
             ev = _read_matrix(
-                conn,
-                "SELECT count(*) FROM events",
-                "SELECT id, user_id, created_at, start_time FROM events ORDER BY id",
-                4,
+                conn, "SELECT id, user_id, created_at, start_time FROM events ORDER BY id", 4
             )
             fo = _read_matrix(
-                conn,
-                "SELECT count(*) FROM event_follows",
-                "SELECT user_id, event_id FROM event_follows",
-                2,
+                conn, "SELECT user_id, event_id FROM event_follows ORDER BY user_id, event_id", 2
             )
         finally:
             conn.execute("COMMIT")
-        ids = np.ascontiguousarray(ev[:, 0])
-        owners = np.ascontiguousarray(ev[:, 1])
-        created = np.ascontiguousarray(ev[:, 2])
-        starts = np.ascontiguousarray(ev[:, 3])
+        ids = ev[:, 0]
+        starts = ev[:, 3]
+        # Follows come in primary-key order: grouped by follower, event ids ascending.
         followers = np.ascontiguousarray(fo[:, 0])
         followed = np.ascontiguousarray(fo[:, 1])
-        # The start of each followed event: events come in id order.
-        pos = np.searchsorted(ids, followed)
-        if len(ids):
-            np.minimum(pos, len(ids) - 1, out=pos)
-            ok = ids[pos] == followed
-        else:
-            ok = np.zeros(len(followed), dtype=bool)
+        followed_starts, ok = _lookup(ids, starts, followed)
         if not ok.all():  # dangling follows (foreign keys were off): skip them
-            followers, followed, pos = followers[ok], followed[ok], pos[ok]
-        followed_starts = starts[pos] if len(pos) else np.zeros(0, dtype=np.int64)
+            followers, followed, followed_starts = followers[ok], followed[ok], followed_starts[ok]
+        # Group the events by owner once (stable: ids stay ascending within an
+        # owner); from_arrays then finds its input nearly sorted.
+        by_owner = np.argsort(ev[:, 1], kind="stable")
+        owners = ev[by_owner, 1]
+        ids_o = ids[by_owner]
         size = self._node_size
         build = self._cls.from_arrays
         aggs = [
-            build(created, ids, namespaces=owners, node_size=size),
-            build(starts, ids, namespaces=owners, node_size=size),
+            build(ev[by_owner, 2], ids_o, namespaces=owners, node_size=size),
+            build(starts[by_owner], ids_o, namespaces=owners, node_size=size),
             build([None] * len(followed), followed, namespaces=followers, node_size=size),
             build(followed_starts, followed, namespaces=followers, node_size=size),
         ]
         self._tables = _table_aggregates(aggs)
         self.change_id = last
         self._data_version = version
+        self._write_version = None
         self._stale = False
         self._migration = None
         self.reloads += 1
@@ -821,38 +910,43 @@ class EventStore:
 
     def _write(self, kind: str, body: Callable[[sqlite3.Connection], tuple]) -> Any:
         """Run ``body(conn) -> (result, ops)`` in one write transaction, log
-        and apply the ops, commit last; on any failure undo and roll back."""
+        the ops if another store is open, apply them, commit last; on any
+        failure undo the applied ops and roll back."""
         with self._lock:
             if self._stale:
                 self._reload()
             conn = self._conn
-            for attempt in range(3):
+            for _attempt in range(3):
                 conn.execute("BEGIN IMMEDIATE")
                 undo: list = []
+                change_id = None
                 try:
+                    if not self._memory:
+                        # Under the write lock: has anyone else committed since
+                        # we last looked?  Then replay their log rows and see
+                        # who is registered now.
+                        version = conn.execute("PRAGMA data_version").fetchone()[0]
+                        if version != self._write_version:
+                            self._catch_up_in_transaction()
+                            self._shared = conn.execute(
+                                "SELECT EXISTS (SELECT 1 FROM aggtree_stores WHERE id != ?)",
+                                (self._store_id,),
+                            ).fetchone()[0] == 1
+                            self._write_version = self._data_version = version
                     result, ops = body(conn)
-                    change_id = None
                     if ops:
-                        change_id = conn.execute(
-                            "INSERT INTO aggtree_changes (kind, ops) VALUES (?, ?)",
-                            (kind, _encode(ops)),
-                        ).lastrowid
-                        last = self.change_id
-                        if change_id != last + 1:
-                            # Others appended since our last read: replay them first.
-                            if change_id <= last:
-                                raise _NeedReload()
-                            rows = conn.execute(
-                                "SELECT id, ops FROM aggtree_changes WHERE id > ? AND id < ? ORDER BY id",
-                                (last, change_id),
-                            ).fetchall()
-                            if len(rows) != change_id - last - 1:
-                                raise _NeedReload()
-                            self._replay(rows)
-                        if change_id % self._prune_every == 0:
-                            conn.execute(
-                                "DELETE FROM aggtree_changes WHERE id <= ?", (change_id - self._keep,)
-                            )
+                        if self._shared:
+                            change_id = conn.execute(
+                                "INSERT INTO aggtree_changes (kind, ops) VALUES (?, ?)",
+                                (kind, _encode(ops)),
+                            ).lastrowid
+                            if change_id != self.change_id + 1:
+                                raise _NeedReload()  # (cannot happen: we are caught up)
+                            if change_id % self._prune_every == 0:
+                                conn.execute(
+                                    "DELETE FROM aggtree_changes WHERE id <= ?",
+                                    (change_id - self._keep,),
+                                )
                         self._apply(ops, undo)
                     conn.execute("COMMIT")
                 except _NeedReload:
@@ -1022,9 +1116,9 @@ class EventStore:
             owner, created, start = row
             if owner != user_id:
                 raise PermissionError(f"user {user_id} does not own event {event_id}")
-            # The cascade, spelled out so that we learn who followed.
+            # Who followed: their follows go with the event (ON DELETE CASCADE).
             followers = conn.execute(
-                "DELETE FROM event_follows WHERE event_id = ? RETURNING user_id", (event_id,)
+                "SELECT user_id FROM event_follows WHERE event_id = ?", (event_id,)
             ).fetchall()
             conn.execute("DELETE FROM events WHERE id = ?", (event_id,))
             ops = [
@@ -1047,17 +1141,19 @@ class EventStore:
 
         def body(conn):
             try:
-                row = conn.execute(
+                inserted = conn.execute(
                     "INSERT OR IGNORE INTO event_follows (user_id, event_id, created_at)"
-                    " VALUES (?, ?, ?)"
-                    " RETURNING (SELECT start_time FROM events WHERE id = event_id)",
+                    " VALUES (?, ?, ?)",
                     (user_id, event_id, created),
-                ).fetchone()
+                ).rowcount
             except sqlite3.IntegrityError:
                 raise self._missing(conn, user_id, event_id) from None
-            if row is None:
+            if not inserted:
                 return False, ()
-            start = row[0]
+            # (A separate SELECT is cheaper than RETURNING with a subquery.)
+            start = conn.execute(
+                "SELECT start_time FROM events WHERE id = ?", (event_id,)
+            ).fetchone()[0]
             return True, (
                 (FOLLOWS, _ADD, user_id, 0, 0, event_id),
                 (FOLLOWED_BY_START, _ADD, user_id, 0, start, event_id),
@@ -1072,17 +1168,18 @@ class EventStore:
         event_id = _check_id(event_id, "event_id")
 
         def body(conn):
-            row = conn.execute(
-                "DELETE FROM event_follows WHERE user_id = ? AND event_id = ?"
-                " RETURNING (SELECT start_time FROM events WHERE id = event_id)",
+            deleted = conn.execute(
+                "DELETE FROM event_follows WHERE user_id = ? AND event_id = ?",
                 (user_id, event_id),
-            ).fetchone()
-            if row is None:
+            ).rowcount
+            if not deleted:
                 error = self._missing(conn, user_id, event_id)
                 if error is not None:
                     raise error
                 return False, ()
-            start = row[0]
+            start = conn.execute(
+                "SELECT start_time FROM events WHERE id = ?", (event_id,)
+            ).fetchone()[0]
             return True, (
                 (FOLLOWS, _REMOVE, user_id, 0, 0, event_id),
                 (FOLLOWED_BY_START, _REMOVE, user_id, start, 0, event_id),
@@ -1369,15 +1466,9 @@ class EventStore:
             conn = self._conn
             self._begin_caught_up()
             try:
-                ev = _read_matrix(
-                    conn,
-                    "SELECT count(*) FROM events",
-                    "SELECT user_id, created_at, start_time, id FROM events",
-                    4,
-                )
+                ev = _read_matrix(conn, "SELECT user_id, created_at, start_time, id FROM events", 4)
                 fo = _read_matrix(
                     conn,
-                    "SELECT count(*) FROM event_follows f JOIN events e ON e.id = f.event_id",
                     "SELECT f.user_id, e.start_time, f.event_id FROM event_follows f"
                     " JOIN events e ON e.id = f.event_id",
                     3,
@@ -1426,6 +1517,7 @@ def _aggregate_items(agg: Any, *, key_is_none: bool) -> tuple:
         keys, ids, _values = agg.to_arrays(namespace=ns)
         if not len(ids):
             continue
+        keys, ids = _py_list(keys), _py_list(ids)
         if not _is_int(ns):
             odd.extend((ns, k, i) for k, i in zip(keys, ids))
             continue
@@ -1452,6 +1544,13 @@ def _aggregate_items(agg: Any, *, key_is_none: bool) -> tuple:
     if parts:
         return np.concatenate(parts), odd
     return np.zeros((0, 3), dtype=np.int64), odd
+
+
+def _py_list(a: Any) -> list:
+    """An array of keys or ids as a list of plain Python objects."""
+    if isinstance(a, np.ndarray):
+        return a.tolist()
+    return list(a)
 
 
 def _is_int(x: Any) -> bool:

@@ -106,7 +106,7 @@ def _convert(v: Any, depth: int, what: str):
 
     Returns ``(stored, sk)``: ``stored`` is what the aggregate keeps and reads
     back (lists become tuples, subclasses of int / float / str / bytes become
-    the base type, bool stays bool), ``sk`` is the sort key.  ``depth`` is
+    the base type, bool stays bool, -0.0 becomes 0.0), ``sk`` is the sort key.  ``depth`` is
     the number of tuples enclosing ``v``.  Raises TypeError for an
     unsupported type, ValueError for NaN or nesting deeper than
     MAX_KEY_DEPTH.
@@ -121,6 +121,7 @@ def _convert(v: Any, depth: int, what: str):
     if t is float:
         if v != v:
             raise ValueError(f"{what} must not be NaN (NaN has no place in the key order)")
+        v += 0.0  # -0.0 is the key 0.0 and reads back as 0.0
         return v, (_NUMBER, v)
     if t is str:
         return v, (_STR, v)
@@ -223,8 +224,15 @@ def _ascending(order: Any) -> bool:
     raise ValueError(f'order must be "asc" or "desc", not {_short(order)}')
 
 
+def _exact_int(v: Any, what: str) -> int:
+    """An int that is not a bool (sizes are ints, not truth values)."""
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{what} must be an int, not {type(v).__name__}")
+    return int(v)
+
+
 def _node_size(node_size: Any) -> int:
-    n = _integer(node_size, "node_size")
+    n = _exact_int(node_size, "node_size")
     if not NODE_SIZE_MIN <= n <= NODE_SIZE_MAX:
         raise ValueError(
             f"node_size must be in [{NODE_SIZE_MIN}, {NODE_SIZE_MAX}], not {_short(n)}"
@@ -910,7 +918,7 @@ class Aggregate:
         cursor or ``page_size <= 0``.  O(log n + page_size).
         """
         asc = _ascending(order)
-        size = _integer(page_size, "page_size")
+        size = _exact_int(page_size, "page_size")
         if size <= 0:
             raise ValueError(f"page_size must be positive, not {_short(size)}")
         after = None if cursor is None else _parse_cursor(cursor)

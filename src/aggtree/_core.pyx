@@ -51,6 +51,7 @@ from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_acquire_lock,
                                PyThread_release_lock, WAIT_LOCK)
 from cpython.ref cimport PyObject
+from cpython.dict cimport PyDict_GetItemWithError
 
 cimport numpy as cnp
 import numpy as np
@@ -223,7 +224,9 @@ cdef int _num_position(object v, double *d) except -1:
         try:
             x = float(v)
         except OverflowError:
-            return P_ABOVE if v > 0 else P_BELOW
+            # Beyond the finite doubles but short of the infinities.
+            d[0] = 1.7976931348623157e308 if v > 0 else -INFINITY
+            return P_GAP
         if int(x) == v:
             d[0] = x
             return P_EXACT
@@ -524,6 +527,8 @@ cdef uint64_t _gap(_Tree tree, object key, object id, bint has_id, bint after) e
 
 cdef inline tuple _split_bound(object b):
     """(key, inclusive, id) of a Bound or a bare key (inclusive, no id)."""
+    if PyFloat_CheckExact(b) or PyLong_CheckExact(b):
+        return (b, True, None)
     if isinstance(b, Bound):
         return (b.key, b.inclusive, b.id)
     return (b, True, None)
@@ -702,10 +707,14 @@ cdef class Aggregate:
     # -- namespace lookup --
 
     cdef inline _Tree _tree(self, object namespace):
+        cdef PyObject *p
         try:
-            return <_Tree>self._trees.get(namespace)
+            p = PyDict_GetItemWithError(self._trees, namespace)
         except TypeError:
             raise TypeError(f"namespace must be hashable, not {type(namespace).__name__}") from None
+        if p == NULL:
+            return None
+        return <_Tree>p
 
     cdef _Tree _tree_for_insert(self, object namespace, int kind):
         """The tree of `namespace`, created or widened so it can take `kind`."""
@@ -1017,17 +1026,24 @@ cdef class Aggregate:
         cdef agg_key k
         cdef double v
         cdef _Tree tree = self._tree(namespace)
-        try:
-            off = _operator.index(offset)
-        except TypeError:
-            raise TypeError(f"offset must be an integer, not {type(offset).__name__}") from None
+        cdef long long o
+        cdef uint64_t n
+        cdef int overflow = 0
+        if PyLong_CheckExact(offset):
+            o = PyLong_AsLongLongAndOverflow(offset, &overflow)
+        else:
+            try:
+                off = _operator.index(offset)
+            except TypeError:
+                raise TypeError(f"offset must be an integer, not {type(offset).__name__}") from None
+            o = PyLong_AsLongLongAndOverflow(off, &overflow)
         _range(tree, lower, upper, eq, prefix, &lo, &hi)
         n = hi - lo
-        if off < 0:
-            off += n
-        if off < 0 or off >= n:
+        if o < 0 and not overflow:
+            o += <long long>n
+        if overflow or o < 0 or <uint64_t>o >= n:
             raise IndexError(f"offset {offset} out of range for {n} items")
-        agg_tree_select(tree.t, lo + <uint64_t>off, &k, &v)
+        agg_tree_select(tree.t, lo + <uint64_t>o, &k, &v)
         return _item_at(tree, k, v)
 
     def index_of(self, key, *, id=None, order="asc", namespace=None, lower=None,
@@ -1483,9 +1499,11 @@ cdef class Aggregate:
             self._wunlock()
         self._drop_if_empty(namespace, tree)
 
-    cdef tuple _bound_ranks(self, _Tree tree, lowers, uppers, bint lower_inclusive,
-                            bint upper_inclusive):
+    cdef tuple _bound_ranks(self, _Tree tree, lowers, uppers, object lower_inclusive,
+                            object upper_inclusive):
         """(lo, hi) int64 arrays of the ranges [lowers[i], uppers[i]]."""
+        if not isinstance(lower_inclusive, bool) or not isinstance(upper_inclusive, bool):
+            raise TypeError("lower_inclusive and upper_inclusive must be bools")
         la = np.asarray(lowers)
         ua = np.asarray(uppers)
         if la.ndim != 1 or ua.ndim != 1:
@@ -1523,7 +1541,7 @@ cdef class Aggregate:
         uppers[i] (inclusive flags as given).  int64 array, input order.  The
         ranking loop runs in C without the GIL."""
         lo, hi = self._bound_ranks(self._tree(namespace), lowers, uppers,
-                                   bool(lower_inclusive), bool(upper_inclusive))
+                                   lower_inclusive, upper_inclusive)
         return hi - lo
 
     def sum_many(self, lowers, uppers, *, namespace=None, lower_inclusive=True,
@@ -1531,8 +1549,8 @@ cdef class Aggregate:
         """Vectorised sum over the same ranges as count_many; float64 array."""
         cdef _Tree tree = self._tree(namespace)
         cdef cnp.ndarray lo, hi
-        lo, hi = self._bound_ranks(tree, lowers, uppers, bool(lower_inclusive),
-                                   bool(upper_inclusive))
+        lo, hi = self._bound_ranks(tree, lowers, uppers, lower_inclusive,
+                                   upper_inclusive)
         cdef Py_ssize_t n = len(lo), j
         cdef cnp.ndarray out = np.zeros(n, dtype=np.float64)
         cdef double *op = <double *>cnp.PyArray_DATA(out)

@@ -11,7 +11,7 @@
  * A B+tree: every item lives in a leaf, leaves are chained left to right,
  * and internal nodes hold only routing separators plus, for every child, a
  * summary of the child's subtree: how many items it holds (`cnt`) and the
- * sum of their values (`sum_hi` + `sum_lo`, a double-double).  The counts
+ * sum of their values (`hi` + `lo`, a double-double).  The counts
  * make rank and select O(log n) walks; the sums make a range sum a walk
  * down the two boundary paths that adds whole-child sums in between.
  *
@@ -46,8 +46,10 @@
  * sep[0] is unused and always zeroed.  cnt[i], hi[i] + lo[i] and exact[i]
  * summarise child i.  The 24 bytes per leaf slot are what the project's
  * memory budget (<= 32 bytes per item, agg_tree_nbytes / len, FAST keys)
- * is made of: at the ~83% leaf fill that insertion reaches under random
- * order (section 6), 24 / 0.83 + leaf headers + internal nodes ~= 30.5.
+ * is made of; the rest is leaf headers and internal nodes (49 bytes per
+ * child, so ~1 byte per item at cap 64).  Measured at cap 64, 1e6 items:
+ * 29.15 bytes/item after random-order inserts (section 6), 25.2 after
+ * sequential inserts or a bulk build.
  *
  * 3. Keys
  * -------
@@ -58,9 +60,15 @@
  * compare heads, and only on a tie the tails (memcmp, shorter first).  The
  * mode is stored in the tree and every search routine exists twice, one
  * per mode, chosen by one predictable branch per node visit.  Within a node
- * the search is a branch-free binary search (lower or upper bound); on
- * entry to a node the key array is prefetched, so the few cache misses of
- * the search overlap instead of forming a chain.
+ * the FAST search is a branch-free binary search (lower or upper bound)
+ * that stops at <= 8 candidates and counts those with independent
+ * compares; the GENERAL one is an ordinary binary search (its compare may
+ * call memcmp).  On
+ * entry to a node the part of it the operation will read is prefetched -
+ * the key region always, the values of a leaf for get / insert / delete,
+ * the counts for rank / select - so the cache misses of one node overlap
+ * instead of forming a chain of dependent misses (this halves get and rank
+ * times on a tree larger than the cache).
  *
  * GENERAL tails are reference counted.  The item owns one reference; a
  * separator that copies the item's key owns one more.  So building a
@@ -122,7 +130,10 @@
  * equal to it would be.
  *
  * select(index) walks down subtracting cnt[] until the index falls inside a
- * child.  read(index, max) selects the start and then follows the leaf
+ * child; every count scan runs from the nearer end of the node, using the
+ * node's total from its parent entry (rank sums cnt[] of the children left
+ * of the path, or subtracts those right of it from the total).
+ * read(index, max) selects the start and then follows the leaf
  * chain, next or prev.  sum(lo, hi) descends while [lo, hi) lies in one
  * child; where it splits, it adds the middle children whole and follows the
  * left boundary (a suffix of a subtree: add the children to the right
@@ -150,10 +161,13 @@
  *        sibling and a new leaf between them share 2*cap+1 items evenly
  *        (each ~2/3 full);
  *      - a full root leaf splits 1-to-2 (quick balance if appending).
- *     Overflow into siblings plus 2-to-3 splits keep random-order leaves at
- *     ~83% (plain 1-to-2 splitting gives ~69% and 35 bytes/item; overflow
- *     alone ~77%).  Redistribution happens only between children of one
- *     parent, so only that parent's separators change.
+ *     Measured (cap 64, 1e6 random-order inserts, bytes/item): plain 1-to-2
+ *     splitting 36.65; overflow into a sibling + 1-to-2 splits 29.46;
+ *     overflow + 2-to-3 splits (this file) 29.15.  (Cap 16: 43.19, 35.64,
+ *     35.01.)  Overflow is what meets the budget; 2-to-3 adds a little and
+ *     costs nothing extra once the redistribution routine exists.
+ *     Redistribution happens only between children of one parent, so only
+ *     that parent's separators change.
  *     A split adds one entry to the parent; a full parent splits (1-to-2
  *     evenly, or quick balance if the entry is appended to a rightmost
  *     node); and so on up; a full root splits and a new root is made.  The
@@ -167,10 +181,13 @@
  *     (leaves_rebalance_insert) that moves items across the boundaries of 2
  *     or 3 consecutive leaves to target counts and drops the new item where
  *     it belongs.  Separators of leaves whose first key changed are reset to
- *     that first key; their entries are recomputed; a new node's entry is
- *     inserted into the parent, splitting it if full, the pushed-up
- *     separator going to the grandparent, and so on.  Each path entry whose
- *     child did not change shape gets cnt + 1 and its sum + value.
+ *     that first key.  After an overflow into a sibling the two entries
+ *     change by the exact sum of the few items that crossed (section 8),
+ *     not by recomputing both leaves; after a split the entries concerned
+ *     are recomputed and the new node's entry is inserted into the parent,
+ *     splitting it if full, the pushed-up separator going to the
+ *     grandparent, and so on.  Each path entry whose child did not change
+ *     shape gets cnt + 1 and its sum + value.
  *
  * 7. Delete
  * ---------
@@ -196,9 +213,11 @@
  * present, not of the history (insert 1e20 then delete it, and a plain
  * running sum has lost every small value under it).  The baseline -
  * recompute every path entry from its child with compensated summation -
- * satisfies that but costs O(cap) additions per level: measured ~0.2 us
- * per insert at cap 64, more than the whole rest of the insert.  This file
- * instead keeps each entry in one of two states, flagged by exact[i]:
+ * satisfies that but costs O(cap) additions per level, and touches the
+ * whole of every path node: measured at cap 64, 326 ns per insert with
+ * the tree in cache (86 ns with the scheme below) and ~790 ns at 1e6 items
+ * (~240 ns).  This file instead keeps each entry in one of two states,
+ * flagged by exact[i]:
  *
  *   exact    hi + lo equals the true sum S of the subtree exactly, stored
  *            canonically (hi = fl(S), lo = S - hi).  S is a function of
@@ -211,6 +230,11 @@
  *            child's values or of its entries, in order.  It is a function
  *            of the child's current contents; it is recomputed, never
  *            updated incrementally.
+ *
+ * Moving items between two sibling leaves (insert's overflow) is the same
+ * kind of update: the exact sum m of the moved values is computed (O(items
+ * moved)); if m and both updated entries stay exact, the entries change by
+ * -m and +m; otherwise both are recomputed.
  *
  * When an exact update would round, or the entry is inexact, or the child
  * changed shape, the entry is recomputed by node_summary(), which itself
@@ -259,16 +283,19 @@
  * agg_tree_check walks everything and verifies I1..I9.  Exact sums are
  * verified with an exact fixed-point accumulator (2304 bits in 32-bit
  * digits) summing the subtree's values, inexact ones by recomputing
- * node_summary() and comparing bits.  Tail references are collected into a
- * temporary array (plain malloc, outside the tree's accounting and the
- * injector), sorted, and counted.  The first failure is reported with the
- * level, the node's position within its level, the entry and the rule.
+ * node_summary() and comparing bits.  Tail reference counts are verified
+ * without allocating (the header promises AGG_OK or AGG_CORRUPT only): once
+ * the separators are known to satisfy I2, every separator equal to a key
+ * lies on that key's search path, at most one per node, so the references
+ * to a tail are counted by one descent per reference.  The first failure is
+ * reported with the level, the node's position within its level, the entry
+ * and the rule.
  *
  * 12. Deviations from the first design, and why
  * ---------------------------------------------
  *  - Rightmost-path fill exemption (I4): needed by the quick balance.
- *  - 2-to-3 leaf splits when both siblings are full: overflow alone did
- *    not reach the 32 bytes/item budget.
+ *  - 2-to-3 leaf splits when both siblings are full (a small gain over
+ *    1-to-2, measured in section 6).
  *  - exact[] per internal entry (1 byte/entry, ~0.02 bytes/item at cap 64)
  *    and the exact/inexact sum scheme of section 8 instead of recomputing
  *    every path entry: same no-drift property, O(1) per level.
@@ -372,26 +399,32 @@ AGG_INLINE agg_key *node_keys(node *n)
 {
     return (agg_key *)(void *)((char *)n + sizeof(node));
 }
+/* Leaf n's values, vals[0..cap). */
 AGG_INLINE double *leaf_vals(const agg_tree *t, node *n)
 {
     return (double *)(void *)((char *)n + t->off_vals);
 }
+/* Internal node n's children, child[0..cap). */
 AGG_INLINE node **inner_child(const agg_tree *t, node *n)
 {
     return (node **)(void *)((char *)n + t->off_child);
 }
+/* Internal node n's per-child item counts. */
 AGG_INLINE uint64_t *inner_cnt(const agg_tree *t, node *n)
 {
     return (uint64_t *)(void *)((char *)n + t->off_cnt);
 }
+/* Internal node n's per-child sums, high parts. */
 AGG_INLINE double *inner_hi(const agg_tree *t, node *n)
 {
     return (double *)(void *)((char *)n + t->off_hi);
 }
+/* Internal node n's per-child sums, low parts. */
 AGG_INLINE double *inner_lo(const agg_tree *t, node *n)
 {
     return (double *)(void *)((char *)n + t->off_lo);
 }
+/* Internal node n's per-child exact flags (I6). */
 AGG_INLINE uint8_t *inner_ex(const agg_tree *t, node *n)
 {
     return (uint8_t *)n + t->off_exact;
@@ -441,6 +474,8 @@ static void mem_free(agg_tree *t, void *p, size_t size)
     free(p);
 }
 
+/* See aggtree.h.  Resets the allocation counter and arms (n >= 0) or
+ * disarms (n < 0) the countdown. */
 long agg_debug_fail_after(long n)
 {
     long made = atomic_exchange_relaxed(&g_alloc_count, 0);
@@ -452,6 +487,8 @@ long agg_debug_fail_after(long n)
 /*  Keys                                                                  */
 /* ====================================================================== */
 
+/* Order-preserving image of a double: negative -> ~bits, else set the
+ * sign bit. */
 uint64_t agg_f64_to_key(double x)
 {
     uint64_t b;
@@ -459,6 +496,7 @@ uint64_t agg_f64_to_key(double x)
     return (b >> 63) ? ~b : (b | (UINT64_C(1) << 63));
 }
 
+/* Inverse of agg_f64_to_key. */
 double agg_key_to_f64(uint64_t k)
 {
     uint64_t b = (k >> 63) ? (k & ~(UINT64_C(1) << 63)) : ~k;
@@ -467,11 +505,13 @@ double agg_key_to_f64(uint64_t k)
     return x;
 }
 
+/* Order-preserving image of an int64: flip the sign bit. */
 uint64_t agg_i64_to_key(int64_t x)
 {
     return (uint64_t)x ^ (UINT64_C(1) << 63);
 }
 
+/* Inverse of agg_i64_to_key. */
 int64_t agg_key_to_i64(uint64_t k)
 {
     uint64_t u = k ^ (UINT64_C(1) << 63);
@@ -517,31 +557,38 @@ AGG_INLINE int key_cmp_fast(agg_key a, agg_key b)
     return h ? h : r;
 }
 
-/* FAST a < b and a <= b, branch-free. */
+/* FAST a < b and a <= b, branch-free: one 128-bit compare where the
+ * compiler has __int128, else the equivalent boolean formula. */
 #if defined(__SIZEOF_INT128__)
+__extension__ typedef unsigned __int128 agg_u128;  /* GCC / Clang extension */
+/* FAST a < b. */
 AGG_INLINE int key_lt_fast(agg_key a, agg_key b)
 {
-    unsigned __int128 x = ((unsigned __int128)a.head << 64) | a.rest;
-    unsigned __int128 y = ((unsigned __int128)b.head << 64) | b.rest;
+    agg_u128 x = ((agg_u128)a.head << 64) | a.rest;
+    agg_u128 y = ((agg_u128)b.head << 64) | b.rest;
     return x < y;
 }
+/* FAST a <= b. */
 AGG_INLINE int key_le_fast(agg_key a, agg_key b)
 {
-    unsigned __int128 x = ((unsigned __int128)a.head << 64) | a.rest;
-    unsigned __int128 y = ((unsigned __int128)b.head << 64) | b.rest;
+    agg_u128 x = ((agg_u128)a.head << 64) | a.rest;
+    agg_u128 y = ((agg_u128)b.head << 64) | b.rest;
     return x <= y;
 }
 #else
+/* FAST a < b. */
 AGG_INLINE int key_lt_fast(agg_key a, agg_key b)
 {
     return (a.head < b.head) | ((a.head == b.head) & (a.rest < b.rest));
 }
+/* FAST a <= b. */
 AGG_INLINE int key_le_fast(agg_key a, agg_key b)
 {
     return (a.head < b.head) | ((a.head == b.head) & (a.rest <= b.rest));
 }
 #endif
 
+/* See aggtree.h. */
 int agg_key_cmp(agg_keymode mode, agg_key a, agg_key b)
 {
     return mode == AGG_KEYS_FAST ? key_cmp_fast(a, b) : key_cmp_general(a, b);
@@ -553,6 +600,8 @@ AGG_INLINE int key_cmp(const agg_tree *t, agg_key a, agg_key b)
     return t->mode == AGG_KEYS_FAST ? key_cmp_fast(a, b) : key_cmp_general(a, b);
 }
 
+/* See aggtree.h: head = e[0..8) big-endian, zero-padded; the rest into
+ * tail_buf (refs 0) when len > 8.  Never allocates. */
 agg_key agg_key_from_bytes(const uint8_t *e, size_t len, agg_tail *tail_buf)
 {
     agg_key k;
@@ -570,6 +619,8 @@ agg_key agg_key_from_bytes(const uint8_t *e, size_t len, agg_tail *tail_buf)
     return k;
 }
 
+/* See aggtree.h: 8 head bytes then the tail, at most cap written; returns
+ * the full length. */
 size_t agg_key_to_bytes(agg_key k, uint8_t *out, size_t cap)
 {
     const agg_tail *tl = (const agg_tail *)(uintptr_t)k.rest;
@@ -584,33 +635,40 @@ size_t agg_key_to_bytes(agg_key k, uint8_t *out, size_t cap)
 /* Searches within one node.  Each returns the number of a[0..n) that are
  * < k (count_lt, i.e. lower bound) or <= k (count_le, upper bound). The
  * FAST ones are branch-free binary searches: the range [base, base + n]
- * always holds the answer; each step halves n with a conditional move. */
+ * always holds the answer; each step halves n with a conditional move;
+ * the last <= 8 candidates are counted with independent compares rather
+ * than three more dependent steps. */
+/* FAST lower bound: number of a[0..n) < k. */
 AGG_INLINE uint32_t fast_count_lt(const agg_key *a, uint32_t n, agg_key k)
 {
     const agg_key *base = a;
-    if (n == 0)
-        return 0;
-    while (n > 1) {
+    uint32_t i, c = 0;
+    while (n > 8) {
         uint32_t half = n >> 1;
         base = key_lt_fast(base[half], k) ? base + half : base;
         n -= half;
     }
-    return (uint32_t)(base - a) + (uint32_t)key_lt_fast(*base, k);
+    for (i = 0; i < n; i++)     /* <= 8 independent compares */
+        c += (uint32_t)key_lt_fast(base[i], k);
+    return (uint32_t)(base - a) + c;
 }
 
+/* FAST upper bound: number of a[0..n) <= k. */
 AGG_INLINE uint32_t fast_count_le(const agg_key *a, uint32_t n, agg_key k)
 {
     const agg_key *base = a;
-    if (n == 0)
-        return 0;
-    while (n > 1) {
+    uint32_t i, c = 0;
+    while (n > 8) {
         uint32_t half = n >> 1;
         base = key_le_fast(base[half], k) ? base + half : base;
         n -= half;
     }
-    return (uint32_t)(base - a) + (uint32_t)key_le_fast(*base, k);
+    for (i = 0; i < n; i++)
+        c += (uint32_t)key_le_fast(base[i], k);
+    return (uint32_t)(base - a) + c;
 }
 
+/* GENERAL lower bound: number of a[0..n) < k (plain binary search). */
 static uint32_t general_count_lt(const agg_key *a, uint32_t n, agg_key k)
 {
     uint32_t lo = 0, hi = n;
@@ -624,6 +682,7 @@ static uint32_t general_count_lt(const agg_key *a, uint32_t n, agg_key k)
     return lo;
 }
 
+/* GENERAL upper bound: number of a[0..n) <= k. */
 static uint32_t general_count_le(const agg_key *a, uint32_t n, agg_key k)
 {
     uint32_t lo = 0, hi = n;
@@ -638,13 +697,26 @@ static uint32_t general_count_le(const agg_key *a, uint32_t n, agg_key k)
 }
 
 /* Prefetch the first n keys of a node (its search region). */
-#ifndef PF_MODE
-#define PF_MODE 3
-#endif
 AGG_INLINE void keys_prefetch(const agg_key *a, uint32_t n)
 {
-    if (PF_MODE == 0) return;
     const char *p = (const char *)a, *end = (const char *)(a + n);
+    for (; p < end; p += 64)
+        AGG_PREFETCH(p);
+}
+
+/* Prefetch the values of leaf n (before a search whose result will be
+ * used to read or move them). */
+AGG_INLINE void vals_prefetch(const agg_tree *t, node *n)
+{
+    const char *p = (const char *)leaf_vals(t, n), *end = p + n->count * sizeof(double);
+    for (; p < end; p += 64)
+        AGG_PREFETCH(p);
+}
+
+/* Prefetch the counts of internal node n (rank and select scan them). */
+AGG_INLINE void cnt_prefetch(const agg_tree *t, node *n)
+{
+    const char *p = (const char *)inner_cnt(t, n), *end = p + n->count * sizeof(uint64_t);
     for (; p < end; p += 64)
         AGG_PREFETCH(p);
 }
@@ -655,6 +727,7 @@ AGG_INLINE uint32_t leaf_count_lt(const agg_tree *t, node *n, agg_key k)
     return t->mode == AGG_KEYS_FAST ? fast_count_lt(node_keys(n), n->count, k)
                                     : general_count_lt(node_keys(n), n->count, k);
 }
+/* Items of leaf n that are <= k. */
 AGG_INLINE uint32_t leaf_count_le(const agg_tree *t, node *n, agg_key k)
 {
     return t->mode == AGG_KEYS_FAST ? fast_count_le(node_keys(n), n->count, k)
@@ -915,16 +988,43 @@ static void leaf_link_after(agg_tree *t, node *a, node *m)
     a->next = m;
 }
 
+/* What crossed the first boundary in leaves_rebalance_insert. */
+typedef struct moved {
+    int dir;                     /* +1: g[0] -> g[1], -1: g[1] -> g[0], 0: nothing */
+    int exact;                   /* hi + lo is exactly the moved values' sum */
+    double hi;                   /* their sum, canonical double-double */
+    double lo;
+} moved;
+
+/* Compensated sum of v[0..n) as node_summary computes it; returns the
+ * exact flag. */
+static int vals_sum(const double *v, uint32_t n, double *hi, double *lo)
+{
+    double h = 0.0, l = 0.0;
+    uint32_t i = 0;
+    int ex = 1;
+    for (; i < n && ex; i++)
+        ex = dd_step(&h, &l, v[i]);
+    for (; i < n; i++)
+        dd_step_fast(&h, &l, v[i]);
+    ex = dd_finish(&h, &l, ex);
+    *hi = h;
+    *lo = l;
+    return ex;
+}
+
 /* Redistribute the items of m (2 or 3) consecutive sibling leaves g[0..m),
  * plus a new item (k, v) at position q of their concatenation, so that
  * leaf i ends up with tg[i] items (sum tg == items + 1, each <= cap).  A
  * fresh empty leaf may stand at g[1].  Items cross one boundary at a time,
  * left to right: with m == 3 the middle leaf is the empty new one, so the
  * left boundary only ever pushes into it and the right one only pulls from
- * g[2] into it - no leaf overflows on the way. */
-static void leaves_rebalance_insert(const agg_tree *t, node **g, uint32_t m,
-                                    const uint32_t *tg, uint32_t q, agg_key k,
-                                    double v)
+ * g[2] into it - no leaf overflows on the way.  Returns the index of the
+ * leaf that received the new item; *mv (may be NULL) describes what
+ * crossed the first boundary. */
+static uint32_t leaves_rebalance_insert(const agg_tree *t, node **g, uint32_t m,
+                                        const uint32_t *tg, uint32_t q, agg_key k,
+                                        double v, moved *mv)
 {
     uint32_t j = 0, pre = 0, b, ot[3], done = 0, want = 0;
     while (q >= pre + tg[j]) {  /* leaf receiving the new item */
@@ -936,13 +1036,28 @@ static void leaves_rebalance_insert(const agg_tree *t, node **g, uint32_t m,
     for (b = 0; b + 1 < m; b++) {
         uint32_t have = done + g[b]->count;  /* items in g[0..b] */
         want += ot[b];
-        if (have > want)
+        if (have > want) {
+            if (b == 0 && mv) {
+                mv->dir = 1;
+                mv->exact = vals_sum(leaf_vals(t, g[0]) + g[0]->count - (have - want),
+                                     have - want, &mv->hi, &mv->lo);
+            }
             leaf_move_tail(t, g[b], g[b + 1], have - want);
-        else if (have < want)
+        } else if (have < want) {
+            if (b == 0 && mv) {
+                mv->dir = -1;
+                mv->exact = vals_sum(leaf_vals(t, g[1]), want - have, &mv->hi, &mv->lo);
+            }
             leaf_move_head(t, g[b + 1], g[b], want - have);
+        } else if (b == 0 && mv) {
+            mv->dir = 0;
+            mv->exact = 1;
+            mv->hi = mv->lo = 0.0;
+        }
         done = want;
     }
     leaf_insert_at(t, g[j], q - pre, k, v);
+    return j;
 }
 
 /* ====================================================================== */
@@ -1062,6 +1177,17 @@ static void inner_bump(const agg_tree *t, node *p, uint32_t j, int dcnt,
     inner_refresh(t, p, j);
 }
 
+/* inner_bump for a single value x: the path update of insert and delete. */
+AGG_INLINE void inner_bump1(const agg_tree *t, node *p, uint32_t j, int dcnt, double x)
+{
+    uint8_t *ex = inner_ex(t, p);
+    double *hi = inner_hi(t, p), *lo = inner_lo(t, p);
+    inner_cnt(t, p)[j] += (uint64_t)(int64_t)dcnt;
+    if (AGG_LIKELY(ex[j]) && dd_add_exact(&hi[j], &lo[j], x))
+        return;
+    inner_refresh(t, p, j);
+}
+
 /* Replace separator j of p by key k (a stored key): reference the new
  * tail before releasing the old one. */
 static void inner_set_sep(agg_tree *t, node *p, uint32_t j, agg_key k)
@@ -1162,6 +1288,9 @@ static void node_free_rec(agg_tree *t, node *n)
 /*  Life cycle                                                            */
 /* ====================================================================== */
 
+/* See aggtree.h.  Computes the node layout (array offsets and sizes) for
+ * this capacity once; the tree header is allocated through the failure
+ * injector but not counted in nbytes. */
 agg_status agg_tree_new(agg_tree **out, uint32_t node_size, agg_keymode mode)
 {
     agg_tree *t;
@@ -1194,6 +1323,7 @@ agg_status agg_tree_new(agg_tree **out, uint32_t node_size, agg_keymode mode)
     return AGG_OK;
 }
 
+/* See aggtree.h.  Frees every node and tail; never allocates. */
 void agg_tree_clear(agg_tree *t)
 {
     if (!t)
@@ -1205,6 +1335,7 @@ void agg_tree_clear(agg_tree *t)
     t->depth = 0;
 }
 
+/* See aggtree.h.  The tree header itself is not counted in nbytes. */
 void agg_tree_free(agg_tree *t)
 {
     if (!t)
@@ -1213,6 +1344,7 @@ void agg_tree_free(agg_tree *t)
     free(t);
 }
 
+/* O(1) accessors; see aggtree.h. */
 uint64_t agg_tree_len(const agg_tree *t) { return t->len; }
 agg_keymode agg_tree_mode(const agg_tree *t) { return t->mode; }
 uint32_t agg_tree_node_size(const agg_tree *t) { return t->cap; }
@@ -1226,6 +1358,9 @@ size_t agg_tree_nbytes(const agg_tree *t) { return t->nbytes; }
 /* What the leaf level of an insert does (section 6b). */
 enum { INS_PLAIN, INS_SHIFT, INS_SPLIT };
 
+/* See aggtree.h and section 6.  On AGG_DUPLICATE *existed is 1 and
+ * *old_value the present value, as for an overwrite.  Any status other
+ * than AGG_OK leaves the tree untouched. */
 agg_status agg_tree_insert(agg_tree *t, agg_key key, double value,
                            int overwrite, int *existed, double *old_value)
 {
@@ -1239,7 +1374,8 @@ agg_status agg_tree_insert(agg_tree *t, agg_key key, double value,
     int kind = INS_PLAIN, rm = 1, d, child_done, have_pend;
     agg_key stored;
     entry pend;
-    uint32_t ppos = 0;
+    uint32_t ppos = 0, cnt0, cnt1, recv;
+    moved mv;
 
     if (existed)
         *existed = 0;
@@ -1276,6 +1412,7 @@ agg_status agg_tree_insert(agg_tree *t, agg_key key, double value,
         d++;
     }
     keys_prefetch(node_keys(n), n->count);
+    vals_prefetch(t, n);
     pos = leaf_count_lt(t, n, key);
 
     if (pos < n->count && key_cmp(t, node_keys(n)[pos], key) == 0) {
@@ -1401,14 +1538,18 @@ agg_status agg_tree_insert(agg_tree *t, agg_key key, double value,
     if (kind == INS_PLAIN) {
         leaf_insert_at(t, n, pos, stored, value);
         for (d = (int)depth - 2; d >= 0; d--)
-            inner_bump(t, path[d], idx[d], 1, &value, 1);
+            inner_bump1(t, path[d], idx[d], 1, value);
         return AGG_OK;
     }
     if (kind == INS_SPLIT) {
         grp[1] = res[used++];
         leaf_link_after(t, grp[0], grp[1]);
+        cnt0 = cnt1 = 0;
+    } else {
+        cnt0 = grp[0]->count;
+        cnt1 = grp[1]->count;
     }
-    leaves_rebalance_insert(t, grp, m, tg, q, stored, value);
+    recv = leaves_rebalance_insert(t, grp, m, tg, q, stored, value, &mv);
 
     if (depth == 1) {           /* the root leaf split: new root */
         node *r = res[used++];
@@ -1429,9 +1570,28 @@ agg_status agg_tree_insert(agg_tree *t, agg_key key, double value,
         node *p = path[depth - 2];
         have_pend = 0;
         if (kind == INS_SHIFT) {
+            /* the two entries change by the moved values' sum (and the new
+             * value): O(moved) instead of recomputing both leaves */
             inner_set_sep(t, p, b + 1, node_keys(grp[1])[0]);
-            inner_refresh(t, p, b);
-            inner_refresh(t, p, b + 1);
+            if (mv.exact) {
+                double x0[3], x1[3];
+                int n0 = 0, n1 = 0;
+                if (mv.dir) {
+                    x0[n0++] = -mv.dir * mv.hi;
+                    x0[n0++] = -mv.dir * mv.lo;
+                    x1[n1++] = mv.dir * mv.hi;
+                    x1[n1++] = mv.dir * mv.lo;
+                }
+                if (recv == 0)
+                    x0[n0++] = value;
+                else
+                    x1[n1++] = value;
+                inner_bump(t, p, b, (int)grp[0]->count - (int)cnt0, x0, n0);
+                inner_bump(t, p, b + 1, (int)grp[1]->count - (int)cnt1, x1, n1);
+            } else {
+                inner_refresh(t, p, b);
+                inner_refresh(t, p, b + 1);
+            }
         } else {
             agg_key s = node_keys(grp[1])[0];
             if (m == 3) {
@@ -1451,7 +1611,7 @@ agg_status agg_tree_insert(agg_tree *t, agg_key key, double value,
         agg_key up;
         uint32_t a;
         if (!child_done)
-            inner_bump(t, p, idx[d], 1, &value, 1);
+            inner_bump1(t, p, idx[d], 1, value);
         child_done = 0;
         if (!have_pend)
             continue;
@@ -1540,6 +1700,7 @@ static void node_repair(agg_tree *t, node *p, uint32_t i)
     }
 }
 
+/* See aggtree.h and section 7.  Never allocates. */
 agg_status agg_tree_delete(agg_tree *t, agg_key key, double *old_value)
 {
     node *path[MAX_DEPTH];
@@ -1563,6 +1724,7 @@ agg_status agg_tree_delete(agg_tree *t, agg_key key, double *old_value)
         d++;
     }
     keys_prefetch(node_keys(n), n->count);
+    vals_prefetch(t, n);
     pos = leaf_count_lt(t, n, key);
     if (pos >= n->count || key_cmp(t, node_keys(n)[pos], key) != 0)
         return AGG_MISSING;
@@ -1580,7 +1742,7 @@ agg_status agg_tree_delete(agg_tree *t, agg_key key, double *old_value)
         node *p = path[d];
         node *c = inner_child(t, p)[idx[d]];
         if (c->count >= t->min)
-            inner_bump(t, p, idx[d], -1, &negv, 1);
+            inner_bump1(t, p, idx[d], -1, negv);
         else
             node_repair(t, p, idx[d]);
     }
@@ -1613,6 +1775,7 @@ int agg_tree_get(const agg_tree *t, agg_key key, double *value)
         n = inner_child(t, n)[inner_find(t, n, key)];
     }
     keys_prefetch(node_keys(n), n->count);
+    vals_prefetch(t, n);
     pos = leaf_count_lt(t, n, key);
     if (pos >= n->count || key_cmp(t, node_keys(n)[pos], key) != 0)
         return 0;
@@ -1621,27 +1784,35 @@ int agg_tree_get(const agg_tree *t, agg_key key, double *value)
     return 1;
 }
 
-/* Sum of cnt[0..i) of an internal node. */
-AGG_INLINE uint64_t cnt_prefix(const agg_tree *t, node *n, uint32_t i)
+/* Sum of cnt[0..i) of an internal node holding `total` items: summed from
+ * whichever end is nearer. */
+AGG_INLINE uint64_t cnt_prefix(const agg_tree *t, node *n, uint32_t i, uint64_t total)
 {
     const uint64_t *c = inner_cnt(t, n);
     uint64_t s = 0;
     uint32_t j;
-    for (j = 0; j < i; j++)
+    if (2 * i <= n->count) {
+        for (j = 0; j < i; j++)
+            s += c[j];
+        return s;
+    }
+    for (j = i; j < n->count; j++)
         s += c[j];
-    return s;
+    return total - s;
 }
 
 /* Descend to the leaf where key belongs; *base = items in earlier leaves. */
 AGG_INLINE node *leaf_for_key(const agg_tree *t, agg_key key, uint64_t *base)
 {
     node *n = t->root;
-    uint64_t r = 0;
+    uint64_t r = 0, total = t->len;
     while (!n->leaf) {
         uint32_t i;
         keys_prefetch(node_keys(n) + 1, n->count - 1);
+        cnt_prefetch(t, n);
         i = inner_find(t, n, key);
-        r += cnt_prefix(t, n, i);
+        r += cnt_prefix(t, n, i, total);
+        total = inner_cnt(t, n)[i];
         n = inner_child(t, n)[i];
     }
     keys_prefetch(node_keys(n), n->count);
@@ -1649,6 +1820,7 @@ AGG_INLINE node *leaf_for_key(const agg_tree *t, agg_key key, uint64_t *base)
     return n;
 }
 
+/* See aggtree.h and section 5. */
 uint64_t agg_tree_rank(const agg_tree *t, agg_key key, int after)
 {
     uint64_t base;
@@ -1669,6 +1841,9 @@ AGG_INLINE int leaf_covers(const agg_tree *t, node *n, agg_key key)
            (!n->next || key_cmp(t, key, node_keys(n->next)[0]) < 0);
 }
 
+/* See aggtree.h.  Reuses the previous answer's leaf when the next key
+ * falls in it or the next leaf (section 5); correct for any order.  Reads
+ * only: safe to run concurrently with other readers. */
 void agg_tree_rank_many(const agg_tree *t, const agg_key *keys, uint64_t n,
                         int after, uint64_t *out)
 {
@@ -1693,23 +1868,39 @@ void agg_tree_rank_many(const agg_tree *t, const agg_key *keys, uint64_t n,
     }
 }
 
-/* The leaf holding item `index` (< len) and the item's position in it. */
+/* The leaf holding item `index` (< len) and the item's position in it.
+ * Each node's counts are scanned from the nearer end. */
 static node *leaf_at(const agg_tree *t, uint64_t index, uint32_t *pos)
 {
     node *n = t->root;
+    uint64_t total = t->len;
     while (!n->leaf) {
         const uint64_t *c = inner_cnt(t, n);
-        uint32_t j = 0;
-        while (index >= c[j]) {
-            index -= c[j];
-            j++;
+        uint32_t j;
+        cnt_prefetch(t, n);
+        if (2 * index < total) {
+            j = 0;
+            while (index >= c[j]) {
+                index -= c[j];
+                j++;
+            }
+        } else {
+            uint64_t after = total - index;   /* items at or after index, >= 1 */
+            j = n->count - 1;
+            while (after > c[j]) {
+                after -= c[j];
+                j--;
+            }
+            index = c[j] - after;
         }
+        total = c[j];
         n = inner_child(t, n)[j];
     }
     *pos = (uint32_t)index;
     return n;
 }
 
+/* See aggtree.h.  The key's tail is borrowed from the tree. */
 agg_status agg_tree_select(const agg_tree *t, uint64_t index, agg_key *key,
                            double *value)
 {
@@ -1725,6 +1916,7 @@ agg_status agg_tree_select(const agg_tree *t, uint64_t index, agg_key *key,
     return AGG_OK;
 }
 
+/* See aggtree.h.  One select, then the leaf chain. */
 uint64_t agg_tree_read(const agg_tree *t, uint64_t index, uint64_t max,
                        int descending, agg_key *keys, double *values)
 {
@@ -1775,16 +1967,20 @@ typedef struct ddacc {
     double lo;                   /* accumulated rounding errors */
 } ddacc;
 
+/* a += x (TwoSum into hi, its error into lo). */
 AGG_INLINE void acc_add(ddacc *a, double x)
 {
     dd_step_fast(&a->hi, &a->lo, x);
 }
 
-/* Add entry j of internal node n (a whole child) to the accumulator. */
+/* Add entry j of internal node n (a whole child) to the accumulator.  The
+ * low part goes straight into a->lo: it is below half an ulp of the high
+ * part, so rounding it there costs ~u^2 relative, the double-double error
+ * class of the whole sum (and integer sums stay exact). */
 AGG_INLINE void acc_entry(const agg_tree *t, node *n, uint32_t j, ddacc *a)
 {
     acc_add(a, inner_hi(t, n)[j]);
-    acc_add(a, inner_lo(t, n)[j]);
+    a->lo += inner_lo(t, n)[j];
 }
 
 /* Add values [from, to) of leaf n. */
@@ -1836,6 +2032,9 @@ static void sum_suffix(const agg_tree *t, node *n, uint64_t l, ddacc *a)
     acc_leaf(t, n, (uint32_t)l, n->count, a);
 }
 
+/* See aggtree.h and section 5: walk the two boundary paths adding whole
+ * children in between; hi is clamped to len; lo >= hi gives 0.0 with no
+ * arithmetic at all. */
 double agg_tree_sum(const agg_tree *t, uint64_t lo, uint64_t hi)
 {
     ddacc a = {0.0, 0.0};
@@ -1937,6 +2136,7 @@ static void build_unwind(agg_tree *t, node **heads, uint32_t levels)
     }
 }
 
+/* See aggtree.h and section 9. */
 agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
                           const double *values, uint64_t n,
                           uint64_t *bad_index)
@@ -2057,6 +2257,7 @@ typedef struct xacc {
     int nonfinite;               /* an infinity or NaN was added */
 } xacc;
 
+/* a = 0. */
 static void xacc_zero(xacc *a)
 {
     memset(a, 0, sizeof *a);
@@ -2163,10 +2364,7 @@ typedef struct chk {
     uint64_t level_pos[MAX_DEPTH]; /* nodes visited so far per level */
     uint64_t items;              /* items seen */
     size_t bytes;                /* node bytes seen */
-    uintptr_t *refs;             /* every tail reference seen (plain malloc) */
-    size_t nrefs;                /* used */
-    size_t refs_cap;             /* allocated */
-    int oom;                     /* the refs array could not grow */
+    size_t tail_bytes;           /* bytes of the distinct tails (second pass) */
 } chk;
 
 /* Record the failure (printf-style) and return 0. */
@@ -2179,30 +2377,6 @@ static int chk_fail(chk *c, const char *fmt, ...)
         va_end(ap);
     }
     return 0;
-}
-
-/* Record one reference to the tail of stored key k. */
-static void chk_ref(chk *c, agg_key k)
-{
-    if (c->t->mode != AGG_KEYS_GENERAL || !k.rest)
-        return;
-    if (c->nrefs == c->refs_cap) {
-        size_t nc = c->refs_cap ? 2 * c->refs_cap : 1024;
-        uintptr_t *nr = (uintptr_t *)realloc(c->refs, nc * sizeof *nr);
-        if (!nr) {
-            c->oom = 1;
-            return;
-        }
-        c->refs = nr;
-        c->refs_cap = nc;
-    }
-    c->refs[c->nrefs++] = (uintptr_t)k.rest;
-}
-
-static int cmp_uintptr(const void *a, const void *b)
-{
-    uintptr_t x = *(const uintptr_t *)a, y = *(const uintptr_t *)b;
-    return (x > y) - (x < y);
 }
 
 /* Verify the subtree n at `level` (0 = root), I1..I8 locally; on success
@@ -2256,7 +2430,6 @@ static int chk_node(chk *c, node *n, uint32_t level, int rightmost,
                     return chk_fail(c, "level %u leaf %llu item %u: stored tail has len %u refs %u",
                                     level, (unsigned long long)at, i, tl->len, tl->refs);
             }
-            chk_ref(c, keys[i]);
             c->last_key = keys[i];
             c->have_last = 1;
             xacc_add(sum, vals[i]);
@@ -2289,7 +2462,6 @@ static int chk_node(chk *c, node *n, uint32_t level, int rightmost,
             int e;
             if (i > 0) {
                 prev_max = *kmax;
-                chk_ref(c, sep[i]);
                 if (t->mode == AGG_KEYS_GENERAL && sep[i].rest &&
                     (key_tail(sep[i])->len == 0 || key_tail(sep[i])->refs == 0))
                     return chk_fail(c, "level %u node %llu sep %u: tail has len 0 or refs 0",
@@ -2349,19 +2521,84 @@ static int chk_node(chk *c, node *n, uint32_t level, int rightmost,
     }
 }
 
+/* Count the references to the tail of stored key k: walk k's search path
+ * (by I2 every separator equal to k lies on it, at most one per node, as
+ * sep[i] of the child taken) and count separators and the item whose rest
+ * is that very tail.  *item: the item holds it; *first: the shallowest
+ * node whose separator holds it (NULL if none). */
+static uint64_t chk_tail_refs(const agg_tree *t, agg_key k, int *item, node **first)
+{
+    node *n = t->root;
+    uint64_t refs = 0;
+    uint32_t pos;
+    *item = 0;
+    *first = NULL;
+    while (!n->leaf) {
+        uint32_t i = inner_find(t, n, k);
+        if (i > 0 && node_keys(n)[i].rest == k.rest) {
+            refs++;
+            if (!*first)
+                *first = n;
+        }
+        n = inner_child(t, n)[i];
+    }
+    pos = leaf_count_lt(t, n, k);
+    if (pos < n->count && node_keys(n)[pos].rest == k.rest) {
+        refs++;
+        *item = 1;
+    }
+    return refs;
+}
+
+/* Second pass (GENERAL, after the structure passed): every tail's refs
+ * equals its references (I8); add each distinct tail's bytes once, at its
+ * item if it has one, else at its shallowest separator.  No allocation. */
+static int chk_tails(chk *c, node *n, uint32_t level)
+{
+    const agg_tree *t = c->t;
+    agg_key *keys = node_keys(n);
+    uint32_t i;
+    for (i = n->leaf ? 0 : 1; i < n->count; i++) {
+        agg_tail *tl;
+        node *first;
+        int item;
+        uint64_t refs;
+        if (!keys[i].rest)
+            continue;
+        tl = key_tail(keys[i]);
+        refs = chk_tail_refs(t, keys[i], &item, &first);
+        if (refs != tl->refs)
+            return chk_fail(c, "level %u %s %u: tail (len %u) has refs %u but %llu references",
+                            level, n->leaf ? "leaf item" : "separator", i, tl->len, tl->refs,
+                            (unsigned long long)refs);
+        if (n->leaf || (!item && first == n))
+            c->tail_bytes += tail_bytes(tl->len);
+    }
+    if (!n->leaf)
+        for (i = 0; i < n->count; i++)
+            if (!chk_tails(c, inner_child(t, n)[i], level + 1))
+                return 0;
+    return 1;
+}
+
+/* See aggtree.h and section 11.  AGG_OK or AGG_CORRUPT (also for a NULL
+ * tree); never allocates. */
 agg_status agg_tree_check(const agg_tree *t, char *msg, size_t msg_len)
 {
     chk c;
     uint64_t count = 0;
-    size_t tail_total = 0, i, j;
     xacc sum;
     agg_key kmin, kmax;
     int ok = 1;
+    memset(&c, 0, sizeof c);
+    c.msg = msg;
+    c.msg_len = msg_len;
     if (msg && msg_len)
         msg[0] = 0;
-    if (!t)
-        return AGG_INVALID;
-    memset(&c, 0, sizeof c);
+    if (!t) {
+        chk_fail(&c, "NULL tree");
+        return AGG_CORRUPT;
+    }
     c.t = t;
     c.msg = msg;
     c.msg_len = msg_len;
@@ -2387,30 +2624,12 @@ agg_status agg_tree_check(const agg_tree *t, char *msg, size_t msg_len)
                  (unsigned long long)count, (unsigned long long)t->len);
         ok = 0;
     }
-    if (ok && c.oom) {
-        free(c.refs);
-        chk_fail(&c, "out of memory while checking tail references");
-        return AGG_NOMEM;
-    }
-    if (ok && c.nrefs) {
-        qsort(c.refs, c.nrefs, sizeof *c.refs, cmp_uintptr);
-        for (i = 0; i < c.nrefs && ok; i = j) {
-            const agg_tail *tl = (const agg_tail *)c.refs[i];
-            for (j = i; j < c.nrefs && c.refs[j] == c.refs[i]; j++)
-                ;
-            if (tl->refs != j - i) {
-                chk_fail(&c, "tail %p (len %u) has refs %u but %zu references",
-                         (const void *)tl, tl->len, tl->refs, j - i);
-                ok = 0;
-            }
-            tail_total += tail_bytes(tl->len);
-        }
-    }
-    if (ok && c.bytes + tail_total != t->nbytes) {
+    if (ok && t->mode == AGG_KEYS_GENERAL)
+        ok = chk_tails(&c, t->root, 0);
+    if (ok && c.bytes + c.tail_bytes != t->nbytes) {
         chk_fail(&c, "nbytes is %zu, the structure holds %zu (nodes %zu + tails %zu)",
-                 t->nbytes, c.bytes + tail_total, c.bytes, tail_total);
+                 t->nbytes, c.bytes + c.tail_bytes, c.bytes, c.tail_bytes);
         ok = 0;
     }
-    free(c.refs);
     return ok ? AGG_OK : AGG_CORRUPT;
 }

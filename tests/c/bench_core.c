@@ -12,6 +12,7 @@
  * after sequential (appending) inserts and after agg_tree_build.  Times are
  * thread CPU time in ns per operation, the best of BENCH_REPS full runs.
  */
+#define _POSIX_C_SOURCE 199309L  /* clock_gettime */
 #include "aggtree.h"
 
 #include <stdint.h>

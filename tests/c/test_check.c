@@ -108,11 +108,11 @@ static void damage_once(void)
         expect_corrupt("cnt off by one");
         cn[i]--;
         dsave = lo[i];                                       /* I6 */
-        lo[i] = nextafter(lo[i], 1.0);
+        lo[i] = nextafter(lo[i], INFINITY);
         expect_corrupt("sum low part off by one ulp");
         lo[i] = dsave;
         dsave = hi[i];
-        hi[i] = nextafter(hi[i], 1e300);
+        hi[i] = nextafter(hi[i], INFINITY);
         expect_corrupt("sum high part off by one ulp");
         hi[i] = dsave;
         {   /* a flipped exact flag is damage unless the flipped state

@@ -76,8 +76,12 @@ static double rnd_value(int vm)
             return ldexp((double)rnd_below(1000), -40);
         return (double)((int64_t)rnd_below(2000000) - 1000000) / 100.0;
     default: {
-        double mag = pow(10.0, (double)rnd_below(61) - 30.0);
-        return (rnd_chance(0.5) ? -1.0 : 1.0) * mag * (0.5 + rnd_unit());
+        static const double odd[] = {5e-324, 2.5e-310, 2.2250738585072014e-308, 1e300, 0.0};
+        double sign = rnd_chance(0.5) ? -1.0 : 1.0, mag;
+        if (rnd_chance(0.03))   /* subnormals, the smallest normal, huge */
+            return sign * odd[rnd_below(sizeof odd / sizeof odd[0])];
+        mag = pow(10.0, (double)rnd_below(61) - 30.0);
+        return sign * mag * (0.5 + rnd_unit());
     }
     }
 }
@@ -134,9 +138,9 @@ static agg_key key_with_empty_tail(const model *m, const mitem *x, keybuf *kb)
 {
     agg_key k = mkey(m, x, kb);
     if (m->mode == AGG_KEYS_GENERAL && x->len == 8 && rnd_chance(0.5)) {
-        kb->u.t.refs = 0;
-        kb->u.t.len = 0;
-        k.rest = (uint64_t)(uintptr_t)&kb->u.t;
+        kb_tail(kb)->refs = 0;
+        kb_tail(kb)->len = 0;
+        k.rest = (uint64_t)(uintptr_t)kb_tail(kb);
     }
     return k;
 }
@@ -519,13 +523,13 @@ static void unit_keys(void)
     {   /* exactly 8 bytes: no tail; empty tail == no tail */
         uint8_t e[8] = {1, 2, 3, 4, 5, 6, 7, 8};
         keybuf b1, b2;
-        agg_key k1 = agg_key_from_bytes(e, 8, &b1.u.t), k2 = k1;
+        agg_key k1 = agg_key_from_bytes(e, 8, kb_tail(&b1)), k2 = k1;
         REQUIRE(k1.rest == 0 && k1.head == UINT64_C(0x0102030405060708), "8-byte key");
-        b2.u.t.len = 0;
-        b2.u.t.refs = 0;
-        k2.rest = (uint64_t)(uintptr_t)&b2.u.t;
+        kb_tail(&b2)->len = 0;
+        kb_tail(&b2)->refs = 0;
+        k2.rest = (uint64_t)(uintptr_t)kb_tail(&b2);
         REQUIRE(agg_key_cmp(AGG_KEYS_GENERAL, k1, k2) == 0, "empty tail equals no tail");
-        k1 = agg_key_from_bytes(e, 3, &b1.u.t);
+        k1 = agg_key_from_bytes(e, 3, kb_tail(&b1));
         REQUIRE(k1.head == UINT64_C(0x0102030000000000) && k1.rest == 0, "short key zero-padded");
     }
 }
@@ -590,6 +594,33 @@ static void unit_edges(void)
                     "overwrite");
             check_tree(t, "overwrite");
         }
+    }
+    agg_tree_free(t);
+
+    /* sums that overflow: no false alarms, and recovery once the huge
+     * values are gone */
+    REQUIRE(agg_tree_new(&t, 4, AGG_KEYS_FAST) == AGG_OK, "new");
+    {
+        int i;
+        for (i = 0; i < 40; i++) {
+            agg_key ki = {agg_f64_to_key((double)i), agg_i64_to_key(0)};
+            double val = (i % 4 == 1) ? 1.7e308 : (i % 4 == 3) ? -1.7e308 : (double)i;
+            REQUIRE(agg_tree_insert(t, ki, val, 0, NULL, NULL) == AGG_OK, "insert");
+            check_tree(t, "overflowing insert");
+        }
+        v = agg_tree_sum(t, 0, 40);   /* inf - inf somewhere: not finite, no crash */
+        (void)v;
+        v = agg_tree_sum(t, 1, 2);
+        REQUIRE(v == 1.7e308, "single huge value: %.17g", v);
+        for (i = 0; i < 40; i++) {
+            agg_key ki = {agg_f64_to_key((double)i), agg_i64_to_key(0)};
+            if (i % 2 == 1) {
+                REQUIRE(agg_tree_delete(t, ki, NULL) == AGG_OK, "delete");
+                check_tree(t, "overflow delete");
+            }
+        }
+        v = agg_tree_sum(t, 0, 20);
+        REQUIRE(v == 380.0, "after removing the huge values: %.17g", v);
     }
     agg_tree_free(t);
 }

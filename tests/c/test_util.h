@@ -129,18 +129,21 @@ typedef struct model {
 
 /* Storage for an agg_key built from a GENERAL mitem (tail buffer). */
 typedef struct keybuf {
-    union {
-        agg_tail t;
-        uint8_t raw[sizeof(agg_tail) + KEY_MAX];
-    } u;
+    uint64_t w[(sizeof(agg_tail) + KEY_MAX + 7) / 8];  /* aligned storage */
 } keybuf;
+
+/* The agg_tail living in kb. */
+static inline agg_tail *kb_tail(keybuf *kb)
+{
+    return (agg_tail *)(void *)kb->w;
+}
 
 /* The agg_key of item x (GENERAL keys borrow kb's tail buffer). */
 static inline agg_key mkey(const model *m, const mitem *x, keybuf *kb)
 {
     if (m->mode == AGG_KEYS_FAST)
         return x->fk;
-    return agg_key_from_bytes(x->e, x->len, &kb->u.t);
+    return agg_key_from_bytes(x->e, x->len, kb_tail(kb));
 }
 
 /* Order of two model keys, computed independently of the core:
