@@ -119,3 +119,9 @@ def snapshot(agg):
 def take_snapshot():
     """``snapshot(agg)``: a comparable picture of everything an aggregate holds."""
     return snapshot
+
+
+@pytest.fixture(name="load_impl")
+def load_impl_fixture():
+    """``load_impl(name)``: the Aggregate class of "native" or "reference"."""
+    return load_impl

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from aggtree import Bound, DuplicateItemError, MissingItemError
-from conftest import load_impl, snapshot
 
 NAN = math.nan
 INF = math.inf
@@ -404,8 +403,13 @@ def populated(make):
     return populate(make())
 
 
+@pytest.fixture
+def snapshot(take_snapshot):
+    return take_snapshot
+
+
 @pytest.mark.parametrize("call,exc,pattern", CASES)
-def test_bad_input(populated, call, exc, pattern):
+def test_bad_input(populated, call, exc, pattern, snapshot):
     agg = populated
     before = snapshot(agg)
     with pytest.raises(exc) as info:
@@ -417,7 +421,7 @@ def test_bad_input(populated, call, exc, pattern):
     assert snapshot(agg) == before
 
 
-def test_failing_calls_in_a_row_change_nothing(populated):
+def test_failing_calls_in_a_row_change_nothing(populated, snapshot):
     """Many failures back to back, then the aggregate still works normally."""
     agg = populated
     before = snapshot(agg)
@@ -439,7 +443,7 @@ def test_failing_calls_in_a_row_change_nothing(populated):
 # the extension is missing.
 @pytest.mark.parametrize("source,target", [("native", "reference"), ("reference", "native")],
                          ids=["from-native", "to-native"])
-def test_foreign_cursor(source, target):
+def test_foreign_cursor(source, target, load_impl, snapshot):
     src = populate(load_impl(source)())
     dst = populate(load_impl(target)())
     cursor = src.paginate(page_size=2).cursor
@@ -452,7 +456,7 @@ def test_foreign_cursor(source, target):
     assert snapshot(dst) == before
 
 
-def test_own_cursor_is_accepted_and_tampering_is_caught_or_harmless(make):
+def test_own_cursor_is_accepted_and_tampering_is_caught_or_harmless(make, snapshot):
     agg = populate(make())
     before = snapshot(agg)
     page = agg.paginate(page_size=2)
@@ -477,7 +481,7 @@ class RaisingRng:
         raise Boom("rng failed")
 
 
-def test_rng_error_propagates_and_changes_nothing(populated):
+def test_rng_error_propagates_and_changes_nothing(populated, snapshot):
     before = snapshot(populated)
     with pytest.raises(Boom):
         populated.random(rng=RaisingRng())
@@ -495,7 +499,7 @@ class EvilNamespace:
         raise Boom("namespace comparison failed")
 
 
-def test_namespace_whose_eq_raises(populated):
+def test_namespace_whose_eq_raises(populated, snapshot):
     before = snapshot(populated)
     for call in (
         lambda a: a.insert(1, 1, namespace=EvilNamespace()),
