@@ -88,9 +88,10 @@ def workdir(tmp_path_factory):
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _label(benchmark, group: str, impl: str, **info) -> None:
+def _label(benchmark, group: str, impl: str, n: int, ops: int = 1, **info) -> None:
+    """Group and extra_info in the shape bench/conftest.py uses (op, impl, n, ops)."""
     benchmark.group = group
-    benchmark.extra_info.update(op=group, impl=impl, native=NATIVE, **info)
+    benchmark.extra_info.update(op=group, impl=impl, n=n, ops=ops, native=NATIVE, **info)
 
 
 def _record(benchmark, group: str, impl: str) -> None:
@@ -150,7 +151,7 @@ def test_stats(benchmark, stats_db, sizes, impl):
     s = store.get_user_stats("heavy-1", now=NOW)
     assert s == store.get_user_stats_naive("heavy-1", now=NOW)
     assert (s.all_time_own, s.total_follows) == (sizes["stats_events"], sizes["stats_follows"])
-    _label(benchmark, group, impl, events=s.all_time_own, follows=s.total_follows)
+    _label(benchmark, group, impl, s.all_time_own, follows=s.total_follows)
     if impl == "aggregates":
         result = benchmark(store.get_user_stats, "heavy-1", NOW)
     else:
@@ -189,7 +190,7 @@ def plain_select(path: str) -> tuple:
 @pytest.mark.parametrize("impl", ["EventStore.open", "select"])
 def test_open(benchmark, open_db, sizes, impl):
     group = "open 1M events + 500k follows"
-    _label(benchmark, group, impl, events=sizes["open_events"], follows=sizes["open_follows"])
+    _label(benchmark, group, impl, sizes["open_events"], follows=sizes["open_follows"])
     if impl == "select":
         events, follows = benchmark.pedantic(plain_select, args=(open_db,), rounds=3, warmup_rounds=1)
         assert (len(events), len(follows)) == (sizes["open_events"], sizes["open_follows"])
@@ -343,7 +344,7 @@ def test_write(benchmark, write_dbs, sizes, write, impl):
     targets = write_dbs["events"]
     fan = write_dbs["fan"]
     group = f"write-{write} x{WRITE_BATCH}"
-    _label(benchmark, group, impl, ops=WRITE_BATCH)
+    _label(benchmark, group, impl, sizes["write_events"], ops=WRITE_BATCH)
     state = {"flip": 0}
 
     if write == "create":

@@ -709,13 +709,16 @@ def test_verify_reports_odd_items(world):
     store.events_by_start.aggregate.insert(5.5, e2, namespace=alice)  # a float key
     store.events_by_start.aggregate.insert(1, 1, namespace="not-a-user")
     store.event_follows.aggregate.insert(0, e1, namespace=alice)  # key must be None
+    store.events_by_creation.aggregate.upsert(to_ms(at(-1)), e1, 2.5, namespace=alice)  # value
     report = store.verify_aggregates()
     found = sorted((d.aggregate, d.kind, repr(d.namespace), d.actual_key) for d in report.differences)
     assert found == sorted([
         ("event_follows", "extra", repr(alice), 0),
         ("events_by_start", "extra", repr(alice), 5.5),
         ("events_by_start", "extra", "'not-a-user'", 1),
+        ("events_by_creation", "wrong_value", repr(alice), to_ms(at(-1))),
     ])
+    assert next(d for d in report.differences if d.kind == "wrong_value").actual_value == 2.5
     assert store.verify_aggregates(repair=True).repaired
     assert_consistent(store)
 

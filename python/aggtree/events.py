@@ -288,9 +288,11 @@ class Difference(NamedTuple):
     """One disagreement between an aggregate and the tables.
 
     ``kind`` is ``"missing"`` (the tables have the item, the aggregate not),
-    ``"extra"`` (the aggregate has an item the tables do not) or
-    ``"wrong_key"`` (the item is there under another key).  For missing items
-    ``actual_key`` is None, for extra ones ``expected_key`` is None.
+    ``"extra"`` (the aggregate has an item the tables do not),
+    ``"wrong_key"`` (the item is there under another key) or
+    ``"wrong_value"`` (the right item with a value other than 0.0, given as
+    ``actual_value``).  For missing items ``actual_key`` is None, for extra
+    ones ``expected_key`` is None.
     """
 
     aggregate: str
@@ -299,6 +301,7 @@ class Difference(NamedTuple):
     id: Any
     expected_key: Any
     actual_key: Any
+    actual_value: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -1457,7 +1460,7 @@ class EventStore:
 
         Reads the tables in one snapshot (after replaying the change log),
         reads every item of every aggregate, and reports each difference
-        (:class:`Difference`: missing, extra or wrong key).  With
+        (:class:`Difference`: missing, extra, wrong key or wrong value).  With
         ``repair=True`` the aggregates are then fixed to match the tables.
         ``max_listed`` caps the list (not the counts).  O(n log n).
         """
@@ -1487,11 +1490,18 @@ class EventStore:
             checked: dict = {}
             for a, name in enumerate(AGGREGATE_NAMES):
                 agg = self._tables[a].aggregate
-                actual, odd = _aggregate_items(agg, key_is_none=(a == FOLLOWS))
+                actual, odd, valued = _aggregate_items(agg, key_is_none=(a == FOLLOWS))
                 missing, extra = _diff_rows(expected[a], actual)
                 checked[name] = len(expected[a])
                 found = _classify(name, missing, extra, odd, key_is_none=(a == FOLLOWS))
-                for kind in ("missing", "extra", "wrong_key"):
+                if valued:  # right items with a value other than 0.0
+                    flagged = {(d.namespace, d.actual_key, d.id) for d in found}
+                    found.extend(
+                        Difference(name, "wrong_value", ns, i, k, k, v)
+                        for ns, k, i, v in valued
+                        if (ns, k, i) not in flagged
+                    )
+                for kind in ("missing", "extra", "wrong_key", "wrong_value"):
                     counts[(name, kind)] = sum(1 for d in found if d.kind == kind)
                 if max_listed is None:
                     differences.extend(found)
@@ -1508,42 +1518,69 @@ def _exclusive(key: int) -> Bound:
 
 
 def _aggregate_items(agg: Any, *, key_is_none: bool) -> tuple:
-    """Every item of ``agg`` as an (n, 3) int64 array (namespace, key, id),
-    plus the items that do not fit that form (odd namespaces, ids or keys) as
-    a list of (namespace, key, id)."""
-    parts = []
-    odd = []
+    """Every item of ``agg`` as an (n, 3) int64 array (namespace, key, id)
+    sorted by (namespace, key, id); the items that do not fit that form (odd
+    namespaces, ids or keys) as a list of (namespace, key, id); and the items
+    whose value is not 0.0 as a list of (namespace, key, id, value)."""
+    odd: list = []
+    valued: list = []
+    int_namespaces = []
     for ns in agg.namespaces():
-        keys, ids, _values = agg.to_arrays(namespace=ns)
-        if not len(ids):
-            continue
-        keys, ids = _py_list(keys), _py_list(ids)
-        if not _is_int(ns):
-            odd.extend((ns, k, i) for k, i in zip(keys, ids))
-            continue
-        rows = None
-        try:  # the fast path: every key and id an int
-            ids_arr = np.asarray(ids).astype(np.int64)
-            keys_arr = (np.zeros(len(ids_arr), dtype=np.int64) if key_is_none
-                        else np.asarray(keys).astype(np.int64))
-            if np.array_equal(ids_arr, np.asarray(ids)) and (
-                all(k is None for k in keys) if key_is_none else np.array_equal(keys_arr, np.asarray(keys))
-            ):
-                rows = np.column_stack([np.full(len(ids_arr), ns, dtype=np.int64), keys_arr, ids_arr])
-        except (TypeError, ValueError, OverflowError):
-            pass
-        if rows is None:  # item by item: the odd ones apart
-            good = []
-            for k, i in zip(keys, ids):
+        if _is_int(ns):
+            int_namespaces.append(int(ns))
+        else:
+            keys, ids, _values = agg.to_arrays(namespace=ns)
+            odd.extend(zip([ns] * len(ids), _py_list(keys), _py_list(ids)))
+    int_namespaces.sort()  # items come (key, id)-sorted within a namespace
+    ns_parts, key_parts, id_parts = [], [], []
+    for ns in int_namespaces:
+        keys, ids, values = agg.to_arrays(namespace=ns)
+        nonzero = np.flatnonzero(np.asarray(values, dtype=np.float64))
+        if len(nonzero):
+            k_list, i_list, v_list = _py_list(keys), _py_list(ids), _py_list(values)
+            valued.extend((ns, k_list[j], i_list[j], v_list[j]) for j in nonzero.tolist())
+        keys_i, ids_i = _int_columns(keys, ids, key_is_none)
+        if keys_i is None:  # item by item: the odd ones apart
+            good_k, good_i = [], []
+            for k, i in zip(_py_list(keys), _py_list(ids)):
                 if _is_int(i) and (k is None if key_is_none else _is_int(k)):
-                    good.append((ns, 0 if key_is_none else int(k), int(i)))
+                    good_k.append(0 if key_is_none else int(k))
+                    good_i.append(int(i))
                 else:
                     odd.append((ns, k, i))
-            rows = np.array(good, dtype=np.int64).reshape(-1, 3)
-        parts.append(rows)
-    if parts:
-        return np.concatenate(parts), odd
-    return np.zeros((0, 3), dtype=np.int64), odd
+            keys_i = np.array(good_k, dtype=np.int64)
+            ids_i = np.array(good_i, dtype=np.int64)
+        ns_parts.append(len(ids_i))
+        key_parts.append(keys_i)
+        id_parts.append(ids_i)
+    if not int_namespaces:
+        return np.zeros((0, 3), dtype=np.int64), odd, valued
+    rows = np.empty((sum(ns_parts), 3), dtype=np.int64)
+    rows[:, 0] = np.repeat(np.array(int_namespaces, dtype=np.int64), ns_parts)
+    rows[:, 1] = np.concatenate(key_parts)
+    rows[:, 2] = np.concatenate(id_parts)
+    return rows, odd, valued
+
+
+def _int_columns(keys: Any, ids: Any, key_is_none: bool) -> tuple:
+    """``(keys, ids)`` as exact int64 arrays (zeros for None keys), or
+    ``(None, None)`` if some key or id is not such an int."""
+    try:
+        ids_a = np.asarray(ids)
+        ids_i = ids_a.astype(np.int64)
+        if ids_a.dtype.kind not in "iu" and not (ids_i == ids_a).all():
+            return None, None
+        keys_a = np.asarray(keys)
+        if key_is_none:
+            if not (keys_a.dtype == object and np.equal(keys_a, None).all()):
+                return None, None
+            return np.zeros(len(ids_i), dtype=np.int64), ids_i
+        keys_i = keys_a.astype(np.int64)
+        if keys_a.dtype.kind not in "iu" and not (keys_i == keys_a).all():
+            return None, None
+        return keys_i, ids_i
+    except (TypeError, ValueError, OverflowError):
+        return None, None
 
 
 def _py_list(a: Any) -> list:
@@ -1561,13 +1598,14 @@ def _is_int(x: Any) -> bool:
 
 def _diff_rows(expected: np.ndarray, actual: np.ndarray) -> tuple:
     """Rows of ``expected`` not in ``actual`` and rows of ``actual`` not in
-    ``expected`` (each side has unique rows)."""
+    ``expected`` (each side has unique rows; ``actual`` is sorted)."""
     expected = np.asarray(expected, dtype=np.int64).reshape(-1, 3)
     actual = np.asarray(actual, dtype=np.int64).reshape(-1, 3)
+    expected = expected[np.lexsort((expected[:, 2], expected[:, 1], expected[:, 0]))]
+    if expected.shape == actual.shape and np.array_equal(expected, actual):
+        return expected[:0], actual[:0]  # the common case: no difference
     rows = np.concatenate([expected, actual])
     side = np.concatenate([np.zeros(len(expected), np.int8), np.ones(len(actual), np.int8)])
-    if not len(rows):
-        return expected, actual
     order = np.lexsort((side, rows[:, 2], rows[:, 1], rows[:, 0]))
     rows, side = rows[order], side[order]
     same = np.all(rows[1:] == rows[:-1], axis=1)
@@ -1607,8 +1645,8 @@ def _repair(agg: Any, found: list) -> None:
         if d.kind in ("extra", "wrong_key"):
             agg.delete_if_exists(d.actual_key, d.id, namespace=d.namespace)
     for d in found:
-        if d.kind in ("missing", "wrong_key"):
-            agg.upsert(d.expected_key, d.id, namespace=d.namespace)
+        if d.kind in ("missing", "wrong_key", "wrong_value"):
+            agg.upsert(d.expected_key, d.id, 0.0, namespace=d.namespace)
 
 
 # ---------------------------------------------------------------------------

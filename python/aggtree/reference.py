@@ -39,19 +39,21 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import itertools
 import json
 import math
 import operator
 import random as _random_module
 import re
 import sys
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from ._types import Bound, DuplicateItemError, Item, MissingItemError, Page
 
-__all__ = ["Aggregate", "sort_key", "MAX_KEY_DEPTH"]
+__all__ = ["MAX_KEY_DEPTH", "Aggregate", "sort_key"]
 
 #: Deepest tuple nesting a key may have: a tuple of scalars has depth 1.
 MAX_KEY_DEPTH = 32
@@ -494,7 +496,7 @@ def _reject_constant(name: str):
 class _Tree:
     """One namespace: sort keys and items, parallel lists in (key, id) order."""
 
-    __slots__ = ("sks", "items")
+    __slots__ = ("items", "sks")
 
     def __init__(self) -> None:
         self.sks: list = []
@@ -528,7 +530,7 @@ class Aggregate:
     # -- construction -----------------------------------------------------
 
     @classmethod
-    def from_arrays(cls, keys, ids, values=None, namespaces=None, node_size=64) -> "Aggregate":
+    def from_arrays(cls, keys, ids, values=None, namespaces=None, node_size=64) -> Aggregate:
         """Build an aggregate from parallel arrays (any sequences or 1-d numpy
         arrays) of keys, ids, values (default all 0.0) and namespaces (default
         all None).  Raises ValueError for different lengths, NaN or bad
@@ -556,7 +558,7 @@ class Aggregate:
             groups.setdefault(ns, []).append(((ksk, isk), Item(k, i, v)))
         for ns, entries in groups.items():
             entries.sort(key=_pair_key)
-            for a, b in zip(entries, entries[1:]):
+            for a, b in itertools.pairwise(entries):
                 if a[0] == b[0]:
                     raise DuplicateItemError(
                         f"item (key={_short(b[1].key)}, id={_short(b[1].id)}) occurs twice "
@@ -578,7 +580,7 @@ class Aggregate:
 
     # -- internal helpers -------------------------------------------------
 
-    def _find(self, tree: Optional[_Tree], pair) -> int:
+    def _find(self, tree: _Tree | None, pair) -> int:
         """Index of ``pair`` in ``tree`` or -1."""
         if tree is None:
             return -1
@@ -764,7 +766,7 @@ class Aggregate:
         if not entries:
             return
         entries.sort(key=_pair_key)
-        for a, b in zip(entries, entries[1:]):
+        for a, b in itertools.pairwise(entries):
             if a[0] == b[0]:
                 raise DuplicateItemError(
                     f"item (key={_short(b[1].key)}, id={_short(b[1].id)}) occurs twice in the batch"
@@ -871,14 +873,14 @@ class Aggregate:
             p = bisect.bisect_right(tree.sks, (ksk, isk))
         return hi - min(max(p, lo), hi)
 
-    def min(self, *, namespace=None, lower=None, upper=None, eq=_UNSET, prefix=None) -> Optional[Item]:
+    def min(self, *, namespace=None, lower=None, upper=None, eq=_UNSET, prefix=None) -> Item | None:
         """The first item of the range, or None.  O(log n)."""
         _check_namespace(namespace)
         spec = _parse_bounds(lower, upper, eq, prefix)
         tree, lo, hi = self._range(namespace, spec)
         return tree.items[lo] if lo < hi else None
 
-    def max(self, *, namespace=None, lower=None, upper=None, eq=_UNSET, prefix=None) -> Optional[Item]:
+    def max(self, *, namespace=None, lower=None, upper=None, eq=_UNSET, prefix=None) -> Item | None:
         """The last item of the range, or None.  O(log n)."""
         _check_namespace(namespace)
         spec = _parse_bounds(lower, upper, eq, prefix)
@@ -887,7 +889,7 @@ class Aggregate:
 
     def random(
         self, *, rng=None, namespace=None, lower=None, upper=None, eq=_UNSET, prefix=None
-    ) -> Optional[Item]:
+    ) -> Item | None:
         """A uniformly random item of the range, or None if it is empty.
         Calls ``rng.randrange(n)`` exactly once when the range holds n > 0
         items (default: the :mod:`random` module).  O(log n)."""
@@ -915,7 +917,9 @@ class Aggregate:
         returned cursor names the last item of the page (or is the cursor
         passed in when the page is empty); ``is_done`` is true exactly when
         nothing in the range follows the page.  ValueError for a malformed
-        cursor or ``page_size <= 0``.  O(log n + page_size).
+        cursor (or one from another implementation) or ``page_size <= 0``;
+        TypeError for a cursor that is not a str or a page_size that is not
+        an int (bools included).  O(log n + page_size).
         """
         asc = _ascending(order)
         size = _exact_int(page_size, "page_size")

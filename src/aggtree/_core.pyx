@@ -1127,13 +1127,13 @@ cdef class Aggregate:
             raise TypeError(f"page_size must be an int, not {type(page_size).__name__}")
         if page_size <= 0:
             raise ValueError(f"page_size must be positive, got {page_size}")
-        ck = None
-        if cursor is not None:
+        has_cursor = cursor is not None
+        if has_cursor:
             ck, cid = _parse_cursor(cursor)
         _range(tree, lower, upper, eq, prefix, &lo, &hi)
         if tree is None:
             return Page([], cursor, True)
-        if ck is not None:
+        if has_cursor:
             if desc:
                 g = _gap(tree, ck, cid, True, False)
                 if g < hi:
