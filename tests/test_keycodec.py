@@ -27,14 +27,45 @@ from aggtree._core import (
 
 DBL_MAX = sys.float_info.max
 IMAX = int(DBL_MAX)                 # largest int a double holds
-INT_LO = -IMAX                      # smallest int key accepted
-INT_HI = IMAX + 2**1600 - 1         # largest int key accepted (200-byte remainder)
-INT_LO = -(IMAX + 2**1600) + 1      # smallest int key accepted (d = -inf, remainder from the floor)
+# Ints beyond +-DBL_MAX carry a remainder (v - IMAX, or the magnitude
+# -v - IMAX below -DBL_MAX); up to 200 bytes it has a one-byte length marker,
+# beyond that a 4-byte length.  The last short-form ints on each side:
+SHORT_HI = IMAX + 2**1600 - 1
+SHORT_LO = -(IMAX + 2**1600) + 1
 INF = math.inf
 NAN = math.nan
 MAX_DEPTH = 32
 
 # ------------------------------------------------------------------ oracle --
+
+
+def ref_enc_int(v):
+    """enc(v) of an int, built from the ORDERED ENCODING section of the spec
+    (independently of the codec)."""
+    assert type(v) is int
+    if v < -IMAX:                   # d = -inf, m = -v - IMAX, inverted
+        m = -v - IMAX
+        n = (m.bit_length() + 7) // 8
+        inv = ((1 << (8 * n)) - 1 - m).to_bytes(n, "big")
+        head = b"\x20" + f64key(-INF)
+        if n <= 200:
+            return head + bytes([0xFF - n]) + inv
+        return head + b"\x02" + (0xFFFFFFFF - n).to_bytes(4, "big") + inv
+    if v > IMAX:
+        d = DBL_MAX
+    else:
+        d = float(v)
+        if int(d) > v:
+            d = math.nextafter(d, -INF)
+    r = v - int(d)
+    head = b"\x20" + f64key(d)
+    if r == 0:
+        return head + b"\x01"
+    n = (r.bit_length() + 7) // 8
+    rb = r.to_bytes(n, "big")
+    if n <= 200:
+        return head + bytes([1 + n]) + rb
+    return head + b"\xfe" + n.to_bytes(4, "big") + rb
 
 
 def sort_key(v):
@@ -120,11 +151,15 @@ def nest(depth, leaf=1, kind=tuple):
 
 SPECIAL_INT_BASES = [
     0, 2**53, -(2**53), 2**63, -(2**63), 2**64, -(2**64), 2**100, -(2**100),
-    IMAX, -IMAX, 2**1024, IMAX + 2**1000, INT_HI,
+    IMAX, -IMAX, 2**1024, -(2**1024), IMAX + 2**1000, -IMAX - 2**1000,
+    IMAX + 2**970, -IMAX - 2**970,
+    # short/long remainder boundaries, and 1-, 2-byte carries of the length
+    SHORT_HI, SHORT_LO, IMAX + 2**(8 * 255), -IMAX - 2**(8 * 255),
+    IMAX + 2**(8 * 256), -IMAX - 2**(8 * 256),
+    10**400, -(10**400), 10**1000, -(10**1000), 2**5000, -(2**5000),
 ]
 SPECIAL_INTS = sorted({
     b + o for b in SPECIAL_INT_BASES for o in (-2, -1, 0, 1, 2)
-    if INT_LO <= b + o <= INT_HI
 })
 SPECIAL_FLOATS = [
     0.0, -0.0, 1.0, -1.0, 0.5, INF, -INF, DBL_MAX, -DBL_MAX, 5e-324, -5e-324,
@@ -139,7 +174,8 @@ SPECIAL_CHARS = [
 # a small pool of values with many cross-type equalities and near-ties
 POOL = [
     None, 0, 0.0, -0.0, False, 1, 1.0, True, -1, 2**53, float(2**53), 2**53 + 1,
-    2**53 + 2, IMAX, DBL_MAX, IMAX + 1, INF, -INF, "", "a", "a\x00", "a\x00\x00",
+    2**53 + 2, IMAX, DBL_MAX, IMAX + 1, INF, -INF, -IMAX, -DBL_MAX, -IMAX - 1,
+    SHORT_HI + 1, SHORT_LO - 1, "", "a", "a\x00", "a\x00\x00",
     "a\x01", "\x00", "b", b"", b"a", b"a\x00", b"a\xff", b"\x00", b"\xff",
     (), [], (None,), (0,), [0.0], (False,), (1, "a"), [1.0, "a"], ("a",),
     ("a\x00",), ((),), ([],),
@@ -151,8 +187,12 @@ ints = st.one_of(
     st.integers(-(2**70), 2**70),
     st.sampled_from(SPECIAL_INTS),
     st.builds(lambda b, o: b + o, st.sampled_from(SPECIAL_INT_BASES),
-              st.integers(-5000, 5000)).filter(lambda v: INT_LO <= v <= INT_HI),
-    st.integers(INT_LO, INT_HI),
+              st.integers(-5000, 5000)),
+    st.integers(-(IMAX + 2**1700), IMAX + 2**1700),
+    # beyond +-DBL_MAX, remainders of every length up to 400 bytes
+    st.builds(lambda sign, bits, x: sign * (IMAX + (x >> (3200 - bits)) + 1),
+              st.sampled_from([1, -1]), st.integers(0, 3200),
+              st.integers(0, 2**3200 - 1)),
 )
 floats = st.one_of(
     st.floats(allow_nan=False),

@@ -16,6 +16,9 @@ How a Python call becomes a tree walk
     K_INT     every key is an int with |key| <= 2**53, every id an int64:
               also FAST keys (ints that size are exact doubles); the kind only
               records that keys read back as ints.
+    K_NONE    every key is None, every id an int64 (pure counters, Convex's
+              "sortKey: null"): FAST keys with the head of 0.0, read back as
+              None; bound keys other than None fall after every item.
     K_GENERAL anything else: keys are the memcmp-ordered byte encoding of
               keycodec.pxi.
   An item that does not fit a FAST tree converts it to GENERAL first (read
@@ -73,6 +76,7 @@ cdef enum:
     K_FLOAT = 0
     K_INT = 1
     K_GENERAL = 2
+    K_NONE = 3
 
 # Positions of a bound key in the double domain of a FAST tree.
 cdef enum:
@@ -167,6 +171,9 @@ cdef inline int _item_kind(object key, object id, double *d, int64_t *i) except 
     if overflow:
         return K_GENERAL
     i[0] = v
+    if key is None:
+        d[0] = 0.0
+        return K_NONE
     if PyFloat_Check(key):
         x = PyFloat_AS_DOUBLE(key)
         if isnan(x):
@@ -200,11 +207,17 @@ cdef int _validate_key(object v) except -1:
     return 0
 
 
-cdef int _num_position(object v, double *d) except -1:
-    """Place a bound key in the double domain of a FAST tree (P_* code)."""
+cdef int _num_position(object v, double *d, int kind) except -1:
+    """Place a bound key in the double domain of a FAST tree of `kind` (P_* code)."""
     cdef double x
     cdef int overflow = 0
     cdef long long iv
+    if kind == K_NONE:
+        if v is None:
+            d[0] = 0.0
+            return P_EXACT
+        _validate_key(v)
+        return P_ABOVE        # every other key comes after None
     if v is None:
         return P_BELOW
     if PyFloat_Check(v):
@@ -366,6 +379,8 @@ cdef object _item_at(_Tree tree, agg_key k, double v):
     if tree.kind == K_INT:
         return _mk_item(PyLong_FromLongLong(<long long>agg_key_to_f64(k.head)),
                         PyLong_FromLongLong(agg_key_to_i64(k.rest)), v)
+    if tree.kind == K_NONE:
+        return _mk_item(None, PyLong_FromLongLong(agg_key_to_i64(k.rest)), v)
     key, id = _decode_general(k)
     return _mk_item(key, id, v)
 
@@ -493,7 +508,7 @@ cdef uint64_t _gap(_Tree tree, object key, object id, bint has_id, bint after) e
         finally:
             gkey_free(&g)
         return r
-    pk = _num_position(key, &d)
+    pk = _num_position(key, &d, tree.kind)
     if pk == P_BELOW:
         if has_id:
             _id_position(id, &i)     # still validate the id
@@ -757,7 +772,7 @@ cdef class Aggregate:
             kb_put_item(&g.kb, key, id)          # validate only
             return 0
         if tree.kind != K_GENERAL:
-            pk = _num_position(key, &d)
+            pk = _num_position(key, &d, tree.kind)
             pi = _id_position(id, &i)
             if pk != P_EXACT or pi != P_EXACT:
                 return 0
@@ -1323,13 +1338,32 @@ cdef class Aggregate:
         nss = namespaces.tolist() if isinstance(namespaces, np.ndarray) else list(namespaces)
         if len(nss) != len(ka):
             raise ValueError(f"namespaces has {len(nss)} entries for {len(ka)} items")
+        if len(ka) == 0:
+            return agg
+        if nsa is not None and kind != K_GENERAL:
+            # One sort by (namespace, key, id) for all namespaces, then one
+            # bottom-up build per contiguous run: no per-namespace sorting.
+            uniq, inv = np.unique(nsa, return_inverse=True)
+            order = np.lexsort((ia, ka, inv))
+            ks = np.ascontiguousarray(ka[order], dtype=np.float64)
+            iss = np.ascontiguousarray(ia[order], dtype=np.int64)
+            vs = np.ascontiguousarray(va[order], dtype=np.float64)
+            runs = np.flatnonzero(np.diff(inv[order])) + 1
+            starts = [0] + runs.tolist()
+            ends = runs.tolist() + [len(ks)]
+            names = uniq.tolist()
+            karr = _fast_key_array(ks, iss)
+            for a, b in zip(starts, ends):
+                agg._build_fast_run(karr, vs, ks, iss, a, b, kind, names[inv[order[a]]])
+            return agg
         if nsa is not None:
             uniq, inv = np.unique(nsa, return_inverse=True)
             order = np.argsort(inv, kind="stable")
             bounds = np.searchsorted(inv[order], np.arange(len(uniq) + 1))
+            names = uniq.tolist()
             for g in range(len(uniq)):
                 idx = order[bounds[g]:bounds[g + 1]]
-                agg._load_arrays(ka[idx], ia[idx], va[idx], kind, uniq[g].item())
+                agg._load_arrays(ka[idx], ia[idx], va[idx], kind, names[g])
             return agg
         groups = {}
         for j, ns in enumerate(nss):
@@ -1341,6 +1375,22 @@ cdef class Aggregate:
             idx = np.asarray(idx, dtype=np.intp)
             agg._load_arrays(ka[idx], ia[idx], va[idx], kind, ns)
         return agg
+
+    cdef _build_fast_run(self, cnp.ndarray karr, cnp.ndarray vs, cnp.ndarray ks,
+                         cnp.ndarray iss, Py_ssize_t a, Py_ssize_t b, int kind, namespace):
+        """Build one empty namespace from sorted FAST keys karr[a:b]."""
+        cdef _Tree tree = _new_tree(self._node_size, kind)
+        cdef uint64_t bad = 0
+        cdef agg_status st = agg_tree_build(
+            tree.t, (<agg_key *>cnp.PyArray_DATA(karr)) + a,
+            (<double *>cnp.PyArray_DATA(vs)) + a, <uint64_t>(b - a), &bad)
+        if st == AGG_DUPLICATE:
+            k = ks[a + bad].item()
+            raise DuplicateItemError(
+                f"duplicate item key={_fast_key_obj(kind, _fast_key(k, 0))!r}, "
+                f"id={iss[a + bad].item()!r} in namespace {namespace!r}")
+        _raise_status(st, None, None, namespace)
+        self._trees[namespace] = tree
 
     def _load_arrays(self, cnp.ndarray ka, cnp.ndarray ia, cnp.ndarray va, int kind, namespace):
         """Bulk-load one empty namespace from validated arrays."""
@@ -1365,7 +1415,7 @@ cdef class Aggregate:
         if st == AGG_DUPLICATE:
             k = ks[bad].item()
             raise DuplicateItemError(
-                f"duplicate item key={(int(k) if kind == K_INT else k)!r}, id={iss[bad].item()!r}")
+                f"duplicate item key={_fast_key_obj(kind, _fast_key(k, 0))!r}, id={iss[bad].item()!r}")
         _raise_status(st, None, None, namespace)
         self._trees[namespace] = tree
 
@@ -1387,7 +1437,7 @@ cdef class Aggregate:
         if n == 0:
             return
         if kind == K_GENERAL or (tree is not None and tree.kind != kind):
-            self._insert_many_slow(list(zip(ka.tolist(), ia.tolist(), va.tolist())), namespace)
+            self._insert_many_slow(list(zip(_key_list(ka, kind), ia.tolist(), va.tolist())), namespace)
             return
         if tree is None:
             self._wlock()
@@ -1466,7 +1516,7 @@ cdef class Aggregate:
         if n == 0:
             return
         if tree is None or kind == K_GENERAL or tree.kind == K_GENERAL:
-            items = list(zip(ka.tolist(), ia.tolist()))
+            items = list(zip(_key_list(ka, kind), ia.tolist()))
             seen = set()
             for it in items:
                 enc = _encode_item_ordered(it[0], it[1])
@@ -1513,7 +1563,7 @@ cdef class Aggregate:
         n = len(la)
         lf = _bound_array(la, "lowers")
         uf = _bound_array(ua, "uppers")
-        if tree is None or lf is None or uf is None or tree.kind == K_GENERAL:
+        if tree is None or lf is None or uf is None or tree.kind == K_GENERAL or tree.kind == K_NONE:
             if lf is None:
                 la = la.astype(object)
             if uf is None:
@@ -1584,7 +1634,7 @@ cdef class Aggregate:
                 for k in ka.tolist():
                     _validate_key(k)
             return np.zeros(len(ka), dtype=np.int64)
-        if kf is None or tree.kind == K_GENERAL:
+        if kf is None or tree.kind == K_GENERAL or tree.kind == K_NONE:
             g = np.array([_gap(tree, k, None, False, desc) for k in ka.tolist()], dtype=np.int64)
         else:
             r1, r2 = _rank_pairs(self, tree, kf, kf, not desc, not desc)
@@ -1663,7 +1713,8 @@ cdef class Aggregate:
             hs[j] = (agg_f64_to_key(d), agg_i64_to_key(i))
         if kind != K_GENERAL:
             order = sorted(range(n), key=hs.__getitem__)
-            ka = np.array([its[j][0] for j in order], dtype=np.float64)
+            ka = (np.zeros(n, dtype=np.float64) if kind == K_NONE else
+                  np.array([its[j][0] for j in order], dtype=np.float64))
             ia = np.array([its[j][1] for j in order], dtype=np.int64)
             va = np.array([_value(its[j][2]) for j in order], dtype=np.float64)
             self._load_arrays(ka, ia, va, kind, namespace)
@@ -1687,7 +1738,16 @@ cdef class Aggregate:
 
 # ------------------------------------------------------ array helpers --
 
+cdef list _key_list(ka, int kind):
+    """Python keys of a converted key array (K_NONE arrays hold 0.0 for None)."""
+    if kind == K_NONE:
+        return [None] * len(ka)
+    return ka.tolist()
+
+
 cdef object _fast_key_obj(int kind, agg_key k):
+    if kind == K_NONE:
+        return None
     if kind == K_INT:
         return int(agg_key_to_f64(k.head))
     return agg_key_to_f64(k.head)
@@ -1738,6 +1798,9 @@ cdef tuple _item_arrays(keys, ids, values):
         else:
             ka = ka.astype(np.int64, copy=False)
             kind = K_INT
+    elif kk == "O" and n and all(k is None for k in ka.tolist()):
+        ka = np.zeros(n, dtype=np.float64)
+        kind = K_NONE
     else:
         ka = ka.astype(object, copy=False)
     if ik in "iu" and not (ik == "u" and n and ia.max() > 9223372036854775807):
@@ -1746,6 +1809,8 @@ cdef tuple _item_arrays(keys, ids, values):
         ia = ia.astype(object, copy=False)
         kind = K_GENERAL
     if kind == K_GENERAL:
+        if ka.dtype.kind == "f" and kk == "O":      # all-None keys, general ids
+            ka = np.full(n, None, dtype=object)
         ka = ka.astype(object, copy=False)
         ia = ia.astype(object, copy=False)
     return ka, ia, va, kind
@@ -1855,6 +1920,9 @@ cdef tuple _empty_arrays(_Tree tree):
     if tree.kind == K_INT:
         return (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64),
                 np.empty(0, dtype=np.float64))
+    if tree.kind == K_NONE:
+        return (np.empty(0, dtype=object), np.empty(0, dtype=np.int64),
+                np.empty(0, dtype=np.float64))
     return (np.empty(0, dtype=object), np.empty(0, dtype=object),
             np.empty(0, dtype=np.float64))
 
@@ -1892,6 +1960,8 @@ cdef tuple _split_fast_keys(_Tree tree, cnp.ndarray karr):
             ip[j] = agg_key_to_i64(kp[j].rest)
     if tree.kind == K_INT:
         keys = keys.astype(np.int64)
+    elif tree.kind == K_NONE:
+        keys = np.full(n, None, dtype=object)
     return (keys, ids)
 
 
@@ -1962,5 +2032,5 @@ def _tree_info(Aggregate agg, namespace=None):
     cdef _Tree tree = agg._tree(namespace)
     if tree is None:
         return None
-    return ({K_FLOAT: "float", K_INT: "int", K_GENERAL: "general"}[tree.kind],
+    return ({K_FLOAT: "float", K_INT: "int", K_GENERAL: "general", K_NONE: "none"}[tree.kind],
             agg_tree_depth(tree.t), agg_tree_len(tree.t), agg_tree_nbytes(tree.t))

@@ -11,8 +11,10 @@
 #   None < numbers < str < bytes < tuple
 #   numbers  bool, int, float by exact numeric value (True == 1 == 1.0,
 #            -0.0 == 0.0, big ints exact against floats), -inf/inf allowed,
-#            NaN -> ValueError; ints must lie in
-#            [-DBL_MAX, DBL_MAX + 2**1600) else ValueError
+#            NaN -> ValueError.  Ints of any size: -inf < ints below
+#            -DBL_MAX < -DBL_MAX ... DBL_MAX < ints above DBL_MAX < inf
+#            (sanity limit: |v| - int(DBL_MAX) must fit in 2**31 - 1 bytes,
+#            i.e. about 5e9 decimal digits, else ValueError)
 #   str      by code point (lone surrogates allowed)
 #   bytes    bytewise
 #   tuple    element by element, a shorter prefix first; a list is accepted
@@ -27,10 +29,26 @@
 #   None    0x10
 #   number  0x20, 8 bytes big-endian sortable image of the double d
 #           (-0.0 -> 0.0; negative -> ~bits, else bits | 1<<63), then a
-#           marker: 0x01 when v == d exactly; else (an int that no double
-#           holds) d = the largest double < v (DBL_MAX when v > DBL_MAX),
-#           r = v - d > 0, marker 0x01 + len(rb), then rb = r minimal
-#           big-endian (1..200 bytes, first byte non-zero).
+#           marker byte (never 0x00, never 0xFF) and maybe a remainder:
+#           - v == d exactly (every float; ints a double holds): 0x01.
+#           - an int no double holds, -DBL_MAX < v: d = the largest double
+#             < v (DBL_MAX when v > DBL_MAX), r = v - d > 0, rb = r minimal
+#             big-endian (first byte non-zero), L = len(rb):
+#               L <= 200:  marker 0x01 + L (0x02..0xC9), rb
+#               L >  200:  marker 0xFE, L as 4 bytes big-endian, rb
+#             (L > 122 and 0xFE only occur with d = DBL_MAX: below it r is
+#             under one ulp.)  Order within one d: exact, then by L, then
+#             by rb, i.e. by r.
+#           - an int v < -DBL_MAX: d = -inf, m = -v - int(DBL_MAX) >= 1,
+#             mb = m minimal big-endian, L = len(mb), ~x = x ^ 0xFF..:
+#               L <= 200:  marker 0xFF - L (0xFE..0x37), ~mb
+#               L >  200:  marker 0x02, ~L as 4 bytes big-endian, ~mb
+#             A larger m (smaller v) gets a smaller marker / length code /
+#             bytes, so these sort by v, all after -inf itself (0x01) and
+#             before -DBL_MAX (whose d bytes are larger).
+#           Lengths above 2**31 - 1 are rejected; the decoder also rejects
+#           every non-canonical form (leading zero bytes, a long form for
+#           L <= 200, a remainder on a small / infinite d, r >= one ulp).
 #   str     0x30, UTF-8 ('surrogatepass'), each 0x00 written 0x00 0xFF, 0x00
 #   bytes   0x40, same escaping and terminator
 #   tuple   0x50, enc(e) for each element, 0x00
@@ -105,6 +123,14 @@ cdef extern from *:
         *rem = (uint64_t)x - (uint64_t)ix;
         return d;
     }
+    static inline uint32_t kc_load_be32(const unsigned char *p) {
+        return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16)
+             | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
+    }
+    static inline void kc_store_be32(unsigned char *p, uint32_t v) {
+        p[0] = (unsigned char)(v >> 24); p[1] = (unsigned char)(v >> 16);
+        p[2] = (unsigned char)(v >> 8);  p[3] = (unsigned char)v;
+    }
     static inline int kc_nbytes_u64(uint64_t r) {
         int n = 0;
         while (r) { n++; r >>= 8; }
@@ -123,6 +149,8 @@ cdef extern from *:
     double kc_key_to_f64(unsigned long long k) noexcept nogil
     void kc_store_be64(unsigned char *p, unsigned long long v) noexcept nogil
     unsigned long long kc_load_be64(const unsigned char *p) noexcept nogil
+    unsigned int kc_load_be32(const unsigned char *p) noexcept nogil
+    void kc_store_be32(unsigned char *p, unsigned int v) noexcept nogil
     double kc_i64_floor(long long x, unsigned long long *rem) noexcept nogil
     int kc_nbytes_u64(unsigned long long r) noexcept nogil
     int kc_is_neg_zero(double d) noexcept nogil
@@ -170,7 +198,11 @@ cdef enum:
     KC_SIG_FLOAT = 0x02
     KC_SIG_BOOL = 0x03
     KC_MAX_DEPTH = 32        # tuple/list nesting levels allowed
-    KC_MAX_REM = 200         # remainder bytes allowed for a big int
+    KC_MAX_REM = 200         # longest remainder with a one-byte marker
+    KC_POS_LONG = 0xFE       # d = DBL_MAX: 4-byte length + remainder follow
+    KC_NEG_LONG = 0x02       # d = -inf: inverted 4-byte length + inverted m
+    KC_NEG_SHORT = 0x37      # d = -inf: markers 0x37..0xFE = 0xFF - len(m)
+    KC_MAX_LONG = 0x7FFFFFFF # longest remainder (bytes) accepted at all
     KC_SMALL = 256
 
 # --------------------------------------------------------------- KeyBuf --
@@ -240,8 +272,9 @@ cdef int kc_raise_type(object v) except -1:
 cdef int kc_raise_depth() except -1:
     raise ValueError(f"key nested deeper than {KC_MAX_DEPTH} levels")
 
-cdef int kc_raise_int_range() except -1:
-    raise ValueError("integer key out of range")
+cdef int kc_raise_int_size() except -1:
+    raise ValueError(
+        f"integer key too large: more than {KC_MAX_LONG} bytes beyond DBL_MAX")
 
 cdef inline int kc_put_sig(KeyBuf *sig, unsigned char s) except -1:
     if sig != NULL:
@@ -264,68 +297,65 @@ cdef inline int kc_put_double(KeyBuf *b, double d, KeyBuf *sig,
         kb_put_byte(sig, s)
     return 0
 
+# int(DBL_MAX), the largest int a double holds.
+cdef object KC_IMAX = int(1.7976931348623157e308)
+
+cdef int kc_put_rem(KeyBuf *b, double d, object r, bint neg,
+                    KeyBuf *sig) except -1:
+    """Append 0x20, the image of d, a marker and the remainder r >= 1: r =
+    v - d above -DBL_MAX, or (neg, d = -inf) the magnitude m = -v - IMAX,
+    written with its length code and bytes inverted."""
+    cdef object nbo = (r.bit_length() + 7) // 8
+    cdef Py_ssize_t nb, hdr, k
+    cdef unsigned char *p
+    cdef bytes rb
+    if nbo > KC_MAX_LONG:
+        kc_raise_int_size()
+    nb = nbo
+    rb = r.to_bytes(nb, "big")
+    hdr = 10 if nb <= KC_MAX_REM else 14
+    kb_reserve(b, hdr + nb)
+    p = b.data + b.len
+    p[0] = KC_TAG_NUM
+    kc_store_be64(p + 1, kc_f64_to_key(d))
+    if nb <= KC_MAX_REM:
+        p[9] = <unsigned char>(0xFF - nb if neg else KC_EXACT + nb)
+    elif neg:
+        p[9] = KC_NEG_LONG
+        kc_store_be32(p + 10, <unsigned int>(0xFFFFFFFF - <unsigned int>nb))
+    else:
+        p[9] = KC_POS_LONG
+        kc_store_be32(p + 10, <unsigned int>nb)
+    kc_memcpy(p + hdr, kc_PyBytes_AS_STRING(rb), <size_t>nb)
+    if neg:
+        p += hdr
+        for k in range(nb):
+            p[k] ^= 0xFF
+    b.len += hdr + nb
+    return kc_put_sig(sig, KC_SIG_INT)
+
 cdef int kc_put_bigint(KeyBuf *b, object v, KeyBuf *sig) except -1:
     # Rare path (|v| beyond int64): exact arithmetic with Python ints.
     cdef double d
     cdef object iv, r
-    cdef Py_ssize_t nb
-    cdef unsigned char *p
-    cdef bytes rb
     if type(v) is not int:
         v = int.__int__(v)          # plain int copy, bypasses subclass dunders
     try:
         d = float(v)
     except OverflowError:
-        if v < 0:
-            return kc_put_negbigint(b, v, sig)
+        if v < 0:                   # below -DBL_MAX: d = -inf, m = -v - IMAX
+            return kc_put_rem(b, -KC_INFINITY, -v - KC_IMAX, True, sig)
         d = KC_DBL_MAX
     iv = kc_PyLong_FromDouble(d)
     if iv > v:
         d = kc_next_down(d)
-        if not kc_isfinite(d):
-            return kc_put_negbigint(b, v, sig)
+        if not kc_isfinite(d):      # -IMAX > v: below -DBL_MAX
+            return kc_put_rem(b, d, -v - KC_IMAX, True, sig)
         iv = kc_PyLong_FromDouble(d)
     r = v - iv
     if not r:
         return kc_put_double(b, d, sig, KC_SIG_INT)
-    nb = (r.bit_length() + 7) // 8
-    if nb > KC_MAX_REM:
-        kc_raise_int_range()
-    rb = r.to_bytes(nb, "big")
-    kb_reserve(b, 10 + nb)
-    p = b.data + b.len
-    p[0] = KC_TAG_NUM
-    kc_store_be64(p + 1, kc_f64_to_key(d))
-    p[9] = <unsigned char>(KC_EXACT + nb)
-    kc_memcpy(p + 10, kc_PyBytes_AS_STRING(rb), <size_t>nb)
-    b.len += 10 + nb
-    return kc_put_sig(sig, KC_SIG_INT)
-
-# Ints below -DBL_MAX sit between -inf and -DBL_MAX: they are encoded with
-# d = -inf and the remainder r = v - KC_NEG_FLOOR > 0, where KC_NEG_FLOOR =
-# -(DBL_MAX + 2**1600) is the smallest int accepted; r grows with v, so the
-# bytes order the ints correctly, after -inf itself (marker KC_EXACT).
-cdef object KC_NEG_FLOOR = -(int(1.7976931348623157e308) + (1 << 1600))
-
-cdef int kc_put_negbigint(KeyBuf *b, object v, KeyBuf *sig) except -1:
-    cdef object r = v - KC_NEG_FLOOR
-    cdef Py_ssize_t nb
-    cdef unsigned char *p
-    cdef bytes rb
-    if r <= 0:
-        kc_raise_int_range()
-    nb = (r.bit_length() + 7) // 8
-    if nb > KC_MAX_REM:
-        kc_raise_int_range()
-    rb = r.to_bytes(nb, "big")
-    kb_reserve(b, 10 + nb)
-    p = b.data + b.len
-    p[0] = KC_TAG_NUM
-    kc_store_be64(p + 1, kc_f64_to_key(-KC_INFINITY))
-    p[9] = <unsigned char>(KC_EXACT + nb)
-    kc_memcpy(p + 10, kc_PyBytes_AS_STRING(rb), <size_t>nb)
-    b.len += 10 + nb
-    return kc_put_sig(sig, KC_SIG_INT)
+    return kc_put_rem(b, d, r, False, sig)
 
 cdef inline int kc_put_int(KeyBuf *b, object v, KeyBuf *sig) except -1:
     # v is an int (or int subclass), not a bool.
@@ -505,6 +535,52 @@ cdef int kb_put_item(KeyBuf *b, object key, object id) except -1:
 cdef int kc_corrupt() except -1:
     raise ValueError("corrupt key encoding")
 
+cdef Py_ssize_t kc_rem_span(const unsigned char *p, Py_ssize_t n, Py_ssize_t i,
+                            double d, Py_ssize_t *start) except -1:
+    """Validate the marker and remainder of the number at p[i:n] (double d,
+    marker p[i + 9] != KC_EXACT, 10 bytes available); set *start to the index
+    of the remainder's first byte and return its length."""
+    cdef unsigned char m = p[i + 9]
+    cdef Py_ssize_t j = i + 10
+    cdef Py_ssize_t rl
+    cdef unsigned long long L
+    if d == -KC_INFINITY:
+        # an int below -DBL_MAX: m = -v - IMAX, length code and bytes inverted
+        if m == KC_NEG_LONG:
+            if n - j < 4:
+                kc_corrupt()
+            L = 0xFFFFFFFFULL - <unsigned long long>kc_load_be32(p + j)
+            j += 4
+            if L <= KC_MAX_REM or L > KC_MAX_LONG:
+                kc_corrupt()
+            rl = <Py_ssize_t>L
+        elif m >= KC_NEG_SHORT and m < 0xFF:
+            rl = 0xFF - <Py_ssize_t>m
+        else:
+            kc_corrupt()
+        if n - j < rl or p[j] == 0xFF:
+            kc_corrupt()
+    else:
+        if m == KC_POS_LONG and d == KC_DBL_MAX:
+            if n - j < 4:
+                kc_corrupt()
+            L = <unsigned long long>kc_load_be32(p + j)
+            j += 4
+            if L <= KC_MAX_REM or L > KC_MAX_LONG:
+                kc_corrupt()
+            rl = <Py_ssize_t>L
+        elif m > KC_EXACT and m <= KC_EXACT + KC_MAX_REM:
+            rl = <Py_ssize_t>m - KC_EXACT
+        else:
+            kc_corrupt()
+        if n - j < rl or p[j] == 0:
+            kc_corrupt()
+        # a remainder only follows the floor of an int no double holds
+        if not kc_isfinite(d) or (d < 9007199254740992.0 and d > -9007199254740992.0):
+            kc_corrupt()
+    start[0] = j
+    return rl
+
 cdef Py_ssize_t kc_skip(const unsigned char *p, Py_ssize_t n, Py_ssize_t i,
                         int depth, Py_ssize_t *nnum) except -1:
     """Validate the structure of one enc(v) at p[i:n]; return the index just
@@ -528,14 +604,8 @@ cdef Py_ssize_t kc_skip(const unsigned char *p, Py_ssize_t n, Py_ssize_t i,
         nnum[0] += 1
         if m == KC_EXACT:
             return i + 10
-        rl = <Py_ssize_t>m - KC_EXACT
-        if rl < 1 or rl > KC_MAX_REM or n - (i + 10) < rl or p[i + 10] == 0:
-            kc_corrupt()
-        # a remainder only follows the floor of an int no double holds
-        # (or -inf, for ints below -DBL_MAX)
-        if (not kc_isfinite(d) and d > 0) or (d < 9007199254740992.0 and d > -9007199254740992.0):
-            kc_corrupt()
-        return i + 10 + rl
+        rl = kc_rem_span(p, n, i, d, &j)
+        return j + rl
     if tag == KC_TAG_STR or tag == KC_TAG_BYTES:
         j = i + 1
         while True:
@@ -596,16 +666,25 @@ cdef object kc_dec_escaped(const unsigned char *p, Py_ssize_t start,
     finally:
         kb_free(&tmp)
 
-cdef object kc_dec_bignum(const unsigned char *p, Py_ssize_t i, double d,
-                          Py_ssize_t rl):
-    cdef object iv
-    cdef object r = int.from_bytes(
-        kc_PyBytes_FromStringAndSize(<const char *>(p + i + 10), rl), "big")
+cdef object kc_dec_bignum(const unsigned char *p, Py_ssize_t n, Py_ssize_t i,
+                          double d, Py_ssize_t *pos):
+    """The int at p[i:] (double d, a remainder after it); advance pos."""
+    cdef Py_ssize_t j = 0
+    cdef Py_ssize_t k
+    cdef Py_ssize_t rl = kc_rem_span(p, n, i, d, &j)
+    cdef object iv, r
+    cdef bytes mb
+    cdef unsigned char *q
+    pos[0] = j + rl
     if not kc_isfinite(d):
-        iv = KC_NEG_FLOOR + r
-        if iv >= -int(1.7976931348623157e308):
-            kc_corrupt()            # belongs above -DBL_MAX: non-canonical
-        return iv
+        # d = -inf: v = -IMAX - m, m stored inverted
+        mb = kc_PyBytes_FromStringAndSize(NULL, rl)
+        q = <unsigned char *>kc_PyBytes_AS_STRING(mb)
+        for k in range(rl):
+            q[k] = p[j + k] ^ 0xFF
+        return -KC_IMAX - int.from_bytes(mb, "big")
+    r = int.from_bytes(
+        kc_PyBytes_FromStringAndSize(<const char *>(p + j), rl), "big")
     iv = kc_PyLong_FromDouble(d)
     if d != KC_DBL_MAX and r >= kc_PyLong_FromDouble(kc_next_up(d)) - iv:
         kc_corrupt()                # not the floor: non-canonical
@@ -616,7 +695,7 @@ cdef object kc_dec(const unsigned char *p, Py_ssize_t n, Py_ssize_t *pos,
     """Decode one (already validated) enc(v) at p[pos[0]:]; advance pos.  With
     sig == NULL numbers come back untyped: float when exact, int otherwise."""
     cdef Py_ssize_t i = pos[0]
-    cdef Py_ssize_t j, rl
+    cdef Py_ssize_t j
     cdef unsigned char tag = p[i]
     cdef unsigned char m, s
     cdef double d
@@ -628,13 +707,12 @@ cdef object kc_dec(const unsigned char *p, Py_ssize_t n, Py_ssize_t *pos,
     if tag == KC_TAG_NUM:
         d = kc_key_to_f64(kc_load_be64(p + i + 1))
         m = p[i + 9]
-        rl = <Py_ssize_t>m - KC_EXACT
-        pos[0] = i + 10 + rl
         s = 0
         if sig != NULL:
             s = sig[sigpos[0]]
             sigpos[0] += 1
-        if rl == 0:
+        if m == KC_EXACT:
+            pos[0] = i + 10
             if s == KC_SIG_FLOAT or s == 0:
                 return kc_PyFloat_FromDouble(d)
             if s == KC_SIG_INT:
@@ -651,7 +729,7 @@ cdef object kc_dec(const unsigned char *p, Py_ssize_t n, Py_ssize_t *pos,
             kc_corrupt()
         if s != KC_SIG_INT and s != 0:
             kc_corrupt()
-        return kc_dec_bignum(p, i, d, rl)
+        return kc_dec_bignum(p, n, i, d, pos)
     if tag == KC_TAG_STR or tag == KC_TAG_BYTES:
         j = i + 1
         while True:
