@@ -23,8 +23,8 @@ aggtree against the alternatives a user would pick instead, in the same run:
     bound for vectorised queries.
 ``sqlite``
     an in-memory table ``t(k REAL, id INTEGER, v REAL)`` with the covering
-    index ``t(k, v)``, queried with parameterised ``COUNT(*)`` / ``SUM(v)``
-    over ``k >= ? AND k <= ?``.
+    index ``t(k, v)``, queried with parameterised ``COUNT(*)`` / ``TOTAL(v)``
+    over ``k >= ? AND k <= ?``; one-row INSERT / DELETE statements.
 
 Data: random float keys in [0, 1), int ids (a permutation of 0..n-1), float
 values in [0, 1); generated from fixed seeds, so every implementation sees
@@ -35,14 +35,15 @@ the CI smoke run: every benchmark runs once at small sizes (``SMOKE_SIZES``)
 and still checks its result against a numpy oracle, so the smoke run is a
 correctness check of every benchmark and baseline.  ``AGGTREE_BENCH_FULL=1``
 forces the full sizes even then; ``AGGTREE_BENCH_SIZES=1000,10000`` and
-``AGGTREE_BENCH_BULK=20000`` (queries / ranges of the bulk benchmarks) set
+``AGGTREE_BENCH_BULK=100000`` (ranges of count_many / sum_many) set
 them explicitly (``report.py --quick`` uses them).
 
 Single-operation benchmarks time a *batch* of different random queries per
 round (``BATCH`` = 1000; 100 for sums over wide ranges and for pages) and
 store the batch length as ``extra_info["ops"]``, so that ``stats.min / ops``
-(``extra_info["ns_per_op_min"]``) is the time of one call.  Every implementation in a
-group (``benchmark.group`` = operation and size) runs the same batch.  Slow
+(``extra_info["ns_per_op_min"]``) is the time of one call.  Every
+implementation in a group (``benchmark.group`` = operation and size) runs the
+same batch, so the pytest-benchmark tables compare like with like.  Slow
 baselines (O(n) per call at large n) are timed with ``benchmark.pedantic``
 and a few rounds instead of pytest-benchmark's calibration.
 
@@ -351,7 +352,7 @@ class PyLists:
         return len(self.k)
 
 
-def make_skl(items) -> "SortedKeyList":
+def make_skl(items):
     from sortedcontainers import SortedKeyList
 
     return SortedKeyList(items, key=itemgetter(0))
@@ -442,9 +443,9 @@ class Kit:
 
     def _label(self, benchmark, op, impl, n, ops, info) -> None:
         benchmark.group = f"{op} n={n:,}"
+        default = DEFAULT_NODE_SIZE if impl.startswith("aggtree") else None
         benchmark.extra_info.update(
-            op=op, impl=impl, n=n, ops=ops, native=NATIVE,
-            node_size=info.pop("node_size", DEFAULT_NODE_SIZE if impl.startswith("aggtree") else None),
+            op=op, impl=impl, n=n, ops=ops, native=NATIVE, node_size=info.pop("node_size", default)
         )
         benchmark.extra_info.update(info)
 

@@ -442,10 +442,14 @@ def evaluate_sweep(sweep: dict, default_node_size) -> tuple[dict, list[str]]:
               if small is not None and mem[pick] is not None else "")
            + ". Small nodes make deeper trees (more pointer chasing per count/at) and more "
              "per-node overhead; large nodes make each insert shift more entries.")
-    if default_node_size is not None and default_node_size != pick:
-        d = score(default_node_size)
-        why += (f" The current default ({default_node_size}) scores {d:.2f}x"
-                + (" (within 10%: keep it)" if d <= score(pick) * 1.10 else "") + ".")
+    if default_node_size is not None and default_node_size != pick and default_node_size in mem:
+        d, dm = score(default_node_size), mem[default_node_size]
+        why += f" The current default ({default_node_size}) scores {d:.2f}x"
+        if dm is not None and dm > 32:
+            why += f" but holds {dm:.1f} bytes/item, over the 32-byte bar"
+        elif d <= score(pick) * 1.10:
+            why += " (within 10% of the best: either will do)"
+        why += "."
     md.append(f"\n{why}\n")
     return {"n": n, "best": pick, "best_per_op": best, "table": table, "why": why}, md
 
@@ -497,8 +501,16 @@ def plot(main: dict, out: Path, title: str) -> Path | None:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = out / "scaling.png"
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
+    try:  # a 256-colour palette keeps the file small (the plot uses a few colours)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            small = im.convert("RGB").quantize(colors=256)
+        small.save(path, optimize=True)
+    except Exception:  # noqa: BLE001 - the full-colour PNG is fine too
+        pass
     return path
 
 

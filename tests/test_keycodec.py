@@ -363,8 +363,51 @@ def test_mutated_encodings_never_crash(k, i, data):
     except ValueError:
         return
     assert isinstance(r, tuple) and len(r) == 2
-    # whatever decodes must be a valid key pair again
-    _encode_item(*r)
+    # whatever decodes must be a valid key pair again, and canonical: its
+    # encoding is what was read (the decoder ignores bytes after the sig)
+    assert bytes(e).startswith(_encode_item(*r))
+
+
+@SETTINGS
+@given(ints)
+def test_int_encoding_matches_spec(v):
+    e = _encode_key(v)
+    assert e == ref_enc_int(v), v
+    assert _decode_item(_encode_item(v, None)) == (v, None)
+    got = _decode_key(e)
+    assert got == v and _encode_key(got) == e
+
+
+huge_ints = st.one_of(
+    st.sampled_from([v for v in SPECIAL_INTS if abs(v) > IMAX]),
+    st.builds(lambda sign, bits, x: sign * (IMAX + (x >> (3200 - bits)) + 1),
+              st.sampled_from([1, -1]), st.integers(0, 3200),
+              st.integers(0, 2**3200 - 1)),
+)
+
+
+@SETTINGS
+@given(huge_ints, st.sampled_from([None, 1, 0.5, "x", (2**70,)]), st.data())
+def test_huge_int_corruption(v, other, data):
+    """Truncated or mutated encodings of ints beyond +-DBL_MAX (marker,
+    length field, remainder) are rejected or decode to the canonical value
+    they spell; the decoder never reads past the end."""
+    e = _encode_item(v, other)
+    head = len(_encode_key(v))
+    for cut in range(head):         # every truncation inside enc(v)
+        with pytest.raises(ValueError, match="corrupt key encoding"):
+            _decode_item(e[:cut])
+    m = bytearray(e)
+    for _ in range(data.draw(st.integers(1, 3))):
+        pos = data.draw(st.integers(0, min(len(m) - 1, 20)))
+        m[pos] = data.draw(st.sampled_from([0x00, 0x01, 0x02, 0x36, 0x37, 0x7F,
+                                            0x80, 0xC9, 0xCA, 0xFD, 0xFE, 0xFF]))
+    for cand in (bytes(m), bytes(m[:data.draw(st.integers(0, len(m)))])):
+        try:
+            r = _decode_item(cand)
+        except ValueError:
+            continue
+        assert cand.startswith(_encode_item(*r)), (v, cand[:24].hex())
 
 
 @SETTINGS
@@ -406,16 +449,38 @@ def test_number_layout_details():
     # beyond DBL_MAX: d = DBL_MAX, remainder v - DBL_MAX
     assert _encode_key(IMAX + 1) == b"\x20" + f64key(DBL_MAX) + b"\x02\x01"
     assert _encode_key(IMAX + 256) == b"\x20" + f64key(DBL_MAX) + b"\x03\x01\x00"
-    assert _encode_key(INT_HI) == b"\x20" + f64key(DBL_MAX) + b"\xc9" + b"\xff" * 200
+    assert _encode_key(SHORT_HI) == b"\x20" + f64key(DBL_MAX) + b"\xc9" + b"\xff" * 200
+    # longer remainders: marker 0xFE, 4-byte big-endian length
+    assert (_encode_key(SHORT_HI + 1)
+            == b"\x20" + f64key(DBL_MAX) + b"\xfe\x00\x00\x00\xc9\x01" + b"\x00" * 200)
+    assert (_encode_key(IMAX + 2**(8 * 256) + 5)
+            == b"\x20" + f64key(DBL_MAX) + b"\xfe\x00\x00\x01\x01\x01" + b"\x00" * 255 + b"\x05")
     assert _encode_key(-IMAX) == _encode_key(-DBL_MAX)
+    # below -DBL_MAX: d = -inf, m = -v - IMAX, marker 0xFF - len, ~bytes
+    ninf = b"\x20" + f64key(-INF)
+    assert _encode_key(-INF) == ninf + b"\x01"
+    assert _encode_key(-IMAX - 1) == ninf + b"\xfe\xfe"
+    assert _encode_key(-IMAX - 255) == ninf + b"\xfe\x00"
+    assert _encode_key(-IMAX - 256) == ninf + b"\xfd\xfe\xff"
+    assert _encode_key(SHORT_LO) == ninf + b"\x37" + b"\x00" * 200
+    # ... and longer magnitudes: marker 0x02, ~(4-byte length), ~bytes
+    assert (_encode_key(SHORT_LO - 1)
+            == ninf + b"\x02\xff\xff\xff\x36\xfe" + b"\xff" * 200)
+    assert (_encode_key(-IMAX - 2**(8 * 256) - 5)
+            == ninf + b"\x02\xff\xff\xfe\xfe\xfe" + b"\xff" * 255 + b"\xfa")
 
 
 def test_number_order():
     chain = [
-        -INF, -DBL_MAX, -(2**64) - 1, -(2**64), -(2**53) - 1, -(2.0**53), -1,
+        -INF, -(10**5000), -IMAX - 2**(8 * 256), -IMAX - 2**(8 * 256) + 1,
+        -IMAX - 2**(8 * 255) - 1, -IMAX - 2**(8 * 255), SHORT_LO - 1, SHORT_LO,
+        -(10**400), -(2**1100), -IMAX - 256, -IMAX - 255, -IMAX - 2, -IMAX - 1,
+        -DBL_MAX, -IMAX + 1, -(2**1023) - 1, -(2**64) - 1, -(2**64), -(2**53) - 1, -(2.0**53), -1,
         -5e-324, 0, 5e-324, 0.5, True, 1.5, 2, 2**53, 2**53 + 1, 2.0**53 + 2,
         2**53 + 3, 2**63 - 1, 2.0**63, 2**63 + 1, 2**64 + 1, 2**1023 + 1,
-        DBL_MAX, IMAX + 1, IMAX + 255, IMAX + 256, IMAX + 2**1000, INT_HI, INF,
+        DBL_MAX, IMAX + 1, IMAX + 255, IMAX + 256, IMAX + 2**1000, 10**400,
+        SHORT_HI, SHORT_HI + 1, IMAX + 2**(8 * 255), IMAX + 2**(8 * 255) + 1,
+        IMAX + 2**(8 * 256) - 1, IMAX + 2**(8 * 256), 10**5000, 10**50000, INF,
     ]
     encs = [_encode_key(v) for v in chain]
     for a, b, ea, eb in zip(chain, chain[1:], encs, encs[1:]):
@@ -484,7 +549,7 @@ def test_tuple_layout_and_order():
 
 def test_item_types_preserved():
     k = (1, 1.0, True, False, 2**70, [0, 0.0, -0.0], None, "s", b"b", 2**53 + 1)
-    ident = [IMAX + 5, INT_HI, -IMAX, INF, -INF, (True,)]
+    ident = [IMAX + 5, SHORT_HI, -IMAX, INF, -INF, (True,)]
     e = _encode_item(k, ident)
     assert e.endswith(bytes([1, 2, 3, 3, 1, 1, 2, 2, 1, 1, 1, 1, 2, 2, 3]))
     dk, di = _decode_item(e)
@@ -577,16 +642,23 @@ def test_nan_rejected(bad):
         _encode_item(bad, 1)
 
 
-@pytest.mark.parametrize("bad", [
-    INT_LO - 1, -(IMAX + 2**1600) - 2**970, -(2**1700), -(2**5000), INT_HI + 1,
-    IMAX + 2**1600, 2**1700, 2**10000,
-])
-def test_int_out_of_range(bad):
-    """Integer keys must lie in [INT_LO, INT_HI]."""
-    with pytest.raises(ValueError, match="out of range"):
-        _encode_key(bad)
-    with pytest.raises(ValueError):
-        _encode_item((1, bad), None)
+@pytest.mark.parametrize("v", [
+    SHORT_LO - 1, -(IMAX + 2**1600) - 2**970, -(2**1700), -(2**5000),
+    -(10**20000), SHORT_HI + 1, IMAX + 2**1600, 2**1700, 2**10000, 10**20000,
+    -(2**(8 * 70000)) - 3, 2**(8 * 70000) + 3,
+], ids=lambda v: f"{'-' if v < 0 else '+'}2^{v.bit_length()}")
+def test_ints_of_any_size(v):
+    """Ints of any size are keys (no range limit short of 2**31 bytes)."""
+    e = _encode_key(v)
+    assert e == ref_enc_int(v)
+    assert _decode_item(_encode_item(v, (v, "x"))) == (v, (v, "x"))
+    assert _decode_key(e) == v
+    assert _encode_key(v - 1) < e < _encode_key(v + 1)
+    if v > 0:
+        assert _encode_key(DBL_MAX) < e < _encode_key(INF)
+    else:
+        assert _encode_key(-INF) < e < _encode_key(-DBL_MAX)
+    assert _encode_key((1, v)) == b"\x50" + _encode_key(1) + e + b"\x00"
 
 
 @pytest.mark.parametrize("kind", [tuple, list])
@@ -654,7 +726,40 @@ def _num(d, marker=b"\x01", rem=b""):
     _num(2.0**53, b"\x03", b"\x01") + b"\x10\x01",        # remainder truncated
     _num(1.0, b"\x02", b"\x01") + b"\x10\x01",            # remainder on small double
     _num(INF, b"\x02", b"\x01") + b"\x10\x01",            # remainder on inf
-    _num(DBL_MAX, b"\xca", b"\x01" * 201) + b"\x10\x01",  # remainder too long
+    _num(-INF, b"\x02", b"\x01") + b"\x10\x01",           # long form cut
+    _num(DBL_MAX, b"\xca", b"\x01" * 201) + b"\x10\x01",  # no such marker
+    _num(DBL_MAX, b"\xfd", b"\x01" * 252) + b"\x10\x01",  # no such marker
+    _num(DBL_MAX, b"\xff", b"\x01" * 254) + b"\x10\x01",  # no such marker
+    _num(DBL_MAX, b"\x00", b"") + b"\x10\x01",             # no such marker
+    _num(DBL_MAX, b"\xfe", b"\x00\x00\x00") + b"\x10\x01",  # length cut
+    _num(DBL_MAX, b"\xfe", b"\x00\x00\x00\xc8" + b"\x01" * 200) + b"\x10\x01",  # long form, short length
+    _num(DBL_MAX, b"\xfe", b"\x00\x00\x00\x00") + b"\x10\x01",  # zero length
+    _num(DBL_MAX, b"\xfe", b"\x00\x00\x00\xc9" + b"\x01" * 200) + b"\x10\x01",  # remainder cut
+    _num(DBL_MAX, b"\xfe", b"\x00\x00\x00\xc9\x00" + b"\x01" * 200) + b"\x10\x01",  # leading 0
+    _num(DBL_MAX, b"\xfe", b"\x80\x00\x00\x00\x01") + b"\x10\x01",  # > 2**31 - 1 bytes
+    _num(DBL_MAX, b"\xfe", b"\x7f\xff\xff\xff\x01") + b"\x10\x01",  # claims 2 GB
+    _num(2.0**1000, b"\xfe", b"\x00\x00\x00\xc9\x01" + b"\x00" * 200) + b"\x10\x01",  # long form below DBL_MAX
+    _num(2.0**1000, b"\x7c", b"\x01" * 123) + b"\x10\x01",  # remainder >= ulp
+    _num(DBL_MAX, b"\x02", b"\x01") + b"\x10\x02",    # float with remainder
+    _num(INF, b"\xfe", b"\x00\x00\x00\xc9" + b"\x01" * 201) + b"\x10\x01",  # remainder on inf
+    _num(-INF, b"\xfe", b"") + b"\x10\x01",           # magnitude cut
+    _num(-INF, b"\xfe", b"\xff") + b"\x10\x01",       # magnitude with leading 0
+    _num(-INF, b"\xfd", b"\xff\x00") + b"\x10\x01",   # magnitude with leading 0
+    _num(-INF, b"\x37", b"\x00" * 199) + b"\x10\x01", # magnitude cut
+    _num(-INF, b"\x36", b"\x00" * 201) + b"\x10\x01", # no such marker
+    _num(-INF, b"\x03", b"\x00" * 252) + b"\x10\x01", # no such marker
+    _num(-INF, b"\xff", b"\x00") + b"\x10\x01",       # no such marker
+    _num(-INF, b"\x00", b"\x00") + b"\x10\x01",       # no such marker
+    _num(-INF, b"\x02", b"\xff\xff\xff") + b"\x10\x01",  # length cut
+    _num(-INF, b"\x02", b"\xff\xff\xff\x37" + b"\x00" * 200) + b"\x10\x01",  # long form, short length
+    _num(-INF, b"\x02", b"\xff\xff\xff\xff") + b"\x10\x01",  # zero length
+    _num(-INF, b"\x02", b"\xff\xff\xff\x36" + b"\x00" * 200) + b"\x10\x01",  # magnitude cut
+    _num(-INF, b"\x02", b"\xff\xff\xff\x36\xff" + b"\x00" * 200) + b"\x10\x01",  # leading 0
+    _num(-INF, b"\x02", b"\x7f\xff\xff\xff\x00") + b"\x10\x01",  # > 2**31 - 1 bytes
+    _num(-INF, b"\x02", b"\x80\x00\x00\x00\x00") + b"\x10\x01",  # claims 2 GB
+    _num(-INF, b"\xfe", b"\x00") + b"\x10\x02",       # float with magnitude
+    _num(-INF, b"\xfe", b"\x00") + b"\x10\x03",       # bool with magnitude
+    _num(-DBL_MAX, b"\xfe", b"\x00\x00\x00\xc9\x01" + b"\x00" * 200) + b"\x10\x01",  # long form on -DBL_MAX
     _num(2.0**53, b"\x02", b"\x01") + b"\x10\x02",        # float with remainder
     _num(2.0**53, b"\x02", b"\x01") + b"\x10\x03",        # bool with remainder
     _num(0.5) + b"\x10\x01",               # int that is not integral
@@ -669,7 +774,16 @@ def test_corrupt_rejected(bad):
 
 def test_corrupt_boundaries_accepted():
     assert _decode_item(b"\x50" * 32 + b"\x00" * 32 + b"\x10")[0] == nest(32, leaf=())[0]
-    assert _decode_item(_num(DBL_MAX, b"\xc9", b"\xff" * 200) + b"\x10\x01") == (INT_HI, None)
+    assert _decode_item(_num(DBL_MAX, b"\xc9", b"\xff" * 200) + b"\x10\x01") == (SHORT_HI, None)
+    assert _decode_item(_num(DBL_MAX, b"\xfe", b"\x00\x00\x00\xc9\x01" + b"\x00" * 200)
+                        + b"\x10\x01") == (SHORT_HI + 1, None)
+    assert _decode_item(_num(-INF, b"\xfe", b"\xfe") + b"\x10\x01") == (-IMAX - 1, None)
+    assert _decode_item(_num(-INF, b"\xfe", b"\x00") + b"\x10\x01") == (-IMAX - 255, None)
+    assert _decode_item(_num(-INF, b"\x37", b"\x00" * 200) + b"\x10\x01") == (SHORT_LO, None)
+    assert _decode_item(_num(-INF, b"\x02", b"\xff\xff\xff\x36\xfe" + b"\xff" * 200)
+                        + b"\x10\x01") == (SHORT_LO - 1, None)
+    # a remainder may follow -DBL_MAX (ints just above it)
+    assert _decode_item(_num(-DBL_MAX, b"\x02", b"\x01") + b"\x10\x01") == (-IMAX + 1, None)
     assert _decode_item(_num(0.5) + b"\x10\x02") == (0.5, None)
     assert _decode_item(_num(1.0) + _num(0.0) + b"\x03\x03") == (True, False)
 
@@ -691,11 +805,34 @@ def test_many_numbers_sig_growth():
     assert same(k, dk) and same(ident, di)
 
 
-def test_ints_below_minus_dbl_max():
-    """Ints below -DBL_MAX sit between -inf and -DBL_MAX, in order, and round-trip."""
-    vals = [-INF, INT_LO, INT_LO + 1, -(2**1100), -IMAX - 2, -IMAX - 1, -DBL_MAX, -IMAX + 1]
+def test_ints_beyond_dbl_max():
+    """Ints below -DBL_MAX sit between -inf and -DBL_MAX, ints above DBL_MAX
+    between DBL_MAX and inf, in order, and round-trip exactly."""
+    vals = [-INF, -(10**5000), SHORT_LO - 1, SHORT_LO, -(2**1100), -IMAX - 2,
+            -IMAX - 1, -DBL_MAX, -IMAX + 1, 0, IMAX - 1, DBL_MAX, IMAX + 1,
+            2**1100, SHORT_HI, SHORT_HI + 1, 10**5000, INF]
     encs = [_encode_key(v) for v in vals]
-    assert encs[6] == _encode_key(-IMAX)
-    assert all(a < b for a, b in zip(encs, encs[1:6])) and encs[5] < encs[7]
-    for v in (INT_LO, -(2**1100), -IMAX - 1):
-        assert _decode_item(_encode_item(v, v)) == (v, v)
+    assert encs[7] == _encode_key(-IMAX) and encs[11] == _encode_key(IMAX)
+    assert all(a < b for a, b in zip(encs, encs[1:]))
+    for v in vals:
+        if isinstance(v, int):
+            assert _decode_item(_encode_item(v, v)) == (v, v)
+    for v in (SHORT_LO - 1, -(10**5000), SHORT_HI + 1, 10**5000):
+        dk, di = _decode_item(_encode_item((v, "a"), [v]))
+        assert dk == (v, "a") and di == (v,) and type(dk[0]) is int
+
+
+def test_huge_int_bounds():
+    """Bounds built from huge ints (enc(k), enc(k) + 0xFF, enc(k) + enc(id))
+    place items exactly, also against the core's compare."""
+    ks = [-INF, -(10**5000), SHORT_LO - 1, -IMAX - 1, -DBL_MAX, 0, DBL_MAX,
+          IMAX + 1, SHORT_HI + 1, 10**5000, INF]
+    items = [_encode_item(k, i) for k in ks for i in (None, 10**400, "z")]
+    for k in ks:
+        lo, hi = _encode_key(k), _encode_key(k) + b"\xff"
+        for k2 in ks:
+            for i2 in (None, 10**400, "z"):
+                e = _encode_item(k2, i2)
+                assert (e < lo) == (k2 < k) and (core_cmp(e, lo) < 0) == (k2 < k)
+                assert (e < hi) == (k2 <= k) and (core_cmp(e, hi) < 0) == (k2 <= k)
+    assert items == sorted(items)

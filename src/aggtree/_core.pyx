@@ -572,6 +572,32 @@ cdef int _range(_Tree tree, object lower, object upper, object eq, object prefix
     cdef GKey g
     cdef agg_key k
     cdef bint has_eq = eq is not _UNSET
+    cdef double x
+    # Fast path: bare float bounds (inclusive, no id) on a numeric tree.
+    if (tree is not None and tree.kind <= K_INT and not has_eq and prefix is None
+            and (lower is None or PyFloat_CheckExact(lower))
+            and (upper is None or PyFloat_CheckExact(upper))):
+        if lower is None:
+            a = 0
+        else:
+            x = PyFloat_AS_DOUBLE(lower)
+            if isnan(x):
+                raise ValueError("key must not be NaN")
+            k.head = agg_f64_to_key(x + 0.0)
+            k.rest = _ID_MIN
+            a = agg_tree_rank(tree.t, k, 0)
+        if upper is None:
+            b = agg_tree_len(tree.t)
+        else:
+            x = PyFloat_AS_DOUBLE(upper)
+            if isnan(x):
+                raise ValueError("key must not be NaN")
+            k.head = agg_f64_to_key(x + 0.0)
+            k.rest = _ID_MAX
+            b = agg_tree_rank(tree.t, k, 1)
+        lo[0] = a
+        hi[0] = b if b > a else a
+        return 0
     if has_eq or prefix is not None:
         if lower is not None or upper is not None or (has_eq and prefix is not None):
             raise ValueError("eq, prefix and lower/upper are exclusive: pass only one form of bounds")
@@ -1903,14 +1929,67 @@ cdef tuple _rank_pairs(Aggregate agg, _Tree tree, cnp.ndarray lf, cnp.ndarray uf
                 lkp[j].rest = lrest
                 ukp[j].head = agg_f64_to_key(up[j] + 0.0)
                 ukp[j].rest = urest
-            agg_tree_rank_many(tree.t, lkp, n, not lower_inclusive, <uint64_t *>lop)
-            agg_tree_rank_many(tree.t, ukp, n, upper_inclusive, <uint64_t *>hip)
+            _rank_many_sorted(tree.t, lkp, n, not lower_inclusive, <uint64_t *>lop)
+            _rank_many_sorted(tree.t, ukp, n, upper_inclusive, <uint64_t *>hip)
             for j in range(n):
                 if hip[j] < lop[j]:
                     hip[j] = lop[j]
     finally:
         agg._wunlock()
     return lo, hi
+
+
+cdef extern from "stdlib.h":
+    void qsort(void *base, size_t nmemb, size_t size,
+               int (*compar)(const void *, const void *) noexcept nogil) nogil
+
+
+cdef struct _KeyIdx:
+    uint64_t head
+    uint64_t idx
+
+
+cdef int _keyidx_cmp(const void *a, const void *b) noexcept nogil:
+    cdef uint64_t x = (<const _KeyIdx *>a).head, y = (<const _KeyIdx *>b).head
+    return (x > y) - (x < y)
+
+
+cdef void _rank_many_sorted(const agg_tree *t, const agg_key *keys, Py_ssize_t n,
+                            int after, uint64_t *out) noexcept nogil:
+    """out[i] = rank(keys[i]) for keys sharing one `rest`, visiting them in
+    sorted order so that consecutive descents share their path (the core's
+    rank_many reuses it); falls back to input order when sorting fails or the
+    batch is small."""
+    cdef Py_ssize_t j
+    cdef _KeyIdx *ki
+    cdef agg_key *sk
+    cdef uint64_t *so
+    cdef bint sorted_already = True
+    for j in range(1, n):
+        if keys[j].head < keys[j - 1].head:
+            sorted_already = False
+            break
+    if sorted_already or n < 2048:
+        agg_tree_rank_many(t, keys, <uint64_t>n, after, out)
+        return
+    ki = <_KeyIdx *>malloc(n * sizeof(_KeyIdx))
+    sk = <agg_key *>malloc(n * sizeof(agg_key))
+    so = <uint64_t *>malloc(n * sizeof(uint64_t))
+    if ki == NULL or sk == NULL or so == NULL:
+        free(ki); free(sk); free(so)
+        agg_tree_rank_many(t, keys, <uint64_t>n, after, out)
+        return
+    for j in range(n):
+        ki[j].head = keys[j].head
+        ki[j].idx = <uint64_t>j
+    qsort(ki, <size_t>n, sizeof(_KeyIdx), _keyidx_cmp)
+    for j in range(n):
+        sk[j].head = ki[j].head
+        sk[j].rest = keys[ki[j].idx].rest
+    agg_tree_rank_many(t, sk, <uint64_t>n, after, so)
+    for j in range(n):
+        out[ki[j].idx] = so[j]
+    free(ki); free(sk); free(so)
 
 
 cdef tuple _empty_arrays(_Tree tree):

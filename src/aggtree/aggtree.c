@@ -2238,6 +2238,1109 @@ agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
 }
 
 /* ====================================================================== */
+/*  Batch insert of a sorted run (section 13)                             */
+/* ====================================================================== */
+
+/* a < b under the tree's mode. */
+AGG_INLINE int key_lt(const agg_tree *t, agg_key a, agg_key b)
+{
+    return t->mode == AGG_KEYS_FAST ? key_lt_fast(a, b) : key_cmp_general(a, b) < 0;
+}
+
+/* Number of a[0..n) < k under the tree's mode. */
+AGG_INLINE uint32_t keys_count_lt(const agg_tree *t, const agg_key *a, uint32_t n, agg_key k)
+{
+    return t->mode == AGG_KEYS_FAST ? fast_count_lt(a, n, k) : general_count_lt(a, n, k);
+}
+
+/* Number of a[0..n) <= k under the tree's mode. */
+AGG_INLINE uint32_t keys_count_le(const agg_tree *t, const agg_key *a, uint32_t n, agg_key k)
+{
+    return t->mode == AGG_KEYS_FAST ? fast_count_le(a, n, k) : general_count_le(a, n, k);
+}
+
+/* Temporary memory of a batch operation: through the failure injector,
+ * not counted in nbytes. */
+static void *scratch_alloc(size_t size)
+{
+    return raw_alloc(size ? size : 1);
+}
+
+/* A double-double being accumulated exactly: `exact` stays 1 while
+ * hi + lo is exactly the sum of what was added (canonical form). */
+typedef struct ddsum {
+    double hi;                   /* rounded sum */
+    double lo;                   /* its error */
+    int exact;                   /* hi + lo is exactly the sum */
+} ddsum;
+
+AGG_INLINE void dds_zero(ddsum *s)
+{
+    s->hi = s->lo = 0.0;
+    s->exact = 1;
+}
+
+/* s += sign * (h + l), where (h, l) is exact iff ex: stays exact if the
+ * result is again exactly a double-double, else s becomes inexact. */
+AGG_INLINE void dds_add(ddsum *s, double h, double l, int ex, int neg)
+{
+    double a, b;
+    if (!s->exact)
+        return;
+    if (!ex) {
+        s->exact = 0;
+        return;
+    }
+    if (h == 0.0 && l == 0.0)
+        return;
+    if (neg) {
+        h = -h;
+        l = -l;
+    }
+    a = s->hi;
+    b = s->lo;
+    if (dd_add_exact(&a, &b, h) && dd_add_exact(&a, &b, l)) {
+        s->hi = a;
+        s->lo = b;
+    } else {
+        s->exact = 0;
+    }
+}
+
+/* Exact sum of v[0..n) (v NULL: n zeros) as a ddsum. */
+static ddsum vals_ddsum(const double *v, uint64_t n)
+{
+    ddsum s;
+    dds_zero(&s);
+    if (v && n) {
+        double h = 0.0, l = 0.0;
+        uint64_t i = 0;
+        int ex = 1;
+        for (; i < n && ex; i++)
+            ex = dd_step(&h, &l, v[i]);
+        if (ex)
+            ex = dd_finish(&h, &l, ex);
+        s.hi = h;
+        s.lo = l;
+        s.exact = ex;
+    }
+    return s;
+}
+
+/* Entry j of internal node p now summarises a child holding cnt items
+ * whose sum changed by d: O(1) if the entry and d are exact and the
+ * result stays exact, else recomputed from the child (section 8). */
+static void entry_apply(const agg_tree *t, node *p, uint32_t j, uint64_t cnt, const ddsum *d)
+{
+    double *hi = inner_hi(t, p), *lo = inner_lo(t, p);
+    inner_cnt(t, p)[j] = cnt;
+    if (inner_ex(t, p)[j] && d->exact) {
+        double h = hi[j], l = lo[j];
+        if (d->hi == 0.0 && d->lo == 0.0)
+            return;
+        if (dd_add_exact(&h, &l, d->hi) && dd_add_exact(&h, &l, d->lo)) {
+            hi[j] = h;
+            lo[j] = l;
+            return;
+        }
+    }
+    inner_refresh(t, p, j);
+}
+
+/* Number of nodes a level list of E entries (or items) is cut into when
+ * it no longer fits in one node. */
+AGG_INLINE uint64_t pack_count(uint64_t e, uint32_t cap)
+{
+    return e <= cap ? 1 : (e + cap - 1) / cap;
+}
+
+/* Size and first position of node i of the s nodes sharing e entries:
+ * `full` (the last node of its level) packs cap each and the last takes
+ * the rest (at least 2: an internal node on the rightmost path needs 2
+ * children); otherwise the entries are shared evenly (each >= min). */
+static void pack_span(uint64_t e, uint64_t s, uint64_t i, int full, uint32_t cap,
+                      uint64_t *base, uint32_t *size)
+{
+    if (s == 1) {
+        *base = 0;
+        *size = (uint32_t)e;
+    } else if (full) {
+        uint64_t last = e - (s - 1) * cap;
+        *base = i * cap;
+        *size = cap;
+        if (last == 1) {            /* [.., cap - 1, 2] */
+            if (i + 2 == s)
+                *size = cap - 1;
+            else if (i + 1 == s) {
+                *base = i * cap - 1;
+                *size = 2;
+            }
+        } else if (i + 1 == s) {
+            *size = (uint32_t)last;
+        }
+    } else {
+        uint64_t f = e / s, r = e % s;
+        *base = i * f + (i < r ? i : r);
+        *size = (uint32_t)(f + (i < r));
+    }
+}
+
+/* A path through the tree that moves forward with increasing keys.  Upper
+ * bounds are kept as references to separator slots, never as copies: a
+ * GENERAL separator that gets replaced may free its tail. */
+typedef struct finger {
+    node *path[MAX_DEPTH];       /* path[d]: node at level d (0 = root, depth - 1 = leaf) */
+    uint32_t idx[MAX_DEPTH];     /* path[d + 1] is child idx[d] of path[d] */
+    node *hn[MAX_DEPTH];         /* keys of path[d] are < separator hs[d] of hn[d]; NULL: unbounded */
+    uint32_t hs[MAX_DEPTH];
+} finger;
+
+/* Deepest level whose path node holds keys up to k (keys only increase,
+ * so lower bounds never need checking). */
+AGG_INLINE int finger_level(const agg_tree *t, const finger *f, agg_key k)
+{
+    int d;
+    for (d = (int)t->depth - 1; d > 0; d--)
+        if (!f->hn[d] || key_lt(t, k, node_keys(f->hn[d])[f->hs[d]]))
+            return d;
+    return 0;
+}
+
+/* Re-descend from level d to the leaf for k.  resume: k is known to be >=
+ * separator idx[d] + 1 of path[d], so the search starts there. */
+static void finger_descend(const agg_tree *t, finger *f, int d, agg_key k, int resume)
+{
+    int last = (int)t->depth - 1;
+    for (; d < last; d++) {
+        node *x = f->path[d];
+        const agg_key *sep = node_keys(x);
+        uint32_t s = resume ? f->idx[d] + 1 : 0, i;
+        resume = 0;
+        i = s + keys_count_le(t, sep + s + 1, x->count - 1 - s, k);
+        f->idx[d] = i;
+        f->path[d + 1] = inner_child(t, x)[i];
+        if (i + 1 < x->count) {
+            f->hn[d + 1] = x;
+            f->hs[d + 1] = i + 1;
+        } else {
+            f->hn[d + 1] = f->hn[d];
+            f->hs[d + 1] = f->hs[d];
+        }
+    }
+}
+
+/* What one leaf does in a batch insert (planned by the check pass,
+ * executed by the apply pass).  Stream of the leaf = the carry received
+ * from its left neighbour, then its own items merged with its new keys.
+ * The smallest `spill` stream items go to the end of the left neighbour,
+ * the next `keep` stay, the rest go to `nnew` new leaves after it (xnew
+ * items) or, as a carry of `cout` items, to the front of leaf j + 1. */
+typedef struct lop {
+    node *leaf;                  /* the leaf: child j of its parent */
+    uint64_t start;              /* index of its first new key */
+    uint64_t k;                  /* new keys (0: it only absorbs a carry) */
+    uint64_t nnew;               /* new leaves after it */
+    uint64_t xnew;               /* items in them */
+    uint32_t j;                  /* its index in the parent (0 at the root) */
+    uint32_t keep;               /* its final item count */
+    uint32_t spill;              /* items moved to the left neighbour */
+    uint32_t cout;               /* items carried into the right neighbour */
+    uint8_t full;                /* new leaves packed full (rightmost) */
+} lop;
+
+/* The new keys of one leaf, found by the check pass. */
+typedef struct bgroup {
+    node *leaf;                  /* the leaf */
+    uint64_t start;              /* first key */
+    uint64_t k;                  /* how many */
+    uint32_t j;                  /* the leaf's index in its parent */
+    uint32_t L;                  /* its item count (read by the search phase) */
+} bgroup;
+
+/* Check pass: the route phase left path node x at level lev after the
+ * first `gend` groups. */
+typedef struct bevent {
+    node *x;                     /* the node */
+    uint64_t gend;               /* groups created before */
+    int32_t lev;                 /* its level */
+    uint8_t rm;                  /* it is the last node of its level */
+} bevent;
+
+/* A new node waiting to enter its parent: after the child that had index
+ * `pos` before the batch. */
+typedef struct pend {
+    entry e;                     /* its entry (the separator's reference included) */
+    uint32_t pos;                /* original index of the child it follows */
+} pend;
+
+/* Pre-allocated nodes. */
+typedef struct pool {
+    node **a;                    /* the nodes */
+    uint64_t n;                  /* how many */
+    uint64_t used;               /* handed out */
+} pool;
+
+#ifdef BINS_TIMING
+#include <time.h>
+static double bins_tm[8];
+static double bins_now(void){struct timespec ts;clock_gettime(CLOCK_THREAD_CPUTIME_ID,&ts);return ts.tv_sec+1e-9*ts.tv_nsec;}
+#define BINS_T(i) (bins_tm[i] = bins_now())
+#define BINS_TB(i) BINS_T(i)
+#define BINS_REPORT() fprintf(stderr, "route %.2f search %.2f plan %.2f | check %.2f ms reserve %.2f ms apply %.2f ms free %.2f ms (ops %llu, new leaves %llu inner %llu)\n", 1e3*(bins_tm[5]-bins_tm[0]), 1e3*(bins_tm[6]-bins_tm[5]), 1e3*(bins_tm[1]-bins_tm[6]), 1e3*(bins_tm[1]-bins_tm[0]), 1e3*(bins_tm[2]-bins_tm[1]), 1e3*(bins_tm[3]-bins_tm[2]), 1e3*(bins_tm[4]-bins_tm[3]), (unsigned long long)b.nops, (unsigned long long)b.new_leaves, (unsigned long long)b.new_inner)
+#else
+#define BINS_T(i) ((void)0)
+#define BINS_REPORT() ((void)0)
+#endif
+/* State of one agg_tree_insert_sorted. */
+typedef struct bins {
+    agg_tree *t;
+    const agg_key *keys;         /* the caller's keys */
+    agg_key *own;                /* GENERAL: the tree's copies (tails owned), else NULL */
+    const agg_key *sk;           /* the keys to store: own or keys */
+    const double *vals;          /* values, NULL = all 0.0 */
+    uint64_t n;                  /* number of keys */
+    uint32_t *pos;               /* per key: items of its leaf < it, before the batch */
+    bgroup *grp;                 /* per touched leaf, in key order */
+    uint64_t ngrp;
+    uint64_t capgrp;
+    bevent *ev;                  /* path nodes left by the route phase, in order */
+    uint64_t nev;
+    uint64_t capev;
+    lop *ops;                    /* per leaf to rewrite, in key order */
+    uint64_t nops;
+    uint64_t capops;
+    uint64_t grow[MAX_DEPTH];    /* plan: new children of the current node per level */
+    uint64_t maxpend[MAX_DEPTH]; /* most new nodes at level d under one parent */
+    uint64_t maxsplit;           /* longest entry list of a splitting node */
+    uint64_t rootgrow;           /* new siblings of the root */
+    uint64_t new_leaves;         /* nodes the apply pass will take */
+    uint64_t new_inner;
+    finger f;
+    pool leaves;                 /* apply pass: reserved nodes */
+    pool inner;
+    pend *pending[MAX_DEPTH];    /* new nodes at level d waiting for their parent */
+    uint64_t npending[MAX_DEPTH];
+    entry *tmp;                  /* entry list of a splitting node */
+    uint64_t ntmp;
+    agg_key *ck[2];              /* carry buffers (cap items each) */
+    double *cv[2];
+    int cur;                     /* the buffer holding the carry in */
+    uint32_t cn;                 /* carry in: items */
+    ddsum csum;                  /* carry in: their sum */
+    uint64_t dcnt[MAX_DEPTH];    /* new items under the path node per level */
+    ddsum dsum[MAX_DEPTH];       /* their values' sum */
+} bins;
+
+/* The i-th key of the run as the tree compares it. */
+AGG_INLINE agg_key bins_key(const bins *b, uint64_t i)
+{
+    return key_normalize(b->t, b->keys[i]);
+}
+
+/* Make room for one more element in a growing scratch array (before
+ * anything is modified).  0 on allocation failure. */
+static int grow_array(void **a, uint64_t *cap, uint64_t used, size_t size)
+{
+    void *na;
+    uint64_t nc;
+    if (used < *cap)
+        return 1;
+    nc = *cap ? 2 * *cap : 64;
+    na = scratch_alloc((size_t)nc * size);
+    if (!na)
+        return 0;
+    if (used)
+        memcpy(na, *a, (size_t)used * size);
+    free(*a);
+    *a = na;
+    *cap = nc;
+    return 1;
+}
+
+/* Append a leaf op. */
+static int ops_push(bins *b, const lop *op)
+{
+    if (!grow_array((void **)&b->ops, &b->capops, b->nops, sizeof *op))
+        return 0;
+    b->ops[b->nops++] = *op;
+    return 1;
+}
+
+/* Plan the leaves of parent P (NULL: the root is a leaf) from its groups
+ * g[0..ng) (section 13: fit, carry right, spill left, absorb into an
+ * untouched right neighbour, or new leaves).  Returns 0 on allocation
+ * failure; *grown = new leaves under P. */
+static int plan_leaf_ops(bins *b, node *P, int rm_parent, const bgroup *grp, uint64_t ng,
+                         uint64_t *grown)
+{
+    const agg_tree *t = b->t;
+    uint32_t cap = t->cap, min = t->min, c = 0, prev_keep = 0;
+    int64_t prev_j = -1;
+    int prev_emit = 0;
+    uint64_t total = 0, r;
+    for (r = 0; r < ng; r++) {
+        const bgroup *g = &grp[r];
+        uint32_t j = g->j;
+        uint64_t T = (uint64_t)c + g->L + g->k;
+        int last = !P || j + 1 == P->count;
+        lop op;
+        memset(&op, 0, sizeof op);
+        op.leaf = g->leaf;
+        op.start = g->start;
+        op.k = g->k;
+        op.j = j;
+        if (T <= cap) {
+            op.keep = (uint32_t)T;
+            c = 0;
+        } else {
+            uint64_t X = T - cap;
+            int rm = rm_parent && last;
+            int next = r + 1 < ng && grp[r + 1].j == j + 1;
+            op.keep = cap;
+            c = 0;
+            if (X >= min) {         /* new leaves after it */
+                op.xnew = X;
+                op.nnew = pack_count(X, cap);
+                op.full = (uint8_t)rm;
+            } else if (next) {      /* carry into the next touched leaf */
+                op.cout = (uint32_t)X;
+                c = (uint32_t)X;
+            } else {
+                uint32_t room = 0;
+                if (P && j > 0) {
+                    if (prev_j == (int64_t)j - 1)
+                        room = prev_emit ? 0 : cap - prev_keep;
+                    else
+                        room = cap - inner_child(t, P)[j - 1]->count;
+                }
+                if (room >= X) {    /* spill into the left neighbour */
+                    op.spill = (uint32_t)X;
+                } else if (!last && inner_child(t, P)[j + 1]->count + X <= cap) {
+                    lop ab;         /* the untouched right neighbour absorbs it */
+                    node *nb = inner_child(t, P)[j + 1];
+                    op.cout = (uint32_t)X;
+                    if (!ops_push(b, &op))
+                        return 0;
+                    memset(&ab, 0, sizeof ab);
+                    ab.leaf = nb;
+                    ab.start = g->start + g->k;
+                    ab.j = j + 1;
+                    ab.keep = nb->count + (uint32_t)X;
+                    if (!ops_push(b, &ab))
+                        return 0;
+                    prev_j = j + 1;
+                    prev_keep = ab.keep;
+                    prev_emit = 0;
+                    continue;
+                } else if (rm) {    /* the tree's last leaf: a short new last leaf */
+                    op.nnew = 1;
+                    op.xnew = X;
+                    op.full = 1;
+                } else {            /* share with one new leaf, both >= min */
+                    op.keep = (uint32_t)(T - T / 2);
+                    op.nnew = 1;
+                    op.xnew = T / 2;
+                }
+            }
+        }
+        if (!ops_push(b, &op))
+            return 0;
+        total += op.nnew;
+        prev_j = j;
+        prev_keep = op.keep;
+        prev_emit = op.nnew > 0;
+    }
+    *grown = total;
+    return 1;
+}
+
+/* Route phase: record that path node `lev` is left after the groups so
+ * far. */
+static int route_event(bins *b, int lev)
+{
+    bevent *e;
+    if (!grow_array((void **)&b->ev, &b->capev, b->nev, sizeof *e))
+        return 0;
+    e = &b->ev[b->nev++];
+    e->x = b->f.path[lev];
+    e->gend = b->ngrp;
+    e->lev = lev;
+    e->rm = (uint8_t)(b->f.hn[lev] == NULL);
+    return 1;
+}
+
+/* Route phase: keys [start, i) go to the finger's leaf. */
+static int route_group(bins *b, uint64_t start, uint64_t i)
+{
+    int D = (int)b->t->depth;
+    bgroup *g;
+    if (!grow_array((void **)&b->grp, &b->capgrp, b->ngrp, sizeof *g))
+        return 0;
+    g = &b->grp[b->ngrp++];
+    g->leaf = b->f.path[D - 1];
+    g->start = start;
+    g->k = i - start;
+    g->j = D >= 2 ? b->f.idx[D - 2] : 0;
+    g->L = 0;
+    AGG_PREFETCH(g->leaf);
+    return 1;
+}
+
+/* Prefetch distances (in groups / ops) of the pipelined passes: the
+ * header of a leaf is fetched PF_FAR steps ahead, its keys (whose extent
+ * the header gives) PF_NEAR steps ahead. */
+#define PF_FAR 12
+#define PF_NEAR 5
+
+/* Check pass (reads only), three phases:
+ *  route   the keys are routed to their leaves through the internal nodes
+ *          alone (one compare per key while it stays in a leaf), giving
+ *          the groups and the sequence of path nodes left;
+ *  search  every group is searched in its leaf, the leaves prefetched a
+ *          few groups ahead so that their cache misses overlap: the first
+ *          key already present is reported, the others get their
+ *          positions;
+ *  plan    the sequence is replayed: each parent's leaf ops, then the
+ *          number of new nodes per level. */
+static agg_status bins_check(bins *b, uint64_t *bad_index)
+{
+    agg_tree *t = b->t;
+    finger *f = &b->f;
+    int D = (int)t->depth, lev;
+    uint64_t i, gs = 0, g, e, gi;
+    f->path[0] = t->root;
+    f->hn[0] = NULL;
+    f->hs[0] = 0;
+    finger_descend(t, f, 0, bins_key(b, 0), 0);
+    /* route */
+    if (D == 1) {
+        if (!route_group(b, 0, b->n))
+            return AGG_NOMEM;
+    } else {
+        node *hn = f->hn[D - 1];
+        uint32_t hs = f->hs[D - 1];
+        for (i = 1; i < b->n; i++) {
+            agg_key k = bins_key(b, i);
+            int d;
+            if (!hn || key_lt(t, k, node_keys(hn)[hs]))
+                continue;           /* same leaf */
+            d = finger_level(t, f, k);
+            if (!route_group(b, gs, i))
+                return AGG_NOMEM;
+            for (lev = D - 2; lev > d; lev--)
+                if (!route_event(b, lev))
+                    return AGG_NOMEM;
+            finger_descend(t, f, d, k, 1);
+            hn = f->hn[D - 1];
+            hs = f->hs[D - 1];
+            gs = i;
+        }
+        if (!route_group(b, gs, b->n))
+            return AGG_NOMEM;
+        for (lev = D - 2; lev >= 0; lev--)
+            if (!route_event(b, lev))
+                return AGG_NOMEM;
+    }
+    BINS_T(5);
+    /* search */
+    for (g = 0; g < b->ngrp; g++) {
+        bgroup *gr = &b->grp[g];
+        node *lf = gr->leaf;
+        const agg_key *lk = node_keys(lf);
+        uint32_t lo = 0, cnt;
+        if (g + PF_FAR < b->ngrp)
+            AGG_PREFETCH(b->grp[g + PF_FAR].leaf);
+        if (g + PF_NEAR < b->ngrp) {
+            node *x = b->grp[g + PF_NEAR].leaf;
+            keys_prefetch(node_keys(x), x->count);
+        }
+        cnt = gr->L = lf->count;
+        for (i = gr->start; i < gr->start + gr->k; i++) {
+            agg_key k = bins_key(b, i);
+            uint32_t p = lo + keys_count_lt(t, lk + lo, cnt - lo, k);
+            if (p < cnt && key_cmp(t, lk[p], k) == 0) {
+                if (bad_index)
+                    *bad_index = i;
+                return AGG_DUPLICATE;
+            }
+            b->pos[i] = p;
+            lo = p;
+        }
+    }
+    BINS_T(6);
+    /* plan */
+    if (D == 1) {
+        if (!plan_leaf_ops(b, NULL, 1, b->grp, b->ngrp, &b->rootgrow))
+            return AGG_NOMEM;
+        b->new_leaves = b->rootgrow;
+    }
+    gi = 0;
+    for (e = 0; e < b->nev; e++) {
+        const bevent *ev = &b->ev[e];
+        uint64_t gr, sz, cnt;
+        if (ev->lev == D - 2) {
+            if (!plan_leaf_ops(b, ev->x, ev->rm, b->grp + gi, ev->gend - gi, &gr))
+                return AGG_NOMEM;
+            gi = ev->gend;
+            b->new_leaves += gr;
+        } else {
+            gr = b->grow[ev->lev];
+        }
+        b->grow[ev->lev] = 0;
+        if (gr > b->maxpend[ev->lev + 1])
+            b->maxpend[ev->lev + 1] = gr;
+        sz = ev->x->count + gr;
+        cnt = pack_count(sz, t->cap);
+        if (cnt > 1) {
+            b->new_inner += cnt - 1;
+            if (sz > b->maxsplit)
+                b->maxsplit = sz;
+        }
+        if (ev->lev > 0)
+            b->grow[ev->lev - 1] += cnt - 1;
+        else
+            b->rootgrow = cnt - 1;
+    }
+    if (b->rootgrow > b->maxpend[0])
+        b->maxpend[0] = b->rootgrow;
+    if (b->rootgrow) {              /* new levels above the root */
+        uint64_t cnt = b->rootgrow + 1;
+        while (cnt > 1) {
+            cnt = pack_count(cnt, t->cap);
+            b->new_inner += cnt;
+        }
+    }
+    return AGG_OK;
+}
+
+/* Size and first rank (within the op's xnew items) of new leaf i: packed
+ * full with the rest in the last one (the tree's last leaf may hold
+ * fewer than min), or shared evenly. */
+AGG_INLINE void newleaf_span(const lop *op, uint32_t cap, uint64_t i, uint64_t *base,
+                             uint32_t *size)
+{
+    if (op->full) {
+        *base = i * cap;
+        *size = i + 1 < op->nnew ? cap : (uint32_t)(op->xnew - (op->nnew - 1) * cap);
+    } else {
+        uint64_t f = op->xnew / op->nnew, r = op->xnew % op->nnew;
+        *base = i * f + (i < r ? i : r);
+        *size = (uint32_t)(f + (i < r));
+    }
+}
+
+/* Copy n items (values NULL: zeros); the ranges may overlap. */
+AGG_INLINE void items_move(agg_key *dk, double *dv, const agg_key *sk, const double *sv,
+                           uint64_t n)
+{
+    memmove(dk, sk, (size_t)n * sizeof *dk);
+    if (sv)
+        memmove(dv, sv, (size_t)n * sizeof *dv);
+    else {
+        uint64_t i;
+        for (i = 0; i < n; i++)
+            dv[i] = 0.0;
+    }
+}
+
+/* Where the top of a leaf's stream goes: the op's new leaves (filled from
+ * the last one down) or the carry buffer. */
+typedef struct topw {
+    agg_key *k;                  /* current destination */
+    double *v;
+    uint64_t base;               /* top rank of its slot 0 */
+    uint64_t i;                  /* current new leaf */
+    node **nl;                   /* the op's new leaves, NULL for the carry buffer */
+    const lop *op;
+} topw;
+
+/* Write cnt items at top ranks [r, r + cnt); writes come in decreasing
+ * rank order. */
+static void topw_put(const agg_tree *t, topw *w, uint64_t r, const agg_key *sk,
+                     const double *sv, uint64_t cnt)
+{
+    while (cnt) {
+        uint64_t lo, m;
+        if (r + cnt <= w->base) {
+            uint32_t size;
+            w->i--;
+            newleaf_span(w->op, t->cap, w->i, &w->base, &size);
+            w->k = node_keys(w->nl[w->i]);
+            w->v = leaf_vals(t, w->nl[w->i]);
+            continue;
+        }
+        lo = r > w->base ? r : w->base;
+        m = r + cnt - lo;
+        items_move(w->k + (lo - w->base), w->v + (lo - w->base), sk + (lo - r),
+                   sv ? sv + (lo - r) : NULL, m);
+        cnt -= m;
+    }
+}
+
+/* Write cnt stream items at ranks [r, r + cnt): below `keep` into the
+ * leaf itself (in place: the destination never lies below the source),
+ * the rest to the top destination. */
+AGG_INLINE void stream_put(const agg_tree *t, topw *w, agg_key *lk, double *lv, uint32_t keep,
+                           uint64_t r, const agg_key *sk, const double *sv, uint64_t cnt)
+{
+    if (r + cnt > keep) {
+        uint64_t lo = r > keep ? r : keep;
+        topw_put(t, w, lo - keep, sk + (lo - r), sv ? sv + (lo - r) : NULL, r + cnt - lo);
+        cnt = lo - r;
+    }
+    if (cnt == 1) {
+        lk[r] = sk[0];
+        lv[r] = sv ? sv[0] : 0.0;
+    } else if (cnt && lk + r != sk) {
+        items_move(lk + r, lv + r, sk, sv, cnt);
+    }
+}
+
+/* Queue a new node's entry for its parent. */
+AGG_INLINE void pend_push(bins *b, int lev, const entry *e, uint32_t pos)
+{
+    pend *p = &b->pending[lev][b->npending[lev]++];
+    p->e = *e;
+    p->pos = pos;
+}
+
+/* Apply pass: execute one leaf op (parent P, NULL when the root is a
+ * leaf).  Nothing here can fail. */
+static void exec_leaf_op(bins *b, const lop *op, node *P)
+{
+    agg_tree *t = b->t;
+    int D = (int)t->depth;
+    node *lf = op->leaf;
+    agg_key *lk = node_keys(lf);
+    double *lv = leaf_vals(t, lf);
+    uint32_t L = lf->count, keep = op->keep, li = 0, ci = 0, c = b->cn, cc, p;
+    uint64_t k = op->k, gi = 0, g, g0, i;
+    const agg_key *G = b->sk + op->start;
+    const double *GV = b->vals ? b->vals + op->start : NULL;
+    const uint32_t *pos = b->pos + op->start;
+    agg_key *Ck = b->ck[b->cur];
+    double *Cv = b->cv[b->cur];
+    node **nl = NULL;
+    ddsum delta, gsum, ssum, csum_next;
+    topw w;
+
+    dds_zero(&delta);
+    dds_zero(&ssum);
+    dds_zero(&csum_next);
+    if (c)
+        dds_add(&delta, b->csum.hi, b->csum.lo, b->csum.exact, 0);
+    gsum = vals_ddsum(GV, k);
+    dds_add(&delta, gsum.hi, gsum.lo, gsum.exact, 0);
+
+    /* 1. the smallest `spill` stream items go to the end of the left leaf */
+    if (op->spill) {
+        node *left = lf->prev;
+        agg_key *ak = node_keys(left) + left->count;
+        double *av = leaf_vals(t, left) + left->count;
+        uint32_t s = op->spill, x = 0;
+        for (; x < s && ci < c; x++, ci++) {
+            ak[x] = Ck[ci];
+            av[x] = Cv[ci];
+        }
+        for (; x < s; x++) {
+            if (gi < k && pos[gi] <= li) {
+                ak[x] = G[gi];
+                av[x] = GV ? GV[gi] : 0.0;
+                gi++;
+            } else {
+                ak[x] = lk[li];
+                av[x] = lv[li];
+                li++;
+            }
+        }
+        left->count += s;
+        ssum = vals_ddsum(av, s);
+        dds_add(&delta, ssum.hi, ssum.lo, ssum.exact, 1);
+        if (li) {
+            memmove(lk, lk + li, (size_t)(L - li) * sizeof *lk);
+            memmove(lv, lv + li, (size_t)(L - li) * sizeof *lv);
+            L -= li;
+        }
+        if (P) {
+            entry_apply(t, P, op->j - 1, inner_cnt(t, P)[op->j - 1] + s, &ssum);
+        }
+    }
+
+    /* 2. the top destination */
+    memset(&w, 0, sizeof w);
+    w.op = op;
+    if (op->nnew) {
+        uint32_t size;
+        nl = b->leaves.a + b->leaves.used;
+        b->leaves.used += op->nnew;
+        w.nl = nl;
+        w.i = op->nnew - 1;
+        newleaf_span(op, t->cap, w.i, &w.base, &size);
+        w.k = node_keys(nl[w.i]);
+        w.v = leaf_vals(t, nl[w.i]);
+    } else {
+        w.k = b->ck[b->cur ^ 1];
+        w.v = b->cv[b->cur ^ 1];
+    }
+
+    /* 3. backward merge of carry, leaf items and new keys: runs of new
+     * keys between two leaf items move as one block */
+    cc = c - ci;
+    g = k;
+    while (g > gi) {
+        p = pos[g - 1] - li;
+        g0 = g - 1;
+        while (g0 > gi && pos[g0 - 1] == pos[g - 1])
+            g0--;
+        {
+            uint64_t rk = (uint64_t)cc + p + (g0 - gi);   /* rank of G[g0] */
+            if (L > p)
+                stream_put(t, &w, lk, lv, keep, rk + (g - g0), lk + p, lv + p, L - p);
+            stream_put(t, &w, lk, lv, keep, rk, G + g0, GV ? GV + g0 : NULL, g - g0);
+        }
+        L = p;
+        g = g0;
+    }
+    if (L && (cc || L > keep))
+        stream_put(t, &w, lk, lv, keep, cc, lk, lv, L);
+    if (cc)
+        stream_put(t, &w, lk, lv, keep, 0, Ck + ci, Cv + ci, cc);
+    lf->count = keep;
+
+    /* 4. new leaves: chain, entries for the parent, their sums leave */
+    if (op->nnew) {
+        node *prev = lf;
+        int plev = D - 1;
+        for (i = 0; i < op->nnew; i++) {
+            uint64_t base;
+            uint32_t size;
+            entry e;
+            agg_key s;
+            newleaf_span(op, t->cap, i, &base, &size);
+            nl[i]->count = size;
+            leaf_link_after(t, prev, nl[i]);
+            prev = nl[i];
+            s = node_keys(nl[i])[0];
+            tail_ref(t, s);
+            e = entry_make(t, nl[i], s);
+            dds_add(&delta, e.hi, e.lo, e.exact, 1);
+            pend_push(b, plev, &e, op->j);
+        }
+    }
+    if (op->cout) {
+        csum_next = vals_ddsum(b->cv[b->cur ^ 1], op->cout);
+        dds_add(&delta, csum_next.hi, csum_next.lo, csum_next.exact, 1);
+        b->cur ^= 1;
+    }
+    b->cn = op->cout;
+    b->csum = csum_next;
+
+    /* 5. the parent's entries */
+    if (P) {
+        entry_apply(t, P, op->j, keep, &delta);
+        if ((c || op->spill) && op->j > 0)
+            inner_set_sep(t, P, op->j, lk[0]);
+        b->dcnt[D - 2] += k;
+        dds_add(&b->dsum[D - 2], gsum.hi, gsum.lo, gsum.exact, 0);
+    }
+}
+
+/* Apply pass: the path node at level lev is left.  Its new children enter
+ * it (in place if they fit, else it is cut into packed nodes whose
+ * entries wait for its parent); its entry in the parent is updated. */
+static void apply_finalize(bins *b, int lev)
+{
+    agg_tree *t = b->t;
+    finger *f = &b->f;
+    node *x = f->path[lev], *parent = lev > 0 ? f->path[lev - 1] : NULL;
+    uint32_t pj = lev > 0 ? f->idx[lev - 1] : 0, cap = t->cap;
+    pend *pl = b->pending[lev + 1];
+    uint64_t np = b->npending[lev + 1], e = x->count + np;
+    if (e <= cap) {
+        if (np) {                   /* insert the new entries, last first */
+            uint32_t i = x->count, w = (uint32_t)e;
+            uint64_t pi = np;
+            while (pi > 0) {
+                const pend *pe = &pl[pi - 1];
+                uint32_t m = i - (pe->pos + 1);
+                inner_shift(t, x, pe->pos + 1, w - m, m);
+                w -= m;
+                i = pe->pos + 1;
+                inner_put(t, x, --w, &pe->e);
+                pi--;
+            }
+            x->count = (uint32_t)e;
+        }
+        if (parent)
+            entry_apply(t, parent, pj, inner_cnt(t, parent)[pj] + b->dcnt[lev], &b->dsum[lev]);
+    } else {
+        entry *tmp = b->tmp;
+        uint64_t w = 0, pi = 0, s, q;
+        uint32_t i;
+        int full = f->hn[lev] == NULL;
+        for (i = 0; i < x->count; i++) {
+            entry *te = &tmp[w++];
+            te->sep = node_keys(x)[i];
+            te->child = inner_child(t, x)[i];
+            te->cnt = inner_cnt(t, x)[i];
+            te->hi = inner_hi(t, x)[i];
+            te->lo = inner_lo(t, x)[i];
+            te->exact = inner_ex(t, x)[i];
+            while (pi < np && pl[pi].pos == i)
+                tmp[w++] = pl[pi++].e;
+        }
+        s = pack_count(e, cap);
+        for (q = 0; q < s; q++) {
+            uint64_t base;
+            uint32_t size, m;
+            node *nd = q == 0 ? x : b->inner.a[b->inner.used++];
+            pack_span(e, s, q, full, cap, &base, &size);
+            for (m = 0; m < size; m++)
+                inner_put(t, nd, m, &tmp[base + m]);
+            nd->count = size;
+            if (q > 0) {
+                agg_key up = node_keys(nd)[0];
+                entry ne;
+                node_keys(nd)[0].head = 0;
+                node_keys(nd)[0].rest = 0;
+                ne = entry_make(t, nd, up);
+                pend_push(b, lev, &ne, pj);
+            }
+        }
+        if (parent)
+            inner_refresh(t, parent, pj);
+    }
+    b->npending[lev + 1] = 0;
+    if (lev > 0) {
+        b->dcnt[lev - 1] += b->dcnt[lev];
+        dds_add(&b->dsum[lev - 1], b->dsum[lev].hi, b->dsum[lev].lo, b->dsum[lev].exact, 0);
+    }
+    b->dcnt[lev] = 0;
+    dds_zero(&b->dsum[lev]);
+}
+
+/* Apply pass: the root got new siblings; stack new levels on top (packed
+ * full, as the last node of a level). */
+static void grow_root(bins *b)
+{
+    agg_tree *t = b->t;
+    entry *r = b->tmp;
+    uint64_t m = b->npending[0] + 1, i;
+    agg_key zero = {0, 0};
+    r[0] = entry_make(t, t->root, zero);
+    for (i = 1; i < m; i++)
+        r[i] = b->pending[0][i - 1].e;
+    b->npending[0] = 0;
+    while (m > 1) {
+        uint64_t s = pack_count(m, t->cap), q;
+        for (q = 0; q < s; q++) {
+            uint64_t base;
+            uint32_t size, j;
+            node *nd = b->inner.a[b->inner.used++];
+            agg_key up;
+            pack_span(m, s, q, 1, t->cap, &base, &size);
+            for (j = 0; j < size; j++)
+                inner_put(t, nd, j, &r[base + j]);
+            nd->count = size;
+            up = node_keys(nd)[0];
+            node_keys(nd)[0].head = 0;
+            node_keys(nd)[0].rest = 0;
+            r[q] = entry_make(t, nd, up);   /* q <= base: already consumed */
+        }
+        m = s;
+        t->depth++;
+    }
+    t->root = r[0].child;
+}
+
+/* Apply pass: walk the ops in key order; nothing can fail. */
+static void bins_apply(bins *b)
+{
+    agg_tree *t = b->t;
+    finger *f = &b->f;
+    int D = (int)t->depth, lev;
+    uint64_t r;
+    f->path[0] = t->root;
+    f->hn[0] = NULL;
+    f->hs[0] = 0;
+    b->cur = 0;
+    b->cn = 0;
+    dds_zero(&b->csum);
+    for (lev = 0; lev < D; lev++) {
+        b->dcnt[lev] = 0;
+        dds_zero(&b->dsum[lev]);
+        b->npending[lev] = 0;
+    }
+    for (r = 0; r < b->nops; r++) {
+        const lop *op = &b->ops[r];
+        if (r + PF_FAR < b->nops)
+            AGG_PREFETCH(b->ops[r + PF_FAR].leaf);
+        if (r + PF_NEAR < b->nops) {
+            node *x = b->ops[r + PF_NEAR].leaf;
+            keys_prefetch(node_keys(x), x->count);
+            vals_prefetch(t, x);
+        }
+        if (op->k) {
+            agg_key k0 = b->sk[op->start];
+            if (r == 0) {
+                finger_descend(t, f, 0, k0, 0);
+            } else {
+                int d = finger_level(t, f, k0);
+                if (d < D - 1) {
+                    for (lev = D - 2; lev > d; lev--)
+                        apply_finalize(b, lev);
+                    finger_descend(t, f, d, k0, 1);
+                }
+            }
+        }
+        exec_leaf_op(b, op, D >= 2 ? f->path[D - 2] : NULL);
+    }
+    for (lev = D - 2; lev >= 0; lev--)
+        apply_finalize(b, lev);
+    if (b->npending[0])
+        grow_root(b);
+    t->len += b->n;
+}
+
+/* Free everything a batch insert holds; with `unreserve` also the
+ * reserved nodes not handed out and the tail copies (failure paths). */
+static void bins_free(bins *b, int unreserve)
+{
+    agg_tree *t = b->t;
+    int d;
+    if (unreserve) {
+        uint64_t i;
+        for (i = b->leaves.used; i < b->leaves.n; i++)
+            mem_free(t, b->leaves.a[i], t->leaf_bytes);
+        for (i = b->inner.used; i < b->inner.n; i++)
+            mem_free(t, b->inner.a[i], t->inner_bytes);
+        if (b->own)
+            for (i = 0; i < b->n; i++)
+                tail_release(t, b->own[i]);
+    }
+    free(b->leaves.a);
+    free(b->inner.a);
+    free(b->own);
+    free(b->pos);
+    free(b->ops);
+    free(b->grp);
+    free(b->ev);
+    for (d = 0; d < MAX_DEPTH; d++)
+        free(b->pending[d]);
+    free(b->tmp);
+    free(b->ck[0]);
+    free(b->cv[0]);
+}
+
+/* Reserve everything the plan needs: nodes, tail copies, buffers.  0 if
+ * an allocation failed (the caller unwinds with bins_free(b, 1)). */
+static int bins_reserve(bins *b)
+{
+    agg_tree *t = b->t;
+    uint64_t i;
+    int d;
+    /* the pool arrays first, so that unwinding knows what exists */
+    b->leaves.a = (node **)scratch_alloc((size_t)b->new_leaves * sizeof(node *));
+    b->inner.a = (node **)scratch_alloc((size_t)b->new_inner * sizeof(node *));
+    if (!b->leaves.a || !b->inner.a)
+        return 0;
+    for (i = 0; i < b->new_leaves; i++) {
+        if (!(b->leaves.a[i] = leaf_new(t)))
+            return 0;
+        b->leaves.n++;
+    }
+    for (i = 0; i < b->new_inner; i++) {
+        if (!(b->inner.a[i] = inner_new(t)))
+            return 0;
+        b->inner.n++;
+    }
+    for (d = 0; d < (int)t->depth; d++)
+        if (b->maxpend[d] &&
+            !(b->pending[d] = (pend *)scratch_alloc((size_t)b->maxpend[d] * sizeof(pend))))
+            return 0;
+    b->ntmp = b->maxsplit > b->rootgrow + 1 ? b->maxsplit : b->rootgrow + 1;
+    if (!(b->tmp = (entry *)scratch_alloc((size_t)b->ntmp * sizeof(entry))))
+        return 0;
+    b->ck[0] = (agg_key *)scratch_alloc(2 * (size_t)t->cap * sizeof(agg_key));
+    b->cv[0] = (double *)scratch_alloc(2 * (size_t)t->cap * sizeof(double));
+    if (!b->ck[0] || !b->cv[0])
+        return 0;
+    b->ck[1] = b->ck[0] + t->cap;
+    b->cv[1] = b->cv[0] + t->cap;
+    if (t->mode == AGG_KEYS_GENERAL) {
+        b->own = (agg_key *)scratch_alloc((size_t)b->n * sizeof(agg_key));
+        if (!b->own)
+            return 0;
+        for (i = 0; i < b->n; i++) {
+            if (!tail_copy(t, bins_key(b, i), &b->own[i])) {
+                uint64_t j;
+                for (j = 0; j < i; j++)
+                    tail_release(t, b->own[j]);
+                free(b->own);
+                b->own = NULL;
+                return 0;
+            }
+        }
+        b->sk = b->own;
+    }
+    return 1;
+}
+
+
+/* See aggtree.h and section 13. */
+agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double *values,
+                                  uint64_t n, uint64_t *bad_index)
+{
+    bins b;
+    uint64_t i;
+    agg_status st;
+    if (n == 0)
+        return AGG_OK;
+    /* 1. order, before anything else */
+    for (i = 1; i < n; i++) {
+        if (!key_lt(t, key_normalize(t, keys[i - 1]), key_normalize(t, keys[i]))) {
+            if (bad_index)
+                *bad_index = i;
+            return AGG_INVALID;
+        }
+    }
+    if (!t->root)
+        return agg_tree_build(t, keys, values, n, bad_index);
+    memset(&b, 0, sizeof b);
+    b.t = t;
+    b.keys = keys;
+    b.sk = keys;
+    b.vals = values;
+    b.n = n;
+    /* 2. check and plan (reads only) */
+    b.pos = (uint32_t *)scratch_alloc((size_t)n * sizeof(uint32_t));
+    if (!b.pos) {
+        bins_free(&b, 1);
+        return AGG_NOMEM;
+    }
+    BINS_T(0);
+    st = bins_check(&b, bad_index);
+    BINS_T(1);
+    if (st != AGG_OK) {
+        bins_free(&b, 1);
+        return st;
+    }
+    /* 3. reserve */
+    if (!bins_reserve(&b)) {
+        bins_free(&b, 1);
+        return AGG_NOMEM;
+    }
+    BINS_T(2);
+    /* 4. apply: cannot fail */
+    bins_apply(&b);
+    BINS_T(3);
+    bins_free(&b, 0);
+    BINS_T(4);
+    BINS_REPORT();
+    return AGG_OK;
+}
+
+/* ====================================================================== */
 /*  Checker                                                               */
 /* ====================================================================== */
 

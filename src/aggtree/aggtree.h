@@ -176,6 +176,27 @@ agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
                           const double *values, uint64_t n,
                           uint64_t *bad_index);
 
+/* Insert n new items whose keys are strictly increasing, all or nothing:
+ * the batch form of agg_tree_insert (overwrite == 0) for the vectorised
+ * API.  Checked before anything changes, in this order:
+ *   AGG_INVALID    keys[i] <= keys[i - 1] for some i (equal neighbours
+ *                  included; the caller tells the two apart by comparing
+ *                  keys[i - 1] and keys[i]); *bad_index = the first such i;
+ *   AGG_DUPLICATE  keys[i] is already in the tree; *bad_index = the
+ *                  smallest such i;
+ *   AGG_NOMEM      an allocation failed (possibly before the duplicate
+ *                  check finished).
+ * On any of them the tree is exactly as before (same items, nbytes,
+ * depth); *bad_index (may be NULL) is written only with INVALID and
+ * DUPLICATE.  values NULL = all 0.0.  GENERAL tails are copied, as by
+ * insert.  Into an empty tree this is agg_tree_build.  Walks the touched
+ * leaves once in key order, merging each leaf's new items in one pass:
+ * O(n + touched leaves * node_size) plus O(log) per touched parent
+ * (section 13 of aggtree.c). */
+agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys,
+                                  const double *values, uint64_t n,
+                                  uint64_t *bad_index);
+
 /* --------------------------------------------------------------- reads -- */
 
 /* 1 and *value (may be NULL) if the key is present, else 0.  O(log n). */
