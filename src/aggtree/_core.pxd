@@ -53,10 +53,19 @@ cdef extern from "aggtree.h" nogil:
     agg_status agg_tree_insert(agg_tree *t, agg_key key, double value,
                                int overwrite, int *existed, double *old_value)
     agg_status agg_tree_delete(agg_tree *t, agg_key key, double *old_value)
+    agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
+                                      uint64_t *bad_index)
     void agg_tree_clear(agg_tree *t)
     agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
                               const double *values, uint64_t n,
                               uint64_t *bad_index)
+
+    agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys,
+                                      const double *values, uint64_t n,
+                                      uint64_t *bad_index)
+    agg_status agg_keys_sort(agg_key *keys, double *values, uint64_t n)
+    agg_status agg_tree_build_unsorted(agg_tree *t, agg_key *keys, double *values,
+                                       uint64_t n, uint64_t *bad_index)
 
     int agg_tree_get(const agg_tree *t, agg_key key, double *value)
     uint64_t agg_tree_rank(const agg_tree *t, agg_key key, int after)

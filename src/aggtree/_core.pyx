@@ -1370,7 +1370,7 @@ cdef class Aggregate:
             # One sort by (namespace, key, id) for all namespaces, then one
             # bottom-up build per contiguous run: no per-namespace sorting.
             uniq, inv = np.unique(nsa, return_inverse=True)
-            order = np.lexsort((ia, ka, inv))
+            order = np.argsort(inv, kind="stable")
             ks = np.ascontiguousarray(ka[order], dtype=np.float64)
             iss = np.ascontiguousarray(ia[order], dtype=np.int64)
             vs = np.ascontiguousarray(va[order], dtype=np.float64)
@@ -1404,17 +1404,14 @@ cdef class Aggregate:
 
     cdef _build_fast_run(self, cnp.ndarray karr, cnp.ndarray vs, cnp.ndarray ks,
                          cnp.ndarray iss, Py_ssize_t a, Py_ssize_t b, int kind, namespace):
-        """Build one empty namespace from sorted FAST keys karr[a:b]."""
+        """Build one empty namespace from the FAST keys karr[a:b] (sorted here)."""
         cdef _Tree tree = _new_tree(self._node_size, kind)
         cdef uint64_t bad = 0
-        cdef agg_status st = agg_tree_build(
-            tree.t, (<agg_key *>cnp.PyArray_DATA(karr)) + a,
-            (<double *>cnp.PyArray_DATA(vs)) + a, <uint64_t>(b - a), &bad)
+        cdef agg_key *kp = (<agg_key *>cnp.PyArray_DATA(karr)) + a
+        cdef agg_status st = agg_tree_build_unsorted(
+            tree.t, kp, (<double *>cnp.PyArray_DATA(vs)) + a, <uint64_t>(b - a), &bad)
         if st == AGG_DUPLICATE:
-            k = ks[a + bad].item()
-            raise DuplicateItemError(
-                f"duplicate item key={_fast_key_obj(kind, _fast_key(k, 0))!r}, "
-                f"id={iss[a + bad].item()!r} in namespace {namespace!r}")
+            _raise_dup_fast(kind, kp[bad], namespace, f" in namespace {namespace!r}")
         _raise_status(st, None, None, namespace)
         self._trees[namespace] = tree
 
@@ -1424,24 +1421,25 @@ cdef class Aggregate:
         cdef agg_status st
         cdef uint64_t bad = 0
         cdef Py_ssize_t n = len(ka)
-        cdef cnp.ndarray karr
+        cdef cnp.ndarray karr, vs
+        cdef agg_key *kp
+        cdef double *vp
         if n == 0:
             return
         if kind == K_GENERAL:
             self._load_items(zip(ka.tolist(), ia.tolist(), va.tolist()), namespace)
             return
-        order = np.lexsort((ia, ka))
-        ks = np.ascontiguousarray(ka[order], dtype=np.float64)
-        iss = np.ascontiguousarray(ia[order], dtype=np.int64)
-        vs = np.ascontiguousarray(va[order], dtype=np.float64)
-        karr = _fast_key_array(ks, iss)
+        # The C core sorts (radix) and builds in one call; no numpy sort.
+        karr = _fast_key_array(np.ascontiguousarray(ka, dtype=np.float64),
+                               np.ascontiguousarray(ia, dtype=np.int64))
+        vs = np.array(va, dtype=np.float64, copy=True, order="C")
         tree = _new_tree(self._node_size, kind)
-        st = agg_tree_build(tree.t, <agg_key *>cnp.PyArray_DATA(karr),
-                            <double *>cnp.PyArray_DATA(vs), <uint64_t>n, &bad)
+        kp = <agg_key *>cnp.PyArray_DATA(karr)
+        vp = <double *>cnp.PyArray_DATA(vs)
+        with nogil:
+            st = agg_tree_build_unsorted(tree.t, kp, vp, <uint64_t>n, &bad)
         if st == AGG_DUPLICATE:
-            k = ks[bad].item()
-            raise DuplicateItemError(
-                f"duplicate item key={_fast_key_obj(kind, _fast_key(k, 0))!r}, id={iss[bad].item()!r}")
+            _raise_dup_fast(kind, (<agg_key *>cnp.PyArray_DATA(karr))[bad], namespace, "")
         _raise_status(st, None, None, namespace)
         self._trees[namespace] = tree
 
@@ -1472,36 +1470,27 @@ cdef class Aggregate:
             finally:
                 self._wunlock()
             return
-        order = np.lexsort((ia, ka))
-        ks = np.ascontiguousarray(ka[order], dtype=np.float64)
-        iss = np.ascontiguousarray(ia[order], dtype=np.int64)
-        vs = np.ascontiguousarray(va[order], dtype=np.float64)
-        karr = _fast_key_array(ks, iss)
+        karr = _fast_key_array(np.ascontiguousarray(ka, dtype=np.float64),
+                               np.ascontiguousarray(ia, dtype=np.int64))
+        vs = np.array(va, dtype=np.float64, copy=True, order="C")
         kp = <agg_key *>cnp.PyArray_DATA(karr)
         vp = <double *>cnp.PyArray_DATA(vs)
+        with nogil:
+            st = agg_keys_sort(kp, vp, <uint64_t>n)
+        _raise_status(st, None, None, namespace)
         for j in range(1, n):
             if kp[j - 1].head == kp[j].head and kp[j - 1].rest == kp[j].rest:
-                raise DuplicateItemError(
-                    f"duplicate item key={_fast_key_obj(kind, kp[j])!r}, id={agg_key_to_i64(kp[j].rest)!r} in the batch")
-        for j in range(n):
-            if agg_tree_get(tree.t, kp[j], NULL):
-                raise DuplicateItemError(
-                    f"item with key={_fast_key_obj(kind, kp[j])!r}, id={agg_key_to_i64(kp[j].rest)!r} "
-                    f"already exists in namespace {namespace!r}")
+                _raise_dup_fast(kind, kp[j], namespace, " in the batch")
+        # One ordered pass through the tree (all or nothing; checks that
+        # none is present before changing anything).
         self._wlock()
         try:
             with nogil:
-                while done < <uint64_t>n:
-                    st = agg_tree_insert(tree.t, kp[done], vp[done], 0, &ex, NULL)
-                    if st != AGG_OK:
-                        break
-                    done += 1
-                if st != AGG_OK:
-                    while done > 0:
-                        done -= 1
-                        agg_tree_delete(tree.t, kp[done], NULL)
+                st = agg_tree_insert_sorted(tree.t, kp, vp, <uint64_t>n, &bad)
         finally:
             self._wunlock()
+        if st == AGG_DUPLICATE:
+            _raise_dup_fast(kind, kp[bad], namespace, "")
         _raise_status(st, None, None, namespace)
 
     cdef _insert_many_slow(self, list items, object namespace):
@@ -1539,9 +1528,11 @@ cdef class Aggregate:
         cdef _Tree tree = self._tree(namespace)
         cdef cnp.ndarray karr
         cdef agg_key *kp
+        cdef agg_status st
+        cdef uint64_t bad = 0
         if n == 0:
             return
-        if tree is None or kind == K_GENERAL or tree.kind == K_GENERAL:
+        if tree is None or kind == K_GENERAL or tree.kind == K_GENERAL or tree.kind != kind:
             items = list(zip(_key_list(ka, kind), ia.tolist()))
             seen = set()
             for it in items:
@@ -1556,23 +1547,26 @@ cdef class Aggregate:
             finally:
                 self._wunlock()
             return
-        order = np.lexsort((ia, ka))
-        ks = np.ascontiguousarray(ka[order], dtype=np.float64)
-        iss = np.ascontiguousarray(ia[order], dtype=np.int64)
-        karr = _fast_key_array(ks, iss)
+        karr = _fast_key_array(np.ascontiguousarray(ka, dtype=np.float64),
+                               np.ascontiguousarray(ia, dtype=np.int64))
         kp = <agg_key *>cnp.PyArray_DATA(karr)
-        for j in range(n):
-            if (j > 0 and kp[j - 1].head == kp[j].head and kp[j - 1].rest == kp[j].rest) \
-                    or not agg_tree_get(tree.t, kp[j], NULL):
+        with nogil:
+            st = agg_keys_sort(kp, NULL, <uint64_t>n)
+        _raise_status(st, None, None, namespace)
+        for j in range(1, n):
+            if kp[j - 1].head == kp[j].head and kp[j - 1].rest == kp[j].rest:
                 _raise_status(AGG_MISSING, _fast_key_obj(tree.kind, kp[j]),
                               agg_key_to_i64(kp[j].rest), namespace)
         self._wlock()
         try:
             with nogil:
-                for j in range(n):
-                    agg_tree_delete(tree.t, kp[j], NULL)
+                st = agg_tree_delete_sorted(tree.t, kp, <uint64_t>n, &bad)
         finally:
             self._wunlock()
+        if st == AGG_MISSING:
+            _raise_status(AGG_MISSING, _fast_key_obj(tree.kind, kp[bad]),
+                          agg_key_to_i64(kp[bad].rest), namespace)
+        _raise_status(st, None, None, namespace)
         self._drop_if_empty(namespace, tree)
 
     cdef tuple _bound_ranks(self, _Tree tree, lowers, uppers, object lower_inclusive,
@@ -1764,6 +1758,13 @@ cdef class Aggregate:
 
 # ------------------------------------------------------ array helpers --
 
+cdef int _raise_dup_fast(int kind, agg_key k, object namespace, str where) except -1:
+    raise DuplicateItemError(
+        f"item with key={_fast_key_obj(kind, k)!r}, id={agg_key_to_i64(k.rest)!r} "
+        f"already exists in namespace {namespace!r}{where}" if not where else
+        f"duplicate item key={_fast_key_obj(kind, k)!r}, id={agg_key_to_i64(k.rest)!r}{where}")
+
+
 cdef list _key_list(ka, int kind):
     """Python keys of a converted key array (K_NONE arrays hold 0.0 for None)."""
     if kind == K_NONE:
@@ -1939,31 +1940,16 @@ cdef tuple _rank_pairs(Aggregate agg, _Tree tree, cnp.ndarray lf, cnp.ndarray uf
     return lo, hi
 
 
-cdef extern from "stdlib.h":
-    void qsort(void *base, size_t nmemb, size_t size,
-               int (*compar)(const void *, const void *) noexcept nogil) nogil
-
-
-cdef struct _KeyIdx:
-    uint64_t head
-    uint64_t idx
-
-
-cdef int _keyidx_cmp(const void *a, const void *b) noexcept nogil:
-    cdef uint64_t x = (<const _KeyIdx *>a).head, y = (<const _KeyIdx *>b).head
-    return (x > y) - (x < y)
-
-
 cdef void _rank_many_sorted(const agg_tree *t, const agg_key *keys, Py_ssize_t n,
                             int after, uint64_t *out) noexcept nogil:
     """out[i] = rank(keys[i]) for keys sharing one `rest`, visiting them in
     sorted order so that consecutive descents share their path (the core's
-    rank_many reuses it); falls back to input order when sorting fails or the
-    batch is small."""
+    rank_many reuses it).  Small or already sorted batches, or a failed
+    allocation, take the plain loop in input order."""
     cdef Py_ssize_t j
-    cdef _KeyIdx *ki
     cdef agg_key *sk
-    cdef uint64_t *so
+    cdef uint64_t *idx
+    cdef uint64_t *r
     cdef bint sorted_already = True
     for j in range(1, n):
         if keys[j].head < keys[j - 1].head:
@@ -1972,24 +1958,29 @@ cdef void _rank_many_sorted(const agg_tree *t, const agg_key *keys, Py_ssize_t n
     if sorted_already or n < 2048:
         agg_tree_rank_many(t, keys, <uint64_t>n, after, out)
         return
-    ki = <_KeyIdx *>malloc(n * sizeof(_KeyIdx))
     sk = <agg_key *>malloc(n * sizeof(agg_key))
-    so = <uint64_t *>malloc(n * sizeof(uint64_t))
-    if ki == NULL or sk == NULL or so == NULL:
-        free(ki); free(sk); free(so)
+    idx = <uint64_t *>malloc(n * sizeof(uint64_t))
+    r = <uint64_t *>malloc(n * sizeof(uint64_t))
+    if sk == NULL or idx == NULL or r == NULL:
+        free(sk); free(idx); free(r)
+        agg_tree_rank_many(t, keys, <uint64_t>n, after, out)
+        return
+    # Sort (head, original index) with the core's radix sort, rank the
+    # sorted heads with the shared `rest`, scatter the ranks back.
+    for j in range(n):
+        sk[j].head = keys[j].head
+        sk[j].rest = <uint64_t>j
+    if agg_keys_sort(sk, NULL, <uint64_t>n) != AGG_OK:
+        free(sk); free(idx); free(r)
         agg_tree_rank_many(t, keys, <uint64_t>n, after, out)
         return
     for j in range(n):
-        ki[j].head = keys[j].head
-        ki[j].idx = <uint64_t>j
-    qsort(ki, <size_t>n, sizeof(_KeyIdx), _keyidx_cmp)
+        idx[j] = sk[j].rest
+        sk[j].rest = keys[0].rest
+    agg_tree_rank_many(t, sk, <uint64_t>n, after, r)
     for j in range(n):
-        sk[j].head = ki[j].head
-        sk[j].rest = keys[ki[j].idx].rest
-    agg_tree_rank_many(t, sk, <uint64_t>n, after, so)
-    for j in range(n):
-        out[ki[j].idx] = so[j]
-    free(ki); free(sk); free(so)
+        out[idx[j]] = r[j]
+    free(sk); free(idx); free(r)
 
 
 cdef tuple _empty_arrays(_Tree tree):
