@@ -2397,10 +2397,10 @@ typedef struct finger {
 
 /* Deepest level whose path node holds keys up to k (keys only increase,
  * so lower bounds never need checking). */
-AGG_INLINE int finger_level(const agg_tree *t, const finger *f, agg_key k)
+AGG_INLINE int finger_level(const agg_tree *t, const finger *f, int from, agg_key k)
 {
     int d;
-    for (d = (int)t->depth - 1; d > 0; d--)
+    for (d = from; d > 0; d--)
         if (!f->hn[d] || key_lt(t, k, node_keys(f->hn[d])[f->hs[d]]))
             return d;
     return 0;
@@ -2415,8 +2415,11 @@ static void finger_descend(const agg_tree *t, finger *f, int d, agg_key k, int r
         node *x = f->path[d];
         const agg_key *sep = node_keys(x);
         uint32_t s = resume ? f->idx[d] + 1 : 0, i;
+        if (resume && (s + 1 >= x->count || key_lt(t, k, sep[s + 1])))
+            i = s;                  /* the next child: the common case */
+        else
+            i = s + keys_count_le(t, sep + s + 1, x->count - 1 - s, k);
         resume = 0;
-        i = s + keys_count_le(t, sep + s + 1, x->count - 1 - s, k);
         f->idx[d] = i;
         f->path[d + 1] = inner_child(t, x)[i];
         if (i + 1 < x->count) {
@@ -2669,6 +2672,29 @@ static int route_event(bins *b, int lev)
     return 1;
 }
 
+/* Prefetch distance (in groups / ops) of the pipelined passes: a leaf is
+ * prefetched when its group is found and searched PF_DIST groups later,
+ * so that the cache misses of several leaves overlap. */
+#ifndef PF_DIST
+#define PF_DIST 4
+#endif
+#ifndef PF_LINES_CHECK
+#define PF_LINES_CHECK 17
+#endif
+#ifndef PF_LINES_APPLY
+#define PF_LINES_APPLY 25
+#endif
+
+/* Prefetch a whole leaf (header, keys, values) without reading it: its
+ * header may not have arrived yet. */
+AGG_INLINE void leaf_prefetch_all(const agg_tree *t, node *n, int values)
+{
+    const char *p = (const char *)n, *end = p + (values ? t->leaf_bytes : t->off_vals);
+    int lines = values ? PF_LINES_APPLY : PF_LINES_CHECK;
+    for (; p < end && lines-- > 0; p += 64)
+        AGG_PREFETCH(p);
+}
+
 /* Route phase: keys [start, i) go to the finger's leaf. */
 static int route_group(bins *b, uint64_t start, uint64_t i)
 {
@@ -2682,24 +2708,62 @@ static int route_group(bins *b, uint64_t start, uint64_t i)
     g->k = i - start;
     g->j = D >= 2 ? b->f.idx[D - 2] : 0;
     g->L = 0;
-    AGG_PREFETCH(g->leaf);
     return 1;
 }
 
-/* Prefetch distances (in groups / ops) of the pipelined passes: the
- * header of a leaf is fetched PF_FAR steps ahead, its keys (whose extent
- * the header gives) PF_NEAR steps ahead. */
-#define PF_FAR 12
-#define PF_NEAR 5
+/* Search phase for one group: each key's position in the leaf; the first
+ * key already present is reported (groups are searched in key order). */
+static int search_group(bins *b, bgroup *gr, uint64_t *bad_index)
+{
+    const agg_tree *t = b->t;
+    node *lf = gr->leaf;
+    const agg_key *lk = node_keys(lf);
+    uint32_t lo = 0, cnt = lf->count;
+    uint64_t i, end = gr->start + gr->k;
+    gr->L = cnt;
+    if (t->mode == AGG_KEYS_FAST) {
+        /* a forward scan, 8 independent compares at a time: the keys of
+         * the leaf stream in sequentially, no chain of dependent loads */
+        for (i = gr->start; i < end; i++) {
+            agg_key k = b->keys[i];
+            uint32_t p = lo, q, c = 0;
+            while (p + 8 <= cnt && key_lt_fast(lk[p + 7], k))
+                p += 8;
+            for (q = p; q < cnt && q < p + 8; q++)
+                c += (uint32_t)key_lt_fast(lk[q], k);
+            p += c;
+            if (p < cnt && lk[p].head == k.head && lk[p].rest == k.rest) {
+                if (bad_index)
+                    *bad_index = i;
+                return 0;
+            }
+            b->pos[i] = p;
+            lo = p;
+        }
+    } else {
+        for (i = gr->start; i < end; i++) {
+            agg_key k = bins_key(b, i);
+            uint32_t p = lo + general_count_lt(lk + lo, cnt - lo, k);
+            if (p < cnt && key_cmp_general(lk[p], k) == 0) {
+                if (bad_index)
+                    *bad_index = i;
+                return 0;
+            }
+            b->pos[i] = p;
+            lo = p;
+        }
+    }
+    return 1;
+}
 
-/* Check pass (reads only), three phases:
- *  route   the keys are routed to their leaves through the internal nodes
- *          alone (one compare per key while it stays in a leaf), giving
- *          the groups and the sequence of path nodes left;
- *  search  every group is searched in its leaf, the leaves prefetched a
- *          few groups ahead so that their cache misses overlap: the first
- *          key already present is reported, the others get their
- *          positions;
+
+/* Check pass (reads only):
+ *  route + search  the keys are routed to their leaves through the
+ *          internal nodes (one compare per key while it stays in a leaf),
+ *          giving the groups and the sequence of path nodes left; each
+ *          group is searched in its leaf PF_DIST groups after it was found
+ *          (its leaf prefetched meanwhile): the first key already present
+ *          is reported, the others get their positions;
  *  plan    the sequence is replayed: each parent's leaf ops, then the
  *          number of new nodes per level. */
 static agg_status bins_check(bins *b, uint64_t *bad_index)
@@ -2707,12 +2771,12 @@ static agg_status bins_check(bins *b, uint64_t *bad_index)
     agg_tree *t = b->t;
     finger *f = &b->f;
     int D = (int)t->depth, lev;
-    uint64_t i, gs = 0, g, e, gi;
+    uint64_t i, gs = 0, e, gi, g, dup = 0;
+    int found = 0;
     f->path[0] = t->root;
     f->hn[0] = NULL;
     f->hs[0] = 0;
     finger_descend(t, f, 0, bins_key(b, 0), 0);
-    /* route */
     if (D == 1) {
         if (!route_group(b, 0, b->n))
             return AGG_NOMEM;
@@ -2724,9 +2788,9 @@ static agg_status bins_check(bins *b, uint64_t *bad_index)
             int d;
             if (!hn || key_lt(t, k, node_keys(hn)[hs]))
                 continue;           /* same leaf */
-            d = finger_level(t, f, k);
             if (!route_group(b, gs, i))
                 return AGG_NOMEM;
+            d = finger_level(t, f, D - 2, k);
             for (lev = D - 2; lev > d; lev--)
                 if (!route_event(b, lev))
                     return AGG_NOMEM;
@@ -2742,30 +2806,18 @@ static agg_status bins_check(bins *b, uint64_t *bad_index)
                 return AGG_NOMEM;
     }
     BINS_T(5);
-    /* search */
-    for (g = 0; g < b->ngrp; g++) {
-        bgroup *gr = &b->grp[g];
-        node *lf = gr->leaf;
-        const agg_key *lk = node_keys(lf);
-        uint32_t lo = 0, cnt;
-        if (g + PF_FAR < b->ngrp)
-            AGG_PREFETCH(b->grp[g + PF_FAR].leaf);
-        if (g + PF_NEAR < b->ngrp) {
-            node *x = b->grp[g + PF_NEAR].leaf;
-            keys_prefetch(node_keys(x), x->count);
-        }
-        cnt = gr->L = lf->count;
-        for (i = gr->start; i < gr->start + gr->k; i++) {
-            agg_key k = bins_key(b, i);
-            uint32_t p = lo + keys_count_lt(t, lk + lo, cnt - lo, k);
-            if (p < cnt && key_cmp(t, lk[p], k) == 0) {
-                if (bad_index)
-                    *bad_index = i;
-                return AGG_DUPLICATE;
-            }
-            b->pos[i] = p;
-            lo = p;
-        }
+    /* search backward, so that the leaves the apply pass visits first are
+     * the most recently fetched; keep the smallest index of a present key */
+    for (g = b->ngrp; g-- > 0;) {
+        if (g >= PF_DIST)
+            leaf_prefetch_all(t, b->grp[g - PF_DIST].leaf, 0);
+        if (!search_group(b, &b->grp[g], &dup))
+            found = 1;
+    }
+    if (found) {
+        if (bad_index)
+            *bad_index = dup;
+        return AGG_DUPLICATE;
     }
     BINS_T(6);
     /* plan */
@@ -2924,6 +2976,32 @@ static void exec_leaf_op(bins *b, const lop *op, node *P)
     ddsum delta, gsum, ssum, csum_next;
     topw w;
 
+    if (!c && !op->spill && !op->nnew && !op->cout) {
+        /* the common case: the new keys fit; merge in place from the top,
+         * each run of leaf items moving up by the new keys below it */
+        uint32_t Lend = L;
+        for (g = k; g-- > 0;) {
+            uint32_t q = pos[g], m = Lend - q;
+            agg_key *dk = lk + q + g + 1;
+            double *dv = lv + q + g + 1;
+            while (m--) {
+                dk[m] = lk[q + m];
+                dv[m] = lv[q + m];
+            }
+            lk[q + g] = G[g];
+            lv[q + g] = GV ? GV[g] : 0.0;
+            Lend = q;
+        }
+        lf->count = keep;
+        gsum = vals_ddsum(GV, k);
+        b->cn = 0;
+        if (P) {
+            entry_apply(t, P, op->j, keep, &gsum);
+            b->dcnt[D - 2] += k;
+            dds_add(&b->dsum[D - 2], gsum.hi, gsum.lo, gsum.exact, 0);
+        }
+        return;
+    }
     dds_zero(&delta);
     dds_zero(&ssum);
     dds_zero(&csum_next);
@@ -3173,19 +3251,14 @@ static void bins_apply(bins *b)
     }
     for (r = 0; r < b->nops; r++) {
         const lop *op = &b->ops[r];
-        if (r + PF_FAR < b->nops)
-            AGG_PREFETCH(b->ops[r + PF_FAR].leaf);
-        if (r + PF_NEAR < b->nops) {
-            node *x = b->ops[r + PF_NEAR].leaf;
-            keys_prefetch(node_keys(x), x->count);
-            vals_prefetch(t, x);
-        }
+        if (r + PF_DIST < b->nops)
+            leaf_prefetch_all(t, b->ops[r + PF_DIST].leaf, 1);
         if (op->k) {
             agg_key k0 = b->sk[op->start];
             if (r == 0) {
                 finger_descend(t, f, 0, k0, 0);
             } else {
-                int d = finger_level(t, f, k0);
+                int d = finger_level(t, f, D - 1, k0);
                 if (d < D - 1) {
                     for (lev = D - 2; lev > d; lev--)
                         apply_finalize(b, lev);
@@ -3338,6 +3411,427 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double
     BINS_T(4);
     BINS_REPORT();
     return AGG_OK;
+}
+
+/* ====================================================================== */
+/*  Batch delete of a sorted run (section 13)                             */
+/* ====================================================================== */
+
+/* One leaf's share of a batch delete's check. */
+typedef struct dgroup {
+    node *leaf;                  /* the leaf */
+    uint64_t start;              /* first key */
+    uint64_t k;                  /* how many */
+} dgroup;
+
+/* Every key of the group is in its leaf?  *missing = the first that is
+ * not. */
+static int dgroup_present(const agg_tree *t, const agg_key *keys, const dgroup *g,
+                          uint64_t *missing)
+{
+    const agg_key *lk = node_keys(g->leaf);
+    uint32_t lo = 0, cnt = g->leaf->count;
+    uint64_t i;
+    for (i = g->start; i < g->start + g->k; i++) {
+        agg_key k = key_normalize(t, keys[i]);
+        uint32_t p;
+        if (t->mode == AGG_KEYS_FAST) {
+            uint32_t q, c = 0;
+            p = lo;
+            while (p + 8 <= cnt && key_lt_fast(lk[p + 7], k))
+                p += 8;
+            for (q = p; q < cnt && q < p + 8; q++)
+                c += (uint32_t)key_lt_fast(lk[q], k);
+            p += c;
+        } else {
+            p = lo + general_count_lt(lk + lo, cnt - lo, k);
+        }
+        if (p >= cnt || key_cmp(t, lk[p], k) != 0) {
+            *missing = i;
+            return 0;
+        }
+        lo = p + 1;
+    }
+    return 1;
+}
+
+#define DEL_RING 4               /* groups in flight in the delete check */
+
+/* Check of a batch delete (reads only, allocates nothing): route the keys
+ * to their leaves and search each group DEL_RING groups later, its leaf
+ * prefetched meanwhile.  AGG_OK or AGG_MISSING (first absent key). */
+static agg_status dels_check(const agg_tree *t, const agg_key *keys, uint64_t n,
+                             uint64_t *bad_index)
+{
+    finger f;
+    dgroup ring[DEL_RING];
+    uint64_t made = 0, done = 0, i, gs = 0, miss = 0;
+    int D = (int)t->depth;
+    if (!t->root) {
+        if (bad_index)
+            *bad_index = 0;
+        return AGG_MISSING;
+    }
+    f.path[0] = t->root;
+    f.hn[0] = NULL;
+    f.hs[0] = 0;
+    finger_descend(t, &f, 0, key_normalize(t, keys[0]), 0);
+    for (i = 1; i <= n; i++) {
+        agg_key k;
+        int d;
+        if (i < n) {
+            k = key_normalize(t, keys[i]);
+            if (D == 1 || !f.hn[D - 1] || key_lt(t, k, node_keys(f.hn[D - 1])[f.hs[D - 1]]))
+                continue;
+        }
+        if (made - done == DEL_RING) {
+            if (!dgroup_present(t, keys, &ring[done % DEL_RING], &miss))
+                goto missing;
+            done++;
+        }
+        ring[made % DEL_RING].leaf = f.path[D - 1];
+        ring[made % DEL_RING].start = gs;
+        ring[made % DEL_RING].k = i - gs;
+        leaf_prefetch_all(t, f.path[D - 1], 0);
+        made++;
+        if (i == n)
+            break;
+        d = finger_level(t, &f, D - 2, k);
+        finger_descend(t, &f, d, k, 1);
+        gs = i;
+    }
+    for (; done < made; done++)
+        if (!dgroup_present(t, keys, &ring[done % DEL_RING], &miss))
+            goto missing;
+    return AGG_OK;
+missing:
+    if (bad_index)
+        *bad_index = miss;
+    return AGG_MISSING;
+}
+
+/* Apply the accumulated change of path node `lev` to its entry in its
+ * parent and pass it up. */
+static void dels_flush(agg_tree *t, finger *f, uint64_t *dcnt, ddsum *dsum, int lev)
+{
+    if (lev > 0) {
+        node *p = f->path[lev - 1];
+        uint32_t j = f->idx[lev - 1];
+        if (dcnt[lev])
+            entry_apply(t, p, j, inner_cnt(t, p)[j] - dcnt[lev], &dsum[lev]);
+        dcnt[lev - 1] += dcnt[lev];
+        dds_add(&dsum[lev - 1], dsum[lev].hi, dsum[lev].lo, dsum[lev].exact, 0);
+    }
+    dcnt[lev] = 0;
+    dds_zero(&dsum[lev]);
+}
+
+/* See aggtree.h and section 13. */
+agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
+                                  uint64_t *bad_index)
+{
+    finger f;
+    uint64_t dcnt[MAX_DEPTH], i, j;
+    ddsum dsum[MAX_DEPTH];
+    int D, lev, valid = 0;
+    agg_status st;
+    if (n == 0)
+        return AGG_OK;
+    for (i = 1; i < n; i++) {
+        if (!key_lt(t, key_normalize(t, keys[i - 1]), key_normalize(t, keys[i]))) {
+            if (bad_index)
+                *bad_index = i;
+            return AGG_INVALID;
+        }
+    }
+    st = dels_check(t, keys, n, bad_index);
+    if (st != AGG_OK)
+        return st;
+    /* every key is present: from here on nothing can fail */
+    D = (int)t->depth;
+    for (lev = 0; lev < MAX_DEPTH; lev++) {
+        dcnt[lev] = 0;
+        dds_zero(&dsum[lev]);
+    }
+    for (i = 0; i < n; i = j) {
+        agg_key k = key_normalize(t, keys[i]);
+        node *lf;
+        uint32_t lower, r, w, cnt;
+        uint64_t kk;
+        if (!valid) {
+            D = (int)t->depth;
+            f.path[0] = t->root;
+            f.hn[0] = NULL;
+            f.hs[0] = 0;
+            finger_descend(t, &f, 0, k, 0);
+            valid = 1;
+        } else if (i > 0) {
+            int d = finger_level(t, &f, D - 1, k);
+            if (d < D - 1) {
+                for (lev = D - 2; lev > d; lev--)
+                    dels_flush(t, &f, dcnt, dsum, lev);
+                finger_descend(t, &f, d, k, 1);
+            }
+        }
+        lf = f.path[D - 1];
+        for (j = i + 1; j < n; j++)
+            if (!(D == 1 || !f.hn[D - 1] ||
+                  key_lt(t, key_normalize(t, keys[j]), node_keys(f.hn[D - 1])[f.hs[D - 1]])))
+                break;
+        kk = j - i;
+        cnt = lf->count;
+        lower = (D == 1 || !f.hn[D - 1]) ? 1 : t->min;
+        if (cnt >= kk + lower) {
+            /* one compaction pass; the parent's entry once per leaf */
+            agg_key *lk = node_keys(lf);
+            double *lv = leaf_vals(t, lf);
+            ddsum gone;
+            uint64_t q = i;
+            dds_zero(&gone);
+            r = leaf_count_lt(t, lf, k);
+            for (w = r; r < cnt; r++) {
+                if (q < j && key_cmp(t, lk[r], key_normalize(t, keys[q])) == 0) {
+                    dds_add(&gone, lv[r], 0.0, 1, 0);
+                    tail_release(t, lk[r]);
+                    q++;
+                } else {
+                    lk[w] = lk[r];
+                    lv[w] = lv[r];
+                    w++;
+                }
+            }
+            lf->count = w;
+            t->len -= kk;
+            if (D >= 2) {
+                ddsum neg = gone;
+                neg.hi = -neg.hi;
+                neg.lo = -neg.lo;
+                entry_apply(t, f.path[D - 2], f.idx[D - 2], w, &neg);
+                dcnt[D - 2] += kk;
+                dds_add(&dsum[D - 2], neg.hi, neg.lo, neg.exact, 0);
+            }
+        } else {
+            /* the leaf would underflow: bring every entry up to date, then
+             * delete one by one (merges and borrows as agg_tree_delete
+             * does); the path is walked afresh afterwards */
+            uint64_t q;
+            for (lev = D - 2; lev >= 0; lev--)
+                dels_flush(t, &f, dcnt, dsum, lev);
+            for (q = i; q < j; q++)
+                agg_tree_delete(t, keys[q], NULL);
+            valid = 0;
+            if (!t->root)
+                return AGG_OK;
+        }
+    }
+    if (valid)
+        for (lev = D - 2; lev >= 0; lev--)
+            dels_flush(t, &f, dcnt, dsum, lev);
+    return AGG_OK;
+}
+
+/* ====================================================================== */
+/*  Sorting keys (section 14)                                             */
+/* ====================================================================== */
+
+/* Radix-sort state: the data ping-pongs between the caller's arrays (a)
+ * and the scratch arrays (b); the varying bits of the 128-bit keys decide
+ * which digits exist. */
+typedef struct ksort {
+    agg_key *ka, *kb;            /* keys: caller's, scratch */
+    double *va, *vb;             /* values (NULL: none) */
+    uint64_t *cnt;               /* per recursion depth: 2^SORT_WMAX + 1 counters */
+    uint64_t vhead, vrest;       /* bits that differ between some two keys */
+} ksort;
+
+#define SORT_WMAX 11             /* widest digit (2048 buckets) */
+#define SORT_SMALL 32            /* insertion sort at or below this */
+#define SORT_MAXDEPTH 28         /* levels: each scatters >= 5 bits of 128, plus the last */
+
+/* FAST order: (head, rest) unsigned. */
+AGG_INLINE int ksort_lt(agg_key a, agg_key b)
+{
+    return key_lt_fast(a, b);
+}
+
+/* Insertion sort of n keys (and values) in place. */
+static void ksort_small(agg_key *k, double *v, uint64_t n)
+{
+    uint64_t i, j;
+    for (i = 1; i < n; i++) {
+        agg_key x = k[i];
+        double y = v ? v[i] : 0.0;
+        for (j = i; j > 0 && ksort_lt(x, k[j - 1]); j--) {
+            k[j] = k[j - 1];
+            if (v)
+                v[j] = v[j - 1];
+        }
+        k[j] = x;
+        if (v)
+            v[j] = y;
+    }
+}
+
+/* Leading zero bits of x != 0. */
+AGG_INLINE int agg_clz64(uint64_t x)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_clzll(x);
+#else
+    int n = 0;
+    while (!(x & (UINT64_C(1) << 63))) {
+        x <<= 1;
+        n++;
+    }
+    return n;
+#endif
+}
+
+/* Highest varying bit of the composite 128-bit key (head << 64 | rest)
+ * at or below bit p, or -1. */
+static int ksort_next_bit(const ksort *s, int p)
+{
+    if (p >= 64) {
+        uint64_t m = s->vhead & (p >= 127 ? ~UINT64_C(0) : ((UINT64_C(1) << (p - 63)) - 1));
+        if (m)
+            return 64 + 63 - agg_clz64(m);
+        p = 63;
+    }
+    if (p < 0)
+        return -1;
+    {
+        uint64_t m = s->vrest & (p >= 63 ? ~UINT64_C(0) : ((UINT64_C(1) << (p + 1)) - 1));
+        return m ? 63 - agg_clz64(m) : -1;
+    }
+}
+
+/* The w-bit digit of k whose lowest bit is composite bit `shift`. */
+AGG_INLINE uint32_t ksort_digit(agg_key k, int shift, uint32_t mask)
+{
+    if (shift >= 64)
+        return (uint32_t)(k.head >> (shift - 64)) & mask;
+    if (shift == 0)
+        return (uint32_t)k.rest & mask;
+    return (uint32_t)((k.rest >> shift) | (k.head << (64 - shift))) & mask;
+}
+
+/* MSD radix sort of positions [off, off + n), currently in buffer b
+ * (in_b) or a, on the bits at and below composite bit p; the result ends
+ * in a. */
+static void ksort_msd(ksort *s, uint64_t off, uint64_t n, int p, int depth, int in_b)
+{
+    agg_key *xk = in_b ? s->kb : s->ka, *yk = in_b ? s->ka : s->kb;
+    double *xv = in_b ? s->vb : s->va, *yv = in_b ? s->va : s->vb;
+    uint64_t *cnt = s->cnt + (size_t)depth * ((1u << SORT_WMAX) + 1), i, sum;
+    uint32_t w, mask, nb, d;
+    int shift;
+    for (;;) {
+        p = ksort_next_bit(s, p);
+        if (p < 0 || n <= SORT_SMALL) {
+            ksort_small(xk + off, xv ? xv + off : NULL, n);
+            if (in_b) {
+                memcpy(s->ka + off, xk + off, (size_t)n * sizeof *xk);
+                if (xv)
+                    memcpy(s->va + off, xv + off, (size_t)n * sizeof *xv);
+            }
+            return;
+        }
+        w = n > (1u << 16) ? 11 : n > (1u << 11) ? 8 : 5;
+        shift = p - (int)w + 1;
+        if (shift < 0) {
+            shift = 0;
+            w = (uint32_t)p + 1;
+        }
+        mask = (1u << w) - 1;
+        nb = mask + 1;
+        memset(cnt, 0, (size_t)nb * sizeof *cnt);
+        for (i = 0; i < n; i++)
+            cnt[ksort_digit(xk[off + i], shift, mask)]++;
+        for (d = 0; d < nb; d++)
+            if (cnt[d])
+                break;
+        if (cnt[d] != n)
+            break;
+        p = shift - 1;              /* one bucket holds all: next digit */
+    }
+    /* scatter into the other buffer, then sort each bucket there */
+    sum = off;
+    for (d = 0; d < nb; d++) {
+        uint64_t c = cnt[d];
+        cnt[d] = sum;
+        sum += c;
+    }
+    cnt[nb] = off + n;
+    if (xv) {
+        for (i = off; i < off + n; i++) {
+            uint64_t at = cnt[ksort_digit(xk[i], shift, mask)]++;
+            yk[at] = xk[i];
+            yv[at] = xv[i];
+        }
+    } else {
+        for (i = off; i < off + n; i++)
+            yk[cnt[ksort_digit(xk[i], shift, mask)]++] = xk[i];
+    }
+    /* cnt[d] is now the end of bucket d */
+    {
+        uint64_t start = off;
+        for (d = 0; d < nb; d++) {
+            uint64_t end = cnt[d];
+            if (end > start)
+                ksort_msd(s, start, end - start, shift - 1, depth + 1, !in_b);
+            start = end;
+        }
+    }
+}
+
+/* See aggtree.h. */
+agg_status agg_keys_sort(agg_key *keys, double *values, uint64_t n)
+{
+    ksort s;
+    uint64_t hor = 0, hand = ~UINT64_C(0), ror = 0, rand_ = ~UINT64_C(0), i;
+    size_t kbytes, vbytes;
+    void *mem;
+    if (n <= SORT_SMALL) {
+        ksort_small(keys, values, n);
+        return AGG_OK;
+    }
+    for (i = 0; i < n; i++) {
+        hor |= keys[i].head;
+        hand &= keys[i].head;
+        ror |= keys[i].rest;
+        rand_ &= keys[i].rest;
+    }
+    s.vhead = hor ^ hand;
+    s.vrest = ror ^ rand_;
+    if (!s.vhead && !s.vrest)
+        return AGG_OK;              /* all keys equal */
+    kbytes = (size_t)n * sizeof(agg_key);
+    vbytes = values ? (size_t)n * sizeof(double) : 0;
+    mem = raw_alloc(kbytes + vbytes +
+                    (size_t)SORT_MAXDEPTH * ((1u << SORT_WMAX) + 1) * sizeof(uint64_t));
+    if (!mem)
+        return AGG_NOMEM;
+    s.ka = keys;
+    s.va = values;
+    s.kb = (agg_key *)mem;
+    s.vb = values ? (double *)(void *)((char *)mem + kbytes) : NULL;
+    s.cnt = (uint64_t *)(void *)((char *)mem + kbytes + vbytes);
+    ksort_msd(&s, 0, n, 127, 0, 0);
+    free(mem);
+    return AGG_OK;
+}
+
+/* See aggtree.h. */
+agg_status agg_tree_build_unsorted(agg_tree *t, agg_key *keys, double *values, uint64_t n,
+                                   uint64_t *bad_index)
+{
+    agg_status st;
+    if (t->mode != AGG_KEYS_FAST || t->root)
+        return AGG_INVALID;
+    st = agg_keys_sort(keys, values, n);
+    if (st != AGG_OK)
+        return st;
+    return agg_tree_build(t, keys, values, n, bad_index);
 }
 
 /* ====================================================================== */

@@ -162,6 +162,18 @@ agg_status agg_tree_insert(agg_tree *t, agg_key key, double value,
  * its value.  Never allocates, so never AGG_NOMEM. */
 agg_status agg_tree_delete(agg_tree *t, agg_key key, double *old_value);
 
+/* Delete n items whose keys are strictly increasing, all or nothing: the
+ * batch form of agg_tree_delete for the vectorised API.  Checked before
+ * anything changes: AGG_INVALID if keys[i] <= keys[i - 1] (*bad_index =
+ * the first such i), AGG_MISSING if a key is absent (*bad_index = the
+ * smallest such i); the tree is then untouched.  Like agg_tree_delete it
+ * allocates nothing, so it never returns AGG_NOMEM.  Removes the keys of
+ * each leaf in one pass and updates each touched parent entry once per
+ * leaf (a leaf that would fall below the minimum fill takes the single
+ * delete path, with its merges). */
+agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
+                                  uint64_t *bad_index);
+
 /* Remove every item (the tree stays usable, empty). */
 void agg_tree_clear(agg_tree *t);
 
@@ -196,6 +208,25 @@ agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
 agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys,
                                   const double *values, uint64_t n,
                                   uint64_t *bad_index);
+
+/* Sort n (key, value) pairs in place by FAST key order: head, then rest,
+ * as unsigned 64-bit integers (values may be NULL: keys only).  Meant for
+ * FAST keys: GENERAL keys (rest is a pointer) come out in no useful
+ * order.  Pairs with equal keys end up adjacent, in no defined order.
+ * An MSD radix sort over the bits that differ between keys (skipping bit
+ * ranges all keys share), with n * 24 bytes of scratch (16 without
+ * values); AGG_NOMEM if that allocation fails (keys and values are then
+ * untouched).  Never touches a tree. */
+agg_status agg_keys_sort(agg_key *keys, double *values, uint64_t n);
+
+/* agg_keys_sort then agg_tree_build, for bulk loads from unsorted arrays:
+ * keys[] and values[] (may be NULL) are left sorted, so *bad_index (the
+ * second of two equal keys, with AGG_DUPLICATE) indexes the sorted
+ * arrays.  FAST trees only: AGG_INVALID for a GENERAL tree or a non-empty
+ * one (arrays untouched).  AGG_NOMEM from the sort or the build; on any
+ * failure the tree stays empty. */
+agg_status agg_tree_build_unsorted(agg_tree *t, agg_key *keys, double *values,
+                                   uint64_t n, uint64_t *bad_index);
 
 /* --------------------------------------------------------------- reads -- */
 

@@ -1,0 +1,950 @@
+/*
+ * test_batch.c - randomized test of the aggtree C core's batch operations
+ * against a model (a sorted array of items): agg_tree_insert_sorted,
+ * agg_tree_delete_sorted, agg_keys_sort and agg_tree_build_unsorted, for
+ * both key modes and node sizes 4, 5, 7, 16, 64.
+ *
+ * Batches come in several shapes, chosen to reach every leaf plan of the
+ * batch insert (section 13 of aggtree.c): random keys over the whole key
+ * range, keys packed into one gap between two items (a huge group in one
+ * leaf), appends after the last item and prepends before the first, one
+ * key next to each of many items (every leaf touched), and batches larger
+ * than the tree.  Single inserts and deletes run in between so that the
+ * trees take every shape (sparse, full after a build, short rightmost
+ * nodes).  After every operation agg_tree_check runs and the whole tree is
+ * compared with the model; error returns (unsorted batch, present or
+ * absent key) must leave the tree exactly as it was.  Allocation failures
+ * are injected into batch inserts, sorts and builds: every failing attempt
+ * must return AGG_NOMEM and leave the tree unchanged (items, nbytes,
+ * depth), and batch deletes must not allocate at all.
+ *
+ *   test_batch [seed [iterations]]     (or AGGTREE_SEED / AGGTREE_ITERS)
+ */
+#include "test_util.h"
+
+/* --------------------------------------------------------- comparisons -- */
+
+static int same_bits(double a, double b)
+{
+    return memcmp(&a, &b, sizeof a) == 0;
+}
+
+/* Does the tree's key k name model item x? */
+static int key_matches(agg_keymode mode, agg_key k, const mitem *x)
+{
+    if (mode == AGG_KEYS_FAST)
+        return k.head == x->fk.head && k.rest == x->fk.rest;
+    {
+        uint8_t buf[8 + KEY_MAX + 8];
+        size_t n = agg_key_to_bytes(k, buf, sizeof buf), want = x->len < 8 ? 8 : x->len, i;
+        if (n != want || memcmp(buf, x->e, x->len) != 0)
+            return 0;
+        for (i = x->len; i < 8; i++)
+            if (buf[i])
+                return 0;
+        return 1;
+    }
+}
+
+/* Whole content equal to the model, plus a few sums. */
+static void compare_all(const agg_tree *t, const model *m, const char *what)
+{
+    uint64_t n = m->n, i, got;
+    agg_key *k = (agg_key *)malloc((n ? n : 1) * sizeof *k);
+    double *v = (double *)malloc((n ? n : 1) * sizeof *v);
+    REQUIRE(k && v, "out of memory");
+    REQUIRE(agg_tree_len(t) == n, "%s: len %llu, model %llu", what,
+            (unsigned long long)agg_tree_len(t), (unsigned long long)n);
+    got = agg_tree_read(t, 0, n + 5, 0, k, v);
+    REQUIRE(got == n, "%s: read %llu of %llu", what, (unsigned long long)got,
+            (unsigned long long)n);
+    for (i = 0; i < n; i++) {
+        REQUIRE(key_matches(m->mode, k[i], &m->a[i]), "%s: key %llu differs", what,
+                (unsigned long long)i);
+        REQUIRE(same_bits(v[i], m->a[i].v), "%s: value %llu is %.17g, model %.17g", what,
+                (unsigned long long)i, v[i], m->a[i].v);
+    }
+    for (i = 0; i < 3 && n; i++) {   /* range sums against the exact sum */
+        uint64_t lo = rnd_below(n + 1), hi = rnd_below(n + 1), j;
+        double s, exact, tol;
+        xsum x;
+        if (lo > hi) {
+            uint64_t tmp = lo;
+            lo = hi;
+            hi = tmp;
+        }
+        if (i == 0) {
+            lo = 0;
+            hi = n;
+        }
+        s = agg_tree_sum(t, lo, hi);
+        xsum_init(&x);
+        for (j = lo; j < hi; j++)
+            xsum_add(&x, m->a[j].v);
+        exact = xsum_value(&x);
+        if (x.all_int) {
+            REQUIRE(s == exact, "%s: sum(%llu, %llu) = %.17g, exactly %.17g", what,
+                    (unsigned long long)lo, (unsigned long long)hi, s, exact);
+        } else {
+            tol = 0x1p-52 * fabs(exact) + 1e-24 * x.abs;
+            REQUIRE(fabs(s - exact) <= tol, "%s: sum(%llu, %llu) = %.17g, exact %.17g", what,
+                    (unsigned long long)lo, (unsigned long long)hi, s, exact);
+        }
+    }
+    free(k);
+    free(v);
+}
+
+/* ------------------------------------------------------------- values -- */
+
+/* 0 small integers, 1 decimals, 2 wide magnitudes (inexact sums). */
+static double rnd_value(int vm)
+{
+    if (vm == 0)
+        return (double)((int64_t)rnd_below(2001) - 1000);
+    if (vm == 1)
+        return (double)((int64_t)rnd_below(2000000) - 1000000) / 100.0;
+    {
+        double sign = rnd_chance(0.5) ? -1.0 : 1.0;
+        if (rnd_chance(0.02))
+            return sign * 1e300;
+        return sign * pow(10.0, (double)rnd_below(61) - 30.0) * (0.5 + rnd_unit());
+    }
+}
+
+/* ------------------------------------------------------------ batches -- */
+
+static int cmp_fast(const void *a, const void *b)
+{
+    const mitem *x = (const mitem *)a, *y = (const mitem *)b;
+    if (x->fk.head != y->fk.head)
+        return x->fk.head < y->fk.head ? -1 : 1;
+    return (x->fk.rest > y->fk.rest) - (x->fk.rest < y->fk.rest);
+}
+
+static int cmp_general(const void *a, const void *b)
+{
+    const mitem *x = (const mitem *)a, *y = (const mitem *)b;
+    uint32_t l = x->len < y->len ? x->len : y->len;
+    int c = memcmp(x->e, y->e, l);
+    if (c)
+        return c;
+    return (x->len > y->len) - (x->len < y->len);
+}
+
+/* Sort items and drop repeats; returns the new count. */
+static size_t sort_unique(agg_keymode mode, mitem *a, size_t n)
+{
+    size_t i, w = 0;
+    qsort(a, n, sizeof *a, mode == AGG_KEYS_FAST ? cmp_fast : cmp_general);
+    for (i = 0; i < n; i++) {
+        int c = w ? (mode == AGG_KEYS_FAST ? cmp_fast : cmp_general)(&a[w - 1], &a[i]) : 1;
+        if (c != 0)
+            a[w++] = a[i];
+    }
+    return w;
+}
+
+/* A FAST key strictly between model items a and b (either may be NULL =
+ * unbounded), or 0 if the gap is empty. */
+static int fast_between(const mitem *a, const mitem *b, mitem *x)
+{
+    memset(x, 0, sizeof *x);
+    if (!a && !b) {
+        x->fk.head = rnd();
+        x->fk.rest = rnd();
+        return 1;
+    }
+    if (!a) {
+        if (b->fk.head == 0 && b->fk.rest == 0)
+            return 0;
+        x->fk = b->fk;
+        if (x->fk.rest > 0)
+            x->fk.rest -= 1 + rnd_below(x->fk.rest < 4 ? 1 : 3);
+        else {
+            x->fk.head--;
+            x->fk.rest = rnd();
+        }
+        return 1;
+    }
+    if (!b || a->fk.head < b->fk.head) {
+        x->fk.head = a->fk.head;
+        if (a->fk.rest == ~UINT64_C(0)) {
+            if (!b && a->fk.head == ~UINT64_C(0))
+                return 0;
+            if (b && a->fk.head + 1 == b->fk.head && b->fk.rest == 0)
+                return 0;
+            x->fk.head++;
+            x->fk.rest = b && x->fk.head == b->fk.head ? rnd_below(b->fk.rest) : rnd_below(1000);
+            return 1;
+        }
+        x->fk.rest = a->fk.rest + 1 + rnd_below(3);
+        if (x->fk.rest < a->fk.rest)
+            x->fk.rest = ~UINT64_C(0);
+        if (b && x->fk.head == b->fk.head && x->fk.rest >= b->fk.rest)
+            return 0;
+        return 1;
+    }
+    if (b->fk.rest - a->fk.rest < 2)
+        return 0;
+    x->fk.head = a->fk.head;
+    x->fk.rest = a->fk.rest + 1 + rnd_below(b->fk.rest - a->fk.rest - 1);
+    return 1;
+}
+
+/* A GENERAL key strictly between a and b: a's encoding with a suffix
+ * (before its 01 terminator nothing sorts between, so extend a's body). */
+static int general_between(const model *m, const mitem *a, const mitem *b, mitem *x)
+{
+    int tries;
+    for (tries = 0; tries < 20; tries++) {
+        if (a && rnd_chance(0.7) && a->len + 2 <= KEY_MAX) {
+            static const uint8_t body[] = {0x00, 0x02, 0x7f, 0xff};
+            uint32_t extra = 1 + (uint32_t)rnd_below(3), k;
+            *x = *a;
+            x->len--;                       /* drop the terminator */
+            for (k = 0; k < extra && x->len < KEY_MAX - 1; k++)
+                x->e[x->len++] = body[1 + rnd_below(3)];
+            x->e[x->len++] = 0x01;
+        } else {
+            rnd_key(m->mode, x, 100000);
+        }
+        if ((!a || mcmp(m, a, x) < 0) && (!b || mcmp(m, x, b) < 0))
+            return 1;
+    }
+    return 0;
+}
+
+/* A new key between model items a and b (NULL: unbounded). */
+static int key_between(const model *m, const mitem *a, const mitem *b, mitem *x)
+{
+    return m->mode == AGG_KEYS_FAST ? fast_between(a, b, x) : general_between(m, a, b, x);
+}
+
+enum { PAT_RANDOM, PAT_GAP, PAT_APPEND, PAT_PREPEND, PAT_EVERY, PAT_BIG, PAT_COUNT };
+
+/* Fill out[] with up to want new keys (not in the model, strictly
+ * increasing) in the given pattern; returns how many. */
+static size_t make_batch(const model *m, int pat, size_t want, uint64_t spread, mitem *out,
+                         uint64_t *seq)
+{
+    size_t n = 0, i, tries = 0;
+    if (pat == PAT_GAP && m->n) {           /* all in one gap */
+        size_t g = rnd_below(m->n + 1);
+        const mitem *a = g ? &m->a[g - 1] : NULL, *b = g < m->n ? &m->a[g] : NULL;
+        while (n < want && tries++ < 4 * want + 20) {
+            mitem x;
+            const mitem *lo = a;
+            if (n && rnd_chance(0.5))
+                lo = &out[rnd_below(n)];   /* nest: keys close to each other */
+            if (key_between(m, lo, b, &x))
+                out[n++] = x;
+        }
+        n = sort_unique(m->mode, out, n);
+    } else if ((pat == PAT_APPEND || pat == PAT_PREPEND) && m->mode == AGG_KEYS_GENERAL) {
+        for (i = 0; i < want; i++)
+            seq_key(m->mode, (*seq)++, pat == PAT_PREPEND, &out[n++]);
+        n = sort_unique(m->mode, out, n);
+    } else if (pat == PAT_APPEND || pat == PAT_PREPEND) {
+        mitem x;
+        const mitem *edge = m->n ? &m->a[pat == PAT_APPEND ? m->n - 1 : 0] : NULL;
+        double base = edge ? agg_key_to_f64(edge->fk.head) : 0.0;
+        if (!(base > -1e300 && base < 1e300))
+            base = 0.0;
+        for (i = 0; i < want; i++) {
+            double d = pat == PAT_APPEND ? base + 1.0 + (double)i : base - 1.0 - (double)i;
+            memset(&x, 0, sizeof x);
+            x.fk.head = agg_f64_to_key(d);
+            x.fk.rest = agg_i64_to_key((int64_t)rnd_below(3));
+            out[n++] = x;
+        }
+        n = sort_unique(m->mode, out, n);
+    } else if (pat == PAT_EVERY && m->n) {  /* next to many items */
+        size_t step = 1 + rnd_below(3), g;
+        for (g = rnd_below(step); g <= m->n && n < want; g += step) {
+            mitem x;
+            if (key_between(m, g ? &m->a[g - 1] : NULL, g < m->n ? &m->a[g] : NULL, &x))
+                out[n++] = x;
+        }
+        n = sort_unique(m->mode, out, n);
+    } else {                                /* random over the key range */
+        while (n < want && tries++ < 4 * want + 20) {
+            rnd_key(m->mode, &out[n], spread);
+            n++;
+        }
+        n = sort_unique(m->mode, out, n);
+    }
+    /* drop what the model has */
+    {
+        size_t w = 0;
+        for (i = 0; i < n; i++) {
+            int found;
+            model_lower(m, &out[i], &found);
+            if (!found)
+                out[w++] = out[i];
+        }
+        n = w;
+    }
+    return n;
+}
+
+/* Merge the sorted new items b[0..nb) into the model. */
+static void model_merge(model *m, const mitem *b, size_t nb)
+{
+    size_t cap = m->n + nb + 1, i = 0, j = 0, w = 0;
+    mitem *na = (mitem *)malloc(cap * sizeof *na);
+    REQUIRE(na != NULL, "out of memory");
+    while (i < m->n || j < nb) {
+        if (j >= nb || (i < m->n && mcmp(m, &m->a[i], &b[j]) < 0))
+            na[w++] = m->a[i++];
+        else
+            na[w++] = b[j++];
+    }
+    free(m->a);
+    m->a = na;
+    m->n = w;
+    m->cap = cap;
+}
+
+/* Remove the sorted items b[0..nb) (all present) from the model. */
+static void model_remove_sorted(model *m, const mitem *b, size_t nb)
+{
+    size_t i, j = 0, w = 0;
+    for (i = 0; i < m->n; i++) {
+        if (j < nb && mcmp(m, &m->a[i], &b[j]) == 0)
+            j++;
+        else
+            m->a[w++] = m->a[i];
+    }
+    REQUIRE(j == nb, "model: %zu of %zu removed", j, nb);
+    m->n = w;
+}
+
+/* Keys (borrowing kb's tails) and values of a batch. */
+static void batch_keys(const model *m, const mitem *b, size_t n, agg_key *k, keybuf *kb,
+                       double *v)
+{
+    size_t i;
+    for (i = 0; i < n; i++) {
+        k[i] = mkey(m, &b[i], &kb[i]);
+        if (v)
+            v[i] = b[i].v;
+        /* GENERAL 8-byte keys: sometimes an explicit empty tail */
+        if (m->mode == AGG_KEYS_GENERAL && b[i].len == 8 && rnd_chance(0.5)) {
+            kb_tail(&kb[i])->refs = 0;
+            kb_tail(&kb[i])->len = 0;
+            k[i].rest = (uint64_t)(uintptr_t)kb_tail(&kb[i]);
+        }
+    }
+}
+
+/* --------------------------------------------------------------- ops -- */
+
+typedef struct bufs {
+    mitem *items;
+    agg_key *keys;
+    keybuf *kb;
+    double *vals;
+    size_t cap;
+} bufs;
+
+static void bufs_need(bufs *b, size_t n)
+{
+    if (n <= b->cap)
+        return;
+    b->cap = n * 2;
+    free(b->items);
+    free(b->keys);
+    free(b->kb);
+    free(b->vals);
+    b->items = (mitem *)malloc(b->cap * sizeof *b->items);
+    b->keys = (agg_key *)malloc(b->cap * sizeof *b->keys);
+    b->kb = (keybuf *)malloc(b->cap * sizeof *b->kb);
+    b->vals = (double *)malloc(b->cap * sizeof *b->vals);
+    REQUIRE(b->items && b->keys && b->kb && b->vals, "out of memory");
+}
+
+static void bufs_free(bufs *b)
+{
+    free(b->items);
+    free(b->keys);
+    free(b->kb);
+    free(b->vals);
+}
+
+/* Insert a batch: first the error cases (tree unchanged), then with
+ * injected allocation failures (sometimes), then for real. */
+static void op_insert_sorted(agg_tree **tp, model *m, bufs *B, int pat, size_t want,
+                             uint64_t spread, int vm, uint64_t *seq, int inject)
+{
+    agg_tree *t = *tp;
+    size_t n, i;
+    uint64_t bad = 777;
+    agg_status st;
+    int null_values = rnd_chance(0.05);
+    snap before;
+    bufs_need(B, want + m->n + 10);
+    n = make_batch(m, pat, want, spread, B->items, seq);
+    for (i = 0; i < n; i++)
+        B->items[i].v = null_values ? 0.0 : rnd_value(vm);
+    batch_keys(m, B->items, n, B->keys, B->kb, B->vals);
+    snap_take(t, &before);
+
+    if (n >= 2 && rnd_chance(0.3)) {       /* out of order: AGG_INVALID */
+        size_t j = 1 + rnd_below(n - 1);
+        agg_key save = B->keys[j];
+        int eq = rnd_chance(0.5);
+        B->keys[j] = eq ? B->keys[j - 1] : B->keys[j];
+        if (!eq) {
+            B->keys[j] = B->keys[j - 1];
+            B->keys[j - 1] = save;
+        }
+        bad = 777;
+        st = agg_tree_insert_sorted(t, B->keys, B->vals, n, &bad);
+        REQUIRE(st == AGG_INVALID && bad == j, "unsorted batch (%s at %zu): status %d bad %llu",
+                eq ? "equal" : "swapped", j, (int)st, (unsigned long long)bad);
+        if (!eq)
+            B->keys[j - 1] = B->keys[j];
+        B->keys[j] = save;
+        snap_same(t, &before, "after an unsorted batch");
+        check_tree(t, "unsorted batch");
+    }
+    if (m->n && rnd_chance(0.3)) {          /* a present key: AGG_DUPLICATE */
+        mitem *all = (mitem *)malloc((n + 3) * sizeof *all);
+        agg_key *k2 = (agg_key *)malloc((n + 3) * sizeof *k2);
+        keybuf *kb2 = (keybuf *)malloc((n + 3) * sizeof *kb2);
+        size_t n2 = n, first = (size_t)-1, c;
+        REQUIRE(all && k2 && kb2, "out of memory");
+        memcpy(all, B->items, n * sizeof *all);
+        for (c = 1 + rnd_below(2); c > 0; c--)
+            all[n2++] = m->a[rnd_below(m->n)];
+        n2 = sort_unique(m->mode, all, n2);
+        for (i = 0; i < n2; i++) {
+            int found;
+            model_lower(m, &all[i], &found);
+            if (found && first == (size_t)-1)
+                first = i;
+        }
+        batch_keys(m, all, n2, k2, kb2, NULL);
+        bad = 777;
+        st = agg_tree_insert_sorted(t, k2, NULL, n2, &bad);
+        REQUIRE(st == AGG_DUPLICATE && bad == first, "batch with a present key at %zu: status %d bad %llu",
+                first, (int)st, (unsigned long long)bad);
+        snap_same(t, &before, "after a batch with a present key");
+        check_tree(t, "batch with a present key");
+        free(all);
+        free(k2);
+        free(kb2);
+    }
+    if (inject && n) {                      /* allocation failures */
+        long f, step = 1, made;
+        for (f = 0;; f += step) {
+            agg_debug_fail_after(f);
+            st = agg_tree_insert_sorted(t, B->keys, B->vals, n, &bad);
+            made = agg_debug_fail_after(-1);
+            if (st != AGG_NOMEM)
+                break;
+            REQUIRE(made == f, "failing batch made %ld allocations with %ld allowed", made, f);
+            snap_same(t, &before, "after a failed batch insert");
+            check_tree(t, "failed batch insert");
+            if (f > 40)
+                step = 1 + f / 6;
+        }
+        REQUIRE(st == AGG_OK, "batch insert with %ld allocations allowed: status %d", f, (int)st);
+    } else {
+        st = agg_tree_insert_sorted(t, B->keys, null_values ? NULL : B->vals, n, &bad);
+        REQUIRE(st == AGG_OK, "batch insert of %zu (pattern %d): status %d", n, pat, (int)st);
+    }
+    memset(B->kb, 0xA5, n * sizeof *B->kb);   /* the tree must own its tails */
+    check_tree(t, "batch insert");
+    model_merge(m, B->items, n);
+    compare_all(t, m, "after a batch insert");
+    snap_free(&before);
+    *tp = t;
+}
+
+/* Delete a batch of present keys (with error cases first). */
+static void op_delete_sorted(agg_tree *t, model *m, bufs *B, int shape)
+{
+    size_t n = 0, i, want;
+    uint64_t bad = 777;
+    agg_status st;
+    long made;
+    snap before;
+    if (shape < 0)
+        shape = (int)rnd_below(4);
+    if (!m->n)
+        return;
+    bufs_need(B, m->n + 10);
+    if (shape == 0) {                       /* a random subset */
+        double p = rnd_unit();
+        for (i = 0; i < m->n; i++)
+            if (rnd_chance(p))
+                B->items[n++] = m->a[i];
+    } else if (shape == 1) {                /* a contiguous range */
+        size_t a = rnd_below(m->n), len = 1 + rnd_below(m->n - a);
+        for (i = a; i < a + len; i++)
+            B->items[n++] = m->a[i];
+    } else if (shape == 2) {                /* a few */
+        want = 1 + rnd_below(5);
+        for (i = 0; i < want; i++)
+            B->items[n++] = m->a[rnd_below(m->n)];
+        n = sort_unique(m->mode, B->items, n);
+    } else {                                /* all but a few, or all */
+        for (i = 0; i < m->n; i++)
+            if (!rnd_chance(0.02))
+                B->items[n++] = m->a[i];
+    }
+    if (!n)
+        return;
+    batch_keys(m, B->items, n, B->keys, B->kb, NULL);
+    snap_take(t, &before);
+    if (n >= 2 && rnd_chance(0.3)) {
+        size_t j = 1 + rnd_below(n - 1);
+        agg_key save = B->keys[j];
+        B->keys[j] = B->keys[j - 1];
+        st = agg_tree_delete_sorted(t, B->keys, n, &bad);
+        REQUIRE(st == AGG_INVALID && bad == j, "unsorted delete batch: status %d bad %llu", (int)st,
+                (unsigned long long)bad);
+        B->keys[j] = save;
+        snap_same(t, &before, "after an unsorted delete batch");
+    }
+    if (rnd_chance(0.3)) {                  /* an absent key */
+        mitem x;
+        size_t pos = rnd_below(n + 1);
+        const mitem *lo = pos ? &B->items[pos - 1] : NULL, *hi = pos < n ? &B->items[pos] : NULL;
+        int found;
+        if (key_between(m, lo, hi, &x)) {
+            model_lower(m, &x, &found);
+            if (!found) {
+                agg_key *k2 = (agg_key *)malloc((n + 1) * sizeof *k2);
+                keybuf xb;
+                REQUIRE(k2 != NULL, "out of memory");
+                memcpy(k2, B->keys, pos * sizeof *k2);
+                k2[pos] = mkey(m, &x, &xb);
+                memcpy(k2 + pos + 1, B->keys + pos, (n - pos) * sizeof *k2);
+                st = agg_tree_delete_sorted(t, k2, n + 1, &bad);
+                REQUIRE(st == AGG_MISSING && bad == pos, "delete batch with an absent key at %zu: status %d bad %llu",
+                        pos, (int)st, (unsigned long long)bad);
+                free(k2);
+                snap_same(t, &before, "after a delete batch with an absent key");
+            }
+        }
+    }
+    agg_debug_fail_after(0);                /* must not allocate */
+    st = agg_tree_delete_sorted(t, B->keys, n, &bad);
+    made = agg_debug_fail_after(-1);
+    REQUIRE(st == AGG_OK, "delete batch of %zu: status %d", n, (int)st);
+    REQUIRE(made == 0, "delete batch allocated %ld times", made);
+    check_tree(t, "batch delete");
+    model_remove_sorted(m, B->items, n);
+    compare_all(t, m, "after a batch delete");
+    if (m->n == 0)
+        REQUIRE(agg_tree_nbytes(t) == 0 && agg_tree_depth(t) == 0, "emptied tree keeps nbytes %zu",
+                agg_tree_nbytes(t));
+    snap_free(&before);
+}
+
+/* Rebuild the tree from the model (packed full leaves: the state where
+ * every batch key overflows its leaf). */
+static agg_tree *op_build(agg_tree *t, const model *m, bufs *B)
+{
+    agg_tree *nt;
+    REQUIRE(agg_tree_new(&nt, agg_tree_node_size(t), agg_tree_mode(t)) == AGG_OK, "new");
+    bufs_need(B, m->n + 10);
+    batch_keys(m, m->a, m->n, B->keys, B->kb, B->vals);
+    REQUIRE(agg_tree_build(nt, B->keys, B->vals, m->n, NULL) == AGG_OK, "build");
+    check_tree(nt, "build");
+    agg_tree_free(t);
+    return nt;
+}
+
+static void op_single(agg_tree *t, model *m, uint64_t spread, int vm, int grow)
+{
+    mitem x;
+    keybuf kb;
+    int found;
+    size_t pos;
+    if (grow || !m->n) {
+        rnd_key(m->mode, &x, spread);
+        pos = model_lower(m, &x, &found);
+        if (found)
+            return;
+        x.v = rnd_value(vm);
+        REQUIRE(agg_tree_insert(t, mkey(m, &x, &kb), x.v, 0, NULL, NULL) == AGG_OK, "insert");
+        model_insert_at(m, pos, &x);
+    } else {
+        pos = rnd_below(m->n);
+        REQUIRE(agg_tree_delete(t, mkey(m, &m->a[pos], &kb), NULL) == AGG_OK, "delete");
+        model_remove_at(m, pos);
+    }
+}
+
+/* ------------------------------------------------------- random runs -- */
+
+static void run_batch(agg_keymode mode, uint32_t ns, uint64_t iters)
+{
+    static const uint64_t spreads[] = {150, 2000, 100000};
+    static char phase[64];
+    agg_tree *t;
+    model m;
+    bufs B;
+    uint64_t it, spread = 2000, seq = 0;
+    int vm = 0;
+    size_t limit = ns <= 5 ? 1500 : 6000;
+    snprintf(phase, sizeof phase, "batch %s node_size %u", mode == AGG_KEYS_FAST ? "FAST" : "GENERAL", ns);
+    g_phase = phase;
+    memset(&m, 0, sizeof m);
+    memset(&B, 0, sizeof B);
+    m.mode = mode;
+    REQUIRE(agg_tree_new(&t, ns, mode) == AGG_OK, "new");
+    for (it = 0; it < iters; it++) {
+        uint64_t r = rnd_below(100);
+        g_iter = it;
+        if (it % 50 == 0) {
+            spread = spreads[rnd_below(3)];
+            vm = (int)rnd_below(3);
+        }
+        if (r < 45) {
+            int pat = (int)rnd_below(PAT_COUNT);
+            size_t want;
+            switch (rnd_below(4)) {
+            case 0: want = 1 + rnd_below(3); break;
+            case 1: want = 1 + rnd_below(40); break;
+            case 2: want = 1 + rnd_below(400); break;
+            default: want = 1 + rnd_below(m.n + 50); break;
+            }
+            if (pat == PAT_BIG)
+                want = 2 * m.n + rnd_below(300);
+            if (m.n + want > limit)
+                want = m.n < limit ? limit - m.n : 0;
+            if (!want)
+                op_delete_sorted(t, &m, &B, -1);
+            else
+                op_insert_sorted(&t, &m, &B, pat, want, spread, vm, &seq, rnd_chance(0.15));
+        } else if (r < 70) {
+            op_delete_sorted(t, &m, &B, -1);
+        } else if (r < 95) {
+            uint64_t k, cnt = 1 + rnd_below(30);
+            int grow = m.n < limit / 3 ? rnd_chance(0.7) : rnd_chance(0.3);
+            for (k = 0; k < cnt; k++)
+                op_single(t, &m, spread, vm, grow);
+            check_tree(t, "single ops");
+        } else {
+            t = op_build(t, &m, &B);
+        }
+    }
+    compare_all(t, &m, "end of run");
+    agg_tree_free(t);
+    free(m.a);
+    bufs_free(&B);
+}
+
+/* ------------------------------------------------------ larger trees -- */
+
+/* Bigger trees (several levels at node size 16 / 64), dense and sparse
+ * batches, and a batch larger than the tree: the splits of internal
+ * nodes, new root levels and long carries. */
+static void run_large(agg_keymode mode, uint32_t ns, uint64_t items, int rounds)
+{
+    static char phase[64];
+    agg_tree *t;
+    model m;
+    bufs B;
+    uint64_t seq = 0;
+    int r;
+    snprintf(phase, sizeof phase, "large %s node_size %u", mode == AGG_KEYS_FAST ? "FAST" : "GENERAL", ns);
+    g_phase = phase;
+    memset(&m, 0, sizeof m);
+    memset(&B, 0, sizeof B);
+    m.mode = mode;
+    REQUIRE(agg_tree_new(&t, ns, mode) == AGG_OK, "new");
+    op_insert_sorted(&t, &m, &B, PAT_RANDOM, items / 4, 1000000000, 0, &seq, 0);
+    for (r = 0; r < rounds; r++) {
+        int pat = r % PAT_COUNT;
+        size_t want = pat == PAT_BIG ? (size_t)m.n + 100 : (size_t)(items / 10 + rnd_below(items / 10));
+        g_iter = (uint64_t)r;
+        if (m.n > items) {
+            op_delete_sorted(t, &m, &B, (int)rnd_below(2));
+            continue;
+        }
+        op_insert_sorted(&t, &m, &B, pat, want, 1000000000, r % 3, &seq, 0);
+        if (r % 4 == 3)
+            t = op_build(t, &m, &B);
+    }
+    while (m.n)
+        op_delete_sorted(t, &m, &B, 3);
+    agg_tree_free(t);
+    free(m.a);
+    bufs_free(&B);
+}
+
+/* ---------------------------------------------------------- the sort -- */
+
+static int cmp_pair(const void *a, const void *b)
+{
+    const agg_key *x = (const agg_key *)a, *y = (const agg_key *)b;
+    if (x->head != y->head)
+        return x->head < y->head ? -1 : 1;
+    return (x->rest > y->rest) - (x->rest < y->rest);
+}
+
+typedef struct kv {
+    agg_key k;
+    double v;
+} kv;
+
+static int cmp_kv(const void *a, const void *b)
+{
+    const kv *x = (const kv *)a, *y = (const kv *)b;
+    int c = cmp_pair(&x->k, &y->k);
+    if (c)
+        return c;
+    return memcmp(&x->v, &y->v, sizeof x->v);
+}
+
+/* Keys drawn from distribution d. */
+static agg_key sort_key(int d, uint64_t i, uint64_t n)
+{
+    agg_key k;
+    switch (d) {
+    case 0:                                 /* doubles in [0, 1), ids 0..n */
+        k.head = agg_f64_to_key(rnd_unit());
+        k.rest = agg_i64_to_key((int64_t)i);
+        break;
+    case 1:                                 /* few keys, many ids (long ties) */
+        k.head = agg_f64_to_key((double)rnd_below(5));
+        k.rest = agg_i64_to_key((int64_t)rnd_below(n + 1) - (int64_t)(n / 2));
+        break;
+    case 2:                                 /* everything random */
+        k.head = rnd();
+        k.rest = rnd();
+        break;
+    case 3:                                 /* equal heads, bits only low in rest */
+        k.head = 42;
+        k.rest = rnd_below(64);
+        break;
+    case 4:                                 /* duplicates of a few pairs */
+        k.head = rnd_below(3);
+        k.rest = rnd_below(3) << 40;
+        break;
+    case 5:                                 /* wide-range doubles, both signs */
+        k.head = agg_f64_to_key((rnd_unit() - 0.5) * pow(2.0, (double)rnd_below(200) - 100.0));
+        k.rest = agg_i64_to_key((int64_t)rnd());
+        break;
+    default:                                /* all equal */
+        k.head = 7;
+        k.rest = 7;
+        break;
+    }
+    return k;
+}
+
+static void test_sort(uint64_t iters)
+{
+    static const uint64_t sizes[] = {0, 1, 2, 3, 31, 32, 33, 64, 100, 1000, 2049, 5000, 70000};
+    uint64_t it;
+    g_phase = "sort";
+    for (it = 0; it < iters; it++) {
+        uint64_t n = sizes[rnd_below(sizeof sizes / sizeof sizes[0])], i;
+        int d = (int)rnd_below(7), with_values = rnd_chance(0.8);
+        agg_key *k = (agg_key *)malloc((n + 1) * sizeof *k), *k0 = (agg_key *)malloc((n + 1) * sizeof *k0);
+        double *v = (double *)malloc((n + 1) * sizeof *v), *v0 = (double *)malloc((n + 1) * sizeof *v0);
+        kv *want = (kv *)malloc((n + 1) * sizeof *want), *got = (kv *)malloc((n + 1) * sizeof *got);
+        agg_status st;
+        g_iter = it;
+        REQUIRE(k && k0 && v && v0 && want && got, "out of memory");
+        for (i = 0; i < n; i++) {
+            k[i] = sort_key(d, i, n);
+            v[i] = (double)rnd_below(1000000);
+            want[i].k = k[i];
+            want[i].v = v[i];
+        }
+        memcpy(k0, k, n * sizeof *k);
+        memcpy(v0, v, n * sizeof *v);
+        if (n > 32 && rnd_chance(0.2)) {    /* scratch allocation fails */
+            agg_debug_fail_after(0);
+            st = agg_keys_sort(k, with_values ? v : NULL, n);
+            agg_debug_fail_after(-1);
+            REQUIRE(st == AGG_NOMEM || d == 6 || d == 4, "sort with failing malloc: status %d", (int)st);
+            if (st == AGG_NOMEM)
+                REQUIRE(memcmp(k, k0, n * sizeof *k) == 0 && memcmp(v, v0, n * sizeof *v) == 0,
+                        "failed sort changed its input");
+        }
+        memcpy(k, k0, n * sizeof *k);
+        st = agg_keys_sort(k, with_values ? v : NULL, n);
+        REQUIRE(st == AGG_OK, "sort of %llu: status %d", (unsigned long long)n, (int)st);
+        qsort(want, n, sizeof *want, cmp_kv);
+        for (i = 0; i < n; i++) {
+            REQUIRE(k[i].head == want[i].k.head && k[i].rest == want[i].k.rest,
+                    "sort (distribution %d, n %llu): key %llu wrong", d, (unsigned long long)n,
+                    (unsigned long long)i);
+            got[i].k = k[i];
+            got[i].v = with_values ? v[i] : v0[i];
+        }
+        if (with_values) {                  /* pairs kept together */
+            qsort(got, n, sizeof *got, cmp_kv);
+            for (i = 0; i < n; i++)
+                REQUIRE(same_bits(got[i].v, want[i].v), "sort: value %llu separated from its key",
+                        (unsigned long long)i);
+        } else {
+            REQUIRE(memcmp(v, v0, n * sizeof *v) == 0, "sort without values touched them");
+        }
+        free(k);
+        free(k0);
+        free(v);
+        free(v0);
+        free(want);
+        free(got);
+    }
+}
+
+/* agg_tree_build_unsorted: shuffled model items build the model's tree;
+ * a repeated key is reported at its sorted index; wrong trees refused. */
+static void test_build_unsorted(uint64_t iters)
+{
+    uint64_t it;
+    g_phase = "build_unsorted";
+    for (it = 0; it < iters; it++) {
+        uint64_t n = rnd_below(it % 5 == 0 ? 20000 : 500), i, bad = 777;
+        uint32_t ns = (uint32_t)(4 + rnd_below(61));
+        agg_key *k = (agg_key *)malloc((n + 2) * sizeof *k);
+        double *v = (double *)malloc((n + 2) * sizeof *v);
+        agg_tree *t, *g;
+        model m;
+        agg_status st;
+        long f;
+        g_iter = it;
+        memset(&m, 0, sizeof m);
+        m.mode = AGG_KEYS_FAST;
+        REQUIRE(k && v, "out of memory");
+        for (i = 0; i < n; i++) {
+            mitem x;
+            int found;
+            size_t pos;
+            memset(&x, 0, sizeof x);
+            x.fk = sort_key(rnd_chance(0.5) ? 0 : 5, i, n);
+            x.v = (double)rnd_below(100);
+            pos = model_lower(&m, &x, &found);
+            if (!found)
+                model_insert_at(&m, pos, &x);
+        }
+        n = m.n;
+        for (i = 0; i < n; i++) {
+            k[i] = m.a[i].fk;
+            v[i] = m.a[i].v;
+        }
+        for (i = n; i > 1; i--) {           /* shuffle */
+            uint64_t j = rnd_below(i);
+            agg_key tk = k[i - 1];
+            double tv = v[i - 1];
+            k[i - 1] = k[j];
+            v[i - 1] = v[j];
+            k[j] = tk;
+            v[j] = tv;
+        }
+        REQUIRE(agg_tree_new(&t, ns, AGG_KEYS_FAST) == AGG_OK, "new");
+        for (f = 0; n > 32; f++) {          /* allocation failures: tree stays empty */
+            agg_debug_fail_after(f);
+            st = agg_tree_build_unsorted(t, k, v, n, &bad);
+            agg_debug_fail_after(-1);
+            if (st != AGG_NOMEM)
+                break;
+            REQUIRE(agg_tree_len(t) == 0 && agg_tree_nbytes(t) == 0, "failed build left items");
+            check_tree(t, "failed build_unsorted");
+            if (f > 3)
+                f += f / 2;
+        }
+        if (n <= 32)
+            st = agg_tree_build_unsorted(t, k, v, n, &bad);
+        REQUIRE(st == AGG_OK, "build_unsorted of %llu: status %d", (unsigned long long)n, (int)st);
+        check_tree(t, "build_unsorted");
+        compare_all(t, &m, "after build_unsorted");
+        REQUIRE(agg_tree_build_unsorted(t, k, v, n, &bad) == (n ? AGG_INVALID : AGG_OK),
+                "build_unsorted into a non-empty tree");
+        agg_tree_free(t);
+        if (n >= 2) {                       /* a repeated key */
+            uint64_t a = rnd_below(n), b = rnd_below(n);
+            agg_key dupk;
+            if (a == b)
+                b = (a + 1) % n;
+            k[b] = k[a];
+            dupk = k[a];
+            REQUIRE(agg_tree_new(&t, ns, AGG_KEYS_FAST) == AGG_OK, "new");
+            st = agg_tree_build_unsorted(t, k, v, n, &bad);
+            REQUIRE(st == AGG_DUPLICATE && bad >= 1 && bad < n && k[bad].head == dupk.head &&
+                        k[bad].rest == dupk.rest && k[bad - 1].head == dupk.head &&
+                        k[bad - 1].rest == dupk.rest,
+                    "build_unsorted with a repeated key: status %d bad %llu", (int)st,
+                    (unsigned long long)bad);
+            REQUIRE(agg_tree_len(t) == 0 && agg_tree_nbytes(t) == 0, "failed build left items");
+            agg_tree_free(t);
+        }
+        REQUIRE(agg_tree_new(&g, ns, AGG_KEYS_GENERAL) == AGG_OK, "new");
+        REQUIRE(agg_tree_build_unsorted(g, k, v, n, &bad) == AGG_INVALID, "build_unsorted into GENERAL");
+        agg_tree_free(g);
+        free(k);
+        free(v);
+        free(m.a);
+    }
+}
+
+/* ---------------------------------------------------------- unit tests -- */
+
+static void unit_edges(void)
+{
+    agg_tree *t;
+    agg_key k[3];
+    double v[3] = {1.0, 2.0, 3.0};
+    uint64_t bad = 777;
+    g_phase = "unit edges";
+    REQUIRE(agg_tree_new(&t, 4, AGG_KEYS_FAST) == AGG_OK, "new");
+    REQUIRE(agg_tree_insert_sorted(t, k, v, 0, &bad) == AGG_OK && agg_tree_len(t) == 0, "empty batch");
+    REQUIRE(agg_tree_delete_sorted(t, k, 0, &bad) == AGG_OK, "empty delete batch");
+    k[0].head = 1;
+    k[0].rest = 0;
+    k[1].head = 1;
+    k[1].rest = 5;
+    k[2].head = 2;
+    k[2].rest = 0;
+    REQUIRE(agg_tree_delete_sorted(t, k, 3, &bad) == AGG_MISSING && bad == 0, "delete from empty");
+    REQUIRE(agg_tree_insert_sorted(t, k, v, 3, &bad) == AGG_OK && agg_tree_len(t) == 3, "into empty");
+    check_tree(t, "into empty");
+    REQUIRE(agg_tree_insert_sorted(t, k + 1, v, 1, &bad) == AGG_DUPLICATE && bad == 0, "present");
+    REQUIRE(agg_tree_sum(t, 0, 3) == 6.0, "sum");
+    REQUIRE(agg_tree_delete_sorted(t, k, 3, &bad) == AGG_OK && agg_tree_len(t) == 0 &&
+                agg_tree_nbytes(t) == 0 && agg_tree_depth(t) == 0,
+            "delete all");
+    check_tree(t, "deleted all");
+    agg_tree_free(t);
+}
+
+int main(int argc, char **argv)
+{
+    static const uint32_t sizes[] = {4, 5, 7, 16, 64};
+    uint64_t iters = TEST_SANITIZED ? 4000 : 15000, per;
+    int mi;
+    size_t si;
+    test_args(argc, argv, &iters, "test_batch");
+    unit_edges();
+    test_sort(iters / 20 + 20);
+    printf("  %-40s ok\n", "sort");
+    test_build_unsorted(iters / 200 + 10);
+    printf("  %-40s ok\n", "build_unsorted");
+    per = iters / 10 + 1;
+    for (mi = 0; mi < 2; mi++)
+        for (si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+            run_batch(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, sizes[si], per);
+            printf("  %-40s ok\n", g_phase);
+            fflush(stdout);
+        }
+    for (mi = 0; mi < 2; mi++) {
+        run_large(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, 16, TEST_SANITIZED ? 20000 : 60000, 12);
+        printf("  %-40s ok\n", g_phase);
+        run_large(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, 64, TEST_SANITIZED ? 30000 : 150000, 12);
+        printf("  %-40s ok\n", g_phase);
+        fflush(stdout);
+    }
+    printf("test_batch: all passed\n");
+    return 0;
+}
