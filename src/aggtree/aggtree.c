@@ -274,9 +274,12 @@
  * (the requested sizes) and honour the global failure injector
  * agg_debug_fail_after(n) (a countdown of successful allocations; atomic,
  * so threads working on different trees do not race on it).  Writes
- * allocate only in their reserve step (insert, build, new) or never
- * (delete, clear, value overwrite), which is what makes "on failure nothing
- * changed" hold.
+ * allocate only in their reserve step (insert, build, new, insert_sorted)
+ * or never (delete, clear, value overwrite), which is what makes "on
+ * failure nothing changed" hold.  Temporary memory of the batch
+ * operations and the sort (raw_alloc: honours the injector, not counted
+ * in nbytes) is taken before the first mutation too; delete_sorted's only
+ * temporary array is optional (it runs without it).
  *
  * 11. The checker
  * ---------------
@@ -299,6 +302,122 @@
  *  - exact[] per internal entry (1 byte/entry, ~0.02 bytes/item at cap 64)
  *    and the exact/inexact sum scheme of section 8 instead of recomputing
  *    every path entry: same no-drift property, O(1) per level.
+ *
+ * 13. Batch insert and delete of a sorted run
+ * -------------------------------------------
+ * agg_tree_insert_sorted(keys[0..n)) does in one ordered walk what n
+ * inserts would do, touching each affected leaf once.  Four steps:
+ *
+ *  a. ORDER.  keys[i - 1] < keys[i] for all i, else AGG_INVALID (nothing
+ *     read yet).  An empty tree is bulk-built instead (section 9).
+ *  b. CHECK (reads only).  route: a walk that only moves forward (a
+ *     "finger": the path plus, per level, a reference to the separator
+ *     bounding the path node; never a copy, since a GENERAL separator may
+ *     be replaced and free its tail) routes the keys through the internal
+ *     nodes - one compare per key while it stays in the same leaf, and
+ *     when it leaves, a climb only as high as needed.  The result is the
+ *     list of groups (leaf, first key, count) and the sequence of path
+ *     nodes left behind (events).  search + plan: parent by parent, each
+ *     group is searched in its leaf (a forward scan, 8 independent FAST
+ *     compares at a time - the leaf streams in, no chain of dependent
+ *     loads), giving every key's position among the leaf's items and the
+ *     first key already present (AGG_DUPLICATE); the leaves are prefetched
+ *     a few groups ahead so that their cache misses overlap.  Then the
+ *     parent's LEAF OPS are planned from the counts alone (below), and
+ *     every event turns into "this node gets g new children, so becomes
+ *     ceil((count + g) / cap) nodes", which gives the exact number of new
+ *     leaves and internal nodes, new root levels included.
+ *  c. RESERVE those nodes, the tail copies (GENERAL) and the buffers.  A
+ *     failure frees them: AGG_NOMEM with the tree never touched.
+ *  d. APPLY: replay the ops and events in order (no key is compared
+ *     again).  Nothing can fail.
+ *
+ * Leaf ops.  The "stream" of a leaf is the carry from its left neighbour
+ * (below), then its items merged with its new keys: T items.
+ *    T <= cap        all stay (the common case: merged in place from the
+ *                    top, each run of items moving up by the number of new
+ *                    keys below it: O(leaf + k), no compares);
+ *    else X = T - cap items are in excess, the leaf keeps cap, and
+ *      X >= min      they go to ceil(X / cap) new leaves after it, shared
+ *                    evenly (each >= min), or packed full if this is the
+ *                    tree's last leaf (the append pattern);
+ *      next leaf has new keys too: they are carried into it (X < min: the
+ *                    carry buffer is small), the front of its stream;
+ *      left neighbour has room: the X smallest go to its end (a spill);
+ *      untouched right neighbour has room: carried into it (it gets an op
+ *                    of its own that only absorbs);
+ *      the tree's last leaf: a new last leaf with X items (I4 exemption);
+ *      otherwise     leaf and one new leaf share T evenly (both >= min).
+ * Everything moves within one parent, so only its separators change
+ * (carried-into and spilled-from leaves get their first key as separator;
+ * separators below a new minimum stay valid, I2 only needs sep <= min).
+ * Leaves end full where carries pass, so a dense batch packs its leaves
+ * full; measured (cap 64): 27.5 bytes/item after 100,000 random keys into
+ * 1,000,000 (29.15 before), 30.6 after doubling a tree with one batch.
+ * Each stream is written backward, the excess first (to new leaves or the
+ * carry buffer), then the kept part in place: a destination is never below
+ * its source in the same leaf, so nothing is overwritten before it is
+ * read.  A spill takes its items forward first and then closes the gap.
+ *
+ * Internal nodes.  New nodes wait in a per-level pending list until the
+ * walk leaves their parent; then they enter it in one backward pass, or,
+ * if it overflows, parent and pending entries are cut into packed nodes
+ * (evenly; full with the rest in the last if it is the last node of its
+ * level, keeping >= 2 there) whose entries join the pending list one level
+ * up; a root with pending siblings gets new levels on top.
+ *
+ * Counts and sums.  Per leaf op: the parent's entry gets the new count
+ * and its sum changes by + carry in + new values - spill - what left
+ * (carry out or new leaves, whose sums node_summary computes anyway), each
+ * an exact double-double when possible (section 8: then O(1), else the
+ * entry is recomputed).  Every path node above accumulates the exact sum
+ * of the new values below it and updates its own entry once, when the
+ * walk leaves it - not once per key.
+ *
+ * Cost.  O(n) routing + O(leaf) per touched leaf + O(cap) per touched
+ * parent.  A batch of 100,000 random keys into 1,000,000 touches every
+ * leaf, so its floor is reading the keys of every leaf (check) and
+ * rewriting every leaf (apply): ~1.6 + ~1.7 ms on the development VM
+ * (DRAM ~10 GB/s, the 25 MB leaf level just misses its cache share); the
+ * batch takes ~7.5-10 ms (75-100 ns/item) there, against ~290 ns per
+ * single insert in random order and ~125 in sorted order (bench_core,
+ * node size 64).  Per touched leaf (L2-resident) the check costs ~120 ns
+ * (routing ~30, scanning its keys ~90) and the merge ~120: with ~5 new
+ * keys per leaf that is ~45 ns/item even in cache (single inserts: ~100
+ * random, ~75 sorted), so batches help most when the tree is large or
+ * several keys share a leaf.  A full
+ * rebuild (read out, merge, bulk-build) was measured 2-4x slower than the
+ * incremental path even for a batch 10x the tree (it rewrites everything
+ * and allocates every node), so there is no separate rebuild path.
+ *
+ * agg_tree_delete_sorted.  The same check (route + search, with a small
+ * ring of groups so that the leaves are prefetched) reports the first
+ * absent key before anything changes.  Then per leaf: if it keeps its
+ * minimum fill, its keys are removed in one compaction pass and only the
+ * parent's entry is updated, the path above accumulating as for inserts;
+ * a leaf that would underflow flushes the accumulated changes and takes
+ * agg_tree_delete key by key (merges and borrows), after which the walk
+ * restarts from the root.  It allocates at most a temporary array of the
+ * groups' leaves, used only to prefetch (without it the pass just runs
+ * slower), so like agg_tree_delete it cannot fail.
+ *
+ * 14. Sorting keys
+ * ----------------
+ * agg_keys_sort orders (key, value) pairs by FAST order for bulk loads.
+ * np.lexsort((ids, keys)) takes ~250 ms for 1,000,000 pairs here; a
+ * comparison sort of 16-byte keys ~145 ms (qsort).  This is an MSD radix
+ * sort over the composite 128-bit key (head << 64 | rest): first the bits
+ * that differ between some two keys are found (OR ^ AND of all keys), and
+ * digits are only ever taken where such bits are (ids 0..n-1 leave most of
+ * rest constant, doubles in [0, 1) the sign and top exponent bits); each
+ * level scatters the current range into 2^w buckets of the other buffer
+ * (w ~ log2(n) - 1, at most 11 while the data is larger than the caches,
+ * 12 once a bucket fits) and recurses; a digit that puts every key in one
+ * bucket is skipped without moving anything; buckets of <= 32 keys are
+ * insertion-sorted.  Only the first level runs from memory; every later
+ * one works inside a cache-sized bucket.  1,000,000 pairs: ~22-28 ms
+ * (bench_core); an LSD radix sort over the same digits would make 8
+ * passes from memory.  Scratch: n * 24 bytes (16 without values).
  */
 #include "aggtree.h"
 
@@ -2440,6 +2559,7 @@ static void finger_descend(const agg_tree *t, finger *f, int d, agg_key k, int r
  * items) or, as a carry of `cout` items, to the front of leaf j + 1. */
 typedef struct lop {
     node *leaf;                  /* the leaf: child j of its parent */
+    node *parent;                /* its parent (NULL: the leaf is the root) */
     uint64_t start;              /* index of its first new key */
     uint64_t k;                  /* new keys (0: it only absorbs a carry) */
     uint64_t nnew;               /* new leaves after it */
@@ -2464,7 +2584,10 @@ typedef struct bgroup {
  * first `gend` groups. */
 typedef struct bevent {
     node *x;                     /* the node */
+    node *parent;                /* its parent (NULL for the root) */
     uint64_t gend;               /* groups created before */
+    uint64_t opend;              /* plan: leaf ops planned before it is finalized */
+    uint32_t pj;                 /* its index in the parent */
     int32_t lev;                 /* its level */
     uint8_t rm;                  /* it is the last node of its level */
 } bevent;
@@ -2483,17 +2606,6 @@ typedef struct pool {
     uint64_t used;               /* handed out */
 } pool;
 
-#ifdef BINS_TIMING
-#include <time.h>
-static double bins_tm[8];
-static double bins_now(void){struct timespec ts;clock_gettime(CLOCK_THREAD_CPUTIME_ID,&ts);return ts.tv_sec+1e-9*ts.tv_nsec;}
-#define BINS_T(i) (bins_tm[i] = bins_now())
-#define BINS_TB(i) BINS_T(i)
-#define BINS_REPORT() fprintf(stderr, "route %.2f search %.2f plan %.2f | check %.2f ms reserve %.2f ms apply %.2f ms free %.2f ms (ops %llu, new leaves %llu inner %llu)\n", 1e3*(bins_tm[5]-bins_tm[0]), 1e3*(bins_tm[6]-bins_tm[5]), 1e3*(bins_tm[1]-bins_tm[6]), 1e3*(bins_tm[1]-bins_tm[0]), 1e3*(bins_tm[2]-bins_tm[1]), 1e3*(bins_tm[3]-bins_tm[2]), 1e3*(bins_tm[4]-bins_tm[3]), (unsigned long long)b.nops, (unsigned long long)b.new_leaves, (unsigned long long)b.new_inner)
-#else
-#define BINS_T(i) ((void)0)
-#define BINS_REPORT() ((void)0)
-#endif
 /* State of one agg_tree_insert_sorted. */
 typedef struct bins {
     agg_tree *t;
@@ -2589,6 +2701,7 @@ static int plan_leaf_ops(bins *b, node *P, int rm_parent, const bgroup *grp, uin
         lop op;
         memset(&op, 0, sizeof op);
         op.leaf = g->leaf;
+        op.parent = P;
         op.start = g->start;
         op.k = g->k;
         op.j = j;
@@ -2626,6 +2739,7 @@ static int plan_leaf_ops(bins *b, node *P, int rm_parent, const bgroup *grp, uin
                         return 0;
                     memset(&ab, 0, sizeof ab);
                     ab.leaf = nb;
+                    ab.parent = P;
                     ab.start = g->start + g->k;
                     ab.j = j + 1;
                     ab.keep = nb->count + (uint32_t)X;
@@ -2666,31 +2780,32 @@ static int route_event(bins *b, int lev)
         return 0;
     e = &b->ev[b->nev++];
     e->x = b->f.path[lev];
+    e->parent = lev > 0 ? b->f.path[lev - 1] : NULL;
+    e->pj = lev > 0 ? b->f.idx[lev - 1] : 0;
     e->gend = b->ngrp;
+    e->opend = 0;
     e->lev = lev;
     e->rm = (uint8_t)(b->f.hn[lev] == NULL);
     return 1;
 }
 
-/* Prefetch distance (in groups / ops) of the pipelined passes: a leaf is
- * prefetched when its group is found and searched PF_DIST groups later,
- * so that the cache misses of several leaves overlap. */
-#ifndef PF_DIST
+/* Software prefetching of the batch passes (section 13): a leaf is
+ * prefetched PF_DIST groups (or ops) before it is used, so that the cache
+ * misses of several leaves overlap instead of forming a chain; at most
+ * PF_LINES cache lines of it (all of a node_size-64 leaf), since a full
+ * miss queue stalls the prefetching instructions themselves.  Measured
+ * with bench_core, 100,000 keys into 1,000,000: distances 2..8 are within
+ * noise of each other, prefetching one line per leaf instead of the whole
+ * leaf is ~40% slower. */
 #define PF_DIST 4
-#endif
-#ifndef PF_LINES_CHECK
-#define PF_LINES_CHECK 17
-#endif
-#ifndef PF_LINES_APPLY
-#define PF_LINES_APPLY 25
-#endif
+#define PF_LINES 25
 
-/* Prefetch a whole leaf (header, keys, values) without reading it: its
- * header may not have arrived yet. */
+/* Prefetch a leaf without reading it (its header may not have arrived):
+ * the header and keys, and with `values` the values too. */
 AGG_INLINE void leaf_prefetch_all(const agg_tree *t, node *n, int values)
 {
     const char *p = (const char *)n, *end = p + (values ? t->leaf_bytes : t->off_vals);
-    int lines = values ? PF_LINES_APPLY : PF_LINES_CHECK;
+    int lines = PF_LINES;
     for (; p < end && lines-- > 0; p += 64)
         AGG_PREFETCH(p);
 }
@@ -2757,22 +2872,23 @@ static int search_group(bins *b, bgroup *gr, uint64_t *bad_index)
 }
 
 
-/* Check pass (reads only):
- *  route + search  the keys are routed to their leaves through the
- *          internal nodes (one compare per key while it stays in a leaf),
- *          giving the groups and the sequence of path nodes left; each
- *          group is searched in its leaf PF_DIST groups after it was found
- *          (its leaf prefetched meanwhile): the first key already present
- *          is reported, the others get their positions;
- *  plan    the sequence is replayed: each parent's leaf ops, then the
- *          number of new nodes per level. */
+/* Check pass (reads only, section 13):
+ *  route   the keys are routed to their leaves through the internal nodes
+ *          alone (one compare per key while it stays in a leaf), giving
+ *          the groups (leaf, first key, count) and the sequence of path
+ *          nodes the walk leaves (events);
+ *  search + plan, parent by parent: every group is searched in its leaf,
+ *          prefetched PF_DIST groups ahead (the first key already present
+ *          is reported, the others get their positions), then the
+ *          parent's leaf ops are planned; each event then says how many
+ *          nodes its node becomes, which gives the number of new nodes per
+ *          level and the sizes of the buffers. */
 static agg_status bins_check(bins *b, uint64_t *bad_index)
 {
     agg_tree *t = b->t;
     finger *f = &b->f;
     int D = (int)t->depth, lev;
-    uint64_t i, gs = 0, e, gi, g, dup = 0;
-    int found = 0;
+    uint64_t i, gs = 0, e, gi, g;
     f->path[0] = t->root;
     f->hn[0] = NULL;
     f->hs[0] = 0;
@@ -2805,39 +2921,37 @@ static agg_status bins_check(bins *b, uint64_t *bad_index)
             if (!route_event(b, lev))
                 return AGG_NOMEM;
     }
-    BINS_T(5);
-    /* search backward, so that the leaves the apply pass visits first are
-     * the most recently fetched; keep the smallest index of a present key */
-    for (g = b->ngrp; g-- > 0;) {
-        if (g >= PF_DIST)
-            leaf_prefetch_all(t, b->grp[g - PF_DIST].leaf, 0);
-        if (!search_group(b, &b->grp[g], &dup))
-            found = 1;
-    }
-    if (found) {
-        if (bad_index)
-            *bad_index = dup;
-        return AGG_DUPLICATE;
-    }
-    BINS_T(6);
-    /* plan */
-    if (D == 1) {
-        if (!plan_leaf_ops(b, NULL, 1, b->grp, b->ngrp, &b->rootgrow))
-            return AGG_NOMEM;
-        b->new_leaves = b->rootgrow;
-    }
+    /* search and plan, parent by parent; the leaves are prefetched
+     * PF_DIST groups ahead */
     gi = 0;
-    for (e = 0; e < b->nev; e++) {
-        const bevent *ev = &b->ev[e];
-        uint64_t gr, sz, cnt;
+    for (e = 0; e <= b->nev; e++) {
+        bevent *ev = e < b->nev ? &b->ev[e] : NULL;
+        uint64_t gr, sz, cnt, gend = ev ? ev->gend : b->ngrp;
+        if (ev && ev->lev != D - 2)
+            gend = gi;              /* upper levels own no groups */
+        for (g = gi; g < gend; g++) {
+            if (g + PF_DIST < b->ngrp)
+                leaf_prefetch_all(t, b->grp[g + PF_DIST].leaf, 0);
+            if (!search_group(b, &b->grp[g], bad_index))
+                return AGG_DUPLICATE;
+        }
+        if (!ev) {                  /* D == 1: the root leaf's groups */
+            if (D == 1) {
+                if (!plan_leaf_ops(b, NULL, 1, b->grp, b->ngrp, &b->rootgrow))
+                    return AGG_NOMEM;
+                b->new_leaves = b->rootgrow;
+            }
+            break;
+        }
         if (ev->lev == D - 2) {
-            if (!plan_leaf_ops(b, ev->x, ev->rm, b->grp + gi, ev->gend - gi, &gr))
+            if (!plan_leaf_ops(b, ev->x, ev->rm, b->grp + gi, gend - gi, &gr))
                 return AGG_NOMEM;
-            gi = ev->gend;
+            gi = gend;
             b->new_leaves += gr;
         } else {
             gr = b->grow[ev->lev];
         }
+        ev->opend = b->nops;
         b->grow[ev->lev] = 0;
         if (gr > b->maxpend[ev->lev + 1])
             b->maxpend[ev->lev + 1] = gr;
@@ -3016,6 +3130,8 @@ static void exec_leaf_op(bins *b, const lop *op, node *P)
         agg_key *ak = node_keys(left) + left->count;
         double *av = leaf_vals(t, left) + left->count;
         uint32_t s = op->spill, x = 0;
+        /* (the plan never spills from a leaf that received a carry - its
+         * left neighbour is full then - but the stream order is kept) */
         for (; x < s && ci < c; x++, ci++) {
             ak[x] = Ck[ci];
             av[x] = Cv[ci];
@@ -3126,12 +3242,12 @@ static void exec_leaf_op(bins *b, const lop *op, node *P)
 /* Apply pass: the path node at level lev is left.  Its new children enter
  * it (in place if they fit, else it is cut into packed nodes whose
  * entries wait for its parent); its entry in the parent is updated. */
-static void apply_finalize(bins *b, int lev)
+static void apply_finalize(bins *b, const bevent *ev)
 {
     agg_tree *t = b->t;
-    finger *f = &b->f;
-    node *x = f->path[lev], *parent = lev > 0 ? f->path[lev - 1] : NULL;
-    uint32_t pj = lev > 0 ? f->idx[lev - 1] : 0, cap = t->cap;
+    int lev = ev->lev;
+    node *x = ev->x, *parent = ev->parent;
+    uint32_t pj = ev->pj, cap = t->cap;
     pend *pl = b->pending[lev + 1];
     uint64_t np = b->npending[lev + 1], e = x->count + np;
     if (e <= cap) {
@@ -3155,7 +3271,7 @@ static void apply_finalize(bins *b, int lev)
         entry *tmp = b->tmp;
         uint64_t w = 0, pi = 0, s, q;
         uint32_t i;
-        int full = f->hn[lev] == NULL;
+        int full = ev->rm;
         for (i = 0; i < x->count; i++) {
             entry *te = &tmp[w++];
             te->sep = node_keys(x)[i];
@@ -3231,16 +3347,14 @@ static void grow_root(bins *b)
     t->root = r[0].child;
 }
 
-/* Apply pass: walk the ops in key order; nothing can fail. */
+/* Apply pass: replay the check pass's sequence - each parent's leaf ops,
+ * then the path nodes it left, in order; no key is compared again.
+ * Nothing here can fail. */
 static void bins_apply(bins *b)
 {
     agg_tree *t = b->t;
-    finger *f = &b->f;
     int D = (int)t->depth, lev;
-    uint64_t r;
-    f->path[0] = t->root;
-    f->hn[0] = NULL;
-    f->hs[0] = 0;
+    uint64_t r = 0, e;
     b->cur = 0;
     b->cn = 0;
     dds_zero(&b->csum);
@@ -3249,27 +3363,17 @@ static void bins_apply(bins *b)
         dds_zero(&b->dsum[lev]);
         b->npending[lev] = 0;
     }
-    for (r = 0; r < b->nops; r++) {
-        const lop *op = &b->ops[r];
-        if (r + PF_DIST < b->nops)
-            leaf_prefetch_all(t, b->ops[r + PF_DIST].leaf, 1);
-        if (op->k) {
-            agg_key k0 = b->sk[op->start];
-            if (r == 0) {
-                finger_descend(t, f, 0, k0, 0);
-            } else {
-                int d = finger_level(t, f, D - 1, k0);
-                if (d < D - 1) {
-                    for (lev = D - 2; lev > d; lev--)
-                        apply_finalize(b, lev);
-                    finger_descend(t, f, d, k0, 1);
-                }
-            }
+    for (e = 0; e <= b->nev; e++) {
+        uint64_t end = e < b->nev ? b->ev[e].opend : b->nops;
+        for (; r < end; r++) {
+            const lop *op = &b->ops[r];
+            if (r + PF_DIST < b->nops)
+                leaf_prefetch_all(t, b->ops[r + PF_DIST].leaf, 1);
+            exec_leaf_op(b, op, op->parent);
         }
-        exec_leaf_op(b, op, D >= 2 ? f->path[D - 2] : NULL);
+        if (e < b->nev)
+            apply_finalize(b, &b->ev[e]);
     }
-    for (lev = D - 2; lev >= 0; lev--)
-        apply_finalize(b, lev);
     if (b->npending[0])
         grow_root(b);
     t->len += b->n;
@@ -3391,9 +3495,7 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double
         bins_free(&b, 1);
         return AGG_NOMEM;
     }
-    BINS_T(0);
     st = bins_check(&b, bad_index);
-    BINS_T(1);
     if (st != AGG_OK) {
         bins_free(&b, 1);
         return st;
@@ -3403,13 +3505,9 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double
         bins_free(&b, 1);
         return AGG_NOMEM;
     }
-    BINS_T(2);
     /* 4. apply: cannot fail */
     bins_apply(&b);
-    BINS_T(3);
     bins_free(&b, 0);
-    BINS_T(4);
-    BINS_REPORT();
     return AGG_OK;
 }
 
@@ -3457,11 +3555,12 @@ static int dgroup_present(const agg_tree *t, const agg_key *keys, const dgroup *
 
 #define DEL_RING 4               /* groups in flight in the delete check */
 
-/* Check of a batch delete (reads only, allocates nothing): route the keys
- * to their leaves and search each group DEL_RING groups later, its leaf
- * prefetched meanwhile.  AGG_OK or AGG_MISSING (first absent key). */
+/* Check of a batch delete (reads only): route the keys to their leaves
+ * and search each group DEL_RING groups later, its leaf prefetched
+ * meanwhile; leaves (may be NULL, else room for n) receives the groups'
+ * leaves.  AGG_OK or AGG_MISSING (first absent key). */
 static agg_status dels_check(const agg_tree *t, const agg_key *keys, uint64_t n,
-                             uint64_t *bad_index)
+                             uint64_t *bad_index, node **leaves, uint64_t *ngroups)
 {
     finger f;
     dgroup ring[DEL_RING];
@@ -3493,6 +3592,8 @@ static agg_status dels_check(const agg_tree *t, const agg_key *keys, uint64_t n,
         ring[made % DEL_RING].start = gs;
         ring[made % DEL_RING].k = i - gs;
         leaf_prefetch_all(t, f.path[D - 1], 0);
+        if (leaves)
+            leaves[made] = f.path[D - 1];
         made++;
         if (i == n)
             break;
@@ -3503,6 +3604,7 @@ static agg_status dels_check(const agg_tree *t, const agg_key *keys, uint64_t n,
     for (; done < made; done++)
         if (!dgroup_present(t, keys, &ring[done % DEL_RING], &miss))
             goto missing;
+    *ngroups = made;
     return AGG_OK;
 missing:
     if (bad_index)
@@ -3531,10 +3633,11 @@ agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
                                   uint64_t *bad_index)
 {
     finger f;
-    uint64_t dcnt[MAX_DEPTH], i, j;
+    uint64_t dcnt[MAX_DEPTH], i, j, g = 0, ng = 0;
     ddsum dsum[MAX_DEPTH];
     int D, lev, valid = 0;
     agg_status st;
+    node **leaves;
     if (n == 0)
         return AGG_OK;
     for (i = 1; i < n; i++) {
@@ -3544,9 +3647,14 @@ agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
             return AGG_INVALID;
         }
     }
-    st = dels_check(t, keys, n, bad_index);
-    if (st != AGG_OK)
+    /* the groups' leaves, for prefetching in the second pass: optional
+     * (without the memory the pass only runs slower) */
+    leaves = (node **)raw_alloc((size_t)n * sizeof(node *));
+    st = dels_check(t, keys, n, bad_index, leaves, &ng);
+    if (st != AGG_OK) {
+        free(leaves);
         return st;
+    }
     /* every key is present: from here on nothing can fail */
     D = (int)t->depth;
     for (lev = 0; lev < MAX_DEPTH; lev++) {
@@ -3574,6 +3682,9 @@ agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
             }
         }
         lf = f.path[D - 1];
+        if (leaves && g + PF_DIST < ng)   /* stale after a merge: only a hint */
+            leaf_prefetch_all(t, leaves[g + PF_DIST], 1);
+        g++;
         for (j = i + 1; j < n; j++)
             if (!(D == 1 || !f.hn[D - 1] ||
                   key_lt(t, key_normalize(t, keys[j]), node_keys(f.hn[D - 1])[f.hs[D - 1]])))
@@ -3621,12 +3732,13 @@ agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
                 agg_tree_delete(t, keys[q], NULL);
             valid = 0;
             if (!t->root)
-                return AGG_OK;
+                break;
         }
     }
     if (valid)
         for (lev = D - 2; lev >= 0; lev--)
             dels_flush(t, &f, dcnt, dsum, lev);
+    free(leaves);
     return AGG_OK;
 }
 
@@ -3644,9 +3756,12 @@ typedef struct ksort {
     uint64_t vhead, vrest;       /* bits that differ between some two keys */
 } ksort;
 
-#define SORT_WMAX 11             /* widest digit (2048 buckets) */
+#define SORT_WMAX 12             /* widest digit */
+#define SORT_WTOP 11             /* widest digit while out of cache */
+#define SORT_PER 1               /* log2 of the keys aimed at per bucket */
+#define SORT_INCACHE (1u << 17)  /* keys that fit in a cache level */
 #define SORT_SMALL 32            /* insertion sort at or below this */
-#define SORT_MAXDEPTH 28         /* levels: each scatters >= 5 bits of 128, plus the last */
+#define SORT_MAXDEPTH 34         /* levels: each scatters >= 4 bits of 128, plus the last */
 
 /* FAST order: (head, rest) unsigned. */
 AGG_INLINE int ksort_lt(agg_key a, agg_key b)
@@ -3658,17 +3773,24 @@ AGG_INLINE int ksort_lt(agg_key a, agg_key b)
 static void ksort_small(agg_key *k, double *v, uint64_t n)
 {
     uint64_t i, j;
-    for (i = 1; i < n; i++) {
-        agg_key x = k[i];
-        double y = v ? v[i] : 0.0;
-        for (j = i; j > 0 && ksort_lt(x, k[j - 1]); j--) {
-            k[j] = k[j - 1];
-            if (v)
+    if (v) {
+        for (i = 1; i < n; i++) {
+            agg_key x = k[i];
+            double y = v[i];
+            for (j = i; j > 0 && ksort_lt(x, k[j - 1]); j--) {
+                k[j] = k[j - 1];
                 v[j] = v[j - 1];
-        }
-        k[j] = x;
-        if (v)
+            }
+            k[j] = x;
             v[j] = y;
+        }
+    } else {
+        for (i = 1; i < n; i++) {
+            agg_key x = k[i];
+            for (j = i; j > 0 && ksort_lt(x, k[j - 1]); j--)
+                k[j] = k[j - 1];
+            k[j] = x;
+        }
     }
 }
 
@@ -3736,7 +3858,13 @@ static void ksort_msd(ksort *s, uint64_t off, uint64_t n, int p, int depth, int 
             }
             return;
         }
-        w = n > (1u << 16) ? 11 : n > (1u << 11) ? 8 : 5;
+        /* about SORT_PER keys per bucket; at most 2^SORT_WTOP buckets
+         * while the data is larger than the caches (many write streams
+         * thrash the TLB), 2^SORT_WMAX once it fits */
+        w = (uint32_t)(63 - agg_clz64(n)) - SORT_PER;
+        w = w < 4 ? 4 : w > SORT_WMAX ? SORT_WMAX : w;
+        if (n > SORT_INCACHE && w > SORT_WTOP)
+            w = SORT_WTOP;
         shift = p - (int)w + 1;
         if (shift < 0) {
             shift = 0;

@@ -164,13 +164,16 @@ agg_status agg_tree_delete(agg_tree *t, agg_key key, double *old_value);
 
 /* Delete n items whose keys are strictly increasing, all or nothing: the
  * batch form of agg_tree_delete for the vectorised API.  Checked before
- * anything changes: AGG_INVALID if keys[i] <= keys[i - 1] (*bad_index =
- * the first such i), AGG_MISSING if a key is absent (*bad_index = the
- * smallest such i); the tree is then untouched.  Like agg_tree_delete it
- * allocates nothing, so it never returns AGG_NOMEM.  Removes the keys of
- * each leaf in one pass and updates each touched parent entry once per
- * leaf (a leaf that would fall below the minimum fill takes the single
- * delete path, with its merges). */
+ * anything changes: AGG_INVALID if keys[i] <= keys[i - 1] (equal
+ * neighbours included; *bad_index = the first such i), AGG_MISSING if a
+ * key is absent (*bad_index = the smallest such i); the tree is then
+ * untouched.  *bad_index (may be NULL) is written only with those two.
+ * Never returns AGG_NOMEM: its only allocation is an optional temporary
+ * array (n pointers, used to prefetch) without which it runs slower.
+ * Removes the keys of each leaf in one pass and updates each touched
+ * parent entry once per leaf (a leaf that would fall below the minimum
+ * fill takes the single-delete path, with its merges).  O(n + touched
+ * leaves * node_size) (section 13 of aggtree.c). */
 agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
                                   uint64_t *bad_index);
 
