@@ -1552,7 +1552,10 @@ cdef class Aggregate:
         kp = <agg_key *>cnp.PyArray_DATA(karr)
         with nogil:
             st = agg_keys_sort(kp, NULL, <uint64_t>n)
-        _raise_status(st, None, None, namespace)
+        if st == AGG_NOMEM:
+            # Deletes never need the core's memory: sort with numpy instead.
+            karr = np.ascontiguousarray(karr[np.lexsort((karr[:, 1], karr[:, 0]))])
+            kp = <agg_key *>cnp.PyArray_DATA(karr)
         for j in range(1, n):
             if kp[j - 1].head == kp[j].head and kp[j - 1].rest == kp[j].rest:
                 _raise_status(AGG_MISSING, _fast_key_obj(tree.kind, kp[j]),
