@@ -69,6 +69,8 @@ cdef extern from "aggtree.h" nogil:
 
     int agg_tree_get(const agg_tree *t, agg_key key, double *value)
     uint64_t agg_tree_rank(const agg_tree *t, agg_key key, int after)
+    void agg_tree_rank2(const agg_tree *t, agg_key k1, int after1, agg_key k2,
+                        int after2, uint64_t *r1, uint64_t *r2)
     agg_status agg_tree_select(const agg_tree *t, uint64_t index,
                                agg_key *key, double *value)
     double agg_tree_sum(const agg_tree *t, uint64_t lo, uint64_t hi)

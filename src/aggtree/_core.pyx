@@ -572,11 +572,25 @@ cdef int _range(_Tree tree, object lower, object upper, object eq, object prefix
     cdef GKey g
     cdef agg_key k
     cdef bint has_eq = eq is not _UNSET
-    cdef double x
+    cdef double x, y
+    cdef agg_key k2
     # Fast path: bare float bounds (inclusive, no id) on a numeric tree.
     if (tree is not None and tree.kind <= K_INT and not has_eq and prefix is None
             and (lower is None or PyFloat_CheckExact(lower))
             and (upper is None or PyFloat_CheckExact(upper))):
+        if lower is not None and upper is not None:
+            x = PyFloat_AS_DOUBLE(lower)
+            y = PyFloat_AS_DOUBLE(upper)
+            if isnan(x) or isnan(y):
+                raise ValueError("key must not be NaN")
+            k.head = agg_f64_to_key(x + 0.0)
+            k.rest = _ID_MIN
+            k2.head = agg_f64_to_key(y + 0.0)
+            k2.rest = _ID_MAX
+            agg_tree_rank2(tree.t, k, 0, k2, 1, &a, &b)
+            lo[0] = a
+            hi[0] = b if b > a else a
+            return 0
         if lower is None:
             a = 0
         else:

@@ -239,6 +239,12 @@ int agg_tree_get(const agg_tree *t, agg_key key, double *value);
 /* Number of items < key (after == 0) or <= key (after != 0). O(log n). */
 uint64_t agg_tree_rank(const agg_tree *t, agg_key key, int after);
 
+/* Both agg_tree_rank(t, k1, after1) and agg_tree_rank(t, k2, after2) in one
+ * call, walking the two paths in lockstep so their cache misses overlap (the
+ * two ends of a range).  O(log n). */
+void agg_tree_rank2(const agg_tree *t, agg_key k1, int after1, agg_key k2,
+                    int after2, uint64_t *r1, uint64_t *r2);
+
 /* Item at `index` (0-based).  The returned key's tail is borrowed from the
  * tree and valid until the next write.  AGG_RANGE if index >= len. */
 agg_status agg_tree_select(const agg_tree *t, uint64_t index,
