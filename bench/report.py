@@ -138,7 +138,23 @@ def _git_commit() -> str | None:
     return None
 
 
-def machine_stamp(bench_json: dict, native: bool) -> dict:
+def build_stamp() -> dict:
+    """Which aggtree is measured: taken before the run starts, because the
+    working tree (and the installed module) may change while it runs."""
+    stamp = {"aggtree_commit": _git_commit(), "aggtree_module": None, "aggtree_built": None}
+    try:
+        spec = __import__("importlib.util").util.find_spec("aggtree._core")
+        if spec and spec.origin:
+            st = os.stat(spec.origin)
+            stamp["aggtree_module"] = os.path.basename(spec.origin)
+            stamp["aggtree_built"] = _dt.datetime.fromtimestamp(st.st_mtime).isoformat(
+                timespec="seconds")
+    except (ImportError, OSError):
+        pass
+    return stamp
+
+
+def machine_stamp(bench_json: dict, native: bool, build: dict) -> dict:
     import sqlite3
 
     return {
@@ -154,7 +170,7 @@ def machine_stamp(bench_json: dict, native: bool) -> dict:
         "pytest_benchmark": bench_json.get("version"),
         "aggtree": _version("aggtree"),
         "aggtree_native": native,
-        "aggtree_commit": _git_commit(),
+        **build,
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
     }
 
@@ -540,13 +556,17 @@ def main(argv=None) -> int:
     ap.add_argument("--from-json", type=Path, help="report on an existing pytest-benchmark "
                     "JSON file instead of running the suites")
     ap.add_argument("-k", dest="select", help="pytest -k expression (a subset of benchmarks)")
+    ap.add_argument("--commit", help="with --from-json: the aggtree commit that was measured")
     args = ap.parse_args(argv)
 
     out = args.out or (Path(tempfile.mkdtemp(prefix="aggtree-bench-")) if args.quick
                        else HERE / "results")
     out.mkdir(parents=True, exist_ok=True)
+    build = build_stamp()
     if args.from_json:
         raw_path = args.from_json
+        build["aggtree_commit"] = args.commit  # the run happened earlier
+        build["aggtree_built"] = None
     else:
         raw_path = Path(tempfile.mkdtemp(prefix="aggtree-bench-raw-")) / "pytest-benchmark.json"
         run_pytest(raw_path, args.quick, ["-k", args.select] if args.select else [])
@@ -560,13 +580,15 @@ def main(argv=None) -> int:
     default_ns = next((r["node_size"] for r in rows if r["impl"] == "aggtree"
                        and not r["op"].startswith("sweep_") and r.get("node_size")), None)
 
-    machine = machine_stamp(bench_json, native)
+    machine = machine_stamp(bench_json, native, build)
     date = (bench_json.get("datetime") or _dt.datetime.now().isoformat())[:10]
     stamp = (f"{machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, "
              f"numpy {machine['numpy']}, sortedcontainers {machine['sortedcontainers']}, "
              f"SQLite {machine['sqlite']}; aggtree "
              f"{'native' if native else 'PURE-PYTHON REFERENCE (AGGTREE_PURE=1)'}"
-             f" {machine['aggtree_commit'] or ''}, default node_size {default_ns}")
+             f"{' (commit ' + machine['aggtree_commit'] + ')' if machine['aggtree_commit'] else ''}"
+             f"{', module built ' + machine['aggtree_built'] if machine['aggtree_built'] else ''}"
+             f", default node_size {default_ns}")
 
     records, table_md = ratio_tables(main_idx, sizes)
     n_max = sizes[-1]
