@@ -33,6 +33,7 @@ cdef extern from "aggtree.h" nogil:
 
     int AGG_NODE_SIZE_MIN
     int AGG_NODE_SIZE_MAX
+    unsigned int AGG_TAIL_MAX_LEN
 
     uint64_t agg_f64_to_key(double x)
     double agg_key_to_f64(uint64_t k)
@@ -40,6 +41,8 @@ cdef extern from "aggtree.h" nogil:
     int64_t agg_key_to_i64(uint64_t k)
     int agg_key_cmp(agg_keymode mode, agg_key a, agg_key b)
     agg_key agg_key_from_bytes(const uint8_t *e, size_t len, agg_tail *tail_buf)
+    agg_key agg_key_from_item_bytes(const uint8_t *e, size_t len, size_t meta,
+                                    agg_tail *tail_buf)
     size_t agg_key_to_bytes(agg_key k, uint8_t *out, size_t cap)
 
     agg_status agg_tree_new(agg_tree **out, uint32_t node_size, agg_keymode mode)

@@ -306,10 +306,20 @@ cdef inline void gkey_free(GKey *g) noexcept:
     g.tail = NULL
 
 
-cdef agg_key gkey_finish(GKey *g) except *:
-    """The agg_key view of the bytes in g.kb (valid while g lives)."""
+cdef inline Py_ssize_t _meta_len(Py_ssize_t nsig) noexcept:
+    """Type-signature bytes the core can be told to ignore (at most 255; an
+    item with more numbers keeps its signature in the compared bytes and is
+    looked up by ordered encoding instead, see Aggregate._find)."""
+    return nsig if nsig <= 255 else 0
+
+
+cdef agg_key gkey_finish(GKey *g, Py_ssize_t meta=0) except *:
+    """The agg_key view of the bytes in g.kb (valid while g lives); the last
+    `meta` bytes are a type signature that the core's comparisons ignore."""
     cdef Py_ssize_t n = g.kb.len
     cdef size_t need
+    if n - 8 > <Py_ssize_t>AGG_TAIL_MAX_LEN:
+        raise ValueError(f"key too large: its encoding takes {n} bytes (limit 16 MiB)")
     if n > 8:
         need = sizeof(agg_tail) + <size_t>(n - 8)
         if need <= sizeof(g.tail_small):
@@ -319,7 +329,7 @@ cdef agg_key gkey_finish(GKey *g) except *:
             if g.tail == NULL:
                 raise MemoryError()
             g.tail_heap = True
-    return agg_key_from_bytes(<uint8_t *>g.kb.data, <size_t>n, g.tail)
+    return agg_key_from_item_bytes(<uint8_t *>g.kb.data, <size_t>n, <size_t>meta, g.tail)
 
 
 cdef object _decode_general(agg_key k):
@@ -337,6 +347,21 @@ cdef object _decode_general(agg_key k):
         finally:
             free(buf)
     return kb_decode_item(<const unsigned char *>buf, <Py_ssize_t>n)
+
+
+cdef tuple _encode_item_meta(object key, object id):
+    """(E, meta): the full item encoding and the signature bytes to ignore."""
+    cdef KeyBuf kb, sig
+    kb_init(&kb)
+    kb_init(&sig)
+    try:
+        kb_put_value(&kb, key, &sig)
+        kb_put_value(&kb, id, &sig)
+        _kb_append(&kb, sig.data, sig.len)
+        return ((<char *>kb.data)[:kb.len], _meta_len(sig.len))
+    finally:
+        kb_free(&kb)
+        kb_free(&sig)
 
 
 cdef bytes _encode_item_bytes(object key, object id):
@@ -412,8 +437,9 @@ cdef list _read_items(_Tree tree, uint64_t start, uint64_t n, bint desc):
     return out
 
 
-cdef int _build_from_sorted_general(_Tree tree, list encs, double *vals) except -1:
-    """Bulk-build an empty GENERAL tree from sorted, distinct full encodings."""
+cdef int _build_from_sorted_general(_Tree tree, list encs, list metas, double *vals) except -1:
+    """Bulk-build an empty GENERAL tree from sorted, distinct full encodings
+    (metas[i]: signature bytes at the end of encs[i] that compare as nothing)."""
     cdef Py_ssize_t n = len(encs), j, total = 0, off = 0, m
     cdef agg_key *keys = NULL
     cdef uint8_t *arena = NULL
@@ -437,7 +463,9 @@ cdef int _build_from_sorted_general(_Tree tree, list encs, double *vals) except 
             m = len(e)
             p = <const unsigned char *>(<char *>e)
             tl = <agg_tail *>(arena + off)
-            keys[j] = agg_key_from_bytes(p, <size_t>m, tl)
+            if m - 8 > <Py_ssize_t>AGG_TAIL_MAX_LEN:
+                raise ValueError(f"key too large: its encoding takes {m} bytes (limit 16 MiB)")
+            keys[j] = agg_key_from_item_bytes(p, <size_t>m, <size_t>(<Py_ssize_t>metas[j]), tl)
             if m > 8:
                 off += (sizeof(agg_tail) + m - 8 + 7) & ~7
         st = agg_tree_build(tree.t, keys, vals, <uint64_t>n, &bad)
@@ -456,6 +484,7 @@ cdef int _tree_to_general(_Tree tree) except -1:
     cdef uint64_t n = agg_tree_len(tree.t), j
     cdef list items
     cdef list encs = []
+    cdef list metas = []
     cdef double *vals
     cdef agg_tree *fresh = NULL
     cdef agg_tree *old
@@ -469,10 +498,12 @@ cdef int _tree_to_general(_Tree tree) except -1:
     try:
         for j in range(n):
             it = items[j]
-            encs.append(_encode_item_bytes(it[0], it[1]))
+            e, m = _encode_item_meta(it[0], it[1])
+            encs.append(e)
+            metas.append(m)
             vals[j] = it[2]
         tmp = _new_tree(agg_tree_node_size(tree.t), K_GENERAL)
-        _build_from_sorted_general(tmp, encs, vals)
+        _build_from_sorted_general(tmp, encs, metas, vals)
     finally:
         free(vals)
     old = tree.t
@@ -789,8 +820,10 @@ cdef class Aggregate:
 
     cdef int _find(self, _Tree tree, object key, object id, GKey *g,
                    agg_key *stored) except -1:
-        """1 if (key, id) is an item of `tree`, with its stored key in *stored
-        (borrowed: valid until the next write); else 0.  Validates key and id
+        """Nonzero if (key, id) is an item of `tree`, with a key that finds it
+        in *stored: 2 when that key is the caller's own (built in `g`, valid
+        while g lives), 1 when it is the tree's stored key (borrowed: valid
+        until the next write); else 0.  Validates key and id
         either way (TypeError / ValueError).  `g` must be initialised; it is
         used as scratch.
 
@@ -803,7 +836,8 @@ cdef class Aggregate:
         cdef int pk, pi
         cdef agg_key k, sk
         cdef uint64_t r
-        cdef Py_ssize_t olen
+        cdef Py_ssize_t olen, nsig
+        cdef KeyBuf sig
         cdef uint8_t small[256]
         cdef uint8_t *buf = small
         cdef size_t n
@@ -821,8 +855,22 @@ cdef class Aggregate:
                 return 0
             stored[0] = k
             return 1
-        kb_put_value(&g.kb, key, NULL)
-        kb_put_value(&g.kb, id, NULL)
+        kb_init(&sig)
+        try:
+            kb_put_value(&g.kb, key, &sig)
+            kb_put_value(&g.kb, id, &sig)
+            nsig = sig.len
+            if nsig <= 255:
+                # The core ignores the type signature: an exact lookup by
+                # the full encoding finds the item however it was spelt.
+                _kb_append(&g.kb, sig.data, nsig)
+                k = gkey_finish(g, nsig)
+                if not agg_tree_get(tree.t, k, NULL):
+                    return 0
+                stored[0] = k
+                return 2
+        finally:
+            kb_free(&sig)
         olen = g.kb.len
         k = gkey_finish(g)
         r = agg_tree_rank(tree.t, k, 0)
@@ -870,9 +918,11 @@ cdef class Aggregate:
                 kb_put_value(&e.kb, key, &sig)
                 kb_put_value(&e.kb, id, &sig)
                 _kb_append(&e.kb, sig.data, sig.len)
-            if tree is not None and (tree.kind == K_GENERAL or kind != tree.kind):
+            if tree is not None and ((tree.kind == K_GENERAL and sig.len > 255)
+                                     or (tree.kind != K_GENERAL and kind != tree.kind)):
                 # The pair may already be present under another spelling
-                # (1 vs 1.0), which only a lookup by value can tell.
+                # (1 vs 1.0), which only a lookup by value can tell (GENERAL
+                # trees tell it themselves when the signature is ignorable).
                 if self._find(tree, key, id, &g, &sk):
                     if not overwrite:
                         _raise_status(AGG_DUPLICATE, key, id, namespace)
@@ -886,7 +936,7 @@ cdef class Aggregate:
                     kb_put_value(&e.kb, key, &sig)
                     kb_put_value(&e.kb, id, &sig)
                     _kb_append(&e.kb, sig.data, sig.len)
-                k = gkey_finish(&e)
+                k = gkey_finish(&e, _meta_len(sig.len))
             else:
                 k = _fast_key(d, i)
             st = agg_tree_insert(tree.t, k, v, overwrite, &ex, NULL)
@@ -908,11 +958,13 @@ cdef class Aggregate:
         cdef agg_status st = AGG_MISSING
         cdef uint8_t small[256]
         cdef size_t n
+        cdef int found
         gkey_init(&g)
         gkey_init(&c)
         try:
-            if self._find(tree, key, id, &g, &sk):
-                if tree.kind == K_GENERAL:
+            found = self._find(tree, key, id, &g, &sk)
+            if found:
+                if tree.kind == K_GENERAL and found == 1:
                     # Delete by a private copy of the stored key: the tree
                     # frees the stored tail while it deletes.
                     n = agg_key_to_bytes(sk, small, 0)
@@ -1769,7 +1821,9 @@ cdef class Aggregate:
                 raise DuplicateItemError(f"duplicate item key={it[0]!r}, id={it[1]!r}")
         vals = np.array([r[2] for r in rows], dtype=np.float64)
         tree = _new_tree(self._node_size, K_GENERAL)
-        _build_from_sorted_general(tree, [r[0] for r in rows], <double *>cnp.PyArray_DATA(vals))
+        _build_from_sorted_general(tree, [r[0] for r in rows],
+                                   [_meta_len(len(r[0]) - len(r[1])) for r in rows],
+                                   <double *>cnp.PyArray_DATA(vals))
         self._trees[namespace] = tree
 
 

@@ -639,7 +639,14 @@ int64_t agg_key_to_i64(uint64_t k)
     return x;
 }
 
-/* Bytewise compare of two GENERAL tails (0 = the empty tail). */
+/* A tail's `len` packs two numbers (see AGG_TAIL_META_SHIFT in aggtree.h):
+ * the bytes stored, and how many of the last ones are metadata that no
+ * comparison looks at (the codec's type signature). */
+#define TAIL_LEN(tl) ((tl)->len & AGG_TAIL_LEN_MASK)
+#define TAIL_CMP_LEN(tl) (TAIL_LEN(tl) - ((tl)->len >> AGG_TAIL_META_SHIFT))
+
+/* Bytewise compare of two GENERAL tails (0 = the empty tail), over their
+ * compared bytes only. */
 static int tail_cmp(uint64_t a, uint64_t b)
 {
     const agg_tail *ta = (const agg_tail *)(uintptr_t)a;
@@ -647,8 +654,8 @@ static int tail_cmp(uint64_t a, uint64_t b)
     uint32_t la, lb, m;
     if (a == b)
         return 0;
-    la = ta ? ta->len : 0;
-    lb = tb ? tb->len : 0;
+    la = ta ? TAIL_CMP_LEN(ta) : 0;
+    lb = tb ? TAIL_CMP_LEN(tb) : 0;
     m = la < lb ? la : lb;
     if (m) {
         int c = memcmp(ta->bytes, tb->bytes, m);
@@ -738,12 +745,22 @@ agg_key agg_key_from_bytes(const uint8_t *e, size_t len, agg_tail *tail_buf)
     return k;
 }
 
+/* See aggtree.h. */
+agg_key agg_key_from_item_bytes(const uint8_t *e, size_t len, size_t meta,
+                                agg_tail *tail_buf)
+{
+    agg_key k = agg_key_from_bytes(e, len, tail_buf);
+    if (k.rest && meta)
+        tail_buf->len |= (uint32_t)meta << AGG_TAIL_META_SHIFT;
+    return k;
+}
+
 /* See aggtree.h: 8 head bytes then the tail, at most cap written; returns
  * the full length. */
 size_t agg_key_to_bytes(agg_key k, uint8_t *out, size_t cap)
 {
     const agg_tail *tl = (const agg_tail *)(uintptr_t)k.rest;
-    size_t tlen = tl ? tl->len : 0, i;
+    size_t tlen = tl ? TAIL_LEN(tl) : 0, i;
     for (i = 0; i < 8 && i < cap; i++)
         out[i] = (uint8_t)(k.head >> (56 - 8 * i));
     if (tlen && cap > 8)
@@ -880,7 +897,7 @@ AGG_INLINE size_t tail_bytes(uint32_t len)
 /* A caller's key in canonical form: a GENERAL empty tail becomes no tail. */
 AGG_INLINE agg_key key_normalize(const agg_tree *t, agg_key k)
 {
-    if (t->mode == AGG_KEYS_GENERAL && k.rest && key_tail(k)->len == 0)
+    if (t->mode == AGG_KEYS_GENERAL && k.rest && TAIL_LEN(key_tail(k)) == 0)
         k.rest = 0;
     return k;
 }
@@ -892,12 +909,12 @@ static int tail_copy(agg_tree *t, agg_key k, agg_key *out)
     *out = k;
     if (t->mode == AGG_KEYS_GENERAL && k.rest) {
         const agg_tail *src = key_tail(k);
-        agg_tail *cp = (agg_tail *)mem_alloc(t, tail_bytes(src->len));
+        agg_tail *cp = (agg_tail *)mem_alloc(t, tail_bytes(TAIL_LEN(src)));
         if (!cp)
             return 0;
         cp->refs = 1;
         cp->len = src->len;
-        memcpy(cp->bytes, src->bytes, src->len);
+        memcpy(cp->bytes, src->bytes, TAIL_LEN(src));
         out->rest = (uint64_t)(uintptr_t)cp;
     }
     return 1;
@@ -916,7 +933,7 @@ AGG_INLINE void tail_release(agg_tree *t, agg_key k)
     if (t->mode == AGG_KEYS_GENERAL && k.rest) {
         agg_tail *tl = key_tail(k);
         if (--tl->refs == 0)
-            mem_free(t, tl, tail_bytes(tl->len));
+            mem_free(t, tl, tail_bytes(TAIL_LEN(tl)));
     }
 }
 
@@ -4196,7 +4213,8 @@ static int chk_node(chk *c, node *n, uint32_t level, int rightmost,
                                 level, (unsigned long long)at, i);
             if (t->mode == AGG_KEYS_GENERAL && keys[i].rest) {
                 const agg_tail *tl = key_tail(keys[i]);
-                if (tl->len == 0 || tl->refs == 0)
+                if (TAIL_LEN(tl) == 0 || tl->refs == 0 ||
+                    (tl->len >> AGG_TAIL_META_SHIFT) > TAIL_LEN(tl))
                     return chk_fail(c, "level %u leaf %llu item %u: stored tail has len %u refs %u",
                                     level, (unsigned long long)at, i, tl->len, tl->refs);
             }
@@ -4233,7 +4251,7 @@ static int chk_node(chk *c, node *n, uint32_t level, int rightmost,
             if (i > 0) {
                 prev_max = *kmax;
                 if (t->mode == AGG_KEYS_GENERAL && sep[i].rest &&
-                    (key_tail(sep[i])->len == 0 || key_tail(sep[i])->refs == 0))
+                    (TAIL_LEN(key_tail(sep[i])) == 0 || key_tail(sep[i])->refs == 0))
                     return chk_fail(c, "level %u node %llu sep %u: tail has len 0 or refs 0",
                                     level, (unsigned long long)at, i);
             }
@@ -4342,7 +4360,7 @@ static int chk_tails(chk *c, node *n, uint32_t level)
                             level, n->leaf ? "leaf item" : "separator", i, tl->len, tl->refs,
                             (unsigned long long)refs);
         if (n->leaf || (!item && first == n))
-            c->tail_bytes += tail_bytes(tl->len);
+            c->tail_bytes += tail_bytes(TAIL_LEN(tl));
     }
     if (!n->leaf)
         for (i = 0; i < n->count; i++)

@@ -87,12 +87,20 @@ typedef enum agg_keymode {
     AGG_KEYS_GENERAL = 1
 } agg_keymode;
 
-/* Out-of-line part of a GENERAL key: bytes E[8:] of the encoding. */
+/* Out-of-line part of a GENERAL key: bytes E[8:] of the encoding.  `len`
+ * packs the number of bytes stored (low 24 bits, so a tail holds less than
+ * 16 MiB) and, above AGG_TAIL_META_SHIFT, how many of the LAST stored bytes
+ * are metadata that comparisons ignore (the codec's type signature: items
+ * that differ only there are the same item). */
 typedef struct agg_tail {
     uint32_t refs;      /* references held by the tree (0 for caller-owned) */
-    uint32_t len;       /* number of bytes that follow */
+    uint32_t len;       /* stored bytes | (metadata bytes << 24) */
     uint8_t bytes[];    /* E[8:] */
 } agg_tail;
+
+#define AGG_TAIL_META_SHIFT 24
+#define AGG_TAIL_LEN_MASK 0x00FFFFFFu
+#define AGG_TAIL_MAX_LEN 0x00FFFFFFu
 
 /* An encoded item key; see KEYS above. 16 bytes, passed by value. */
 typedef struct agg_key {
@@ -123,6 +131,12 @@ int agg_key_cmp(agg_keymode mode, agg_key a, agg_key b);
  * sizeof(agg_tail) + len - 8 bytes (the key borrows it; refs is set to 0).
  * Never allocates. */
 agg_key agg_key_from_bytes(const uint8_t *e, size_t len, agg_tail *tail_buf);
+
+/* agg_key_from_bytes, where the last `meta` bytes of E (at most 255, and
+ * all inside the tail: len - meta >= 8) are metadata that comparisons
+ * ignore.  len - 8 must be <= AGG_TAIL_MAX_LEN. */
+agg_key agg_key_from_item_bytes(const uint8_t *e, size_t len, size_t meta,
+                                agg_tail *tail_buf);
 
 /* Write the bytes of a GENERAL key into `out` (capacity `cap`): the 8 head
  * bytes (big-endian, so an encoding shorter than 8 comes back zero-padded)
