@@ -1645,10 +1645,12 @@ cdef class Aggregate:
             raise TypeError("lower_inclusive and upper_inclusive must be bools")
         la = np.asarray(lowers)
         ua = np.asarray(uppers)
-        if la.ndim != 1 or ua.ndim != 1:
-            la, ua = np.broadcast_arrays(np.atleast_1d(la), np.atleast_1d(ua))
-        if la.ndim != 1 or len(la) != len(ua):
+        if la.ndim > 1 or ua.ndim > 1 or (la.ndim == 1 and ua.ndim == 1 and len(la) != len(ua)):
             raise ValueError(f"lowers and uppers must be 1-D of equal length, got {la.shape} and {ua.shape}")
+        if la.ndim == 0:                     # a scalar bound applies to every range
+            la = np.full(len(ua) if ua.ndim else 1, la.item(), dtype=la.dtype if la.dtype != object else object)
+        if ua.ndim == 0:
+            ua = np.full(len(la), ua.item(), dtype=ua.dtype if ua.dtype != object else object)
         n = len(la)
         lf = _bound_array(la, "lowers")
         uf = _bound_array(ua, "uppers")
