@@ -52,7 +52,8 @@ from cpython.long cimport PyLong_CheckExact, PyLong_AsLongLongAndOverflow, PyLon
 from cpython.bool cimport PyBool_Check
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_acquire_lock,
-                               PyThread_release_lock, WAIT_LOCK)
+                               PyThread_release_lock, PyThread_get_thread_ident,
+                               WAIT_LOCK)
 from cpython.ref cimport PyObject
 from cpython.dict cimport PyDict_GetItemWithError
 
@@ -757,6 +758,8 @@ cdef class Aggregate:
     cdef dict _trees
     cdef uint32_t _node_size
     cdef PyThread_type_lock _lock
+    cdef unsigned long _owner       # thread holding _lock (valid while _depth > 0)
+    cdef int _depth                 # re-entrant holds of _lock by _owner
     cdef uint64_t _version          # bumped by every write (live iteration)
 
     def __cinit__(self):
@@ -781,14 +784,33 @@ cdef class Aggregate:
 
     # -- locking (see the module docstring) --
 
-    cdef inline void _wlock(self) noexcept:
+    cdef inline void _acquire(self) noexcept:
+        """Take the aggregate's lock, re-entrantly for the thread that holds
+        it: Python code called back from inside a method (a namespace's
+        __hash__, a value's __float__, an rng) may use the aggregate again.
+        Waiting happens without the GIL, so the holder can finish."""
+        cdef unsigned long me = PyThread_get_thread_ident()
+        if self._depth > 0 and self._owner == me:
+            self._depth += 1
+            return
         if not PyThread_acquire_lock(self._lock, 0):
             with nogil:
                 PyThread_acquire_lock(self._lock, WAIT_LOCK)
+        self._owner = me
+        self._depth = 1
+
+    cdef inline void _release(self) noexcept:
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = 0
+            PyThread_release_lock(self._lock)
+
+    cdef inline void _wlock(self) noexcept:
+        self._acquire()
         self._version += 1
 
     cdef inline void _wunlock(self) noexcept:
-        PyThread_release_lock(self._lock)
+        self._release()
 
     # -- namespace lookup --
 
@@ -1207,16 +1229,28 @@ cdef class Aggregate:
 
         Calls ``rng.randrange(n)`` once (default: the ``random`` module).
         O(log n)."""
-        cdef uint64_t lo, hi
+        cdef uint64_t lo, hi, version
         cdef agg_key k
         cdef double v
-        cdef _Tree tree = self._tree(namespace)
-        _range(tree, lower, upper, eq, prefix, &lo, &hi)
-        if hi == lo:
-            return None
-        r = (_random_module if rng is None else rng).randrange(hi - lo)
-        agg_tree_select(tree.t, lo + <uint64_t>r, &k, &v)
-        return _item_at(tree, k, v)
+        cdef _Tree tree
+        randrange = (_random_module if rng is None else rng).randrange
+        for _ in range(100):
+            tree = self._tree(namespace)
+            _range(tree, lower, upper, eq, prefix, &lo, &hi)
+            if hi == lo:
+                return None
+            version = self._version
+            r = randrange(hi - lo)
+            # randrange is Python code: if it changed the aggregate, the
+            # range is stale; draw again on the new state.
+            if self._version != version or self._tree(namespace) is not tree:
+                continue
+            if not isinstance(r, int) or not 0 <= r < hi - lo:
+                raise ValueError(f"rng.randrange({hi - lo}) returned {r!r}")
+            if agg_tree_select(tree.t, lo + <uint64_t>r, &k, &v) != AGG_OK:
+                raise IndexError("random(): position out of range")
+            return _item_at(tree, k, v)
+        raise RuntimeError("random(): the aggregate kept changing while the rng ran")
 
     def paginate(self, *, cursor=None, order="asc", page_size=100, namespace=None,
                  lower=None, upper=None, eq=_UNSET, prefix=None):
@@ -1515,6 +1549,13 @@ cdef class Aggregate:
         DuplicateItemError if a pair repeats within the batch or already
         exists (nothing is inserted then).  Numeric arrays go through the
         C core without per-item Python work."""
+        self._wlock()
+        try:
+            return self._insert_many_impl(keys, ids, values, namespace)
+        finally:
+            self._wunlock()
+
+    def _insert_many_impl(self, keys, ids, values, namespace):
         ka, ia, va, kind = _item_arrays(keys, ids, values)
         cdef Py_ssize_t n = len(ka), j
         cdef _Tree tree = self._tree(namespace)
@@ -1549,12 +1590,8 @@ cdef class Aggregate:
                 _raise_dup_fast(kind, kp[j], namespace, " in the batch")
         # One ordered pass through the tree (all or nothing; checks that
         # none is present before changing anything).
-        self._wlock()
-        try:
-            with nogil:
-                st = agg_tree_insert_sorted(tree.t, kp, vp, <uint64_t>n, &bad)
-        finally:
-            self._wunlock()
+        # The GIL stays held: per-item readers never see a half-applied batch.
+        st = agg_tree_insert_sorted(tree.t, kp, vp, <uint64_t>n, &bad)
         if st == AGG_DUPLICATE:
             _raise_dup_fast(kind, kp[bad], namespace, "")
         _raise_status(st, None, None, namespace)
@@ -1589,6 +1626,13 @@ cdef class Aggregate:
         """Delete every ``(keys[i], ids[i])``; all or nothing.
 
         MissingItemError if any is absent (or named twice)."""
+        self._wlock()
+        try:
+            return self._delete_many_impl(keys, ids, namespace)
+        finally:
+            self._wunlock()
+
+    def _delete_many_impl(self, keys, ids, namespace):
         ka, ia, _, kind = _item_arrays(keys, ids, None)
         cdef Py_ssize_t n = len(ka), j
         cdef _Tree tree = self._tree(namespace)
@@ -1626,12 +1670,7 @@ cdef class Aggregate:
             if kp[j - 1].head == kp[j].head and kp[j - 1].rest == kp[j].rest:
                 _raise_status(AGG_MISSING, _fast_key_obj(tree.kind, kp[j]),
                               agg_key_to_i64(kp[j].rest), namespace)
-        self._wlock()
-        try:
-            with nogil:
-                st = agg_tree_delete_sorted(tree.t, kp, <uint64_t>n, &bad)
-        finally:
-            self._wunlock()
+        st = agg_tree_delete_sorted(tree.t, kp, <uint64_t>n, &bad)
         if st == AGG_MISSING:
             _raise_status(AGG_MISSING, _fast_key_obj(tree.kind, kp[bad]),
                           agg_key_to_i64(kp[bad].rest), namespace)
@@ -1643,14 +1682,10 @@ cdef class Aggregate:
         """(lo, hi) int64 arrays of the ranges [lowers[i], uppers[i]]."""
         if not isinstance(lower_inclusive, bool) or not isinstance(upper_inclusive, bool):
             raise TypeError("lower_inclusive and upper_inclusive must be bools")
-        la = np.asarray(lowers)
-        ua = np.asarray(uppers)
-        if la.ndim > 1 or ua.ndim > 1 or (la.ndim == 1 and ua.ndim == 1 and len(la) != len(ua)):
-            raise ValueError(f"lowers and uppers must be 1-D of equal length, got {la.shape} and {ua.shape}")
-        if la.ndim == 0:                     # a scalar bound applies to every range
-            la = np.full(len(ua) if ua.ndim else 1, la.item(), dtype=la.dtype if la.dtype != object else object)
-        if ua.ndim == 0:
-            ua = np.full(len(la), ua.item(), dtype=ua.dtype if ua.dtype != object else object)
+        la = _as_1d(lowers, "lowers")
+        ua = _as_1d(uppers, "uppers")
+        if len(la) != len(ua):
+            raise ValueError(f"lowers and uppers must have equal lengths, got {len(la)} and {len(ua)}")
         n = len(la)
         lf = _bound_array(la, "lowers")
         uf = _bound_array(ua, "uppers")
@@ -1681,6 +1716,13 @@ cdef class Aggregate:
         """Vectorised count: ``out[i]`` = items with lowers[i] <= key <=
         uppers[i] (inclusive flags as given).  int64 array, input order.  The
         ranking loop runs in C without the GIL."""
+        self._rlock()
+        try:
+            return self._count_many_impl(lowers, uppers, namespace, lower_inclusive, upper_inclusive)
+        finally:
+            self._runlock()
+
+    def _count_many_impl(self, lowers, uppers, namespace, lower_inclusive, upper_inclusive):
         lo, hi = self._bound_ranks(self._tree(namespace), lowers, uppers,
                                    lower_inclusive, upper_inclusive)
         return hi - lo
@@ -1688,6 +1730,13 @@ cdef class Aggregate:
     def sum_many(self, lowers, uppers, *, namespace=None, lower_inclusive=True,
                  upper_inclusive=True):
         """Vectorised sum over the same ranges as count_many; float64 array."""
+        self._rlock()
+        try:
+            return self._sum_many_impl(lowers, uppers, namespace, lower_inclusive, upper_inclusive)
+        finally:
+            self._runlock()
+
+    def _sum_many_impl(self, lowers, uppers, namespace, lower_inclusive, upper_inclusive):
         cdef _Tree tree = self._tree(namespace)
         cdef cnp.ndarray lo, hi
         lo, hi = self._bound_ranks(tree, lowers, uppers, lower_inclusive,
@@ -1706,19 +1755,24 @@ cdef class Aggregate:
                     if hp[j] > lp[j]:
                         op[j] = agg_tree_sum(tree.t, <uint64_t>lp[j], <uint64_t>hp[j])
         finally:
-            self._wunlock()
+            self._runlock()
         return out
 
     def index_of_many(self, keys, *, namespace=None, order="asc", lower=None, upper=None,
                       eq=_UNSET, prefix=None):
         """Vectorised index_of (no ids): int64 array, input order."""
+        self._rlock()
+        try:
+            return self._index_of_many_impl(keys, namespace, order, lower, upper, eq, prefix)
+        finally:
+            self._runlock()
+
+    def _index_of_many_impl(self, keys, namespace, order, lower, upper, eq, prefix):
         cdef uint64_t lo, hi
         cdef _Tree tree = self._tree(namespace)
         desc = _order_desc(order)
         _range(tree, lower, upper, eq, prefix, &lo, &hi)
-        ka = np.asarray(keys)
-        if ka.ndim != 1:
-            raise ValueError(f"keys must be 1-D, got shape {ka.shape}")
+        ka = _as_1d(keys, "keys")
         kf = _bound_array(ka, "keys")
         if tree is None:
             if kf is None:
@@ -1741,17 +1795,19 @@ cdef class Aggregate:
         cdef uint64_t lo, hi
         cdef _Tree tree = self._tree(namespace)
         _range(tree, lower, upper, eq, prefix, &lo, &hi)
-        oa = np.asarray(offsets)
-        if oa.ndim != 1:
-            raise ValueError(f"offsets must be 1-D, got shape {oa.shape}")
-        if oa.dtype.kind not in "iu" and not (oa.dtype.kind == "O" and all(
-                isinstance(o, int) and not isinstance(o, bool) for o in oa.tolist())) \
-                and len(oa) > 0:
-            raise TypeError(f"offsets must be integers, not {oa.dtype}")
+        oa = _as_1d(offsets, "offsets")
         n = hi - lo
         if len(oa) == 0:
             return _empty_arrays(tree)
-        offs = [int(o) for o in oa.tolist()]
+        if oa.dtype.kind in "iub":
+            offs = [int(o) for o in oa.tolist()]
+        elif oa.dtype.kind == "O":
+            try:
+                offs = [_operator.index(o) for o in oa.tolist()]
+            except TypeError:
+                raise TypeError("offsets must be integers") from None
+        else:
+            raise TypeError(f"offsets must be integers, not {oa.dtype}")
         pos = np.empty(len(offs), dtype=np.int64)
         for j, o in enumerate(offs):
             if o < 0:
@@ -1766,6 +1822,13 @@ cdef class Aggregate:
 
         float64 / int64 arrays for numeric namespaces, object arrays
         otherwise.  O(log n + items)."""
+        self._rlock()
+        try:
+            return self._to_arrays_impl(namespace, lower, upper, eq, prefix)
+        finally:
+            self._runlock()
+
+    def _to_arrays_impl(self, namespace, lower, upper, eq, prefix):
         cdef uint64_t lo, hi
         cdef _Tree tree = self._tree(namespace)
         _range(tree, lower, upper, eq, prefix, &lo, &hi)
@@ -1775,8 +1838,10 @@ cdef class Aggregate:
 
     cdef inline void _rlock(self) noexcept:
         """Readers that release the GIL hold the lock too (see module doc)."""
-        with nogil:
-            PyThread_acquire_lock(self._lock, WAIT_LOCK)
+        self._acquire()
+
+    cdef inline void _runlock(self) noexcept:
+        self._release()
 
     # internal: bulk-load one empty namespace from Python (key, id, value)
     # triples in any order (pickling, the general path of from_arrays).
@@ -1921,6 +1986,8 @@ cdef object _as_1d(x, str what):
     sequence stay single elements: tuple keys are keys)."""
     if isinstance(x, np.ndarray):
         a = x
+    elif isinstance(x, (dict, set, frozenset)):
+        raise TypeError(f"{what} must be an ordered sequence or array, not {type(x).__name__}")
     elif isinstance(x, (str, bytes, bytearray)) or not hasattr(x, "__iter__"):
         raise TypeError(f"{what} must be an array or an iterable, not {type(x).__name__}")
     else:
@@ -2009,7 +2076,7 @@ cdef tuple _rank_pairs(Aggregate agg, _Tree tree, cnp.ndarray lf, cnp.ndarray uf
                 if hip[j] < lop[j]:
                     hip[j] = lop[j]
     finally:
-        agg._wunlock()
+        agg._runlock()
     return lo, hi
 
 
@@ -2086,7 +2153,7 @@ cdef tuple _read_arrays(Aggregate agg, _Tree tree, uint64_t start, uint64_t n):
         with nogil:
             agg_tree_read(tree.t, start, n, 0, kp, vp)
     finally:
-        agg._wunlock()
+        agg._runlock()
     return _split_fast_keys(tree, karr) + (vals,)
 
 
