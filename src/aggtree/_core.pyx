@@ -1347,19 +1347,11 @@ cdef class Aggregate:
 
     def count_batch(self, queries):
         """``[count(**q) for q in queries]`` in one call."""
-        out = []
-        for q in queries:
-            _check_query(q, _ALLOWED_QUERY_KEYS)
-            out.append(self.count(**q))
-        return out
+        return _run_batch(self.count, queries)
 
     def sum_batch(self, queries):
         """``[sum(**q) for q in queries]`` in one call."""
-        out = []
-        for q in queries:
-            _check_query(q, _ALLOWED_QUERY_KEYS)
-            out.append(self.sum(**q))
-        return out
+        return _run_batch(self.sum, queries)
 
     def at_batch(self, queries):
         """``[at(q['offset'], **rest) for q in queries]`` in one call."""
@@ -2208,6 +2200,15 @@ cdef bytes _encode_item_ordered(object key, object id):
         return (<char *>kb.data)[:kb.len]
     finally:
         kb_free(&kb)
+
+
+cdef list _run_batch(object method, object queries):
+    """[method(**q) for q in queries], each query checked for unknown names."""
+    out = []
+    for q in queries:
+        _check_query(q, _ALLOWED_QUERY_KEYS)
+        out.append(method(**q))
+    return out
 
 
 cdef int _check_query(object q, frozenset allowed) except -1:
