@@ -606,6 +606,7 @@ cdef int _range(_Tree tree, object lower, object upper, object eq, object prefix
     cdef bint has_eq = eq is not _UNSET
     cdef double x, y
     cdef agg_key k2
+    cdef GKey g2
     # Fast path: bare float bounds (inclusive, no id) on a numeric tree.
     if (tree is not None and tree.kind <= K_INT and not has_eq and prefix is None
             and (lower is None or PyFloat_CheckExact(lower))
@@ -692,6 +693,21 @@ cdef int _range(_Tree tree, object lower, object upper, object eq, object prefix
                 b = agg_tree_rank(tree.t, k, 0)
             finally:
                 gkey_free(&g)
+    elif (tree.kind == K_GENERAL and lower is not None and upper is not None
+          and not isinstance(lower, Bound) and not isinstance(upper, Bound)):
+        # Two bare keys on a GENERAL tree: both ends in one lockstep descent.
+        gkey_init(&g)
+        gkey_init(&g2)
+        try:
+            kb_put_value(&g.kb, lower, NULL)
+            kb_put_value(&g2.kb, upper, NULL)
+            kb_put_byte(&g2.kb, 0xFF)
+            k = gkey_finish(&g)
+            k2 = gkey_finish(&g2)
+            agg_tree_rank2(tree.t, k, 0, k2, 0, &a, &b)
+        finally:
+            gkey_free(&g)
+            gkey_free(&g2)
     else:
         if lower is None:
             a = 0
