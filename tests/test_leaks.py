@@ -305,31 +305,39 @@ def _measure(agg, o, rng, fail, base_len):
     # Phase 1, untraced and fast: C memory (RSS), the trees' own accounting
     # (nbytes) and Python's allocated blocks (sys.getallocatedblocks, the
     # counter CPython's own leak hunting uses), every 10 rounds.
-    blocks, rss, native = [], [], []
+    # (Samples go to preallocated int64 arrays: a list of int objects would
+    # itself grow by a few blocks per sample.)
+    samples = np.zeros((3, 100_000), dtype=np.int64)
+    n = 0
     deadline = time.monotonic() + 0.6 * BUDGET
-    while time.monotonic() < deadline or len(blocks) < 30:
+    while (time.monotonic() < deadline or n < 30) and n < samples.shape[1]:
         ops += one_round(agg, o, rng, fail)
         rounds += 1
         if rounds % 10 == 0:
             gc.collect()
-            blocks.append(sys.getallocatedblocks())
-            rss.append(rss_bytes())
-            native.append(agg.nbytes)
+            samples[0, n] = sys.getallocatedblocks()
+            samples[1, n] = rss_bytes()
+            samples[2, n] = agg.nbytes
+            n += 1
             assert len(agg) == base_len
+    blocks, rss, native = (samples[j, :n].tolist() for j in range(3))
 
     # Phase 2, under tracemalloc (much slower per round): Python bytes.
-    traced = []
+    traced_samples = np.zeros(100_000, dtype=np.int64)
+    n = 0
     tracemalloc.start()
     try:
         deadline = time.monotonic() + 0.4 * BUDGET
-        while time.monotonic() < deadline or len(traced) < 15:
+        while (time.monotonic() < deadline or n < 15) and n < len(traced_samples):
             ops += one_round(agg, o, rng, fail)
             rounds += 1
             if rounds % 2 == 0:
                 gc.collect()
-                traced.append(tracemalloc.get_traced_memory()[0])
+                traced_samples[n] = tracemalloc.get_traced_memory()[0]
+                n += 1
     finally:
         tracemalloc.stop()
+    traced = traced_samples[:n].tolist()
     agg.check()
     STATS["leak_rounds"] += rounds
     STATS["leak_ops"] += ops
