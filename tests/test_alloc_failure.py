@@ -34,10 +34,8 @@ import time
 import numpy as np
 import pytest
 
-from aggtree import DuplicateItemError, MissingItemError
-from aggtree import reference
+from aggtree import DuplicateItemError, MissingItemError, reference
 from aggtree._core import Aggregate, _debug_fail_after, _tree_info
-
 from conftest import snapshot
 
 SANITIZED = os.environ.get("AGGTREE_SANITIZED") == "1" or "asan" in os.environ.get("LD_PRELOAD", "")

@@ -42,7 +42,7 @@ Races
 aggregate's lock (a long ``count_many``), other threads queue on it in a
 chosen order, and the outcome is checked against the serial orders.
 
-Durations: ~2 s per stress run by default, longer with ``CI`` /
+Durations: ~1.5 s per stress run by default, longer with ``CI`` /
 ``HYPOTHESIS_PROFILE=ci``, shorter under ``AGGTREE_SANITIZED=1``.
 """
 
@@ -61,7 +61,7 @@ import pytest
 
 SANITIZED = os.environ.get("AGGTREE_SANITIZED") == "1" or "asan" in os.environ.get("LD_PRELOAD", "")
 CI = bool(os.environ.get("CI")) or os.environ.get("HYPOTHESIS_PROFILE") == "ci"
-DURATION = 1.0 if SANITIZED else (5.0 if CI else 2.0)
+DURATION = 1.0 if SANITIZED else (5.0 if CI else 1.5)
 THREADS = 4
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -615,7 +615,7 @@ def race(config: dict) -> dict:
         writer.start()
         lows, ups = np.full(50, 50.0), np.full(50, 60.0)
         seen = set()
-        end = time.monotonic() + 1.0
+        end = time.monotonic() + (1.0 if CI else 0.5)
         while time.monotonic() < end and not (seen - {605.0}):
             seen.update(agg.sum_many(lows, ups, namespace="x").tolist())
         stop.append(1)
