@@ -24,7 +24,6 @@ Set ``AGGTREE_RELIABILITY_STATS=/some/file`` to append the figures of a run
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import pickle
@@ -38,19 +37,12 @@ from aggtree import DuplicateItemError, MissingItemError, reference
 from aggtree._core import Aggregate, _debug_fail_after, _tree_info
 from conftest import snapshot
 
-SANITIZED = os.environ.get("AGGTREE_SANITIZED") == "1" or "asan" in os.environ.get("LD_PRELOAD", "")
-CI = bool(os.environ.get("CI")) or os.environ.get("HYPOTHESIS_PROFILE") == "ci"
+from _reliability import CI, SANITIZED, stats_reporter  # noqa: E402
 
 STATS = {"faults_injected": 0, "failing_calls_checked": 0, "writes_retried": 0, "random_ops": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _report_stats():
-    yield
-    path = os.environ.get("AGGTREE_RELIABILITY_STATS")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps({"file": "test_alloc_failure", **STATS}) + "\n")
+_report_stats = stats_reporter("test_alloc_failure", STATS)
 
 
 @pytest.fixture(autouse=True)

@@ -35,7 +35,6 @@ Rounds: 5 by default, 15 with ``CI`` / ``HYPOTHESIS_PROFILE=ci``, 3 when
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -49,8 +48,7 @@ import pytest
 
 from aggtree.events import EventStore, generate_dataset, to_ms
 
-SANITIZED = os.environ.get("AGGTREE_SANITIZED") == "1" or "asan" in os.environ.get("LD_PRELOAD", "")
-CI = bool(os.environ.get("CI")) or os.environ.get("HYPOTHESIS_PROFILE") == "ci"
+from _reliability import CI, SANITIZED, stats_reporter  # noqa: E402
 ROUNDS = 3 if SANITIZED else (15 if CI else 5)
 T0 = datetime(2024, 5, 1, 12, tzinfo=timezone.utc)
 HOUR = 3600 * 1000
@@ -59,13 +57,7 @@ STATS = {"crash_kills": 0, "crash_commits_checked": 0, "crash_in_flight_at_kill"
          "crash_lost": 0, "hostile_inputs": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _report_stats():
-    yield
-    path = os.environ.get("AGGTREE_RELIABILITY_STATS")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps({"file": "test_crash", **STATS}) + "\n")
+_report_stats = stats_reporter("test_crash", STATS)
 
 
 # ---------------------------------------------------------------------------

@@ -25,7 +25,6 @@ shrinking still replays the real program).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -40,20 +39,13 @@ from hypothesis import strategies as st
 from aggtree import Bound, Item, Page, reference
 from aggtree._core import Aggregate as Native
 
-SANITIZED = os.environ.get("AGGTREE_SANITIZED") == "1" or "asan" in os.environ.get("LD_PRELOAD", "")
-CI = bool(os.environ.get("CI")) or os.environ.get("HYPOTHESIS_PROFILE") == "ci"
+from _reliability import CI, SANITIZED, stats_reporter  # noqa: E402
 BUDGET = float(os.environ.get("AGGTREE_FUZZ_SECONDS") or (6.0 if SANITIZED else (20.0 if CI else 4.0)))
 
 STATS = {"fuzz_programs": 0, "fuzz_calls": 0, "fuzz_calls_raising": 0, "fuzz_exception_types": {}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _report_stats():
-    yield
-    path = os.environ.get("AGGTREE_RELIABILITY_STATS")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps({"file": "test_fuzz", **STATS}) + "\n")
+_report_stats = stats_reporter("test_fuzz", STATS)
 
 
 # ---------------------------------------------------------------------------

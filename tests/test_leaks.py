@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import math
 import os
 import pickle
@@ -48,20 +47,13 @@ import pytest
 from aggtree import Bound, DuplicateItemError, MissingItemError
 from aggtree._core import Aggregate, _debug_fail_after
 
-SANITIZED = os.environ.get("AGGTREE_SANITIZED") == "1" or "asan" in os.environ.get("LD_PRELOAD", "")
-CI = bool(os.environ.get("CI")) or os.environ.get("HYPOTHESIS_PROFILE") == "ci"
+from _reliability import CI, SANITIZED, stats_reporter  # noqa: E402
 BUDGET = 1.5 if SANITIZED else (8.0 if CI else 3.0)
 
 STATS = {"leak_rounds": 0, "leak_ops": 0, "leak_failing_calls": 0, "leak_faults_injected": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _report_stats():
-    yield
-    path = os.environ.get("AGGTREE_RELIABILITY_STATS")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps({"file": "test_leaks", **STATS}) + "\n")
+_report_stats = stats_reporter("test_leaks", STATS)
 
 
 def rss_bytes() -> int:

@@ -59,8 +59,7 @@ import traceback
 
 import pytest
 
-SANITIZED = os.environ.get("AGGTREE_SANITIZED") == "1" or "asan" in os.environ.get("LD_PRELOAD", "")
-CI = bool(os.environ.get("CI")) or os.environ.get("HYPOTHESIS_PROFILE") == "ci"
+from _reliability import CI, SANITIZED, stats_reporter  # noqa: E402
 DURATION = 1.0 if SANITIZED else (5.0 if CI else 1.5)
 THREADS = 4
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,13 +67,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 STATS = {"thread_runs": 0, "thread_ops": 0, "thread_reads_checked": 0, "thread_writes_replayed": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _report_stats():
-    yield
-    path = os.environ.get("AGGTREE_RELIABILITY_STATS")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps({"file": "test_threads", **STATS}) + "\n")
+_report_stats = stats_reporter("test_threads", STATS)
 
 
 def run_child(function: str, config: dict, timeout: float) -> dict:
