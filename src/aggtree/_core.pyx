@@ -680,19 +680,19 @@ cdef int _range(_Tree tree, object lower, object upper, object eq, object prefix
             a = 0
             b = 0
         else:
+            # [prefix, prefix + 0xFF): both ends in one lockstep descent.
             gkey_init(&g)
+            gkey_init(&g2)
             try:
                 kb_put_prefix(&g.kb, prefix)
+                kb_put_bytes(&g2.kb, g.kb.data, g.kb.len)
+                kb_put_byte(&g2.kb, 0xFF)
                 k = gkey_finish(&g)
-                a = agg_tree_rank(tree.t, k, 0)
-                kb_put_byte(&g.kb, 0xFF)
-                if g.tail_heap:
-                    free(g.tail)
-                    g.tail_heap = False
-                k = gkey_finish(&g)
-                b = agg_tree_rank(tree.t, k, 0)
+                k2 = gkey_finish(&g2)
+                agg_tree_rank2(tree.t, k, 0, k2, 0, &a, &b)
             finally:
                 gkey_free(&g)
+                gkey_free(&g2)
     elif (tree.kind == K_GENERAL and lower is not None and upper is not None
           and not isinstance(lower, Bound) and not isinstance(upper, Bound)):
         # Two bare keys on a GENERAL tree: both ends in one lockstep descent.

@@ -826,17 +826,18 @@ AGG_INLINE uint32_t heads_count(const agg_key *a, uint32_t n, uint64_t h, int le
 
 /* GENERAL lower (le = 0: items < k) or upper (le = 1: items <= k) bound.
  * Heads first, branch-free like FAST keys: keys are ordered by head, so
- * only the run of keys whose head equals k's (usually none or one) needs
- * its tails compared, by a binary search over that run alone. */
+ * when no key's head equals k's (the usual case for short strings) the
+ * first head above k's is the answer.  On a tie (keys sharing their first
+ * 8 bytes, e.g. tuples with a common first element) an ordinary binary
+ * search with the full compare finishes from the first tied key. */
 AGG_INLINE uint32_t general_count(const agg_key *a, uint32_t n, agg_key k, int le)
 {
-    uint32_t lo = heads_count(a, n, k.head, 0), hi;
+    uint32_t lo = heads_count(a, n, k.head, 0), hi = n;
     if (lo == n || a[lo].head != k.head)
         return lo;
-    hi = lo + heads_count(a + lo, n - lo, k.head, 1);
     while (lo < hi) {
         uint32_t mid = lo + ((hi - lo) >> 1);
-        int c = a[mid].rest == k.rest ? 0 : tail_cmp(a[mid].rest, k.rest);
+        int c = key_cmp_general(a[mid], k);
         if (le ? c <= 0 : c < 0)
             lo = mid + 1;
         else

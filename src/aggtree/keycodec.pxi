@@ -262,6 +262,12 @@ cdef inline int kb_put_byte(KeyBuf *b, unsigned char c) except -1:
     b.len += 1
     return 0
 
+cdef inline int kb_put_bytes(KeyBuf *b, const unsigned char *src, Py_ssize_t n) except -1:
+    kb_reserve(b, n)
+    kc_memcpy(b.data + b.len, src, <size_t>n)
+    b.len += n
+    return 0
+
 # --------------------------------------------------------------- encode --
 
 cdef int kc_raise_type(object v) except -1:
