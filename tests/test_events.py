@@ -15,6 +15,7 @@ import random
 import sqlite3
 from datetime import datetime, timedelta, timezone
 
+import numpy as np
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -23,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from aggtree.events import (
     AGGREGATE_NAMES,
     EventStore,
+    _StartCache,
     UserStats,
     generate_dataset,
     get_user_stats,
@@ -57,14 +59,30 @@ def usernames(store: EventStore) -> list:
     return [r[0] for r in store._conn.execute("SELECT username FROM users ORDER BY id")]
 
 
+def starts_dump(store: EventStore) -> dict:
+    """The start cache's contents: event id -> start time."""
+    empty = store._starts.EMPTY
+    return {i: v for i, v in enumerate(store._starts.a) if v != empty}
+
+
+def assert_starts_cached_right(store: EventStore) -> None:
+    """Every start time the store caches is the event's start in the table
+    (the cache may miss events, never disagree or keep deleted ones)."""
+    table = dict(store._conn.execute("SELECT id, start_time FROM events").fetchall())
+    for event_id, start in starts_dump(store).items():
+        assert table.get(event_id) == start, (event_id, start, table.get(event_id))
+
+
 def assert_consistent(store: EventStore, nows=(T0,)) -> None:
-    """Every user's stats equal the naive path at every ``now``, and
-    verify_aggregates finds nothing."""
+    """Every user's stats equal the naive path at every ``now``, the start
+    cache agrees with the table, and verify_aggregates finds nothing."""
     for name in usernames(store):
         for now in nows:
             fast = store.get_user_stats(name, now=now)
             slow = store.get_user_stats_naive(name, now=now)
             assert fast == slow, (name, now, fast, slow)
+    store._sync()  # (caught up by the reads above, unless there are no users)
+    assert_starts_cached_right(store)
     report = store.verify_aggregates()
     assert report.ok, report.differences[:10]
     for name in AGGREGATE_NAMES:
@@ -460,13 +478,13 @@ def test_failure_midway_leaves_no_drift(store, write, exc):
     owner, fans, eid = popular_world(store)
     fail_at = 0
     while True:
-        before = (table_dump(store), aggregate_dump(store))
+        before = (table_dump(store), aggregate_dump(store), starts_dump(store))
         real = make_flaky(store, fail_at, exc)
         try:
             WRITES[write](store, owner, fans, eid)
         except exc:
             restore(store, real)
-            assert (table_dump(store), aggregate_dump(store)) == before, fail_at
+            assert (table_dump(store), aggregate_dump(store), starts_dump(store)) == before, fail_at
             assert not store._conn.in_transaction
             fail_at += 1
             continue
@@ -495,7 +513,7 @@ class FailingCommit:
 @pytest.mark.parametrize("write", sorted(WRITES))
 def test_failed_commit_undoes_aggregates(store, write):
     owner, fans, eid = popular_world(store)
-    before = (table_dump(store), aggregate_dump(store))
+    before = (table_dump(store), aggregate_dump(store), starts_dump(store))
     real = store._conn
     store._conn = FailingCommit(real)
     try:
@@ -503,7 +521,7 @@ def test_failed_commit_undoes_aggregates(store, write):
             WRITES[write](store, owner, fans, eid)
     finally:
         store._conn = real
-    assert (table_dump(store), aggregate_dump(store)) == before
+    assert (table_dump(store), aggregate_dump(store), starts_dump(store)) == before
     assert_consistent(store)
 
 
@@ -611,6 +629,51 @@ def test_verify_finds_and_repairs_drift(world):
     fixed = store.verify_aggregates(repair=True)
     assert fixed.repaired and fixed.total == 5
     assert_consistent(store)
+
+
+# ---------------------------------------------------------------------------
+# The start cache (follow / unfollow find the event's start without a SELECT)
+# ---------------------------------------------------------------------------
+
+
+def test_start_cache_basics():
+    c = _StartCache()
+    assert c.get(0) is None and c.get(5) is None and c.get(-1) is None
+    c.set(5, 123)
+    assert c.get(5) == 123 and c.get(4) is None and len(c.a) >= 6
+    c.set(5, None)
+    assert c.get(5) is None
+    c.set(10**12, 7)  # far beyond the others: not cached (no huge array)
+    assert c.get(10**12) is None and len(c.a) < 10**6
+    c.set(-3, 9)
+    assert c.get(-3) is None
+    c.set(3, c.EMPTY + 1)
+    assert c.get(3) == c.EMPTY + 1
+    c.load(np.array([2, 7, 10**12], dtype=np.int64), np.array([20, 70, 1], dtype=np.int64))
+    assert (c.get(2), c.get(7), c.get(5), c.get(10**12)) == (20, 70, None, None)
+    c.load(np.array([], dtype=np.int64), np.array([], dtype=np.int64))
+    assert len(c.a) == 0
+
+
+def test_follow_without_cached_start_reads_the_table(world):
+    store, (alice, bob, carol), (e1, e2, e3) = world
+    store._starts = _StartCache()  # as after a migration that has not reached e1
+    assert store.follow_event(alice, e1)
+    assert store._starts.get(e1) == to_ms(at(10))  # read, then remembered
+    store._starts = _StartCache()
+    assert store.unfollow_event(carol, e1)
+    assert_consistent(store)
+
+
+def test_start_edited_behind_the_stores_back_is_repaired(world):
+    store, (alice, bob, carol), (e1, e2, e3) = world
+    with store._conn:
+        store._conn.execute("UPDATE events SET start_time = ? WHERE id = ?", (to_ms(at(-50)), e1))
+    report = store.verify_aggregates(repair=True)  # events_by_start and the followers' copies
+    assert not report.ok and report.repaired
+    assert store._starts.get(e1) == to_ms(at(-50))  # the cache follows the table again
+    store.follow_event(carol, e1)
+    assert_consistent(store, nows=(T0, at(-60)))
 
 
 # ---------------------------------------------------------------------------

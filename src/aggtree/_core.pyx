@@ -857,7 +857,7 @@ cdef class Aggregate:
     # ------------------------------------------------------------ writes --
 
     cdef int _find(self, _Tree tree, object key, object id, GKey *g,
-                   agg_key *stored) except -1:
+                   agg_key *stored, bint probe=True) except -1:
         """Nonzero if (key, id) is an item of `tree`, with a key that finds it
         in *stored: 2 when that key is the caller's own (built in `g`, valid
         while g lives), 1 when it is the tree's stored key (borrowed: valid
@@ -868,7 +868,11 @@ cdef class Aggregate:
         Items that compare equal are the same item whatever their types, so
         (1, 5), (1.0, 5) and (True, 5) all find one another: FAST trees
         translate the pair into their double domain, GENERAL trees search by
-        the ordered encoding (without the type signature that follows it)."""
+        the ordered encoding (without the type signature that follows it).
+
+        With `probe` False the exact-key paths skip their lookup and return
+        the key the item would have (a caller that deletes by it learns
+        from the delete whether it was there: one descent instead of two)."""
         cdef double d, v
         cdef int64_t i
         cdef int pk, pi
@@ -889,7 +893,7 @@ cdef class Aggregate:
             if pk != P_EXACT or pi != P_EXACT:
                 return 0
             k = _fast_key(d, i)
-            if not agg_tree_get(tree.t, k, NULL):
+            if probe and not agg_tree_get(tree.t, k, NULL):
                 return 0
             stored[0] = k
             return 1
@@ -903,7 +907,7 @@ cdef class Aggregate:
                 # the full encoding finds the item however it was spelt.
                 _kb_append(&g.kb, sig.data, nsig)
                 k = gkey_finish(g, nsig)
-                if not agg_tree_get(tree.t, k, NULL):
+                if probe and not agg_tree_get(tree.t, k, NULL):
                     return 0
                 stored[0] = k
                 return 2
@@ -1000,7 +1004,7 @@ cdef class Aggregate:
         gkey_init(&g)
         gkey_init(&c)
         try:
-            found = self._find(tree, key, id, &g, &sk)
+            found = self._find(tree, key, id, &g, &sk, False)
             if found:
                 if tree.kind == K_GENERAL and found == 1:
                     # Delete by a private copy of the stored key: the tree
