@@ -182,6 +182,7 @@ AGGREGATE_NAMES = (
 # stored as 0.
 _REMOVE, _ADD, _MOVE = 1, 2, 3
 _OP_WIDTH = 6
+_NO_PREV: Any = object()  # an undo entry that leaves the start cache alone
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _ONE_MS = timedelta(milliseconds=1)
@@ -944,35 +945,39 @@ class EventStore:
     # -- applying ops -------------------------------------------------------
 
     def _apply(self, ops: Iterable, undo: Optional[list]) -> None:
-        """Apply ops with the idempotent forms; with ``undo``, record the
-        inverse of every change actually made.  Ops on events_by_start
-        also set the start cache (undone the same way)."""
+        """Apply ops with the idempotent forms; with ``undo``, record per op
+        what it actually changed (one entry: the aggregate, a mask of the
+        REMOVE / ADD that happened, the op's keys, and for events_by_start
+        the start cache's previous entry, which the op also sets)."""
         tables = self._tables
         starts = self._starts
         for a, code, ns, old, new, id_ in ops:
             agg = tables[a].aggregate
+            prev = _NO_PREV
             if a == FOLLOWS:
                 old = new = None
             elif a == BY_START:
-                if undo is not None:
-                    undo.append((None, False, starts.get(id_), id_, None))
+                prev = starts.get(id_)
                 starts.set(id_, new if code & _ADD else None)
-            if code & _REMOVE and agg.delete_if_exists(old, id_, namespace=ns):
-                if undo is not None:
-                    undo.append((agg, True, old, id_, ns))
-            if code & _ADD and agg.upsert(new, id_, namespace=ns):
-                if undo is not None:
-                    undo.append((agg, False, new, id_, ns))
+            done = 0
+            try:
+                if code & _REMOVE and agg.delete_if_exists(old, id_, namespace=ns):
+                    done = _REMOVE
+                if code & _ADD and agg.upsert(new, id_, namespace=ns):
+                    done |= _ADD
+            finally:
+                if undo is not None and (done or prev is not _NO_PREV):
+                    undo.append((agg, done, old, new, id_, ns, prev))
 
     def _undo(self, undo: list) -> None:
         try:
-            for agg, reinsert, key, id_, ns in reversed(undo):
-                if agg is None:  # the start cache's previous entry
-                    self._starts.set(id_, key)
-                elif reinsert:
-                    agg.insert(key, id_, namespace=ns)
-                else:
-                    agg.delete(key, id_, namespace=ns)
+            for agg, done, old, new, id_, ns, prev in reversed(undo):
+                if done & _ADD:
+                    agg.delete(new, id_, namespace=ns)
+                if done & _REMOVE:
+                    agg.insert(old, id_, namespace=ns)
+                if prev is not _NO_PREV:
+                    self._starts.set(id_, prev)
         except BaseException:
             # Cannot restore by hand: rebuild from the tables on the next access.
             self._stale = True
