@@ -48,6 +48,14 @@ rolled back, so the tables and the aggregates never disagree.  Live writes use
 the idempotent forms (``upsert``, ``delete_if_exists``), which is what lets a
 backfill (:meth:`EventStore.initialize_aggregates`) run next to them.
 
+``follow_event`` and ``unfollow_event`` need the event's start time (the key
+of the follower's ``followed_events_by_start`` item).  A start-time cache by
+event id (:class:`_StartCache`), moved by the same ops as
+``events_by_start`` and undone with them, answers that without a SELECT; an
+event it does not hold is read from the table.  SQL that changes
+``start_time`` behind the store's back is drift like any other:
+:meth:`EventStore.verify_aggregates` reports it and refills the cache.
+
 Several processes
 -----------------
 Every ``EventStore`` on a file registers itself in ``aggtree_stores`` when it
