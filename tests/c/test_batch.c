@@ -24,46 +24,11 @@
 
 /* --------------------------------------------------------- comparisons -- */
 
-static int same_bits(double a, double b)
-{
-    return memcmp(&a, &b, sizeof a) == 0;
-}
-
-/* Does the tree's key k name model item x? */
-static int key_matches(agg_keymode mode, agg_key k, const mitem *x)
-{
-    if (mode == AGG_KEYS_FAST)
-        return k.head == x->fk.head && k.rest == x->fk.rest;
-    {
-        uint8_t buf[8 + KEY_MAX + 8];
-        size_t n = agg_key_to_bytes(k, buf, sizeof buf), want = x->len < 8 ? 8 : x->len, i;
-        if (n != want || memcmp(buf, x->e, x->len) != 0)
-            return 0;
-        for (i = x->len; i < 8; i++)
-            if (buf[i])
-                return 0;
-        return 1;
-    }
-}
-
 /* Whole content equal to the model, plus a few sums. */
 static void compare_all(const agg_tree *t, const model *m, const char *what)
 {
-    uint64_t n = m->n, i, got;
-    agg_key *k = (agg_key *)malloc((n ? n : 1) * sizeof *k);
-    double *v = (double *)malloc((n ? n : 1) * sizeof *v);
-    REQUIRE(k && v, "out of memory");
-    REQUIRE(agg_tree_len(t) == n, "%s: len %llu, model %llu", what,
-            (unsigned long long)agg_tree_len(t), (unsigned long long)n);
-    got = agg_tree_read(t, 0, n + 5, 0, k, v);
-    REQUIRE(got == n, "%s: read %llu of %llu", what, (unsigned long long)got,
-            (unsigned long long)n);
-    for (i = 0; i < n; i++) {
-        REQUIRE(key_matches(m->mode, k[i], &m->a[i]), "%s: key %llu differs", what,
-                (unsigned long long)i);
-        REQUIRE(same_bits(v[i], m->a[i].v), "%s: value %llu is %.17g, model %.17g", what,
-                (unsigned long long)i, v[i], m->a[i].v);
-    }
+    uint64_t n = m->n, i;
+    compare_items(t, m, what);
     for (i = 0; i < 3 && n; i++) {   /* range sums against the exact sum */
         uint64_t lo = rnd_below(n + 1), hi = rnd_below(n + 1), j;
         double s, exact, tol;
@@ -91,8 +56,6 @@ static void compare_all(const agg_tree *t, const model *m, const char *what)
                     (unsigned long long)lo, (unsigned long long)hi, s, exact);
         }
     }
-    free(k);
-    free(v);
 }
 
 /* ------------------------------------------------------------- values -- */
@@ -114,31 +77,13 @@ static double rnd_value(int vm)
 
 /* ------------------------------------------------------------ batches -- */
 
-static int cmp_fast(const void *a, const void *b)
-{
-    const mitem *x = (const mitem *)a, *y = (const mitem *)b;
-    if (x->fk.head != y->fk.head)
-        return x->fk.head < y->fk.head ? -1 : 1;
-    return (x->fk.rest > y->fk.rest) - (x->fk.rest < y->fk.rest);
-}
-
-static int cmp_general(const void *a, const void *b)
-{
-    const mitem *x = (const mitem *)a, *y = (const mitem *)b;
-    uint32_t l = x->len < y->len ? x->len : y->len;
-    int c = memcmp(x->e, y->e, l);
-    if (c)
-        return c;
-    return (x->len > y->len) - (x->len < y->len);
-}
-
 /* Sort items and drop repeats; returns the new count. */
 static size_t sort_unique(agg_keymode mode, mitem *a, size_t n)
 {
     size_t i, w = 0;
-    qsort(a, n, sizeof *a, mode == AGG_KEYS_FAST ? cmp_fast : cmp_general);
+    qsort(a, n, sizeof *a, mode == AGG_KEYS_FAST ? mitem_cmp_fast : mitem_cmp_general);
     for (i = 0; i < n; i++) {
-        int c = w ? (mode == AGG_KEYS_FAST ? cmp_fast : cmp_general)(&a[w - 1], &a[i]) : 1;
+        int c = w ? (mode == AGG_KEYS_FAST ? mitem_cmp_fast : mitem_cmp_general)(&a[w - 1], &a[i]) : 1;
         if (c != 0)
             a[w++] = a[i];
     }

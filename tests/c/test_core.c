@@ -16,49 +16,6 @@
 
 /* --------------------------------------------------------- comparisons -- */
 
-/* Does the tree's key k name model item x? */
-static int key_matches(agg_keymode mode, agg_key k, const mitem *x)
-{
-    if (mode == AGG_KEYS_FAST)
-        return k.head == x->fk.head && k.rest == x->fk.rest;
-    {
-        uint8_t buf[8 + KEY_MAX + 8];
-        size_t n = agg_key_to_bytes(k, buf, sizeof buf), want = x->len < 8 ? 8 : x->len, i;
-        if (n != want || memcmp(buf, x->e, x->len) != 0)
-            return 0;
-        for (i = x->len; i < 8; i++)
-            if (buf[i])
-                return 0;
-        return 1;
-    }
-}
-
-static int same_bits(double a, double b)
-{
-    return memcmp(&a, &b, sizeof a) == 0;
-}
-
-/* Whole content equal to the model. */
-static void compare_all(const agg_tree *t, const model *m, const char *what)
-{
-    uint64_t n = m->n, i, got;
-    agg_key *k = (agg_key *)malloc((n ? n : 1) * sizeof *k);
-    double *v = (double *)malloc((n ? n : 1) * sizeof *v);
-    REQUIRE(k && v, "out of memory");
-    REQUIRE(agg_tree_len(t) == n, "%s: len %llu, model %llu", what,
-            (unsigned long long)agg_tree_len(t), (unsigned long long)n);
-    got = agg_tree_read(t, 0, n + 5, 0, k, v);
-    REQUIRE(got == n, "%s: read %llu of %llu", what, (unsigned long long)got,
-            (unsigned long long)n);
-    for (i = 0; i < n; i++) {
-        REQUIRE(key_matches(m->mode, k[i], &m->a[i]), "%s: key %llu differs", what,
-                (unsigned long long)i);
-        REQUIRE(same_bits(v[i], m->a[i].v), "%s: value %llu is %.17g, model %.17g", what,
-                (unsigned long long)i, v[i], m->a[i].v);
-    }
-    free(k);
-    free(v);
-}
 
 /* ------------------------------------------------------------- values -- */
 
@@ -253,24 +210,6 @@ static void op_read(const agg_tree *t, const model *m)
     REQUIRE(agg_tree_read(t, idx, max, desc, NULL, NULL) == want, "read with NULL outputs");
 }
 
-static int cmp_mitem_fast(const void *a, const void *b)
-{
-    const mitem *x = (const mitem *)a, *y = (const mitem *)b;
-    if (x->fk.head != y->fk.head)
-        return x->fk.head < y->fk.head ? -1 : 1;
-    return (x->fk.rest > y->fk.rest) - (x->fk.rest < y->fk.rest);
-}
-
-static int cmp_mitem_general(const void *a, const void *b)
-{
-    const mitem *x = (const mitem *)a, *y = (const mitem *)b;
-    uint32_t l = x->len < y->len ? x->len : y->len;
-    int c = memcmp(x->e, y->e, l);
-    if (c)
-        return c;
-    return (x->len > y->len) - (x->len < y->len);
-}
-
 static void op_rank_many(const agg_tree *t, const model *m, uint64_t spread)
 {
     enum { N = 300 };
@@ -283,7 +222,7 @@ static void op_rank_many(const agg_tree *t, const model *m, uint64_t spread)
     for (i = 0; i < n; i++)
         pick_key(m, &q[i], spread);
     if (rnd_chance(0.6))
-        qsort(q, n, sizeof q[0], m->mode == AGG_KEYS_FAST ? cmp_mitem_fast : cmp_mitem_general);
+        qsort(q, n, sizeof q[0], m->mode == AGG_KEYS_FAST ? mitem_cmp_fast : mitem_cmp_general);
     for (i = 0; i < n; i++)
         k[i] = mkey(m, &q[i], &kb[i]);
     agg_tree_rank_many(t, k, n, after, out);
@@ -350,7 +289,7 @@ static agg_tree *op_build(agg_tree *t, const model *m)
         memset(kb, 0xA5, (m->n + 1) * sizeof *kb);
         check_tree(nt, "build");
     }
-    compare_all(nt, m, "after build");
+    compare_items(nt, m, "after build");
     if (m->n) {
         REQUIRE(agg_tree_build(nt, k, v, 1, &bad) == AGG_INVALID, "build into a non-empty tree");
         check_tree(nt, "build into a non-empty tree");
@@ -432,7 +371,7 @@ static void run_random(agg_keymode mode, uint32_t ns, uint64_t iters)
         } else if (r < 985) {
             op_rank_many(t, &m, spread);
         } else if (r < 993) {
-            compare_all(t, &m, "full comparison");
+            compare_items(t, &m, "full comparison");
         } else if (r < 998) {
             t = op_build(t, &m);
         } else {
@@ -449,7 +388,7 @@ static void run_random(agg_keymode mode, uint32_t ns, uint64_t iters)
             REQUIRE(agg_tree_nbytes(t) == 0 && agg_tree_depth(t) == 0,
                     "empty tree keeps nbytes %zu depth %u", agg_tree_nbytes(t), agg_tree_depth(t));
     }
-    compare_all(t, &m, "end of run");
+    compare_items(t, &m, "end of run");
     /* drain: delete everything in random order */
     while (m.n) {
         mitem x = m.a[rnd_below(m.n)];

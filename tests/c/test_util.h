@@ -1,8 +1,9 @@
 /*
  * test_util.h - shared helpers of the aggtree C tests (test_core.c,
- * test_alloc.c): a seeded PRNG, failure reporting, random keys for both key
- * modes, a sorted-array model of the tree, an exact summation (Shewchuk
- * partials, as math.fsum) and whole-tree snapshots.
+ * test_batch.c, test_alloc.c): a seeded PRNG, failure reporting, random
+ * keys for both key modes, a sorted-array model of the tree and its
+ * comparison with a tree, an exact summation (Shewchuk partials, as
+ * math.fsum) and whole-tree snapshots.
  *
  * Header-only (static functions) so each test program is one translation
  * unit plus the core library.
@@ -198,6 +199,71 @@ static inline void model_remove_at(model *m, size_t pos)
 {
     memmove(m->a + pos, m->a + pos + 1, (m->n - pos - 1) * sizeof *m->a);
     m->n--;
+}
+
+/* ---------------------------------------------------- model vs tree -- */
+
+static inline int same_bits(double a, double b)
+{
+    return memcmp(&a, &b, sizeof a) == 0;
+}
+
+/* Does the tree's key k name model item x? */
+static inline int key_matches(agg_keymode mode, agg_key k, const mitem *x)
+{
+    if (mode == AGG_KEYS_FAST)
+        return k.head == x->fk.head && k.rest == x->fk.rest;
+    {
+        uint8_t buf[8 + KEY_MAX + 8];
+        size_t n = agg_key_to_bytes(k, buf, sizeof buf), want = x->len < 8 ? 8 : x->len, i;
+        if (n != want || memcmp(buf, x->e, x->len) != 0)
+            return 0;
+        for (i = x->len; i < 8; i++)
+            if (buf[i])
+                return 0;
+        return 1;
+    }
+}
+
+/* The tree holds exactly the model's items: same keys, bitwise same values. */
+static inline void compare_items(const agg_tree *t, const model *m, const char *what)
+{
+    uint64_t n = m->n, i, got;
+    agg_key *k = (agg_key *)malloc((n ? n : 1) * sizeof *k);
+    double *v = (double *)malloc((n ? n : 1) * sizeof *v);
+    REQUIRE(k && v, "out of memory");
+    REQUIRE(agg_tree_len(t) == n, "%s: len %llu, model %llu", what,
+            (unsigned long long)agg_tree_len(t), (unsigned long long)n);
+    got = agg_tree_read(t, 0, n + 5, 0, k, v);
+    REQUIRE(got == n, "%s: read %llu of %llu", what, (unsigned long long)got,
+            (unsigned long long)n);
+    for (i = 0; i < n; i++) {
+        REQUIRE(key_matches(m->mode, k[i], &m->a[i]), "%s: key %llu differs", what,
+                (unsigned long long)i);
+        REQUIRE(same_bits(v[i], m->a[i].v), "%s: value %llu is %.17g, model %.17g", what,
+                (unsigned long long)i, v[i], m->a[i].v);
+    }
+    free(k);
+    free(v);
+}
+
+/* qsort comparators of model items, FAST and GENERAL order. */
+static inline int mitem_cmp_fast(const void *a, const void *b)
+{
+    const mitem *x = (const mitem *)a, *y = (const mitem *)b;
+    if (x->fk.head != y->fk.head)
+        return x->fk.head < y->fk.head ? -1 : 1;
+    return (x->fk.rest > y->fk.rest) - (x->fk.rest < y->fk.rest);
+}
+
+static inline int mitem_cmp_general(const void *a, const void *b)
+{
+    const mitem *x = (const mitem *)a, *y = (const mitem *)b;
+    uint32_t l = x->len < y->len ? x->len : y->len;
+    int c = memcmp(x->e, y->e, l);
+    if (c)
+        return c;
+    return (x->len > y->len) - (x->len < y->len);
 }
 
 /* ---------------------------------------------------------- random keys -- */
