@@ -380,9 +380,10 @@
  * Cost.  O(n) routing + O(leaf) per touched leaf + O(cap) per touched
  * parent.  A batch of 100,000 random keys into 1,000,000 touches every
  * leaf, so its floor is reading the keys of every leaf (check) and
- * rewriting every leaf (apply): ~1.6 + ~1.7 ms on the development VM
- * (DRAM ~10 GB/s, the 25 MB leaf level just misses its cache share); the
- * batch takes ~7.5-10 ms (75-100 ns/item) there, against ~290 ns per
+ * rewriting every leaf (apply): ~0.9 + ~1.2 ms on the development VM
+ * (tests/c/bench_floor.c does just that memory work on scattered
+ * leaf-sized blocks); the batch takes ~7-9 ms (70-90 ns/item: routing
+ * ~8, check ~29, apply ~33) there, against ~290 ns per
  * single insert in random order and ~125 in sorted order (bench_core,
  * node size 64).  Per touched leaf (L2-resident) the check costs ~120 ns
  * (routing ~30, scanning its keys ~90) and the merge ~120: with ~5 new
