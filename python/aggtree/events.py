@@ -87,7 +87,6 @@ that reloads in bulk.
 from __future__ import annotations
 
 import dataclasses
-from array import array
 import itertools
 import logging
 import os
@@ -97,6 +96,7 @@ import struct
 import sys
 import threading
 import time
+from array import array
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
