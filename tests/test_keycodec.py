@@ -772,6 +772,32 @@ def test_corrupt_rejected(bad):
         _decode_item(bad)
 
 
+# The decoder's fast path: a str key without NUL and an id a double holds
+# (0x30 body 0x00 | 0x20 d 0x01 | sig).  Every check of the general path holds there.
+@pytest.mark.parametrize("bad", [
+    b"\x30abc\x00" + _num(float("nan")) + b"\x02",   # NaN id
+    b"\x30abc\x00\x20" + b"\x7f" + b"\xff" * 7 + b"\x01\x02",  # the image of -0.0 (0.0 has its own)
+    b"\x30abc\x00" + _num(2.0) + b"\x03",            # bool that is 2
+    b"\x30abc\x00" + _num(0.5) + b"\x01",            # int that is not integral
+    b"\x30abc\x00" + _num(1.0) + b"\x04",            # no such sig
+    b"\x30abc\x00" + _num(1.0),                      # sig missing
+    b"\x30\xff\xfe\x00" + _num(1.0) + b"\x01",      # not UTF-8
+    b"\x30\xc0\x80\x00" + _num(1.0) + b"\x01",      # overlong UTF-8
+])
+def test_fast_path_corrupt_rejected(bad):
+    with pytest.raises(ValueError, match="corrupt key encoding"):
+        _decode_item(bad)
+
+
+def test_fast_path_decodes_like_the_general_path():
+    for k, i in [("abc", 5), ("", -7), ("x" * 300, 2.5), ("é\U0001f600", True), ("a", False),
+                 ("\ud800", 2**53), ("a\x00b", 1), ("abc", 2**80), ("abc", (1,))]:
+        e = _encode_item(k, i)
+        got = _decode_item(e)
+        assert got == (k, i) and type(got[1]) is type(i), (k, i, got)
+        assert _decode_item(e + b"\x00" * 8) == got   # padding ignored
+
+
 def test_corrupt_boundaries_accepted():
     assert _decode_item(b"\x50" * 32 + b"\x00" * 32 + b"\x10")[0] == nest(32, leaf=())[0]
     assert _decode_item(_num(DBL_MAX, b"\xc9", b"\xff" * 200) + b"\x10\x01") == (SHORT_HI, None)

@@ -54,7 +54,9 @@ from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_acquire_lock,
                                PyThread_release_lock, PyThread_get_thread_ident,
                                WAIT_LOCK)
-from cpython.ref cimport PyObject
+from cpython.ref cimport PyObject, Py_INCREF
+from cpython.object cimport PyTypeObject
+from cpython.tuple cimport PyTuple_SET_ITEM
 from cpython.dict cimport PyDict_GetItemWithError
 
 cimport numpy as cnp
@@ -99,8 +101,34 @@ _ALLOWED_QUERY_KEYS = frozenset(("namespace", "lower", "upper", "eq", "prefix"))
 _ALLOWED_AT_KEYS = frozenset(("namespace", "lower", "upper", "eq", "prefix", "offset"))
 
 
+cdef extern from "Python.h":
+    object PyType_GenericAlloc(PyTypeObject *type, Py_ssize_t nitems)
+
+# Item is a NamedTuple: a tuple subclass with no fields of its own, so an
+# Item can be made the way CPython's tuple.__new__ makes a tuple subclass
+# instance (allocate with 3 slots, fill them) without building an argument
+# tuple first: about 3x faster, which is most of the cost of reading items
+# (iter, paginate, at, min/max...).  The layout is checked once here; if
+# Item ever gains instance fields, _mk_item falls back to tuple.__new__.
+cdef bint _ITEM_IS_PLAIN_TUPLE = (
+    issubclass(Item, tuple) and Item.__basicsize__ == tuple.__basicsize__
+    and Item.__itemsize__ == tuple.__itemsize__
+)
+
+
 cdef inline object _mk_item(object key, object id, double value):
-    return _item_new(Item, (key, id, value))
+    cdef object v = value
+    cdef object item
+    if not _ITEM_IS_PLAIN_TUPLE:
+        return _item_new(Item, (key, id, v))
+    item = PyType_GenericAlloc(<PyTypeObject *>Item, 3)
+    Py_INCREF(key)
+    PyTuple_SET_ITEM(item, 0, key)
+    Py_INCREF(id)
+    PyTuple_SET_ITEM(item, 1, id)
+    Py_INCREF(v)
+    PyTuple_SET_ITEM(item, 2, v)
+    return item
 
 
 # ------------------------------------------------------- status mapping --

@@ -696,6 +696,24 @@ cdef object kc_dec_bignum(const unsigned char *p, Py_ssize_t n, Py_ssize_t i,
         kc_corrupt()                # not the floor: non-canonical
     return iv + r
 
+cdef object kc_dec_exact(double d, unsigned char s):
+    """The number a double holds exactly, typed by its sig byte s (0: none,
+    then float)."""
+    if s == KC_SIG_FLOAT or s == 0:
+        return kc_PyFloat_FromDouble(d)
+    if s == KC_SIG_INT:
+        if not kc_isfinite(d) or kc_floor(d) != d:
+            kc_corrupt()
+        if -9.2e18 < d < 9.2e18:
+            return kc_PyLong_FromLongLong(<long long>d)
+        return kc_PyLong_FromDouble(d)
+    if s == KC_SIG_BOOL:
+        if d == 0.0:
+            return False
+        if d == 1.0:
+            return True
+    kc_corrupt()
+
 cdef object kc_dec(const unsigned char *p, Py_ssize_t n, Py_ssize_t *pos,
                    const unsigned char *sig, Py_ssize_t *sigpos):
     """Decode one (already validated) enc(v) at p[pos[0]:]; advance pos.  With
@@ -719,20 +737,7 @@ cdef object kc_dec(const unsigned char *p, Py_ssize_t n, Py_ssize_t *pos,
             sigpos[0] += 1
         if m == KC_EXACT:
             pos[0] = i + 10
-            if s == KC_SIG_FLOAT or s == 0:
-                return kc_PyFloat_FromDouble(d)
-            if s == KC_SIG_INT:
-                if not kc_isfinite(d) or kc_floor(d) != d:
-                    kc_corrupt()
-                if -9.2e18 < d < 9.2e18:
-                    return kc_PyLong_FromLongLong(<long long>d)
-                return kc_PyLong_FromDouble(d)
-            if s == KC_SIG_BOOL:
-                if d == 0.0:
-                    return False
-                if d == 1.0:
-                    return True
-            kc_corrupt()
+            return kc_dec_exact(d, s)
         if s != KC_SIG_INT and s != 0:
             kc_corrupt()
         return kc_dec_bignum(p, n, i, d, pos)
@@ -762,8 +767,27 @@ cdef tuple kb_decode_item(const unsigned char *p, Py_ssize_t n):
     Bytes after the last sig byte (the core's zero padding) are ignored.
     ValueError("corrupt key encoding") on malformed input; never reads p[n:]."""
     cdef Py_ssize_t nnum = 0
-    cdef Py_ssize_t end, k, pos, sigpos
+    cdef Py_ssize_t end, k, pos, sigpos, j
     cdef object key, ident
+    cdef const unsigned char *q
+    cdef double d
+    # Fast path for the commonest shape, a str key without NUL characters and
+    # an id a double holds: 0x30 body 0x00 | 0x20 d[8] 0x01 | sig.  It checks
+    # what kc_skip would and decodes in one pass.
+    if n >= 13 and p[0] == KC_TAG_STR:
+        q = <const unsigned char *>kc_memchr(p + 1, 0, <size_t>(n - 1))
+        if q != NULL:
+            j = q - p               # the terminator (unless an escape follows)
+            if (n - j >= 12 and p[j + 1] == KC_TAG_NUM and p[j + 10] == KC_EXACT
+                    and p[j + 11] >= KC_SIG_INT and p[j + 11] <= KC_SIG_BOOL):
+                d = kc_key_to_f64(kc_load_be64(p + j + 2))
+                if kc_isnan(d) or kc_is_neg_zero(d):
+                    kc_corrupt()
+                try:
+                    key = kc_PyUnicode_DecodeUTF8(<const char *>(p + 1), j - 1, b"surrogatepass")
+                except UnicodeDecodeError:
+                    kc_corrupt()
+                return (key, kc_dec_exact(d, p[j + 11]))
     end = kc_skip(p, n, 0, 0, &nnum)
     end = kc_skip(p, n, end, 0, &nnum)
     if n - end < nnum:
