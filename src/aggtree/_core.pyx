@@ -621,6 +621,18 @@ cdef int _check_prefix(object prefix) except -1:
     return 0
 
 
+cdef inline agg_key _float_bound(object v, uint64_t rest) except *:
+    """The FAST key of a bare float bound `v` (an exact float) with id
+    image `rest`; ValueError for NaN."""
+    cdef double x = PyFloat_AS_DOUBLE(v)
+    cdef agg_key k
+    if isnan(x):
+        raise ValueError("key must not be NaN")
+    k.head = agg_f64_to_key(x + 0.0)
+    k.rest = rest
+    return k
+
+
 cdef int _range(_Tree tree, object lower, object upper, object eq, object prefix,
                 uint64_t *lo, uint64_t *hi) except -1:
     """Resolve the bounds keywords to an index interval [lo, hi) of `tree`.
@@ -632,44 +644,21 @@ cdef int _range(_Tree tree, object lower, object upper, object eq, object prefix
     cdef GKey g
     cdef agg_key k
     cdef bint has_eq = eq is not _UNSET
-    cdef double x, y
     cdef agg_key k2
     cdef GKey g2
     # Fast path: bare float bounds (inclusive, no id) on a numeric tree.
     if (tree is not None and tree.kind <= K_INT and not has_eq and prefix is None
             and (lower is None or PyFloat_CheckExact(lower))
             and (upper is None or PyFloat_CheckExact(upper))):
+        if lower is not None:
+            k = _float_bound(lower, _ID_MIN)     # before every item of the key
+        if upper is not None:
+            k2 = _float_bound(upper, _ID_MAX)    # after every item of the key
         if lower is not None and upper is not None:
-            x = PyFloat_AS_DOUBLE(lower)
-            y = PyFloat_AS_DOUBLE(upper)
-            if isnan(x) or isnan(y):
-                raise ValueError("key must not be NaN")
-            k.head = agg_f64_to_key(x + 0.0)
-            k.rest = _ID_MIN
-            k2.head = agg_f64_to_key(y + 0.0)
-            k2.rest = _ID_MAX
             agg_tree_rank2(tree.t, k, 0, k2, 1, &a, &b)
-            lo[0] = a
-            hi[0] = b if b > a else a
-            return 0
-        if lower is None:
-            a = 0
         else:
-            x = PyFloat_AS_DOUBLE(lower)
-            if isnan(x):
-                raise ValueError("key must not be NaN")
-            k.head = agg_f64_to_key(x + 0.0)
-            k.rest = _ID_MIN
-            a = agg_tree_rank(tree.t, k, 0)
-        if upper is None:
-            b = agg_tree_len(tree.t)
-        else:
-            x = PyFloat_AS_DOUBLE(upper)
-            if isnan(x):
-                raise ValueError("key must not be NaN")
-            k.head = agg_f64_to_key(x + 0.0)
-            k.rest = _ID_MAX
-            b = agg_tree_rank(tree.t, k, 1)
+            a = 0 if lower is None else agg_tree_rank(tree.t, k, 0)
+            b = agg_tree_len(tree.t) if upper is None else agg_tree_rank(tree.t, k2, 1)
         lo[0] = a
         hi[0] = b if b > a else a
         return 0
@@ -683,16 +672,12 @@ cdef int _range(_Tree tree, object lower, object upper, object eq, object prefix
         elif prefix is not None:
             _check_prefix(prefix)
         else:
-            if lower is not None:
-                key, incl, id = _split_bound(lower)
-                _validate_key(key)
-                if id is not None:
-                    _validate_key(id)
-            if upper is not None:
-                key, incl, id = _split_bound(upper)
-                _validate_key(key)
-                if id is not None:
-                    _validate_key(id)
+            for bound in (lower, upper):
+                if bound is not None:
+                    key, incl, id = _split_bound(bound)
+                    _validate_key(key)
+                    if id is not None:
+                        _validate_key(id)
         lo[0] = 0
         hi[0] = 0
         return 0
