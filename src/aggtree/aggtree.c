@@ -3553,23 +3553,33 @@ static int bins_reserve(bins *b)
 }
 
 
+/* 1 if keys[0..n) strictly increase (the batch operations' precondition);
+ * else 0 with *bad_index = the first i with keys[i - 1] >= keys[i]. */
+static int keys_increasing(const agg_tree *t, const agg_key *keys, uint64_t n,
+                           uint64_t *bad_index)
+{
+    uint64_t i;
+    for (i = 1; i < n; i++) {
+        if (!key_lt(t, key_normalize(t, keys[i - 1]), key_normalize(t, keys[i]))) {
+            if (bad_index)
+                *bad_index = i;
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* See aggtree.h and section 13. */
 agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double *values,
                                   uint64_t n, uint64_t *bad_index)
 {
     bins b;
-    uint64_t i;
     agg_status st;
     if (n == 0)
         return AGG_OK;
     /* 1. order, before anything else */
-    for (i = 1; i < n; i++) {
-        if (!key_lt(t, key_normalize(t, keys[i - 1]), key_normalize(t, keys[i]))) {
-            if (bad_index)
-                *bad_index = i;
-            return AGG_INVALID;
-        }
-    }
+    if (!keys_increasing(t, keys, n, bad_index))
+        return AGG_INVALID;
     if (!t->root)
         return agg_tree_build(t, keys, values, n, bad_index);
     memset(&b, 0, sizeof b);
@@ -3729,13 +3739,8 @@ agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
     node **leaves;
     if (n == 0)
         return AGG_OK;
-    for (i = 1; i < n; i++) {
-        if (!key_lt(t, key_normalize(t, keys[i - 1]), key_normalize(t, keys[i]))) {
-            if (bad_index)
-                *bad_index = i;
-            return AGG_INVALID;
-        }
-    }
+    if (!keys_increasing(t, keys, n, bad_index))
+        return AGG_INVALID;
     /* the groups' leaves, for prefetching in the second pass: optional
      * (without the memory the pass only runs slower) */
     leaves = (node **)raw_alloc((size_t)n * sizeof(node *));
