@@ -923,6 +923,22 @@ def test_count_many_sum_many(make):
     assert len(agg.sum_many(np.array([]), np.array([]))) == 0
 
 
+def test_count_many_numpy_elements_are_keys_like_any_other(make):
+    """A numeric array's elements are numbers; a numpy scalar that is not a
+    Python number, inside a list, is an unsupported key as it is for count()
+    (the native slow path used to unwrap it silently)."""
+    agg = make(D)
+    for ns in (None, "missing"):
+        assert agg.count_many(np.array([1, 2], dtype=np.float32), [4, 4], namespace=ns).tolist() == (
+            [6, 5] if ns is None else [0, 0])
+        with pytest.raises(TypeError, match="float32"):
+            agg.count_many([0, 0, np.float32(1.5)], np.array([0.0, 0.0, 0.0]), namespace=ns)
+        with pytest.raises(TypeError, match="float32"):
+            agg.count(lower=np.float32(1.5), namespace=ns)
+    general = make([("a", 1, 0.0), ("b", 2, 0.0)])
+    assert general.count_many(np.array([1, 2], dtype=np.int64), ["a", "z"]).tolist() == [1, 2]
+
+
 def test_at_many_index_of_many_to_arrays(make):
     agg = make(D)
     keys, ids, values = agg.at_many(np.array([0, -1, 2, 2]))

@@ -1715,18 +1715,16 @@ cdef class Aggregate:
         lf = _bound_array(la, "lowers")
         uf = _bound_array(ua, "uppers")
         if tree is None or lf is None or uf is None or tree.kind == K_GENERAL or tree.kind == K_NONE:
-            if lf is None:
-                la = la.astype(object)
-            if uf is None:
-                ua = ua.astype(object)
+            # Key by key, as Python objects: a numeric array's elements
+            # become Python numbers, an object array's (or a mixed list's)
+            # stay what they are and are checked like any key (so a stray
+            # np.float32 in a list is a TypeError, as for count()).
+            la = la.tolist()
+            ua = ua.tolist()
             los = np.empty(n, dtype=np.int64)
             his = np.empty(n, dtype=np.int64)
             for j in range(n):
                 l = la[j]; u = ua[j]
-                if isinstance(l, np.generic):
-                    l = l.item()
-                if isinstance(u, np.generic):
-                    u = u.item()
                 if tree is None:
                     _validate_key(l); _validate_key(u)
                     los[j] = 0; his[j] = 0
