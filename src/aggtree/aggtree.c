@@ -3840,22 +3840,34 @@ agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
 /*  Sorting keys (section 14)                                             */
 /* ====================================================================== */
 
-/* Radix-sort state: the data ping-pongs between the caller's arrays (a)
- * and the scratch arrays (b); the varying bits of the 128-bit keys decide
- * which digits exist. */
+/* Sort state (one per thread).  The records (24 bytes: key and value)
+ * move between the caller's arrays (a) and scratch arrays (b) of the same
+ * size; a range of at most SORT_LOCAL records is sorted as 8-byte pairs
+ * (prefix << b | index) in the work area w and gathered by index into a
+ * (see section 14). */
 typedef struct ksort {
-    agg_key *ka, *kb;            /* keys: caller's, scratch */
+    agg_key *ka, *kb;            /* records: caller's, scratch (NULL: none) */
     double *va, *vb;             /* values (NULL: none) */
-    uint64_t *cnt;               /* per recursion depth: 2^SORT_WMAX + 1 counters */
+    uint64_t *w;                 /* pairs: 3 * SORT_LOCAL words (3n when smaller) */
+    uint32_t *pcnt;              /* pair levels: SORT_NCNT counters each */
+    uint64_t *cnt;               /* record levels, likewise (NULL: none) */
     uint64_t vhead, vrest;       /* bits that differ between some two keys */
 } ksort;
 
 #define SORT_WMAX 12             /* widest digit */
 #define SORT_WTOP 11             /* widest digit while out of cache */
-#define SORT_PER 1               /* log2 of the keys aimed at per bucket */
+#define SORT_PER (-1)            /* log2 of the pairs aimed at per bucket */
 #define SORT_INCACHE (1u << 17)  /* keys that fit in a cache level */
-#define SORT_SMALL 32            /* insertion sort at or below this */
-#define SORT_MAXDEPTH 34         /* levels: each scatters >= 4 bits of 128, plus the last */
+#define SORT_LOCAL (1u << 14)    /* ranges up to this are sorted as pairs */
+#define SORT_SMALL 16            /* insertion sort of records at or below this */
+#define SORT_PSMALL 8            /* buckets of pairs left to the insertion pass */
+#define SORT_MAXDEPTH 34         /* record levels: each scatters >= 4 bits of 128, plus the last */
+#define SORT_PMAXDEPTH 18        /* pair levels: >= 4 bits of 64 each, plus the last */
+#define SORT_NCNT ((1u << SORT_WMAX) + 1)
+#define SORT_DBITS 12            /* widest first digit of the split */
+#define SORT_BUCKET 384          /* records aimed at per bucket of the split */
+#define SORT_NBMAX 2048          /* most buckets of the split (write streams) */
+#define SORT_THREADS_MIN (1u << 16) /* two threads from this many records */
 
 /* FAST order: (head, rest) unsigned. */
 AGG_INLINE int ksort_lt(agg_key a, agg_key b)
@@ -3903,6 +3915,268 @@ AGG_INLINE int agg_clz64(uint64_t x)
 #endif
 }
 
+/* Trailing zero bits of x != 0. */
+AGG_INLINE int agg_ctz64(uint64_t x)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_ctzll(x);
+#else
+    int n = 0;
+    while (!(x & 1)) {
+        x >>= 1;
+        n++;
+    }
+    return n;
+#endif
+}
+
+/* The digit width for a range of n keys or pairs. */
+AGG_INLINE uint32_t ksort_width(uint64_t n)
+{
+    uint32_t w = (uint32_t)(63 - agg_clz64(n)) - SORT_PER;
+    w = w < 4 ? 4 : w > SORT_WMAX ? SORT_WMAX : w;
+    if (n > SORT_INCACHE && w > SORT_WTOP)
+        w = SORT_WTOP;
+    return w;
+}
+
+/* MSD radix sort of the n pairs at p0 (or at p1, with in1) on bits lo..hi
+ * (the bits below lo are the index); the result ends at p0.  Buckets of
+ * more than SORT_PSMALL pairs are sorted recursively; the small ones are
+ * finished by one insertion pass over the whole range, which moves every
+ * pair only inside its own bucket (all bits above the digit are equal in
+ * the range, the digit orders the buckets) and so costs at most
+ * SORT_PSMALL steps a pair.  cnt: this level's counters, then the deeper
+ * levels'; with have_cnt they already hold the histogram of the w-bit
+ * digit ending at bit hi. */
+static void ksort_pairs(uint64_t *p0, uint64_t *p1, uint32_t *cnt, uint32_t n, int hi, int lo,
+                        int in1, uint32_t w, int have_cnt)
+{
+    uint64_t *x = in1 ? p1 : p0, *y = in1 ? p0 : p1;
+    uint32_t mask, nb, d, i, j, sum, big = 0;
+    int shift;
+    for (;;) {
+        if (hi < lo || n <= SORT_PSMALL) {
+            if (in1)
+                memcpy(p0, p1, (size_t)n * sizeof *p0);
+            if (hi >= lo)           /* else all bits used: index order stands */
+                goto finish;
+            return;
+        }
+        if (!have_cnt)
+            w = ksort_width(n);
+        shift = hi - (int)w + 1;
+        if (shift < lo) {
+            shift = lo;
+            w = (uint32_t)(hi - lo + 1);
+        }
+        mask = (1u << w) - 1;
+        nb = mask + 1;
+        if (!have_cnt) {
+            memset(cnt, 0, (size_t)nb * sizeof *cnt);
+            for (i = 0; i < n; i++)
+                cnt[(x[i] >> shift) & mask]++;
+        }
+        have_cnt = 0;
+        for (d = 0; d < nb; d++)
+            if (cnt[d])
+                break;
+        if (cnt[d] != n)
+            break;
+        hi = shift - 1;             /* one bucket holds all: next digit */
+    }
+    /* scatter into the other buffer (then back to p0), sort each large
+     * bucket there */
+    sum = 0;
+    for (d = 0; d < nb; d++) {
+        uint32_t c = cnt[d];
+        cnt[d] = sum;
+        sum += c;
+        big |= c > SORT_PSMALL;
+    }
+    for (i = 0; i < n; i++) {
+        uint64_t p = x[i];
+        y[cnt[(p >> shift) & mask]++] = p;
+    }
+    if (!in1)
+        memcpy(p0, p1, (size_t)n * sizeof *p0);
+    if (big) {                      /* cnt[d] is now the end of bucket d */
+        uint32_t start = 0;
+        for (d = 0; d < nb; d++) {
+            uint32_t end = cnt[d];
+            if (end - start > SORT_PSMALL)
+                ksort_pairs(p0 + start, p1 + start, cnt + SORT_NCNT, end - start, shift - 1, lo,
+                            0, 0, 0);
+            start = end;
+        }
+    }
+    if (shift == lo)                /* the last digit: ties keep index order */
+        return;
+finish:                             /* finish the small buckets */
+    for (i = 1; i < n; i++) {
+        uint64_t p = p0[i];
+        if (p < p0[i - 1]) {
+            j = i;
+            do {
+                p0[j] = p0[j - 1];
+                j--;
+            } while (j > 0 && p < p0[j - 1]);
+            p0[j] = p;
+        }
+    }
+}
+
+/* How a key maps to its prefix: ((((head << ah) >> bh) & mh) << ch) |
+ * (((rest << ar) >> br) & mr): the varying span of head (its highest to
+ * its lowest varying bit), then that of rest, cut to the top eff bits.
+ * Bits outside the spans are the same in every key, so dropping them
+ * keeps the order. */
+typedef struct kprefix {
+    int ah, bh, ch, ar, br;
+    uint64_t mh, mr;
+} kprefix;
+
+AGG_INLINE uint64_t ksort_prefix(const kprefix *f, agg_key k)
+{
+    return ((((k.head << f->ah) >> f->bh) & f->mh) << f->ch) |
+           (((k.rest << f->ar) >> f->br) & f->mr);
+}
+
+/* Set f up for keys with varying bits vh, vr (not both 0), keeping at
+ * most maxbits (1..64) bits; returns eff, the prefix's width, and sets
+ * *total to the width of both spans (the prefix is exact if eff == total). */
+static int ksort_prefix_setup(kprefix *f, uint64_t vh, uint64_t vr, int maxbits, int *total)
+{
+    int hi_h = 0, hi_r = 0, lh = 0, lr = 0, eff;
+    if (vh) {
+        hi_h = 63 - agg_clz64(vh);
+        lh = hi_h - agg_ctz64(vh) + 1;
+    }
+    if (vr) {
+        hi_r = 63 - agg_clz64(vr);
+        lr = hi_r - agg_ctz64(vr) + 1;
+    }
+    *total = lh + lr;
+    eff = *total < maxbits ? *total : maxbits;
+    memset(f, 0, sizeof *f);
+    if (lh >= eff) {                /* all head */
+        f->ah = 63 - hi_h;
+        f->bh = 64 - eff;
+        f->mh = ~UINT64_C(0);
+    } else {                        /* all of head's span, then the top of rest's */
+        int rb = eff - lh;
+        if (lh) {
+            f->ah = 63 - hi_h;
+            f->bh = 64 - lh;
+            f->mh = ~UINT64_C(0);
+            f->ch = rb;
+        }
+        f->ar = 63 - hi_r;
+        f->br = 64 - rb;
+        f->mr = ~UINT64_C(0);
+    }
+    return eff;
+}
+
+/* Sort the n records xk/xv (SORT_SMALL < n <= SORT_LOCAL, or n of the
+ * work area) into dk/dv, which are either the same arrays or disjoint
+ * ones; xv and dv are both NULL or both not.  Uses s->w and s->pcnt. */
+static void ksort_local(const ksort *s, agg_key *xk, double *xv, agg_key *dk, double *dv,
+                        uint64_t n)
+{
+    uint64_t hor = 0, hand = ~UINT64_C(0), ror = 0, rand_ = ~UINT64_C(0), vh, vr, i, imask;
+    uint32_t *cnt = s->pcnt;
+    uint64_t *p0 = s->w, run = 0;
+    int b, eff, total, top;
+    uint32_t w, mask;
+    kprefix f;
+    for (i = 0; i < n; i++) {
+        hor |= xk[i].head;
+        hand &= xk[i].head;
+        ror |= xk[i].rest;
+        rand_ &= xk[i].rest;
+    }
+    vh = hor ^ hand;
+    vr = ror ^ rand_;
+    if (!vh && !vr) {               /* all keys equal */
+        if (dk != xk) {
+            memcpy(dk, xk, (size_t)n * sizeof *dk);
+            if (xv)
+                memcpy(dv, xv, (size_t)n * sizeof *dv);
+        }
+        return;
+    }
+    b = 64 - agg_clz64(n - 1);      /* index bits */
+    eff = ksort_prefix_setup(&f, vh, vr, 64 - b, &total);
+    /* build the pairs; then subtract the smallest prefix, so that the
+     * top digit spans the prefixes' range, not just their varying bits
+     * (keys from 0x0ff0.. to 0x100f.. vary in the top bit, but would
+     * share it but for a few) */
+    {
+        uint64_t lo = ~UINT64_C(0), hi = 0, base;
+        int bits;
+        for (i = 0; i < n; i++) {
+            uint64_t q = ksort_prefix(&f, xk[i]);
+            lo = q < lo ? q : lo;
+            hi = q > hi ? q : hi;
+            p0[i] = q << b | i;
+        }
+        bits = 64 - agg_clz64(hi - lo);     /* hi > lo: the keys differ in the prefix */
+        base = lo << b;
+        w = ksort_width(n);
+        if ((int)w > bits)
+            w = (uint32_t)bits;
+        top = b + bits - (int)w;
+        mask = (1u << w) - 1;
+        memset(cnt, 0, (size_t)(mask + 1) * sizeof *cnt);
+        for (i = 0; i < n; i++) {
+            uint64_t p = p0[i] - base;
+            p0[i] = p;
+            cnt[(p >> top) & mask]++;
+        }
+        ksort_pairs(p0, p0 + n, cnt, (uint32_t)n, b + bits - 1, b, 0, w, 1);
+    }
+    /* gather by index (in place: through the work area after the pairs);
+     * note whether two neighbours share a prefix */
+    imask = (UINT64_C(1) << b) - 1;
+    {
+        agg_key *g = dk == xk ? (agg_key *)(void *)(p0 + n) : dk;
+        g[0] = xk[p0[0] & imask];
+        for (i = 1; i < n; i++) {
+            g[i] = xk[p0[i] & imask];
+            run |= ((p0[i] ^ p0[i - 1]) >> b) == 0;
+        }
+        if (g != dk)
+            memcpy(dk, g, (size_t)n * sizeof *dk);
+    }
+    if (xv) {
+        double *g = dv == xv ? (double *)(void *)(p0 + n) : dv;
+        for (i = 0; i < n; i++)
+            g[i] = xv[p0[i] & imask];
+        if (g != dv)
+            memcpy(dv, g, (size_t)n * sizeof *dv);
+    }
+    if (!run || eff == total)
+        return;                     /* equal prefixes: equal keys */
+    /* runs of equal prefixes differ below them: sort each in place, on its
+     * own varying bits (fewer than here: the prefix's are gone) */
+    {
+        uint64_t start = 0, cur = ksort_prefix(&f, dk[0]), nx = 0, m;
+        for (i = 1; i <= n; i++) {
+            if (i < n && (nx = ksort_prefix(&f, dk[i])) == cur)
+                continue;
+            m = i - start;
+            if (m > SORT_SMALL)
+                ksort_local(s, dk + start, dv ? dv + start : NULL, dk + start,
+                            dv ? dv + start : NULL, m);
+            else if (m > 1)
+                ksort_small(dk + start, dv ? dv + start : NULL, m);
+            start = i;
+            cur = nx;
+        }
+    }
+}
+
 /* Highest varying bit of the composite 128-bit key (head << 64 | rest)
  * at or below bit p, or -1. */
 static int ksort_next_bit(const ksort *s, int p)
@@ -3931,14 +4205,14 @@ AGG_INLINE uint32_t ksort_digit(agg_key k, int shift, uint32_t mask)
     return (uint32_t)((k.rest >> shift) | (k.head << (64 - shift))) & mask;
 }
 
-/* MSD radix sort of positions [off, off + n), currently in buffer b
+/* MSD radix sort of the records [off, off + n), currently in buffer b
  * (in_b) or a, on the bits at and below composite bit p; the result ends
- * in a. */
+ * in a.  Ranges of at most SORT_LOCAL records go to ksort_local. */
 static void ksort_msd(ksort *s, uint64_t off, uint64_t n, int p, int depth, int in_b)
 {
     agg_key *xk = in_b ? s->kb : s->ka, *yk = in_b ? s->ka : s->kb;
     double *xv = in_b ? s->vb : s->va, *yv = in_b ? s->va : s->vb;
-    uint64_t *cnt = s->cnt + (size_t)depth * ((1u << SORT_WMAX) + 1), i, sum;
+    uint64_t *cnt = s->cnt + (size_t)depth * SORT_NCNT, i, sum;
     uint32_t w, mask, nb, d;
     int shift;
     for (;;) {
@@ -3952,13 +4226,14 @@ static void ksort_msd(ksort *s, uint64_t off, uint64_t n, int p, int depth, int 
             }
             return;
         }
-        /* about SORT_PER keys per bucket; at most 2^SORT_WTOP buckets
-         * while the data is larger than the caches (many write streams
-         * thrash the TLB), 2^SORT_WMAX once it fits */
-        w = (uint32_t)(63 - agg_clz64(n)) - SORT_PER;
-        w = w < 4 ? 4 : w > SORT_WMAX ? SORT_WMAX : w;
-        if (n > SORT_INCACHE && w > SORT_WTOP)
-            w = SORT_WTOP;
+        if (n <= SORT_LOCAL) {
+            ksort_local(s, xk + off, xv ? xv + off : NULL, s->ka + off,
+                        s->va ? s->va + off : NULL, n);
+            return;
+        }
+        /* at most 2^SORT_WTOP buckets while the data is larger than the
+         * caches (many write streams thrash the TLB) */
+        w = ksort_width(n);
         shift = p - (int)w + 1;
         if (shift < 0) {
             shift = 0;
@@ -3983,7 +4258,6 @@ static void ksort_msd(ksort *s, uint64_t off, uint64_t n, int p, int depth, int 
         cnt[d] = sum;
         sum += c;
     }
-    cnt[nb] = off + n;
     if (xv) {
         for (i = off; i < off + n; i++) {
             uint64_t at = cnt[ksort_digit(xk[i], shift, mask)]++;
@@ -4006,13 +4280,230 @@ static void ksort_msd(ksort *s, uint64_t off, uint64_t n, int p, int depth, int 
     }
 }
 
+
+/* A range of the split: sort the n records at offset off of b into a. */
+static void ksort_bucket(ksort *s, uint64_t off, uint64_t n)
+{
+    if (n <= SORT_SMALL) {
+        memcpy(s->ka + off, s->kb + off, (size_t)n * sizeof *s->ka);
+        if (s->va)
+            memcpy(s->va + off, s->vb + off, (size_t)n * sizeof *s->va);
+        ksort_small(s->ka + off, s->va ? s->va + off : NULL, n);
+    } else if (n <= SORT_LOCAL) {
+        ksort_local(s, s->kb + off, s->vb ? s->vb + off : NULL, s->ka + off,
+                    s->va ? s->va + off : NULL, n);
+    } else {
+        ksort_msd(s, off, n, 127, 0, 1);
+    }
+}
+
+#if !defined(AGGTREE_NO_THREADS) && (defined(__unix__) || defined(__APPLE__))
+#include <pthread.h>
+#define KSORT_THREADS 1
+#else
+#define KSORT_THREADS 0
+#endif
+
+/* The split, shared by its (one or two) threads.  The records a -> b by
+ * the first dbits bits of their prefix, grouped into at most SORT_NBMAX
+ * buckets of about SORT_BUCKET records or more (a run of digit values
+ * per bucket: the histogram evens out skewed bits such as the exponents
+ * of doubles); then every bucket is sorted from b into a.  With two
+ * threads each takes half of the records for the histogram and the
+ * scatter, and half of the buckets (by records) for the sorting. */
+typedef struct ksplit {
+    ksort *s[2];
+    int nt, sh, dbits;
+    uint64_t n, half, target;
+    kprefix f;
+    uint32_t *hist[2];           /* 2^dbits counters per thread */
+    uint16_t *tab;               /* digit value -> bucket */
+    uint64_t *start;             /* bucket k: [start[k], start[k + 1]) */
+    uint64_t *pos[2];            /* next free place of thread t in bucket k */
+    uint32_t nbk, mid;           /* buckets; thread 0 sorts [0, mid) */
+#if KSORT_THREADS
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int arrived;
+    unsigned gen;
+#endif
+} ksplit;
+
+/* Both threads wait here for each other (no-op with one thread). */
+static void ksplit_wait(ksplit *c)
+{
+#if KSORT_THREADS
+    if (c->nt > 1) {
+        unsigned g;
+        pthread_mutex_lock(&c->mu);
+        g = c->gen;
+        if (++c->arrived == c->nt) {
+            c->arrived = 0;
+            c->gen++;
+            pthread_cond_broadcast(&c->cv);
+        } else {
+            while (g == c->gen)
+                pthread_cond_wait(&c->cv, &c->mu);
+        }
+        pthread_mutex_unlock(&c->mu);
+    }
+#else
+    (void)c;
+#endif
+}
+
+/* Buckets from the summed histograms; each thread's first place in each
+ * bucket (thread 0's records of a bucket come first: stable). */
+static void ksplit_plan(ksplit *c)
+{
+    uint32_t nd = 1u << c->dbits, d, nbk = 0, k;
+    uint64_t acc = 0, sum = 0, *start = c->start;
+    uint32_t *h0 = c->hist[0], *h1 = c->nt > 1 ? c->hist[1] : NULL;
+    start[0] = 0;
+    for (d = 0; d < nd; d++) {      /* a bucket closes once it holds target */
+        uint64_t h = h0[d] + (h1 ? h1[d] : 0);
+        c->tab[d] = (uint16_t)nbk;
+        acc += h;
+        sum += h;
+        if (acc >= c->target) {
+            start[++nbk] = sum;
+            acc = 0;
+        }
+    }
+    if (acc)
+        start[++nbk] = c->n;
+    c->nbk = nbk;
+    memcpy(c->pos[0], start, (size_t)nbk * sizeof *start);
+    if (h1) {
+        uint64_t *p1 = c->pos[1];
+        memcpy(p1, start, (size_t)nbk * sizeof *start);
+        for (d = 0; d < nd; d++)
+            p1[c->tab[d]] += h0[d];
+        for (k = 0; k < nbk && start[k] < c->n / 2; k++)
+            ;
+        c->mid = k;
+    } else {
+        c->mid = nbk;
+    }
+}
+
+/* Thread t's part of the split. */
+static void ksplit_work(ksplit *c, int t)
+{
+    ksort *s = c->s[t];
+    const kprefix *f = &c->f;
+    agg_key *ka = s->ka, *kb = s->kb;
+    double *va = s->va, *vb = s->vb;
+    uint64_t lo = t ? c->half : 0, hi = t || c->nt == 1 ? c->n : c->half, i, *pos;
+    uint32_t *hist = c->hist[t], k, kend;
+    int sh = c->sh;
+    memset(hist, 0, ((size_t)1 << c->dbits) * sizeof *hist);
+    for (i = lo; i < hi; i++)
+        hist[ksort_prefix(f, ka[i]) >> sh]++;
+    ksplit_wait(c);
+    if (t == 0)
+        ksplit_plan(c);
+    ksplit_wait(c);
+    pos = c->pos[t];
+    if (va) {
+        for (i = lo; i < hi; i++) {
+            uint64_t at = pos[c->tab[ksort_prefix(f, ka[i]) >> sh]]++;
+            kb[at] = ka[i];
+            vb[at] = va[i];
+        }
+    } else {
+        for (i = lo; i < hi; i++)
+            kb[pos[c->tab[ksort_prefix(f, ka[i]) >> sh]]++] = ka[i];
+    }
+    ksplit_wait(c);
+    k = t ? c->mid : 0;
+    kend = t ? c->nbk : c->mid;
+    for (; k < kend; k++)
+        if (c->start[k + 1] > c->start[k])
+            ksort_bucket(s, c->start[k], c->start[k + 1] - c->start[k]);
+}
+
+#if KSORT_THREADS
+static void *ksplit_thread(void *arg)
+{
+    ksplit_work((ksplit *)arg, 1);
+    return NULL;
+}
+#endif
+
+/* 1 if the sort may use a second thread: AGGTREE_SORT_THREADS=1 in the
+ * environment forces one thread. */
+static int ksort_two_threads(void)
+{
+    const char *e = KSORT_THREADS ? getenv("AGGTREE_SORT_THREADS") : NULL;
+    return KSORT_THREADS && !(e && e[0] == '1' && !e[1]);
+}
+
+/* Run the split (s1: the second thread's state, or NULL); mem: the
+ * split's memory (ksplit_bytes). */
+static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
+{
+    ksplit c;
+    int eff, total;
+    c.s[0] = s0;
+    c.s[1] = s1;
+    c.nt = s1 ? 2 : 1;
+    c.n = n;
+    c.half = n / 2;
+    c.target = n / (SORT_NBMAX - 1) + 1;
+    if (c.target < SORT_BUCKET)
+        c.target = SORT_BUCKET;
+    c.dbits = 63 - agg_clz64(n) - 2;
+    if (c.dbits > SORT_DBITS)
+        c.dbits = SORT_DBITS;
+    eff = ksort_prefix_setup(&c.f, s0->vhead, s0->vrest, 64, &total);
+    if (c.dbits > eff)
+        c.dbits = eff;
+    c.sh = eff - c.dbits;
+    c.start = (uint64_t *)(void *)mem;
+    c.pos[0] = c.start + SORT_NBMAX + 1;
+    c.pos[1] = c.pos[0] + SORT_NBMAX + 1;
+    c.hist[0] = (uint32_t *)(void *)(c.pos[1] + SORT_NBMAX + 1);
+    c.hist[1] = c.hist[0] + ((size_t)1 << SORT_DBITS);
+    c.tab = (uint16_t *)(void *)(c.hist[1] + ((size_t)1 << SORT_DBITS));
+#if KSORT_THREADS
+    if (c.nt > 1) {
+        pthread_t th;
+        int ok = 0;
+        c.arrived = 0;
+        c.gen = 0;
+        if (pthread_mutex_init(&c.mu, NULL) == 0) {
+            if (pthread_cond_init(&c.cv, NULL) == 0) {
+                if (pthread_create(&th, NULL, ksplit_thread, &c) == 0) {
+                    ksplit_work(&c, 0);
+                    pthread_join(th, NULL);
+                    ok = 1;
+                }
+                pthread_cond_destroy(&c.cv);
+            }
+            pthread_mutex_destroy(&c.mu);
+        }
+        if (ok)
+            return;
+        c.nt = 1;                   /* no second thread: all on this one */
+    }
+#endif
+    ksplit_work(&c, 0);
+}
+
+/* Bytes of the split's memory. */
+#define KSPLIT_BYTES \
+    ((size_t)3 * (SORT_NBMAX + 1) * sizeof(uint64_t) + \
+     ((size_t)1 << SORT_DBITS) * (2 * sizeof(uint32_t) + sizeof(uint16_t)))
+
 /* See aggtree.h. */
 agg_status agg_keys_sort(agg_key *keys, double *values, uint64_t n)
 {
-    ksort s;
-    uint64_t hor = 0, hand = ~UINT64_C(0), ror = 0, rand_ = ~UINT64_C(0), i;
-    size_t kbytes, vbytes;
-    void *mem;
+    ksort s[2];
+    uint64_t hor = 0, hand = ~UINT64_C(0), ror = 0, rand_ = ~UINT64_C(0), i, cap;
+    size_t rbytes = 0, vbytes = 0, wbytes, pbytes, cbytes = 0, sbytes = 0, per, total;
+    int nt = 1, t;
+    char *mem, *m;
     if (n <= SORT_SMALL) {
         ksort_small(keys, values, n);
         return AGG_OK;
@@ -4023,22 +4514,45 @@ agg_status agg_keys_sort(agg_key *keys, double *values, uint64_t n)
         ror |= keys[i].rest;
         rand_ &= keys[i].rest;
     }
-    s.vhead = hor ^ hand;
-    s.vrest = ror ^ rand_;
-    if (!s.vhead && !s.vrest)
+    if (!(hor ^ hand) && !(ror ^ rand_))
         return AGG_OK;              /* all keys equal */
-    kbytes = (size_t)n * sizeof(agg_key);
-    vbytes = values ? (size_t)n * sizeof(double) : 0;
-    mem = raw_alloc(kbytes + vbytes +
-                    (size_t)SORT_MAXDEPTH * ((1u << SORT_WMAX) + 1) * sizeof(uint64_t));
+    /* everything is allocated here, before any key moves (and before the
+     * second thread starts) */
+    cap = n < SORT_LOCAL ? n : SORT_LOCAL;
+    wbytes = (size_t)cap * 3 * sizeof(uint64_t);
+    pbytes = (size_t)SORT_PMAXDEPTH * SORT_NCNT * sizeof(uint32_t);
+    pbytes = (pbytes + 63) & ~(size_t)63;
+    if (n > SORT_LOCAL) {
+        rbytes = (size_t)n * sizeof(agg_key);
+        vbytes = values ? (size_t)n * sizeof(double) : 0;
+        cbytes = (size_t)SORT_MAXDEPTH * SORT_NCNT * sizeof(uint64_t);
+        sbytes = KSPLIT_BYTES;
+        if (n >= SORT_THREADS_MIN && n <= UINT32_MAX && ksort_two_threads())
+            nt = 2;
+    }
+    per = wbytes + pbytes + cbytes;
+    total = rbytes + vbytes + (size_t)nt * per + sbytes;
+    mem = (char *)raw_alloc(total);
     if (!mem)
         return AGG_NOMEM;
-    s.ka = keys;
-    s.va = values;
-    s.kb = (agg_key *)mem;
-    s.vb = values ? (double *)(void *)((char *)mem + kbytes) : NULL;
-    s.cnt = (uint64_t *)(void *)((char *)mem + kbytes + vbytes);
-    ksort_msd(&s, 0, n, 127, 0, 0);
+    for (t = 0; t < nt; t++) {
+        m = mem + rbytes + vbytes + (size_t)t * per;
+        s[t].ka = keys;
+        s[t].va = values;
+        s[t].kb = rbytes ? (agg_key *)(void *)mem : NULL;
+        s[t].vb = vbytes ? (double *)(void *)(mem + rbytes) : NULL;
+        s[t].vhead = hor ^ hand;
+        s[t].vrest = ror ^ rand_;
+        s[t].pcnt = (uint32_t *)(void *)m;
+        s[t].cnt = cbytes ? (uint64_t *)(void *)(m + pbytes) : NULL;
+        s[t].w = (uint64_t *)(void *)(m + pbytes + cbytes);
+    }
+    if (n <= SORT_LOCAL)
+        ksort_local(&s[0], keys, values, keys, values, n);
+    else if (n > UINT32_MAX)        /* the split's counters are 32-bit */
+        ksort_msd(&s[0], 0, n, 127, 0, 0);
+    else
+        ksort_split(&s[0], nt > 1 ? &s[1] : NULL, n, mem + rbytes + vbytes + (size_t)nt * per);
     free(mem);
     return AGG_OK;
 }
