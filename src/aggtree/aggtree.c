@@ -3868,6 +3868,7 @@ typedef struct ksort {
 #define SORT_BUCKET 384          /* records aimed at per bucket of the split */
 #define SORT_NBMAX 2048          /* most buckets of the split (write streams) */
 #define SORT_THREADS_MIN (1u << 16) /* two threads from this many records */
+#define KSORT_SPIN 20000         /* barrier: spins before sleeping */
 
 /* FAST order: (head, rest) unsigned. */
 AGG_INLINE int ksort_lt(agg_key a, agg_key b)
@@ -4177,6 +4178,156 @@ static void ksort_local(const ksort *s, agg_key *xk, double *xv, agg_key *dk, do
     }
 }
 
+/* The prefix of a whole split (NULL: none, each range finds its own). */
+typedef struct kglobal {
+    kprefix f;
+    int eff, total;
+} kglobal;
+
+/* Sort the n records xk/xv (SORT_SMALL < n <= SORT_LOCAL) into the
+ * disjoint arrays dk/dv (xv, dv: both NULL or both not): one scatter of
+ * the records by the top digit of (prefix - smallest prefix), the prefix
+ * being g's (the split's) or found here from the range's varying bits,
+ * then buckets of more than SORT_PSMALL records sorted in place by
+ * ksort_local, and one insertion pass over the whole range for the small
+ * ones (keys move only inside their bucket: at most SORT_PSMALL steps).
+ * The insertion pass compares the prefixes, then the keys if the prefixes
+ * are equal but not exact.  Uses s->w (prefixes) and the last level of
+ * s->pcnt. */
+static void ksort_direct(const ksort *s, const kglobal *g, agg_key *xk, double *xv,
+                         agg_key *dk, double *dv, uint64_t n)
+{
+    uint64_t i, *q = s->w, *qd = s->w + n, lo = ~UINT64_C(0), hi = 0;
+    uint32_t *cnt = s->pcnt + (size_t)(SORT_PMAXDEPTH - 1) * SORT_NCNT, w, d, nb, sum, big = 0;
+    int eff, total, bits, shift;
+    kprefix f;
+    if (g) {
+        f = g->f;
+        eff = g->eff;
+        total = g->total;
+    } else {
+        uint64_t hor = 0, hand = ~UINT64_C(0), ror = 0, rand_ = ~UINT64_C(0), vh, vr;
+        for (i = 0; i < n; i++) {
+            hor |= xk[i].head;
+            hand &= xk[i].head;
+            ror |= xk[i].rest;
+            rand_ &= xk[i].rest;
+        }
+        vh = hor ^ hand;
+        vr = ror ^ rand_;
+        if (!vh && !vr) {           /* all keys equal */
+            memcpy(dk, xk, (size_t)n * sizeof *dk);
+            if (xv)
+                memcpy(dv, xv, (size_t)n * sizeof *dv);
+            return;
+        }
+        eff = ksort_prefix_setup(&f, vh, vr, 64, &total);
+    }
+    for (i = 0; i < n; i++) {
+        uint64_t p = ksort_prefix(&f, xk[i]);
+        lo = p < lo ? p : lo;
+        hi = p > hi ? p : hi;
+        q[i] = p;
+    }
+    if (hi == lo) {                 /* (only with g) the keys differ below g's prefix */
+        ksort_direct(s, NULL, xk, xv, dk, dv, n);
+        return;
+    }
+    bits = 64 - agg_clz64(hi - lo);
+    w = ksort_width(n);
+    if ((int)w > bits)
+        w = (uint32_t)bits;
+    shift = bits - (int)w;
+    nb = 1u << w;
+    memset(cnt, 0, (size_t)nb * sizeof *cnt);
+    for (i = 0; i < n; i++)
+        cnt[(q[i] - lo) >> shift]++;
+    sum = 0;
+    for (d = 0; d < nb; d++) {
+        uint32_t c = cnt[d];
+        cnt[d] = sum;
+        sum += c;
+        big |= c > SORT_PSMALL;
+    }
+    if (xv) {
+        for (i = 0; i < n; i++) {
+            uint32_t at = cnt[(q[i] - lo) >> shift]++;
+            dk[at] = xk[i];
+            dv[at] = xv[i];
+            qd[at] = q[i];
+        }
+    } else {
+        for (i = 0; i < n; i++) {
+            uint32_t at = cnt[(q[i] - lo) >> shift]++;
+            dk[at] = xk[i];
+            qd[at] = q[i];
+        }
+    }
+    if (shift == 0 && eff == total)
+        return;                     /* the digit was the whole key */
+    if (!big) {                     /* insertion by prefix (and key) */
+        int exact = eff == total;
+        for (i = 1; i < n; i++) {
+            uint64_t x = qd[i];
+            if (x < qd[i - 1] || (!exact && x == qd[i - 1] && ksort_lt(dk[i], dk[i - 1]))) {
+                agg_key kx = dk[i];
+                double vx = dv ? dv[i] : 0;
+                uint64_t j = i;
+                do {
+                    qd[j] = qd[j - 1];
+                    dk[j] = dk[j - 1];
+                    if (dv)
+                        dv[j] = dv[j - 1];
+                    j--;
+                } while (j > 0 && (x < qd[j - 1] ||
+                                   (!exact && x == qd[j - 1] && ksort_lt(kx, dk[j - 1]))));
+                qd[j] = x;
+                dk[j] = kx;
+                if (dv)
+                    dv[j] = vx;
+            }
+        }
+        return;
+    }
+    {                               /* cnt[d] is now the end of bucket d */
+        uint32_t start = 0;
+        for (d = 0; d < nb; d++) {
+            uint32_t end = cnt[d];
+            if (end - start > SORT_PSMALL)
+                ksort_local(s, dk + start, dv ? dv + start : NULL, dk + start,
+                            dv ? dv + start : NULL, end - start);
+            start = end;
+        }
+    }
+    /* the small buckets, by whole keys (ksort_local used the prefixes' room) */
+    if (dv) {
+        for (i = 1; i < n; i++)
+            if (ksort_lt(dk[i], dk[i - 1])) {
+                agg_key x = dk[i];
+                double y = dv[i];
+                uint64_t j = i;
+                do {
+                    dk[j] = dk[j - 1];
+                    dv[j] = dv[j - 1];
+                    j--;
+                } while (j > 0 && ksort_lt(x, dk[j - 1]));
+                dk[j] = x;
+                dv[j] = y;
+            }
+    } else {
+        for (i = 1; i < n; i++)
+            if (ksort_lt(dk[i], dk[i - 1])) {
+                agg_key x = dk[i];
+                uint64_t j = i;
+                do {
+                    dk[j] = dk[j - 1];
+                    j--;
+                } while (j > 0 && ksort_lt(x, dk[j - 1]));
+                dk[j] = x;
+            }
+    }
+}
+
 /* Highest varying bit of the composite 128-bit key (head << 64 | rest)
  * at or below bit p, or -1. */
 static int ksort_next_bit(const ksort *s, int p)
@@ -4227,8 +4378,11 @@ static void ksort_msd(ksort *s, uint64_t off, uint64_t n, int p, int depth, int 
             return;
         }
         if (n <= SORT_LOCAL) {
-            ksort_local(s, xk + off, xv ? xv + off : NULL, s->ka + off,
-                        s->va ? s->va + off : NULL, n);
+            if (in_b)
+                ksort_direct(s, NULL, xk + off, xv ? xv + off : NULL, s->ka + off,
+                             s->va ? s->va + off : NULL, n);
+            else
+                ksort_local(s, xk + off, xv ? xv + off : NULL, xk + off, xv ? xv + off : NULL, n);
             return;
         }
         /* at most 2^SORT_WTOP buckets while the data is larger than the
@@ -4281,8 +4435,9 @@ static void ksort_msd(ksort *s, uint64_t off, uint64_t n, int p, int depth, int 
 }
 
 
-/* A range of the split: sort the n records at offset off of b into a. */
-static void ksort_bucket(ksort *s, uint64_t off, uint64_t n)
+/* A range of the split: sort the n records at offset off of b into a
+ * (g: the split's prefix). */
+static void ksort_bucket(ksort *s, const kglobal *g, uint64_t off, uint64_t n)
 {
     if (n <= SORT_SMALL) {
         memcpy(s->ka + off, s->kb + off, (size_t)n * sizeof *s->ka);
@@ -4290,8 +4445,8 @@ static void ksort_bucket(ksort *s, uint64_t off, uint64_t n)
             memcpy(s->va + off, s->vb + off, (size_t)n * sizeof *s->va);
         ksort_small(s->ka + off, s->va ? s->va + off : NULL, n);
     } else if (n <= SORT_LOCAL) {
-        ksort_local(s, s->kb + off, s->vb ? s->vb + off : NULL, s->ka + off,
-                    s->va ? s->va + off : NULL, n);
+        ksort_direct(s, g, s->kb + off, s->vb ? s->vb + off : NULL, s->ka + off,
+                     s->va ? s->va + off : NULL, n);
     } else {
         ksort_msd(s, off, n, 127, 0, 1);
     }
@@ -4315,7 +4470,7 @@ typedef struct ksplit {
     ksort *s[2];
     int nt, sh, dbits;
     uint64_t n, half, target;
-    kprefix f;
+    kglobal g;                   /* the prefix (c->g.f: 64 bits at most) */
     uint32_t *hist[2];           /* 2^dbits counters per thread */
     uint16_t *tab;               /* digit value -> bucket */
     uint64_t *start;             /* bucket k: [start[k], start[k + 1]) */
@@ -4325,40 +4480,49 @@ typedef struct ksplit {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int arrived;
-    unsigned gen;
+    AGG_ATOMIC(long) gen;        /* barrier generation */
 #endif
 } ksplit;
 
-/* Both threads wait here for each other (no-op with one thread). */
+/* Both threads wait here for each other (no-op with one thread): a
+ * short spin (the other thread is usually close behind), then a wait on
+ * the condition variable; taking the mutex after the spin also orders
+ * the memory (the scattered records) between the threads. */
 static void ksplit_wait(ksplit *c)
 {
 #if KSORT_THREADS
-    if (c->nt > 1) {
-        unsigned g;
-        pthread_mutex_lock(&c->mu);
-        g = c->gen;
-        if (++c->arrived == c->nt) {
-            c->arrived = 0;
-            c->gen++;
-            pthread_cond_broadcast(&c->cv);
-        } else {
-            while (g == c->gen)
-                pthread_cond_wait(&c->cv, &c->mu);
-        }
+    long g, spin;
+    if (c->nt < 2)
+        return;
+    pthread_mutex_lock(&c->mu);
+    g = atomic_load_relaxed(&c->gen);
+    if (++c->arrived == c->nt) {
+        c->arrived = 0;
+        atomic_store_relaxed(&c->gen, g + 1);
+        pthread_cond_broadcast(&c->cv);
         pthread_mutex_unlock(&c->mu);
+        return;
     }
+    pthread_mutex_unlock(&c->mu);
+    for (spin = 0; spin < KSORT_SPIN && atomic_load_relaxed(&c->gen) == g; spin++)
+        ;
+    pthread_mutex_lock(&c->mu);
+    while (atomic_load_relaxed(&c->gen) == g)
+        pthread_cond_wait(&c->cv, &c->mu);
+    pthread_mutex_unlock(&c->mu);
 #else
     (void)c;
 #endif
 }
 
-/* Buckets from the summed histograms; each thread's first place in each
- * bucket (thread 0's records of a bucket come first: stable). */
+/* Buckets from the histograms (hist[0]: of the first c->half records or
+ * all, hist[1]: of the others); each thread's first place in each bucket
+ * (thread 0's records of a bucket come first: stable). */
 static void ksplit_plan(ksplit *c)
 {
     uint32_t nd = 1u << c->dbits, d, nbk = 0, k;
     uint64_t acc = 0, sum = 0, *start = c->start;
-    uint32_t *h0 = c->hist[0], *h1 = c->nt > 1 ? c->hist[1] : NULL;
+    const uint32_t *h0 = c->hist[0], *h1 = c->nt > 1 ? c->hist[1] : NULL;
     start[0] = 0;
     for (d = 0; d < nd; d++) {      /* a bucket closes once it holds target */
         uint64_t h = h0[d] + (h1 ? h1[d] : 0);
@@ -4387,22 +4551,29 @@ static void ksplit_plan(ksplit *c)
     }
 }
 
-/* Thread t's part of the split. */
+/* Thread t's part of the split.  Thread 0 takes the histogram alone
+ * (meanwhile the second thread is starting); the scatter and the buckets
+ * are shared. */
 static void ksplit_work(ksplit *c, int t)
 {
     ksort *s = c->s[t];
-    const kprefix *f = &c->f;
+    const kprefix *f = &c->g.f;
     agg_key *ka = s->ka, *kb = s->kb;
     double *va = s->va, *vb = s->vb;
     uint64_t lo = t ? c->half : 0, hi = t || c->nt == 1 ? c->n : c->half, i, *pos;
-    uint32_t *hist = c->hist[t], k, kend;
+    uint32_t k, kend;
     int sh = c->sh;
-    memset(hist, 0, ((size_t)1 << c->dbits) * sizeof *hist);
-    for (i = lo; i < hi; i++)
-        hist[ksort_prefix(f, ka[i]) >> sh]++;
-    ksplit_wait(c);
-    if (t == 0)
+    if (t == 0) {
+        uint32_t *h0 = c->hist[0], *h1 = c->nt > 1 ? c->hist[1] : h0;
+        size_t hb = ((size_t)1 << c->dbits) * sizeof *h0;
+        memset(h0, 0, hb);
+        memset(h1, 0, hb);
+        for (i = 0; i < c->half; i++)
+            h0[ksort_prefix(f, ka[i]) >> sh]++;
+        for (; i < c->n; i++)
+            h1[ksort_prefix(f, ka[i]) >> sh]++;
         ksplit_plan(c);
+    }
     ksplit_wait(c);
     pos = c->pos[t];
     if (va) {
@@ -4420,7 +4591,7 @@ static void ksplit_work(ksplit *c, int t)
     kend = t ? c->nbk : c->mid;
     for (; k < kend; k++)
         if (c->start[k + 1] > c->start[k])
-            ksort_bucket(s, c->start[k], c->start[k + 1] - c->start[k]);
+            ksort_bucket(s, &c->g, c->start[k], c->start[k + 1] - c->start[k]);
 }
 
 #if KSORT_THREADS
@@ -4444,7 +4615,6 @@ static int ksort_two_threads(void)
 static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
 {
     ksplit c;
-    int eff, total;
     c.s[0] = s0;
     c.s[1] = s1;
     c.nt = s1 ? 2 : 1;
@@ -4456,10 +4626,10 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
     c.dbits = 63 - agg_clz64(n) - 2;
     if (c.dbits > SORT_DBITS)
         c.dbits = SORT_DBITS;
-    eff = ksort_prefix_setup(&c.f, s0->vhead, s0->vrest, 64, &total);
-    if (c.dbits > eff)
-        c.dbits = eff;
-    c.sh = eff - c.dbits;
+    c.g.eff = ksort_prefix_setup(&c.g.f, s0->vhead, s0->vrest, 64, &c.g.total);
+    if (c.dbits > c.g.eff)
+        c.dbits = c.g.eff;
+    c.sh = c.g.eff - c.dbits;
     c.start = (uint64_t *)(void *)mem;
     c.pos[0] = c.start + SORT_NBMAX + 1;
     c.pos[1] = c.pos[0] + SORT_NBMAX + 1;
@@ -4471,7 +4641,7 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
         pthread_t th;
         int ok = 0;
         c.arrived = 0;
-        c.gen = 0;
+        atomic_store_relaxed(&c.gen, 0);
         if (pthread_mutex_init(&c.mu, NULL) == 0) {
             if (pthread_cond_init(&c.cv, NULL) == 0) {
                 if (pthread_create(&th, NULL, ksplit_thread, &c) == 0) {
