@@ -4452,80 +4452,70 @@ static void ksort_bucket(ksort *s, const kglobal *g, uint64_t off, uint64_t n)
     }
 }
 
-#if !defined(AGGTREE_NO_THREADS) && (defined(__unix__) || defined(__APPLE__))
+#if !defined(AGGTREE_NO_THREADS) && !defined(__STDC_NO_ATOMICS__) && \
+    (defined(__unix__) || defined(__APPLE__))
 #include <pthread.h>
+#include <sched.h>
 #define KSORT_THREADS 1
 #else
 #define KSORT_THREADS 0
 #endif
 
-/* The split, shared by its (one or two) threads.  The records a -> b by
- * the first dbits bits of their prefix, grouped into at most SORT_NBMAX
- * buckets of about SORT_BUCKET records or more (a run of digit values
- * per bucket: the histogram evens out skewed bits such as the exponents
- * of doubles); then every bucket is sorted from b into a.  With two
- * threads each takes half of the records for the histogram and the
- * scatter, and half of the buckets (by records) for the sorting. */
+#define KSORT_CHUNKS 8           /* pieces of the input, scattered one at a time */
+
+/* The split.  The records a -> b by the first dbits bits of their
+ * prefix, grouped into at most SORT_NBMAX buckets of about SORT_BUCKET
+ * records or more (a run of digit values per bucket: the histogram
+ * evens out skewed bits such as the exponents of doubles); then every
+ * bucket is sorted from b into a.  The caller's thread makes the
+ * histograms (one per chunk of the input) and the plan; the chunks to
+ * scatter and then the buckets to sort are handed out one at a time to
+ * whichever thread asks, the caller's and a helper's.  The caller never
+ * waits for the helper to start: if it comes late, the caller has done
+ * more of the work (all of it, if the helper never comes), and waits at
+ * most for a chunk or a bucket the helper has taken. */
 typedef struct ksplit {
-    ksort *s[2];
-    int nt, sh, dbits;
-    uint64_t n, half, target;
-    kglobal g;                   /* the prefix (c->g.f: 64 bits at most) */
-    uint32_t *hist[2];           /* 2^dbits counters per thread */
+    ksort *s[2];                 /* state of the caller, of the helper */
+    int sh, dbits;
+    uint64_t n, target;
+    kglobal g;                   /* the prefix (64 bits at most) */
+    uint32_t *hist;              /* KSORT_CHUNKS x 2^dbits counters */
     uint16_t *tab;               /* digit value -> bucket */
     uint64_t *start;             /* bucket k: [start[k], start[k + 1]) */
-    uint64_t *pos[2];            /* next free place of thread t in bucket k */
-    uint32_t nbk, mid;           /* buckets; thread 0 sorts [0, mid) */
+    uint64_t *pos;               /* KSORT_CHUNKS x SORT_NBMAX: next place of chunk j in bucket k */
+    uint64_t chunk[KSORT_CHUNKS + 1];
+    uint32_t nbk;                /* buckets */
 #if KSORT_THREADS
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int arrived;
-    AGG_ATOMIC(long) gen;        /* barrier generation */
+    atomic_int next_chunk, chunks_done;
+    atomic_uint next_bucket, buckets_done;
+#else
+    int next_chunk, chunks_done;
+    unsigned next_bucket, buckets_done;
 #endif
 } ksplit;
 
-/* Both threads wait here for each other (no-op with one thread): a
- * short spin (the other thread is usually close behind), then a wait on
- * the condition variable; taking the mutex after the spin also orders
- * the memory (the scattered records) between the threads. */
-static void ksplit_wait(ksplit *c)
-{
 #if KSORT_THREADS
-    long g, spin;
-    if (c->nt < 2)
-        return;
-    pthread_mutex_lock(&c->mu);
-    g = atomic_load_relaxed(&c->gen);
-    if (++c->arrived == c->nt) {
-        c->arrived = 0;
-        atomic_store_relaxed(&c->gen, g + 1);
-        pthread_cond_broadcast(&c->cv);
-        pthread_mutex_unlock(&c->mu);
-        return;
-    }
-    pthread_mutex_unlock(&c->mu);
-    for (spin = 0; spin < KSORT_SPIN && atomic_load_relaxed(&c->gen) == g; spin++)
-        ;
-    pthread_mutex_lock(&c->mu);
-    while (atomic_load_relaxed(&c->gen) == g)
-        pthread_cond_wait(&c->cv, &c->mu);
-    pthread_mutex_unlock(&c->mu);
+#define KS_TAKE(p) atomic_fetch_add_explicit((p), 1, memory_order_relaxed)
+#define KS_DONE(p) atomic_fetch_add_explicit((p), 1, memory_order_release)
+#define KS_SEEN(p) atomic_load_explicit((p), memory_order_acquire)
 #else
-    (void)c;
+#define KS_TAKE(p) ((*(p))++)
+#define KS_DONE(p) ((*(p))++)
+#define KS_SEEN(p) (*(p))
 #endif
-}
 
-/* Buckets from the histograms (hist[0]: of the first c->half records or
- * all, hist[1]: of the others); each thread's first place in each bucket
- * (thread 0's records of a bucket come first: stable). */
+/* Buckets from the summed histograms, and each chunk's first place in
+ * each bucket (chunk j's records of a bucket before chunk j + 1's:
+ * stable). */
 static void ksplit_plan(ksplit *c)
 {
-    uint32_t nd = 1u << c->dbits, d, nbk = 0, k;
+    uint32_t nd = 1u << c->dbits, d, nbk = 0, j;
     uint64_t acc = 0, sum = 0, *start = c->start;
-    const uint32_t *h0 = c->hist[0], *h1 = c->nt > 1 ? c->hist[1] : NULL;
     start[0] = 0;
     for (d = 0; d < nd; d++) {      /* a bucket closes once it holds target */
-        uint64_t h = h0[d] + (h1 ? h1[d] : 0);
+        uint64_t h = 0;
+        for (j = 0; j < KSORT_CHUNKS; j++)
+            h += c->hist[(size_t)j * nd + d];
         c->tab[d] = (uint16_t)nbk;
         acc += h;
         sum += h;
@@ -4537,67 +4527,87 @@ static void ksplit_plan(ksplit *c)
     if (acc)
         start[++nbk] = c->n;
     c->nbk = nbk;
-    memcpy(c->pos[0], start, (size_t)nbk * sizeof *start);
-    if (h1) {
-        uint64_t *p1 = c->pos[1];
-        memcpy(p1, start, (size_t)nbk * sizeof *start);
+    memcpy(c->pos, start, (size_t)nbk * sizeof *start);
+    for (j = 1; j < KSORT_CHUNKS; j++) {
+        uint64_t *p = c->pos + (size_t)j * SORT_NBMAX;
+        const uint32_t *h = c->hist + (size_t)(j - 1) * nd;
+        memcpy(p, p - SORT_NBMAX, (size_t)nbk * sizeof *p);
         for (d = 0; d < nd; d++)
-            p1[c->tab[d]] += h0[d];
-        for (k = 0; k < nbk && start[k] < c->n / 2; k++)
-            ;
-        c->mid = k;
-    } else {
-        c->mid = nbk;
+            p[c->tab[d]] += h[d];
     }
 }
 
-/* Thread t's part of the split.  Thread 0 takes the histogram alone
- * (meanwhile the second thread is starting); the scatter and the buckets
- * are shared. */
+/* Scatter chunks and sort buckets as long as there are any to take
+ * (thread t: 0 the caller, 1 the helper); the caller also waits until
+ * every chunk is scattered before it sorts, and until every bucket is
+ * sorted before it returns. */
 static void ksplit_work(ksplit *c, int t)
 {
     ksort *s = c->s[t];
     const kprefix *f = &c->g.f;
     agg_key *ka = s->ka, *kb = s->kb;
     double *va = s->va, *vb = s->vb;
-    uint64_t lo = t ? c->half : 0, hi = t || c->nt == 1 ? c->n : c->half, i, *pos;
-    uint32_t k, kend;
-    int sh = c->sh;
-    if (t == 0) {
-        uint32_t *h0 = c->hist[0], *h1 = c->nt > 1 ? c->hist[1] : h0;
-        size_t hb = ((size_t)1 << c->dbits) * sizeof *h0;
-        memset(h0, 0, hb);
-        memset(h1, 0, hb);
-        for (i = 0; i < c->half; i++)
-            h0[ksort_prefix(f, ka[i]) >> sh]++;
-        for (; i < c->n; i++)
-            h1[ksort_prefix(f, ka[i]) >> sh]++;
-        ksplit_plan(c);
-    }
-    ksplit_wait(c);
-    pos = c->pos[t];
-    if (va) {
-        for (i = lo; i < hi; i++) {
-            uint64_t at = pos[c->tab[ksort_prefix(f, ka[i]) >> sh]]++;
-            kb[at] = ka[i];
-            vb[at] = va[i];
+    int sh = c->sh, j;
+    unsigned k;
+    while ((j = KS_TAKE(&c->next_chunk)) < KSORT_CHUNKS) {
+        uint64_t *pos = c->pos + (size_t)j * SORT_NBMAX, i;
+        if (va) {
+            for (i = c->chunk[j]; i < c->chunk[j + 1]; i++) {
+                uint64_t at = pos[c->tab[ksort_prefix(f, ka[i]) >> sh]]++;
+                kb[at] = ka[i];
+                vb[at] = va[i];
+            }
+        } else {
+            for (i = c->chunk[j]; i < c->chunk[j + 1]; i++)
+                kb[pos[c->tab[ksort_prefix(f, ka[i]) >> sh]]++] = ka[i];
         }
-    } else {
-        for (i = lo; i < hi; i++)
-            kb[pos[c->tab[ksort_prefix(f, ka[i]) >> sh]]++] = ka[i];
+        KS_DONE(&c->chunks_done);
     }
-    ksplit_wait(c);
-    k = t ? c->mid : 0;
-    kend = t ? c->nbk : c->mid;
-    for (; k < kend; k++)
+    while (KS_SEEN(&c->chunks_done) < KSORT_CHUNKS) {
+#if KSORT_THREADS
+        sched_yield();              /* the other thread is finishing a chunk */
+#endif
+    }
+    while ((k = KS_TAKE(&c->next_bucket)) < c->nbk) {
         if (c->start[k + 1] > c->start[k])
             ksort_bucket(s, &c->g, c->start[k], c->start[k + 1] - c->start[k]);
+        KS_DONE(&c->buckets_done);
+    }
+    if (t == 0)
+        while (KS_SEEN(&c->buckets_done) < c->nbk) {
+#if KSORT_THREADS
+            sched_yield();          /* the helper is finishing a bucket */
+#endif
+        }
 }
 
 #if KSORT_THREADS
-static void *ksplit_thread(void *arg)
+/* The job a helper may take: one split at a time in the process (another
+ * caller meanwhile sorts on its own).  Every hand-over goes through the
+ * mutex, so that a helper never touches a split whose caller has left. */
+static pthread_mutex_t g_ksort_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_ksort_cv = PTHREAD_COND_INITIALIZER;
+static ksplit *g_ksort_job;      /* open: waiting for a helper */
+static int g_ksort_busy;         /* the slot is in use (job open or taken) */
+static int g_ksort_helping;      /* a helper works on the taken job */
+
+static void *ksplit_helper(void *arg)
 {
-    ksplit_work((ksplit *)arg, 1);
+    ksplit *c;
+    (void)arg;
+    pthread_mutex_lock(&g_ksort_mu);
+    c = g_ksort_job;                /* NULL: closed (done without us) or taken */
+    g_ksort_job = NULL;
+    if (c)
+        g_ksort_helping = 1;
+    pthread_mutex_unlock(&g_ksort_mu);
+    if (!c)
+        return NULL;
+    ksplit_work(c, 1);
+    pthread_mutex_lock(&g_ksort_mu);
+    g_ksort_helping = 0;
+    pthread_cond_broadcast(&g_ksort_cv);
+    pthread_mutex_unlock(&g_ksort_mu);
     return NULL;
 }
 #endif
@@ -4610,16 +4620,18 @@ static int ksort_two_threads(void)
     return KSORT_THREADS && !(e && e[0] == '1' && !e[1]);
 }
 
-/* Run the split (s1: the second thread's state, or NULL); mem: the
- * split's memory (ksplit_bytes). */
+/* Run the split (s1: a helper's state, or NULL for one thread); mem: the
+ * split's memory (KSPLIT_BYTES). */
 static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
 {
     ksplit c;
+    uint32_t nd, j;
+    uint64_t i;
+    int helper = 0;
+    memset(&c, 0, sizeof c);
     c.s[0] = s0;
     c.s[1] = s1;
-    c.nt = s1 ? 2 : 1;
     c.n = n;
-    c.half = n / 2;
     c.target = n / (SORT_NBMAX - 1) + 1;
     if (c.target < SORT_BUCKET)
         c.target = SORT_BUCKET;
@@ -4630,41 +4642,69 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
     if (c.dbits > c.g.eff)
         c.dbits = c.g.eff;
     c.sh = c.g.eff - c.dbits;
+    nd = 1u << c.dbits;
     c.start = (uint64_t *)(void *)mem;
-    c.pos[0] = c.start + SORT_NBMAX + 1;
-    c.pos[1] = c.pos[0] + SORT_NBMAX + 1;
-    c.hist[0] = (uint32_t *)(void *)(c.pos[1] + SORT_NBMAX + 1);
-    c.hist[1] = c.hist[0] + ((size_t)1 << SORT_DBITS);
-    c.tab = (uint16_t *)(void *)(c.hist[1] + ((size_t)1 << SORT_DBITS));
+    c.pos = c.start + SORT_NBMAX + 1;
+    c.hist = (uint32_t *)(void *)(c.pos + (size_t)KSORT_CHUNKS * SORT_NBMAX);
+    c.tab = (uint16_t *)(void *)(c.hist + (size_t)KSORT_CHUNKS * ((size_t)1 << SORT_DBITS));
+    for (j = 0; j <= KSORT_CHUNKS; j++)
+        c.chunk[j] = n / KSORT_CHUNKS * j;
+    c.chunk[KSORT_CHUNKS] = n;
 #if KSORT_THREADS
-    if (c.nt > 1) {
+    atomic_init(&c.next_chunk, 0);
+    atomic_init(&c.chunks_done, 0);
+    atomic_init(&c.next_bucket, 0);
+    atomic_init(&c.buckets_done, 0);
+    if (s1) {                       /* start the helper first: it takes a while */
         pthread_t th;
-        int ok = 0;
-        c.arrived = 0;
-        atomic_store_relaxed(&c.gen, 0);
-        if (pthread_mutex_init(&c.mu, NULL) == 0) {
-            if (pthread_cond_init(&c.cv, NULL) == 0) {
-                if (pthread_create(&th, NULL, ksplit_thread, &c) == 0) {
-                    ksplit_work(&c, 0);
-                    pthread_join(th, NULL);
-                    ok = 1;
-                }
-                pthread_cond_destroy(&c.cv);
+        pthread_attr_t at;
+        pthread_mutex_lock(&g_ksort_mu);
+        if (!g_ksort_busy && pthread_attr_init(&at) == 0) {
+            if (pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED) == 0 &&
+                pthread_create(&th, &at, ksplit_helper, NULL) == 0) {
+                g_ksort_busy = 1;
+                helper = 1;
             }
-            pthread_mutex_destroy(&c.mu);
+            pthread_attr_destroy(&at);
         }
-        if (ok)
-            return;
-        c.nt = 1;                   /* no second thread: all on this one */
+        pthread_mutex_unlock(&g_ksort_mu);
+    }
+#else
+    (void)s1;
+#endif
+    /* the histograms and the plan */
+    memset(c.hist, 0, (size_t)KSORT_CHUNKS * nd * sizeof *c.hist);
+    for (j = 0; j < KSORT_CHUNKS; j++) {
+        uint32_t *h = c.hist + (size_t)j * nd;
+        for (i = c.chunk[j]; i < c.chunk[j + 1]; i++)
+            h[ksort_prefix(&c.g.f, s0->ka[i]) >> c.sh]++;
+    }
+    ksplit_plan(&c);
+#if KSORT_THREADS
+    if (helper) {                   /* open the job */
+        pthread_mutex_lock(&g_ksort_mu);
+        g_ksort_job = &c;
+        pthread_mutex_unlock(&g_ksort_mu);
     }
 #endif
     ksplit_work(&c, 0);
+#if KSORT_THREADS
+    if (helper) {                   /* close it; wait for a helper still inside */
+        pthread_mutex_lock(&g_ksort_mu);
+        if (g_ksort_job == &c)
+            g_ksort_job = NULL;
+        while (g_ksort_helping)
+            pthread_cond_wait(&g_ksort_cv, &g_ksort_mu);
+        g_ksort_busy = 0;
+        pthread_mutex_unlock(&g_ksort_mu);
+    }
+#endif
 }
 
 /* Bytes of the split's memory. */
 #define KSPLIT_BYTES \
-    ((size_t)3 * (SORT_NBMAX + 1) * sizeof(uint64_t) + \
-     ((size_t)1 << SORT_DBITS) * (2 * sizeof(uint32_t) + sizeof(uint16_t)))
+    ((size_t)(SORT_NBMAX + 1 + KSORT_CHUNKS * SORT_NBMAX) * sizeof(uint64_t) + \
+     ((size_t)1 << SORT_DBITS) * (KSORT_CHUNKS * sizeof(uint32_t) + sizeof(uint16_t)))
 
 /* See aggtree.h. */
 agg_status agg_keys_sort(agg_key *keys, double *values, uint64_t n)
