@@ -3841,14 +3841,15 @@ agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
 /* ====================================================================== */
 
 /* Sort state (one per thread).  The records (24 bytes: key and value)
- * move between the caller's arrays (a) and scratch arrays (b) of the same
- * size; a range of at most SORT_LOCAL records is sorted as 8-byte pairs
- * (prefix << b | index) in the work area w and gathered by index into a
- * (see section 14). */
+ * go from the caller's arrays (a) to scratch arrays (b) of the same size
+ * (the split) and back, each bucket sorted on the way (ksort_direct); an
+ * input of at most SORT_LOCAL records is sorted in place as 8-byte pairs
+ * (prefix << b | index) in the work area w, then gathered by index
+ * (ksort_local).  See section 14. */
 typedef struct ksort {
     agg_key *ka, *kb;            /* records: caller's, scratch (NULL: none) */
     double *va, *vb;             /* values (NULL: none) */
-    uint64_t *w;                 /* pairs: 3 * SORT_LOCAL words (3n when smaller) */
+    uint64_t *w;                 /* pairs or prefixes: 3 * min(n, SORT_LOCAL) words */
     uint32_t *pcnt;              /* pair levels: SORT_NCNT counters each */
     uint64_t *cnt;               /* record levels, likewise (NULL: none) */
     uint64_t vhead, vrest;       /* bits that differ between some two keys */
@@ -3856,19 +3857,18 @@ typedef struct ksort {
 
 #define SORT_WMAX 12             /* widest digit */
 #define SORT_WTOP 11             /* widest digit while out of cache */
-#define SORT_PER (-1)            /* log2 of the pairs aimed at per bucket */
+#define SORT_PER (-1)            /* log2 of the keys aimed at per radix bucket */
 #define SORT_INCACHE (1u << 17)  /* keys that fit in a cache level */
-#define SORT_LOCAL (1u << 14)    /* ranges up to this are sorted as pairs */
+#define SORT_LOCAL (1u << 14)    /* larger inputs are split; larger buckets split again */
 #define SORT_SMALL 16            /* insertion sort of records at or below this */
-#define SORT_PSMALL 8            /* buckets of pairs left to the insertion pass */
+#define SORT_PSMALL 8            /* radix buckets left to the insertion pass */
 #define SORT_MAXDEPTH 34         /* record levels: each scatters >= 4 bits of 128, plus the last */
 #define SORT_PMAXDEPTH 18        /* pair levels: >= 4 bits of 64 each, plus the last */
 #define SORT_NCNT ((1u << SORT_WMAX) + 1)
 #define SORT_DBITS 12            /* widest first digit of the split */
 #define SORT_BUCKET 384          /* records aimed at per bucket of the split */
-#define SORT_NBMAX 2048          /* most buckets of the split (write streams) */
+#define SORT_NBMAX 512           /* most buckets of the split (write streams) */
 #define SORT_THREADS_MIN (1u << 16) /* two threads from this many records */
-#define KSORT_SPIN 20000         /* barrier: spins before sleeping */
 
 /* FAST order: (head, rest) unsigned. */
 AGG_INLINE int ksort_lt(agg_key a, agg_key b)
@@ -4229,12 +4229,12 @@ static void ksort_direct(const ksort *s, const kglobal *g, agg_key *xk, double *
         hi = p > hi ? p : hi;
         q[i] = p;
     }
-    if (hi == lo) {                 /* (only with g) the keys differ below g's prefix */
+    bits = hi > lo ? 64 - agg_clz64(hi - lo) : 0;
+    w = ksort_width(n);
+    if (g && (int)w > bits) {       /* g's prefix hardly tells these keys apart */
         ksort_direct(s, NULL, xk, xv, dk, dv, n);
         return;
     }
-    bits = 64 - agg_clz64(hi - lo);
-    w = ksort_width(n);
     if ((int)w > bits)
         w = (uint32_t)bits;
     shift = bits - (int)w;
@@ -4447,8 +4447,18 @@ static void ksort_bucket(ksort *s, const kglobal *g, uint64_t off, uint64_t n)
     } else if (n <= SORT_LOCAL) {
         ksort_direct(s, g, s->kb + off, s->vb ? s->vb + off : NULL, s->ka + off,
                      s->va ? s->va + off : NULL, n);
-    } else {
-        ksort_msd(s, off, n, 127, 0, 1);
+    } else {                        /* a heavy digit value: MSD on its own varying bits */
+        ksort t = *s;
+        uint64_t hor = 0, hand = ~UINT64_C(0), ror = 0, rand_ = ~UINT64_C(0), i;
+        for (i = off; i < off + n; i++) {
+            hor |= s->kb[i].head;
+            hand &= s->kb[i].head;
+            ror |= s->kb[i].rest;
+            rand_ &= s->kb[i].rest;
+        }
+        t.vhead = hor ^ hand;
+        t.vrest = ror ^ rand_;
+        ksort_msd(&t, off, n, 127, 0, 1);
     }
 }
 
@@ -4461,7 +4471,7 @@ static void ksort_bucket(ksort *s, const kglobal *g, uint64_t off, uint64_t n)
 #define KSORT_THREADS 0
 #endif
 
-#define KSORT_CHUNKS 8           /* pieces of the input, scattered one at a time */
+#define KSORT_CHUNKS 16          /* pieces of the input, scattered one at a time */
 
 /* The split.  The records a -> b by the first dbits bits of their
  * prefix, grouped into at most SORT_NBMAX buckets of about SORT_BUCKET
@@ -4596,6 +4606,8 @@ static void *ksplit_helper(void *arg)
     ksplit *c;
     (void)arg;
     pthread_mutex_lock(&g_ksort_mu);
+    while (!g_ksort_job && g_ksort_busy && !g_ksort_helping)
+        pthread_cond_wait(&g_ksort_cv, &g_ksort_mu);    /* the plan is being made */
     c = g_ksort_job;                /* NULL: closed (done without us) or taken */
     g_ksort_job = NULL;
     if (c)
@@ -4684,6 +4696,7 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
     if (helper) {                   /* open the job */
         pthread_mutex_lock(&g_ksort_mu);
         g_ksort_job = &c;
+        pthread_cond_broadcast(&g_ksort_cv);
         pthread_mutex_unlock(&g_ksort_mu);
     }
 #endif
@@ -4696,6 +4709,7 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
         while (g_ksort_helping)
             pthread_cond_wait(&g_ksort_cv, &g_ksort_mu);
         g_ksort_busy = 0;
+        pthread_cond_broadcast(&g_ksort_cv);    /* helpers still waiting: leave */
         pthread_mutex_unlock(&g_ksort_mu);
     }
 #endif
