@@ -3861,13 +3861,14 @@ typedef struct ksort {
 #define SORT_INCACHE (1u << 17)  /* keys that fit in a cache level */
 #define SORT_LOCAL (1u << 14)    /* larger inputs are split; larger buckets split again */
 #define SORT_SMALL 16            /* insertion sort of records at or below this */
-#define SORT_PSMALL 8            /* radix buckets left to the insertion pass */
+#define SORT_PSMALL 8            /* radix buckets of pairs left to the insertion pass */
+#define SORT_DSMALL 32           /* radix buckets of records left to the insertion pass */
 #define SORT_MAXDEPTH 34         /* record levels: each scatters >= 4 bits of 128, plus the last */
 #define SORT_PMAXDEPTH 18        /* pair levels: >= 4 bits of 64 each, plus the last */
 #define SORT_NCNT ((1u << SORT_WMAX) + 1)
 #define SORT_DBITS 12            /* widest first digit of the split */
 #define SORT_BUCKET 384          /* records aimed at per bucket of the split */
-#define SORT_NBMAX 512           /* most buckets of the split (write streams) */
+#define SORT_NBMAX 1024          /* most buckets of the split (write streams) */
 #define SORT_THREADS_MIN (1u << 16) /* two threads from this many records */
 
 /* FAST order: (head, rest) unsigned. */
@@ -4188,9 +4189,9 @@ typedef struct kglobal {
  * disjoint arrays dk/dv (xv, dv: both NULL or both not): one scatter of
  * the records by the top digit of (prefix - smallest prefix), the prefix
  * being g's (the split's) or found here from the range's varying bits,
- * then buckets of more than SORT_PSMALL records sorted in place by
+ * then buckets of more than SORT_DSMALL records sorted in place by
  * ksort_local, and one insertion pass over the whole range for the small
- * ones (keys move only inside their bucket: at most SORT_PSMALL steps).
+ * ones (keys move only inside their bucket: at most SORT_DSMALL steps).
  * The insertion pass compares the prefixes, then the keys if the prefixes
  * are equal but not exact.  Uses s->w (prefixes) and the last level of
  * s->pcnt. */
@@ -4247,7 +4248,7 @@ static void ksort_direct(const ksort *s, const kglobal *g, agg_key *xk, double *
         uint32_t c = cnt[d];
         cnt[d] = sum;
         sum += c;
-        big |= c > SORT_PSMALL;
+        big |= c > SORT_DSMALL;
     }
     if (xv) {
         for (i = 0; i < n; i++) {
@@ -4265,7 +4266,19 @@ static void ksort_direct(const ksort *s, const kglobal *g, agg_key *xk, double *
     }
     if (shift == 0 && eff == total)
         return;                     /* the digit was the whole key */
-    if (!big) {                     /* insertion by prefix (and key) */
+    if (big) {                      /* cnt[d] is now the end of bucket d */
+        uint32_t start = 0;
+        for (d = 0; d < nb; d++) {
+            uint32_t end = cnt[d];
+            if (end - start > SORT_DSMALL)
+                ksort_local(s, dk + start, dv ? dv + start : NULL, dk + start,
+                            dv ? dv + start : NULL, end - start);
+            start = end;
+        }
+        for (i = 0; i < n; i++)     /* ksort_local used their room */
+            qd[i] = ksort_prefix(&f, dk[i]);
+    }
+    {                               /* insertion by prefix (and key) */
         int exact = eff == total;
         for (i = 1; i < n; i++) {
             uint64_t x = qd[i];
@@ -4287,44 +4300,6 @@ static void ksort_direct(const ksort *s, const kglobal *g, agg_key *xk, double *
                     dv[j] = vx;
             }
         }
-        return;
-    }
-    {                               /* cnt[d] is now the end of bucket d */
-        uint32_t start = 0;
-        for (d = 0; d < nb; d++) {
-            uint32_t end = cnt[d];
-            if (end - start > SORT_PSMALL)
-                ksort_local(s, dk + start, dv ? dv + start : NULL, dk + start,
-                            dv ? dv + start : NULL, end - start);
-            start = end;
-        }
-    }
-    /* the small buckets, by whole keys (ksort_local used the prefixes' room) */
-    if (dv) {
-        for (i = 1; i < n; i++)
-            if (ksort_lt(dk[i], dk[i - 1])) {
-                agg_key x = dk[i];
-                double y = dv[i];
-                uint64_t j = i;
-                do {
-                    dk[j] = dk[j - 1];
-                    dv[j] = dv[j - 1];
-                    j--;
-                } while (j > 0 && ksort_lt(x, dk[j - 1]));
-                dk[j] = x;
-                dv[j] = y;
-            }
-    } else {
-        for (i = 1; i < n; i++)
-            if (ksort_lt(dk[i], dk[i - 1])) {
-                agg_key x = dk[i];
-                uint64_t j = i;
-                do {
-                    dk[j] = dk[j - 1];
-                    j--;
-                } while (j > 0 && ksort_lt(x, dk[j - 1]));
-                dk[j] = x;
-            }
     }
 }
 
@@ -4521,11 +4496,20 @@ static void ksplit_plan(ksplit *c)
 {
     uint32_t nd = 1u << c->dbits, d, nbk = 0, j;
     uint64_t acc = 0, sum = 0, *start = c->start;
+    /* a bucket closes once it holds target records, or before a digit
+     * value that would take it past 2 * target (a heavy value is best
+     * alone: its keys share the prefix bits above the digit); every early
+     * close is followed by a bucket of >= target, so there are at most
+     * 2n / target + 1 <= SORT_NBMAX */
     start[0] = 0;
-    for (d = 0; d < nd; d++) {      /* a bucket closes once it holds target */
+    for (d = 0; d < nd; d++) {
         uint64_t h = 0;
         for (j = 0; j < KSORT_CHUNKS; j++)
             h += c->hist[(size_t)j * nd + d];
+        if (acc && acc + h > 2 * c->target) {
+            start[++nbk] = sum;
+            acc = 0;
+        }
         c->tab[d] = (uint16_t)nbk;
         acc += h;
         sum += h;
@@ -4644,7 +4628,7 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
     c.s[0] = s0;
     c.s[1] = s1;
     c.n = n;
-    c.target = n / (SORT_NBMAX - 1) + 1;
+    c.target = 2 * n / (SORT_NBMAX - 1) + 1;
     if (c.target < SORT_BUCKET)
         c.target = SORT_BUCKET;
     c.dbits = 63 - agg_clz64(n) - 2;
