@@ -4471,10 +4471,10 @@ typedef struct ksplit {
     uint64_t chunk[KSORT_CHUNKS + 1];
     uint32_t nbk;                /* buckets */
 #if KSORT_THREADS
-    atomic_int next_chunk, chunks_done;
+    atomic_int next_hist, hists_done, planned, next_chunk, chunks_done;
     atomic_uint next_bucket, buckets_done;
 #else
-    int next_chunk, chunks_done;
+    int next_hist, hists_done, planned, next_chunk, chunks_done;
     unsigned next_bucket, buckets_done;
 #endif
 } ksplit;
@@ -4531,10 +4531,22 @@ static void ksplit_plan(ksplit *c)
     }
 }
 
-/* Scatter chunks and sort buckets as long as there are any to take
- * (thread t: 0 the caller, 1 the helper); the caller also waits until
- * every chunk is scattered before it sorts, and until every bucket is
- * sorted before it returns. */
+/* Wait until *p reaches v (the other thread is finishing its piece). */
+#if KSORT_THREADS
+#define KS_WAIT(p, v)                 \
+    do {                              \
+        while (KS_SEEN(p) < (v))      \
+            sched_yield();            \
+    } while (0)
+#else
+#define KS_WAIT(p, v) ((void)0)
+#endif
+
+/* Take pieces of work as long as there are any (thread t: 0 the caller,
+ * 1 the helper): chunks of the input to count, then (once the caller has
+ * made the plan) chunks to scatter, then buckets to sort.  Each phase
+ * starts when every piece of the one before is done; the caller also
+ * waits until every bucket is sorted before it returns. */
 static void ksplit_work(ksplit *c, int t)
 {
     ksort *s = c->s[t];
@@ -4543,6 +4555,22 @@ static void ksplit_work(ksplit *c, int t)
     double *va = s->va, *vb = s->vb;
     int sh = c->sh, j;
     unsigned k;
+    uint32_t nd = 1u << c->dbits;
+    while ((j = KS_TAKE(&c->next_hist)) < KSORT_CHUNKS) {
+        uint32_t *h = c->hist + (size_t)j * nd;
+        uint64_t i;
+        memset(h, 0, (size_t)nd * sizeof *h);
+        for (i = c->chunk[j]; i < c->chunk[j + 1]; i++)
+            h[ksort_prefix(f, ka[i]) >> sh]++;
+        KS_DONE(&c->hists_done);
+    }
+    if (t == 0) {
+        KS_WAIT(&c->hists_done, KSORT_CHUNKS);
+        ksplit_plan(c);
+        KS_DONE(&c->planned);
+    } else {
+        KS_WAIT(&c->planned, 1);
+    }
     while ((j = KS_TAKE(&c->next_chunk)) < KSORT_CHUNKS) {
         uint64_t *pos = c->pos + (size_t)j * SORT_NBMAX, i;
         if (va) {
@@ -4557,22 +4585,14 @@ static void ksplit_work(ksplit *c, int t)
         }
         KS_DONE(&c->chunks_done);
     }
-    while (KS_SEEN(&c->chunks_done) < KSORT_CHUNKS) {
-#if KSORT_THREADS
-        sched_yield();              /* the other thread is finishing a chunk */
-#endif
-    }
+    KS_WAIT(&c->chunks_done, KSORT_CHUNKS);
     while ((k = KS_TAKE(&c->next_bucket)) < c->nbk) {
         if (c->start[k + 1] > c->start[k])
             ksort_bucket(s, &c->g, c->start[k], c->start[k + 1] - c->start[k]);
         KS_DONE(&c->buckets_done);
     }
     if (t == 0)
-        while (KS_SEEN(&c->buckets_done) < c->nbk) {
-#if KSORT_THREADS
-            sched_yield();          /* the helper is finishing a bucket */
-#endif
-        }
+        KS_WAIT(&c->buckets_done, c->nbk);
 }
 
 #if KSORT_THREADS
@@ -4621,8 +4641,7 @@ static int ksort_two_threads(void)
 static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
 {
     ksplit c;
-    uint32_t nd, j;
-    uint64_t i;
+    uint32_t j;
     int helper = 0;
     memset(&c, 0, sizeof c);
     c.s[0] = s0;
@@ -4638,7 +4657,6 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
     if (c.dbits > c.g.eff)
         c.dbits = c.g.eff;
     c.sh = c.g.eff - c.dbits;
-    nd = 1u << c.dbits;
     c.start = (uint64_t *)(void *)mem;
     c.pos = c.start + SORT_NBMAX + 1;
     c.hist = (uint32_t *)(void *)(c.pos + (size_t)KSORT_CHUNKS * SORT_NBMAX);
@@ -4647,11 +4665,14 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
         c.chunk[j] = n / KSORT_CHUNKS * j;
     c.chunk[KSORT_CHUNKS] = n;
 #if KSORT_THREADS
+    atomic_init(&c.next_hist, 0);
+    atomic_init(&c.hists_done, 0);
+    atomic_init(&c.planned, 0);
     atomic_init(&c.next_chunk, 0);
     atomic_init(&c.chunks_done, 0);
     atomic_init(&c.next_bucket, 0);
     atomic_init(&c.buckets_done, 0);
-    if (s1) {                       /* start the helper first: it takes a while */
+    if (s1) {                       /* start a helper and open the job to it */
         pthread_t th;
         pthread_attr_t at;
         pthread_mutex_lock(&g_ksort_mu);
@@ -4659,6 +4680,7 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
             if (pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED) == 0 &&
                 pthread_create(&th, &at, ksplit_helper, NULL) == 0) {
                 g_ksort_busy = 1;
+                g_ksort_job = &c;
                 helper = 1;
             }
             pthread_attr_destroy(&at);
@@ -4667,22 +4689,6 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
     }
 #else
     (void)s1;
-#endif
-    /* the histograms and the plan */
-    memset(c.hist, 0, (size_t)KSORT_CHUNKS * nd * sizeof *c.hist);
-    for (j = 0; j < KSORT_CHUNKS; j++) {
-        uint32_t *h = c.hist + (size_t)j * nd;
-        for (i = c.chunk[j]; i < c.chunk[j + 1]; i++)
-            h[ksort_prefix(&c.g.f, s0->ka[i]) >> c.sh]++;
-    }
-    ksplit_plan(&c);
-#if KSORT_THREADS
-    if (helper) {                   /* open the job */
-        pthread_mutex_lock(&g_ksort_mu);
-        g_ksort_job = &c;
-        pthread_cond_broadcast(&g_ksort_cv);
-        pthread_mutex_unlock(&g_ksort_mu);
-    }
 #endif
     ksplit_work(&c, 0);
 #if KSORT_THREADS
