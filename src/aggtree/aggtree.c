@@ -407,21 +407,83 @@
  *
  * 14. Sorting keys
  * ----------------
- * agg_keys_sort orders (key, value) pairs by FAST order for bulk loads.
- * np.lexsort((ids, keys)) takes ~250 ms for 1,000,000 pairs here; a
- * comparison sort of 16-byte keys ~145 ms (qsort).  This is an MSD radix
- * sort over the composite 128-bit key (head << 64 | rest): first the bits
- * that differ between some two keys are found (OR ^ AND of all keys), and
- * digits are only ever taken where such bits are (ids 0..n-1 leave most of
- * rest constant, doubles in [0, 1) the sign and top exponent bits); each
- * level scatters the current range into 2^w buckets of the other buffer
- * (w ~ log2(n) - 1, at most 11 while the data is larger than the caches,
- * 12 once a bucket fits) and recurses; a digit that puts every key in one
- * bucket is skipped without moving anything; buckets of <= 32 keys are
- * insertion-sorted.  Only the first level runs from memory; every later
- * one works inside a cache-sized bucket.  1,000,000 pairs: ~22-28 ms
- * (bench_core); an LSD radix sort over the same digits would make 8
- * passes from memory.  Scratch: n * 24 bytes (16 without values).
+ * agg_keys_sort orders (key, value) pairs by FAST order for bulk loads
+ * (insert_many sorts batches of ~10^5, from_arrays 10^6).  np.lexsort((ids,
+ * keys)) takes ~250 ms for 1,000,000 pairs here, qsort of the keys alone
+ * ~145 ms.  Everything works on a prefix of the composite 128-bit key
+ * (head << 64 | rest): the bits that differ between some two keys are
+ * found (OR ^ AND of all keys), and the prefix is head's varying span
+ * (its highest to its lowest varying bit), then rest's, cut to 64 bits.
+ * Bits outside the spans are the same in every key, so prefix order is
+ * key order up to ties, and keys with equal prefixes differ only below
+ * the cut (ids 0..n-1 leave most of rest constant, doubles in [0, 1) the
+ * sign and top exponent bits: their prefix is exponent, mantissa, top of
+ * the id).  Radix digits are taken from (prefix - smallest prefix) of the
+ * range at hand, so that a range from 0x0ff.. to 0x100.. (varying in its
+ * top bit) is not put nearly all in two buckets.
+ *
+ *   n <= 16: insertion sort.
+ *   n <= 16384 (ksort_local): 8-byte pairs prefix << log2(n) | index
+ *     (the prefix cut to 64 - log2(n) bits) are MSD radix sorted, digits
+ *     of log2(m) + 1 bits (about half a pair per bucket); buckets of more
+ *     than 8 pairs are sorted recursively, the rest by one insertion pass
+ *     over the range, which moves a pair only inside its bucket (the
+ *     digit orders the buckets).  Then the records are gathered by index;
+ *     runs of equal (cut) prefixes are sorted again the same way, each on
+ *     its own varying bits.
+ *   larger (the split): histograms of the first 12 prefix bits (one per
+ *     16th of the input); runs of digit values grouped into buckets that
+ *     close at max(384, 2n / 1023) records, or before a digit value that
+ *     would take them past twice that (at most 1024 buckets, so at most
+ *     2048 write streams; the grouping evens out skewed bits such as the
+ *     exponents of doubles, and a heavy value - few distinct heads - gets
+ *     a bucket of its own); the records are scattered into the scratch
+ *     arrays; then each bucket is sorted back into the caller's arrays
+ *     (ksort_direct): one scatter by the top log2(m) + 1 bits of (prefix -
+ *     smallest prefix) and one insertion pass comparing the prefixes (and
+ *     the keys, where the prefix was cut).  Radix buckets of more than 32
+ *     go to ksort_local; a split bucket of more than 16384 records (one
+ *     heavy digit value) to the former MSD radix sort of the records
+ *     (ksort_msd, ping-pong between the arrays and the scratch, digits only
+ *     where that bucket's keys vary), whose leaves are ksort_direct and
+ *     ksort_local.  The records cross memory twice; the second time one
+ *     bucket (~10-50 KB) at a time, in cache.
+ *   two threads, from 65536 records: the caller starts a detached helper
+ *     and hands it the split; the 16 input chunks to count, then (after
+ *     the caller's plan) the 16 chunks to scatter, then the buckets to sort
+ *     are taken one at a time from atomic counters by whichever thread
+ *     asks.  The caller never waits for the helper to start (start-up took
+ *     0.05-3 ms here while the other core was busy): a late helper finds
+ *     less or nothing left; the caller waits at most for a piece the
+ *     helper holds.  The hand-over goes through one mutex-protected slot
+ *     (one two-thread sort at a time per process: a concurrent caller
+ *     sorts on its own), so a helper never touches a split whose caller
+ *     has returned, and it owns no memory.  Everything is allocated before
+ *     the helper starts (the failure injector stays deterministic).
+ *     AGGTREE_SORT_THREADS=1 in the environment forces one thread; builds
+ *     without pthreads or C11 atomics (or with AGGTREE_NO_THREADS) have one.
+ *
+ * Scratch, one allocation before anything moves (AGG_NOMEM leaves the
+ * input untouched): n * 24 bytes (16 without values; up to 16384 keys
+ * n * 24 either way) plus ~2 MB per thread of counters and work area and
+ * 0.4 MB for the split.  Wall-clock ns per key, best of 25 (bench_sort:
+ * random = images of random doubles in [0, 1) with shuffled ids; the
+ * other shapes in its header), values / values NULL:
+ *
+ *                     10^5 keys                      10^6 keys
+ *   shape     former    1 thread   2 threads  former    1 thread   2 threads
+ *   @TABLE@
+ *
+ * The machine (2 cores, 2 MB L2 each, 32 MB L3) was shared with other
+ * jobs while measuring, so the two-thread figures depend on the other
+ * core being free; medians are up to ~1.5x the best.  At 10^6 one thread
+ * is bound by memory (the records cross it twice, ~170 bytes a key with
+ * the count passes); at 10^5 by the scatters and the insertion passes.
+ *   cmake -S . -B build -G Ninja -DAGGTREE_TESTS=ON && cmake --build build
+ *   BENCH_REPS=25 build/bench_sort                  (two threads)
+ *   AGGTREE_SORT_THREADS=1 BENCH_REPS=25 build/bench_sort
+ * tests/c/test_sort.c checks the sort against qsort on these shapes and
+ * more, at sizes across every threshold above, one and two threads.
  */
 #include "aggtree.h"
 
@@ -4642,7 +4704,9 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
 {
     ksplit c;
     uint32_t j;
+#if KSORT_THREADS
     int helper = 0;
+#endif
     memset(&c, 0, sizeof c);
     c.s[0] = s0;
     c.s[1] = s1;
