@@ -423,6 +423,9 @@
  * top bit) is not put nearly all in two buckets.
  *
  *   n <= 16: insertion sort.
+ *   keys already in order: nothing to do; in reverse (non-increasing)
+ *     order: reversed in place (neither needs scratch; both checks stop at
+ *     the first key out of their order, after a few keys for most input).
  *   n <= 16384 (ksort_local): 8-byte pairs prefix << log2(n) | index
  *     (the prefix cut to 64 - log2(n) bits) are MSD radix sorted, digits
  *     of log2(m) + 1 bits (about half a pair per bucket); buckets of more
@@ -4784,6 +4787,27 @@ agg_status agg_keys_sort(agg_key *keys, double *values, uint64_t n)
     char *mem, *m;
     if (n <= SORT_SMALL) {
         ksort_small(keys, values, n);
+        return AGG_OK;
+    }
+    /* already in order, or in reverse order: no scratch (random input
+     * leaves these loops after a few keys) */
+    for (i = 1; i < n && !ksort_lt(keys[i], keys[i - 1]); i++)
+        ;
+    if (i == n)
+        return AGG_OK;
+    for (i = 1; i < n && !ksort_lt(keys[i - 1], keys[i]); i++)
+        ;
+    if (i == n) {                   /* non-increasing: reversed, non-decreasing */
+        for (i = 0; i < n / 2; i++) {
+            agg_key t = keys[i];
+            keys[i] = keys[n - 1 - i];
+            keys[n - 1 - i] = t;
+            if (values) {
+                double x = values[i];
+                values[i] = values[n - 1 - i];
+                values[n - 1 - i] = x;
+            }
+        }
         return AGG_OK;
     }
     for (i = 0; i < n; i++) {

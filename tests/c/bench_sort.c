@@ -14,6 +14,7 @@
  *   few      16 distinct heads
  *   lowbits  heads differing only in their low 12 bits
  *   rand128  head and rest both fully random
+ *   almost   the sorted keys with 1% of them swapped with random others
  * each with values and with values = NULL.  Wall-clock ns per key.
  */
 #define _POSIX_C_SOURCE 199309L  /* clock_gettime */
@@ -54,8 +55,8 @@ static int cmp_dbl(const void *a, const void *b)
 }
 
 static const char *const shapes[] = {"random", "sorted", "reverse", "eqhead",
-                                     "few", "lowbits", "rand128"};
-#define NSHAPES 7
+                                     "few", "lowbits", "rand128", "almost"};
+#define NSHAPES 8
 
 static void make(agg_key *k, double *v, uint64_t n, int shape)
 {
@@ -78,8 +79,15 @@ static void make(agg_key *k, double *v, uint64_t n, int shape)
             k[i - 1].rest = k[j].rest;
             k[j].rest = t;
         }
-    if (shape == 1 || shape == 2) {
+    if (shape == 1 || shape == 2 || shape == 7) {
         qsort(k, n, sizeof *k, cmp_key);
+        if (shape == 7)
+            for (i = 0; i < n / 100; i++) {
+                uint64_t a = rnd() % n, b = rnd() % n;
+                agg_key t = k[a];
+                k[a] = k[b];
+                k[b] = t;
+            }
         if (shape == 2)
             for (i = 0; i < n / 2; i++) {
                 agg_key t = k[i];
