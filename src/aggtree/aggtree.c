@@ -435,7 +435,7 @@
  *     runs of equal (cut) prefixes are sorted again the same way, each on
  *     its own varying bits.
  *   larger (the split): histograms of the first 12 prefix bits (one per
- *     16th of the input); runs of digit values grouped into buckets that
+ *     chunk of the input); runs of digit values grouped into buckets that
  *     close at max(384, 2n / 1023) records, or before a digit value that
  *     would take them past twice that (at most 1024 buckets, so at most
  *     2048 write streams; the grouping evens out skewed bits such as the
@@ -452,10 +452,10 @@
  *     ksort_local.  The records cross memory twice; the second time one
  *     bucket (~10-50 KB) at a time, in cache.
  *   two threads, from 65536 records: the caller starts a detached helper
- *     and hands it the split; the 16 input chunks to count, then (after
- *     the caller's plan) the 16 chunks to scatter, then the buckets to sort
- *     are taken one at a time from atomic counters by whichever thread
- *     asks.  The caller never waits for the helper to start (start-up took
+ *     and hands it the split; the input chunks to count (n / 2^14 of them,
+ *     4 to 16), then (after the caller's plan) the chunks to scatter, then
+ *     the buckets to sort are taken one at a time from atomic counters by
+ *     whichever thread asks; waits spin briefly, then yield.  The caller never waits for the helper to start (start-up took
  *     0.05-3 ms here while the other core was busy): a late helper finds
  *     less or nothing left; the caller waits at most for a piece the
  *     helper holds.  The hand-over goes through one mutex-protected slot
@@ -4398,7 +4398,8 @@ AGG_INLINE uint32_t ksort_digit(agg_key k, int shift, uint32_t mask)
 
 /* MSD radix sort of the records [off, off + n), currently in buffer b
  * (in_b) or a, on the bits at and below composite bit p; the result ends
- * in a.  Ranges of at most SORT_LOCAL records go to ksort_local. */
+ * in a.  Ranges of at most SORT_LOCAL records go to ksort_direct (from b)
+ * or ksort_local (in a). */
 static void ksort_msd(ksort *s, uint64_t off, uint64_t n, int p, int depth, int in_b)
 {
     agg_key *xk = in_b ? s->kb : s->ka, *yk = in_b ? s->ka : s->kb;
@@ -4511,7 +4512,7 @@ static void ksort_bucket(ksort *s, const kglobal *g, uint64_t off, uint64_t n)
 #define KSORT_THREADS 0
 #endif
 
-#define KSORT_CHUNKS 16          /* pieces of the input, scattered one at a time */
+#define KSORT_CHUNKS 16          /* most pieces of the input (n / 2^14, at least 4) */
 
 /* The split.  The records a -> b by the first dbits bits of their
  * prefix, grouped into at most SORT_NBMAX buckets of about SORT_BUCKET
@@ -4534,6 +4535,7 @@ typedef struct ksplit {
     uint64_t *start;             /* bucket k: [start[k], start[k + 1]) */
     uint64_t *pos;               /* KSORT_CHUNKS x SORT_NBMAX: next place of chunk j in bucket k */
     uint64_t chunk[KSORT_CHUNKS + 1];
+    int nch;                     /* pieces of the input */
     uint32_t nbk;                /* buckets */
 #if KSORT_THREADS
     atomic_int next_hist, hists_done, planned, next_chunk, chunks_done;
@@ -4569,7 +4571,7 @@ static void ksplit_plan(ksplit *c)
     start[0] = 0;
     for (d = 0; d < nd; d++) {
         uint64_t h = 0;
-        for (j = 0; j < KSORT_CHUNKS; j++)
+        for (j = 0; j < (uint32_t)c->nch; j++)
             h += c->hist[(size_t)j * nd + d];
         if (acc && acc + h > 2 * c->target) {
             start[++nbk] = sum;
@@ -4587,7 +4589,7 @@ static void ksplit_plan(ksplit *c)
         start[++nbk] = c->n;
     c->nbk = nbk;
     memcpy(c->pos, start, (size_t)nbk * sizeof *start);
-    for (j = 1; j < KSORT_CHUNKS; j++) {
+    for (j = 1; j < (uint32_t)c->nch; j++) {
         uint64_t *p = c->pos + (size_t)j * SORT_NBMAX;
         const uint32_t *h = c->hist + (size_t)(j - 1) * nd;
         memcpy(p, p - SORT_NBMAX, (size_t)nbk * sizeof *p);
@@ -4598,10 +4600,12 @@ static void ksplit_plan(ksplit *c)
 
 /* Wait until *p reaches v (the other thread is finishing its piece). */
 #if KSORT_THREADS
-#define KS_WAIT(p, v)                 \
-    do {                              \
-        while (KS_SEEN(p) < (v))      \
-            sched_yield();            \
+#define KS_WAIT(p, v)                                       \
+    do {                                                    \
+        int spin_ = 0;                                      \
+        while (KS_SEEN(p) < (v))                            \
+            if (++spin_ > 4000) /* long: give way */        \
+                sched_yield();                              \
     } while (0)
 #else
 #define KS_WAIT(p, v) ((void)0)
@@ -4621,7 +4625,7 @@ static void ksplit_work(ksplit *c, int t)
     int sh = c->sh, j;
     unsigned k;
     uint32_t nd = 1u << c->dbits;
-    while ((j = KS_TAKE(&c->next_hist)) < KSORT_CHUNKS) {
+    while ((j = KS_TAKE(&c->next_hist)) < c->nch) {
         uint32_t *h = c->hist + (size_t)j * nd;
         uint64_t i;
         memset(h, 0, (size_t)nd * sizeof *h);
@@ -4630,13 +4634,13 @@ static void ksplit_work(ksplit *c, int t)
         KS_DONE(&c->hists_done);
     }
     if (t == 0) {
-        KS_WAIT(&c->hists_done, KSORT_CHUNKS);
+        KS_WAIT(&c->hists_done, c->nch);
         ksplit_plan(c);
         KS_DONE(&c->planned);
     } else {
         KS_WAIT(&c->planned, 1);
     }
-    while ((j = KS_TAKE(&c->next_chunk)) < KSORT_CHUNKS) {
+    while ((j = KS_TAKE(&c->next_chunk)) < c->nch) {
         uint64_t *pos = c->pos + (size_t)j * SORT_NBMAX, i;
         if (va) {
             for (i = c->chunk[j]; i < c->chunk[j + 1]; i++) {
@@ -4650,7 +4654,7 @@ static void ksplit_work(ksplit *c, int t)
         }
         KS_DONE(&c->chunks_done);
     }
-    KS_WAIT(&c->chunks_done, KSORT_CHUNKS);
+    KS_WAIT(&c->chunks_done, c->nch);
     while ((k = KS_TAKE(&c->next_bucket)) < c->nbk) {
         if (c->start[k + 1] > c->start[k])
             ksort_bucket(s, &c->g, c->start[k], c->start[k + 1] - c->start[k]);
@@ -4728,9 +4732,10 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
     c.pos = c.start + SORT_NBMAX + 1;
     c.hist = (uint32_t *)(void *)(c.pos + (size_t)KSORT_CHUNKS * SORT_NBMAX);
     c.tab = (uint16_t *)(void *)(c.hist + (size_t)KSORT_CHUNKS * ((size_t)1 << SORT_DBITS));
-    for (j = 0; j <= KSORT_CHUNKS; j++)
-        c.chunk[j] = n / KSORT_CHUNKS * j;
-    c.chunk[KSORT_CHUNKS] = n;
+    c.nch = n >> 14 > KSORT_CHUNKS ? KSORT_CHUNKS : n >> 14 < 4 ? 4 : (int)(n >> 14);
+    for (j = 0; j <= (uint32_t)c.nch; j++)
+        c.chunk[j] = n / (uint32_t)c.nch * j;
+    c.chunk[c.nch] = n;
 #if KSORT_THREADS
     atomic_init(&c.next_hist, 0);
     atomic_init(&c.hists_done, 0);
