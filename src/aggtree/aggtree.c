@@ -452,10 +452,11 @@
  *     ksort_local.  The records cross memory twice; the second time one
  *     bucket (~10-50 KB) at a time, in cache.
  *   two threads, from 65536 records: the caller starts a detached helper
- *     and hands it the split; the input chunks to count (n / 2^14 of them,
- *     4 to 16), then (after the caller's plan) the chunks to scatter, then
- *     the buckets to sort are taken one at a time from atomic counters by
- *     whichever thread asks; waits spin briefly, then yield.  The caller never waits for the helper to start (start-up took
+ *     and hands it the split; the input chunks (n / 2^14 of them, 4 to
+ *     16) to scan for varying bits, then (after the caller has made the
+ *     prefix) to count, then (after its plan) to scatter, then the buckets
+ *     to sort are taken one at a time from atomic counters by whichever
+ *     thread asks; waits spin briefly, then yield.  The caller never waits for the helper to start (start-up took
  *     0.05-3 ms here while the other core was busy): a late helper finds
  *     less or nothing left; the caller waits at most for a piece the
  *     helper holds.  The hand-over goes through one mutex-protected slot
@@ -4535,13 +4536,17 @@ typedef struct ksplit {
     uint64_t *start;             /* bucket k: [start[k], start[k + 1]) */
     uint64_t *pos;               /* KSORT_CHUNKS x SORT_NBMAX: next place of chunk j in bucket k */
     uint64_t chunk[KSORT_CHUNKS + 1];
+    uint64_t mask[KSORT_CHUNKS][4]; /* per chunk: OR, AND of heads, of rests */
     int nch;                     /* pieces of the input */
+    int equal;                   /* all keys are equal: nothing to do */
     uint32_t nbk;                /* buckets */
 #if KSORT_THREADS
-    atomic_int next_hist, hists_done, planned, next_chunk, chunks_done;
+    atomic_int next_mask, masks_done, masked, next_hist, hists_done, planned;
+    atomic_int next_chunk, chunks_done;
     atomic_uint next_bucket, buckets_done;
 #else
-    int next_hist, hists_done, planned, next_chunk, chunks_done;
+    int next_mask, masks_done, masked, next_hist, hists_done, planned;
+    int next_chunk, chunks_done;
     unsigned next_bucket, buckets_done;
 #endif
 } ksplit;
@@ -4611,9 +4616,41 @@ static void ksplit_plan(ksplit *c)
 #define KS_WAIT(p, v) ((void)0)
 #endif
 
+/* The caller's part between the varying bits and the histograms: the
+ * prefix and the first digit's width. */
+static void ksplit_prefix(ksplit *c)
+{
+    uint64_t hor = 0, hand = ~UINT64_C(0), ror = 0, rand_ = ~UINT64_C(0);
+    int j;
+    for (j = 0; j < c->nch; j++) {
+        hor |= c->mask[j][0];
+        hand &= c->mask[j][1];
+        ror |= c->mask[j][2];
+        rand_ &= c->mask[j][3];
+    }
+    c->s[0]->vhead = hor ^ hand;
+    c->s[0]->vrest = ror ^ rand_;
+    if (c->s[1]) {
+        c->s[1]->vhead = c->s[0]->vhead;
+        c->s[1]->vrest = c->s[0]->vrest;
+    }
+    if (!c->s[0]->vhead && !c->s[0]->vrest) {
+        c->equal = 1;
+        return;
+    }
+    c->dbits = 63 - agg_clz64(c->n) - 2;
+    if (c->dbits > SORT_DBITS)
+        c->dbits = SORT_DBITS;
+    c->g.eff = ksort_prefix_setup(&c->g.f, c->s[0]->vhead, c->s[0]->vrest, 64, &c->g.total);
+    if (c->dbits > c->g.eff)
+        c->dbits = c->g.eff;
+    c->sh = c->g.eff - c->dbits;
+}
+
 /* Take pieces of work as long as there are any (thread t: 0 the caller,
- * 1 the helper): chunks of the input to count, then (once the caller has
- * made the plan) chunks to scatter, then buckets to sort.  Each phase
+ * 1 the helper): chunks of the input to find the varying bits of, then
+ * (once the caller has made the prefix) chunks to count, then (once it
+ * has made the plan) chunks to scatter, then buckets to sort.  Each phase
  * starts when every piece of the one before is done; the caller also
  * waits until every bucket is sorted before it returns. */
 static void ksplit_work(ksplit *c, int t)
@@ -4622,9 +4659,34 @@ static void ksplit_work(ksplit *c, int t)
     const kprefix *f = &c->g.f;
     agg_key *ka = s->ka, *kb = s->kb;
     double *va = s->va, *vb = s->vb;
-    int sh = c->sh, j;
+    int sh, j;
     unsigned k;
-    uint32_t nd = 1u << c->dbits;
+    uint32_t nd;
+    while ((j = KS_TAKE(&c->next_mask)) < c->nch) {
+        uint64_t hor = 0, hand = ~UINT64_C(0), ror = 0, rand_ = ~UINT64_C(0), i;
+        for (i = c->chunk[j]; i < c->chunk[j + 1]; i++) {
+            hor |= ka[i].head;
+            hand &= ka[i].head;
+            ror |= ka[i].rest;
+            rand_ &= ka[i].rest;
+        }
+        c->mask[j][0] = hor;
+        c->mask[j][1] = hand;
+        c->mask[j][2] = ror;
+        c->mask[j][3] = rand_;
+        KS_DONE(&c->masks_done);
+    }
+    if (t == 0) {
+        KS_WAIT(&c->masks_done, c->nch);
+        ksplit_prefix(c);
+        KS_DONE(&c->masked);
+    } else {
+        KS_WAIT(&c->masked, 1);
+    }
+    if (c->equal)
+        return;
+    sh = c->sh;
+    nd = 1u << c->dbits;
     while ((j = KS_TAKE(&c->next_hist)) < c->nch) {
         uint32_t *h = c->hist + (size_t)j * nd;
         uint64_t i;
@@ -4721,13 +4783,6 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
     c.target = 2 * n / (SORT_NBMAX - 1) + 1;
     if (c.target < SORT_BUCKET)
         c.target = SORT_BUCKET;
-    c.dbits = 63 - agg_clz64(n) - 2;
-    if (c.dbits > SORT_DBITS)
-        c.dbits = SORT_DBITS;
-    c.g.eff = ksort_prefix_setup(&c.g.f, s0->vhead, s0->vrest, 64, &c.g.total);
-    if (c.dbits > c.g.eff)
-        c.dbits = c.g.eff;
-    c.sh = c.g.eff - c.dbits;
     c.start = (uint64_t *)(void *)mem;
     c.pos = c.start + SORT_NBMAX + 1;
     c.hist = (uint32_t *)(void *)(c.pos + (size_t)KSORT_CHUNKS * SORT_NBMAX);
@@ -4737,6 +4792,9 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
         c.chunk[j] = n / (uint32_t)c.nch * j;
     c.chunk[c.nch] = n;
 #if KSORT_THREADS
+    atomic_init(&c.next_mask, 0);
+    atomic_init(&c.masks_done, 0);
+    atomic_init(&c.masked, 0);
     atomic_init(&c.next_hist, 0);
     atomic_init(&c.hists_done, 0);
     atomic_init(&c.planned, 0);
@@ -4815,14 +4873,16 @@ agg_status agg_keys_sort(agg_key *keys, double *values, uint64_t n)
         }
         return AGG_OK;
     }
-    for (i = 0; i < n; i++) {
-        hor |= keys[i].head;
-        hand &= keys[i].head;
-        ror |= keys[i].rest;
-        rand_ &= keys[i].rest;
+    if (n <= SORT_LOCAL || n > UINT32_MAX) {   /* (the split finds them itself) */
+        for (i = 0; i < n; i++) {
+            hor |= keys[i].head;
+            hand &= keys[i].head;
+            ror |= keys[i].rest;
+            rand_ &= keys[i].rest;
+        }
+        if (!(hor ^ hand) && !(ror ^ rand_))
+            return AGG_OK;          /* all keys equal */
     }
-    if (!(hor ^ hand) && !(ror ^ rand_))
-        return AGG_OK;              /* all keys equal */
     /* everything is allocated here, before any key moves (and before the
      * second thread starts) */
     cap = n < SORT_LOCAL ? n : SORT_LOCAL;
