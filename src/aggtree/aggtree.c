@@ -456,14 +456,15 @@
  *     16) to scan for varying bits, then (after the caller has made the
  *     prefix) to count, then (after its plan) to scatter, then the buckets
  *     to sort are taken one at a time from atomic counters by whichever
- *     thread asks; waits spin briefly, then yield.  The caller never waits for the helper to start (start-up took
- *     0.05-3 ms here while the other core was busy): a late helper finds
- *     less or nothing left; the caller waits at most for a piece the
- *     helper holds.  The hand-over goes through one mutex-protected slot
- *     (one two-thread sort at a time per process: a concurrent caller
- *     sorts on its own), so a helper never touches a split whose caller
- *     has returned, and it owns no memory.  Everything is allocated before
- *     the helper starts (the failure injector stays deterministic).
+ *     thread asks; waits spin briefly, then yield.  The caller never
+ *     waits for the helper to start (start-up took 0.05-3 ms here while
+ *     the other core was busy): a late helper finds less or nothing left;
+ *     the caller waits at most for a piece the helper holds.  The
+ *     hand-over goes through one mutex-protected slot (one two-thread sort
+ *     at a time per process: a concurrent caller sorts on its own), so a
+ *     helper never touches a split whose caller has returned, and it owns
+ *     no memory.  Everything is allocated before the helper starts (the
+ *     failure injector stays deterministic).
  *     AGGTREE_SORT_THREADS=1 in the environment forces one thread; builds
  *     without pthreads or C11 atomics (or with AGGTREE_NO_THREADS) have one.
  *
@@ -474,15 +475,26 @@
  * random = images of random doubles in [0, 1) with shuffled ids; the
  * other shapes in its header), values / values NULL:
  *
- *                     10^5 keys                      10^6 keys
- *   shape     former    1 thread   2 threads  former    1 thread   2 threads
- *   @TABLE@
+ *               ------------ 10^5 keys -------  ------------ 10^6 keys -------
+ *   shape   former    1 thread  2 threads former    1 thread  2 threads
+ *   random  13.6/12.5 12.1/10.4  7.2/ 6.3 22.0/17.5 18.9/15.0  9.6/ 7.5
+ *   sorted   8.0/ 7.4  0.6/ 0.6  0.5/ 0.6 10.1/ 8.4  0.7/ 0.7  0.7/ 0.6
+ *   reverse 11.1/ 8.8  1.1/ 0.8  1.1/ 0.8 11.9/10.4  1.5/ 1.1  1.4/ 1.0
+ *   eqhead  18.8/17.6  9.5/ 8.0  6.0/ 5.1 23.0/17.9 22.0/15.9 11.2/ 7.6
+ *   few     16.2/14.4 15.6/13.7  8.9/ 8.1 25.5/20.3 26.1/20.6 13.4/11.2
+ *   lowbits 17.9/15.4 13.0/11.5  7.9/ 7.0 28.6/21.9 19.8/16.0 10.1/ 8.4
+ *   rand128 17.0/15.2 12.5/11.0  7.6/ 6.7 26.1/20.5 19.6/16.0  9.9/ 8.0
+ *   almost   9.7/ 8.9 10.3/ 8.9  7.1/ 6.7 12.0/10.4 13.3/11.2  6.9/ 6.5
  *
  * The machine (2 cores, 2 MB L2 each, 32 MB L3) was shared with other
- * jobs while measuring, so the two-thread figures depend on the other
- * core being free; medians are up to ~1.5x the best.  At 10^6 one thread
- * is bound by memory (the records cross it twice, ~170 bytes a key with
- * the count passes); at 10^5 by the scatters and the insertion passes.
+ * jobs: the two-thread figures need the other core free (medians were
+ * within ~5% of the best then; with it busy they drift towards the
+ * one-thread ones, and a run taken while it was busy gave 11-13 at 10^5).
+ * At 10^6 one thread is bound by memory (the records cross it twice,
+ * ~170 bytes a key with the scans); at 10^5 by the scatters and the
+ * insertion passes.  bench_core (CPU time of the calling thread, so the
+ * helper's share is not counted): keys_sort of 10^5 16.6 -> 15.0 (one
+ * thread) / 10.2 ns (two), agg_keys_sort of 10^6 21.7 -> 19.0 / 10.0 ms.
  *   cmake -S . -B build -G Ninja -DAGGTREE_TESTS=ON && cmake --build build
  *   BENCH_REPS=25 build/bench_sort                  (two threads)
  *   AGGTREE_SORT_THREADS=1 BENCH_REPS=25 build/bench_sort
