@@ -466,7 +466,7 @@
  *     no memory.  Everything is allocated before the helper starts (the
  *     failure injector stays deterministic).
  *     AGGTREE_SORT_THREADS=1 in the environment forces one thread; builds
- *     without pthreads or C11 atomics (or with AGGTREE_NO_THREADS) have one.
+ *     without pthreads or C11 atomics (or with AGG_NO_THREADS) have one.
  *
  * Scratch, one allocation before anything moves (AGG_NOMEM leaves the
  * input untouched): n * 24 bytes (16 without values; up to 16384 keys
@@ -4516,8 +4516,8 @@ static void ksort_bucket(ksort *s, const kglobal *g, uint64_t off, uint64_t n)
     }
 }
 
-#if !defined(AGGTREE_NO_THREADS) && !defined(__STDC_NO_ATOMICS__) && \
-    (defined(__unix__) || defined(__APPLE__))
+#if !defined(AGG_NO_THREADS) && !defined(AGGTREE_NO_THREADS) && \
+    !defined(__STDC_NO_ATOMICS__) && (defined(__unix__) || defined(__APPLE__))
 #include <pthread.h>
 #include <sched.h>
 #define KSORT_THREADS 1
