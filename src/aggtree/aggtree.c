@@ -2733,6 +2733,10 @@ typedef struct bins {
     ddsum csum;                  /* carry in: their sum */
     uint64_t dcnt[MAX_DEPTH];    /* new items under the path node per level */
     ddsum dsum[MAX_DEPTH];       /* their values' sum */
+    struct crun *runs;           /* copy-on-write path: runs of touched leaves, in key order */
+    uint64_t nruns;
+    uint64_t capruns;
+    struct lres *res;            /* copy-on-write path: per new leaf, its summary */
 } bins;
 
 /* The i-th key of the run as the tree compares it. */
@@ -2972,12 +2976,12 @@ static int search_group(bins *b, bgroup *gr, uint64_t *bad_index)
  *          parent's leaf ops are planned; each event then says how many
  *          nodes its node becomes, which gives the number of new nodes per
  *          level and the sizes of the buffers. */
-static agg_status bins_check(bins *b, uint64_t *bad_index)
+static agg_status bins_route(bins *b)
 {
     agg_tree *t = b->t;
     finger *f = &b->f;
     int D = (int)t->depth, lev;
-    uint64_t i, gs = 0, e, gi, g;
+    uint64_t i, gs = 0;
     f->path[0] = t->root;
     f->hn[0] = NULL;
     f->hs[0] = 0;
@@ -3010,12 +3014,54 @@ static agg_status bins_check(bins *b, uint64_t *bad_index)
             if (!route_event(b, lev))
                 return AGG_NOMEM;
     }
+    return AGG_OK;
+}
+
+/* Plan: path node ev->x gets gr new children; count the nodes it becomes
+ * (new internal nodes, new root levels) and the buffer sizes. */
+static void plan_event(bins *b, bevent *ev, uint64_t gr)
+{
+    uint64_t sz = ev->x->count + gr, cnt = pack_count(sz, b->t->cap);
+    ev->opend = b->nops;
+    b->grow[ev->lev] = 0;
+    if (gr > b->maxpend[ev->lev + 1])
+        b->maxpend[ev->lev + 1] = gr;
+    if (cnt > 1) {
+        b->new_inner += cnt - 1;
+        if (sz > b->maxsplit)
+            b->maxsplit = sz;
+    }
+    if (ev->lev > 0)
+        b->grow[ev->lev - 1] += cnt - 1;
+    else
+        b->rootgrow = cnt - 1;
+}
+
+/* Plan: new root levels above a root that got b->rootgrow siblings. */
+static void plan_root(bins *b)
+{
+    if (b->rootgrow > b->maxpend[0])
+        b->maxpend[0] = b->rootgrow;
+    if (b->rootgrow) {
+        uint64_t cnt = b->rootgrow + 1;
+        while (cnt > 1) {
+            cnt = pack_count(cnt, b->t->cap);
+            b->new_inner += cnt;
+        }
+    }
+}
+
+static agg_status bins_check(bins *b, uint64_t *bad_index)
+{
+    agg_tree *t = b->t;
+    int D = (int)t->depth;
+    uint64_t e, gi, g;
     /* search and plan, parent by parent; the leaves are prefetched
      * PF_DIST groups ahead */
     gi = 0;
     for (e = 0; e <= b->nev; e++) {
         bevent *ev = e < b->nev ? &b->ev[e] : NULL;
-        uint64_t gr, sz, cnt, gend = ev ? ev->gend : b->ngrp;
+        uint64_t gr, gend = ev ? ev->gend : b->ngrp;
         if (ev && ev->lev != D - 2)
             gend = gi;              /* upper levels own no groups */
         for (g = gi; g < gend; g++) {
@@ -3040,31 +3086,9 @@ static agg_status bins_check(bins *b, uint64_t *bad_index)
         } else {
             gr = b->grow[ev->lev];
         }
-        ev->opend = b->nops;
-        b->grow[ev->lev] = 0;
-        if (gr > b->maxpend[ev->lev + 1])
-            b->maxpend[ev->lev + 1] = gr;
-        sz = ev->x->count + gr;
-        cnt = pack_count(sz, t->cap);
-        if (cnt > 1) {
-            b->new_inner += cnt - 1;
-            if (sz > b->maxsplit)
-                b->maxsplit = sz;
-        }
-        if (ev->lev > 0)
-            b->grow[ev->lev - 1] += cnt - 1;
-        else
-            b->rootgrow = cnt - 1;
+        plan_event(b, ev, gr);
     }
-    if (b->rootgrow > b->maxpend[0])
-        b->maxpend[0] = b->rootgrow;
-    if (b->rootgrow) {              /* new levels above the root */
-        uint64_t cnt = b->rootgrow + 1;
-        while (cnt > 1) {
-            cnt = pack_count(cnt, t->cap);
-            b->new_inner += cnt;
-        }
-    }
+    plan_root(b);
     return AGG_OK;
 }
 
@@ -3496,6 +3520,8 @@ static void bins_free(bins *b, int unreserve)
     free(b->tmp);
     free(b->ck[0]);
     free(b->cv[0]);
+    free(b->runs);
+    free(b->res);
 }
 
 /* Reserve everything the plan needs: nodes, tail copies, buffers.  0 if
@@ -3553,6 +3579,461 @@ static int bins_reserve(bins *b)
 }
 
 
+/* ---------------------------------------------------------------------- */
+/*  Copy-on-write merge path (section 13)                                 */
+/* ---------------------------------------------------------------------- */
+
+/* A run of consecutive touched leaves under one parent (groups g0..g0+r),
+ * replaced by m >= r fresh leaves holding their items and new keys. */
+typedef struct crun {
+    node *parent;                /* NULL: the root is a leaf */
+    uint64_t g0;                 /* its first group (one group per old leaf) */
+    uint64_t start;              /* its first new key */
+    uint64_t k;                  /* its new keys */
+    uint64_t S;                  /* items after the batch */
+    uint64_t nl0;                /* its first new leaf in b->leaves */
+    ddsum gsum;                  /* merge: exact sum of its new values */
+    uint32_t j0;                 /* index of its first leaf in the parent */
+    uint32_t r;                  /* old leaves */
+    uint32_t m;                  /* new leaves */
+    uint8_t last;                /* it ends with the tree's last leaf */
+} crun;
+
+/* Merge result for one new leaf: the summary its parent entry gets. */
+typedef struct lres {
+    double hi;
+    double lo;
+    uint32_t cnt;
+    uint8_t exact;
+} lres;
+
+/* Size of new leaf i of a run: S shared evenly by m; a run ending with the
+ * tree's last leaf may be too short for that (m == r, the last old leaf
+ * below min): then min each and the rest in the last one (I4). */
+AGG_INLINE uint32_t crun_size(const crun *ru, uint32_t min, uint32_t i)
+{
+    uint64_t f = ru->S / ru->m, r = ru->S % ru->m;
+    if (f < min && ru->m > 1)
+        return i + 1 < ru->m ? min : (uint32_t)(ru->S - (uint64_t)(ru->m - 1) * min);
+    return (uint32_t)(f + (i < r));
+}
+
+/* Plan the runs of parent P's groups grp[0..ng) (P NULL: the root leaf);
+ * returns 0 on allocation failure, *grown = leaves added under P. */
+static int plan_runs(bins *b, node *P, int rm_parent, uint64_t g0, uint64_t ng,
+                     uint64_t *grown)
+{
+    const agg_tree *t = b->t;
+    uint64_t g = g0, end = g0 + ng, total = 0;
+    while (g < end) {
+        crun *ru;
+        uint64_t S = 0, q;
+        if (!grow_array((void **)&b->runs, &b->capruns, b->nruns, sizeof *ru))
+            return 0;
+        ru = &b->runs[b->nruns++];
+        ru->parent = P;
+        ru->g0 = g;
+        ru->start = b->grp[g].start;
+        ru->j0 = b->grp[g].j;
+        q = g;
+        do {
+            bgroup *gr = &b->grp[q];
+            gr->L = P ? (uint32_t)inner_cnt(t, P)[gr->j] : gr->leaf->count;
+            S += gr->L + gr->k;
+            q++;
+        } while (q < end && b->grp[q].j == b->grp[q - 1].j + 1);
+        ru->r = (uint32_t)(q - g);
+        ru->k = b->grp[q - 1].start + b->grp[q - 1].k - ru->start;
+        ru->S = S;
+        ru->m = (uint32_t)pack_count(S, t->cap);
+        if (ru->m < ru->r)
+            ru->m = ru->r;          /* never fewer children: no parent underflows */
+        ru->last = (uint8_t)(!P || (rm_parent && b->grp[q - 1].j + 1 == P->count));
+        ru->nl0 = b->new_leaves;
+        b->new_leaves += ru->m;
+        total += ru->m - ru->r;
+        g = q;
+    }
+    *grown = total;
+    return 1;
+}
+
+/* Plan of the copy-on-write path: runs per parent, then the same node
+ * counting as bins_check (reads the parents' counts only). */
+static agg_status cow_plan(bins *b)
+{
+    int D = (int)b->t->depth;
+    uint64_t e, gi = 0, gr;
+    if (D == 1) {
+        if (!plan_runs(b, NULL, 1, 0, b->ngrp, &gr))
+            return AGG_NOMEM;
+        b->rootgrow = gr;
+    }
+    for (e = 0; e < b->nev; e++) {
+        bevent *ev = &b->ev[e];
+        if (ev->lev == D - 2) {
+            if (!plan_runs(b, ev->x, ev->rm, gi, ev->gend - gi, &gr))
+                return AGG_NOMEM;
+            gi = ev->gend;
+        } else {
+            gr = b->grow[ev->lev];
+        }
+        plan_event(b, ev, gr);
+        ev->opend = b->nruns;
+    }
+    plan_root(b);
+    return AGG_OK;
+}
+
+/* Exact sum of v[0..n) in four independent double-double lanes (no chain
+ * of dependent additions); returns 0 if some addition rounded or the sum is
+ * not finite, else 1 with the canonical (*hi, *lo), which does not depend
+ * on the order of the additions. */
+static int vals_sum_exact4(const double *v, uint64_t n, double *hi, double *lo)
+{
+    double h0 = 0.0, h1 = 0.0, h2 = 0.0, h3 = 0.0, l0 = 0.0, l1 = 0.0, l2 = 0.0, l3 = 0.0;
+    double H = 0.0, L = 0.0;
+    uint64_t i = 0;
+    int ex = 1;
+    for (; i + 4 <= n; i += 4) {
+        ex &= dd_step(&h0, &l0, v[i]);
+        ex &= dd_step(&h1, &l1, v[i + 1]);
+        ex &= dd_step(&h2, &l2, v[i + 2]);
+        ex &= dd_step(&h3, &l3, v[i + 3]);
+    }
+    for (; i < n; i++)
+        ex &= dd_step(&h0, &l0, v[i]);
+    ex &= dd_step(&H, &L, h0);
+    ex &= dd_step(&H, &L, h1);
+    ex &= dd_step(&H, &L, h2);
+    ex &= dd_step(&H, &L, h3);
+    ex &= dd_step(&H, &L, l0);
+    ex &= dd_step(&H, &L, l1);
+    ex &= dd_step(&H, &L, l2);
+    ex &= dd_step(&H, &L, l3);
+    ex = dd_finish(&H, &L, ex);
+    *hi = H;
+    *lo = L;
+    return ex;
+}
+
+/* Writer of one run's stream into its fresh leaves. */
+typedef struct cwriter {
+    const agg_tree *t;
+    const crun *ru;
+    node **nl;                   /* the run's new leaves */
+    lres *res;                   /* their summaries */
+    uint32_t i;                  /* current leaf */
+    uint32_t sz;                 /* its planned size */
+    uint32_t p;                  /* items written into it */
+    agg_key *k;                  /* its arrays */
+    double *v;
+} cwriter;
+
+/* Start new leaf i of the run. */
+AGG_INLINE void cw_open(cwriter *w, uint32_t i)
+{
+    node *x = w->nl[i];
+    w->i = i;
+    w->sz = crun_size(w->ru, w->t->min, i);
+    w->p = 0;
+    w->k = node_keys(x);
+    w->v = leaf_vals(w->t, x);
+}
+
+/* The current leaf is full: its count, summary and in-run links. */
+static void cw_close(cwriter *w)
+{
+    node *x = w->nl[w->i];
+    lres *q = &w->res[w->i];
+    double h, l;
+    int ex;
+    x->count = w->sz;
+    x->prev = w->i > 0 ? w->nl[w->i - 1] : NULL;
+    x->next = w->i + 1 < w->ru->m ? w->nl[w->i + 1] : NULL;
+    ex = vals_sum_exact4(w->v, w->sz, &h, &l);
+    if (!ex)
+        ex = vals_sum(w->v, w->sz, &h, &l);   /* node_summary's own result */
+    q->hi = h;
+    q->lo = l;
+    q->exact = (uint8_t)ex;
+    q->cnt = w->sz;
+    if (w->i + 1 < w->ru->m)
+        cw_open(w, w->i + 1);
+}
+
+/* Append cnt stream items (sv NULL: values 0.0). */
+static void cw_put(cwriter *w, const agg_key *sk, const double *sv, uint32_t cnt)
+{
+    while (cnt) {
+        uint32_t room = w->sz - w->p, c = cnt < room ? cnt : room;
+        memcpy(w->k + w->p, sk, (size_t)c * sizeof *sk);
+        if (sv) {
+            memcpy(w->v + w->p, sv, (size_t)c * sizeof *sv);
+            sv += c;
+        } else {
+            memset(w->v + w->p, 0, (size_t)c * sizeof *sv);
+        }
+        w->p += c;
+        sk += c;
+        cnt -= c;
+        if (w->p == w->sz)
+            cw_close(w);
+    }
+}
+
+/* Append one stream item. */
+AGG_INLINE void cw_put1(cwriter *w, agg_key k, double v)
+{
+    w->k[w->p] = k;
+    w->v[w->p] = v;
+    if (++w->p == w->sz)
+        cw_close(w);
+}
+
+/* Merge one run: reads its old leaves, writes its fresh ones.  Returns
+ * the index of its first new key already present, or UINT64_MAX. */
+static uint64_t cow_merge_run(const bins *b, crun *ru, node **nl, lres *res)
+{
+    const agg_tree *t = b->t;
+    int fast = t->mode == AGG_KEYS_FAST;
+    uint64_t q;
+    cwriter w;
+    w.t = t;
+    w.ru = ru;
+    w.nl = nl;
+    w.res = res;
+    cw_open(&w, 0);
+    for (q = ru->g0; q < ru->g0 + ru->r; q++) {
+        const bgroup *gr = &b->grp[q];
+        node *lf = gr->leaf;
+        const agg_key *lk = node_keys(lf);
+        const double *lv = leaf_vals(t, lf);
+        const agg_key *G = b->sk + gr->start;
+        const double *GV = b->vals ? b->vals + gr->start : NULL;
+        uint32_t L = lf->count, li = 0;
+        uint64_t g;
+        for (g = 0; g < gr->k; g++) {
+            agg_key k = G[g];
+            uint32_t p;
+            if (fast) {
+                /* forward scan, 8 independent compares at a time */
+                uint32_t c = 0, x;
+                p = li;
+                while (p + 8 <= L && key_lt_fast(lk[p + 7], k))
+                    p += 8;
+                for (x = p; x < L && x < p + 8; x++)
+                    c += (uint32_t)key_lt_fast(lk[x], k);
+                p += c;
+                if (p < L && lk[p].head == k.head && lk[p].rest == k.rest)
+                    return gr->start + g;
+            } else {
+                p = li + general_count_lt(lk + li, L - li, k);
+                if (p < L && key_cmp_general(lk[p], k) == 0)
+                    return gr->start + g;
+            }
+            if (p > li)
+                cw_put(&w, lk + li, lv + li, p - li);
+            cw_put1(&w, k, GV ? GV[g] : 0.0);
+            li = p;
+        }
+        if (L > li)
+            cw_put(&w, lk + li, lv + li, L - li);
+    }
+    if (!vals_sum_exact4(b->vals ? b->vals + ru->start : NULL, b->vals ? ru->k : 0,
+                         &ru->gsum.hi, &ru->gsum.lo))
+        ru->gsum.exact = 0;
+    else
+        ru->gsum.exact = 1;
+    return UINT64_MAX;
+}
+
+/* Merge runs [r0, r1); the first new key already present, or UINT64_MAX.
+ * Reads the tree, writes only the fresh leaves and the runs' results:
+ * runs on different threads share nothing they write. */
+static uint64_t cow_merge_range(const bins *b, uint64_t r0, uint64_t r1)
+{
+    const agg_tree *t = b->t;
+    uint64_t r, pf = b->runs[r0].g0, gend = r1 < b->nruns ? b->runs[r1].g0 : b->ngrp;
+    for (r = r0; r < r1; r++) {
+        crun *ru = &b->runs[r];
+        uint64_t dup;
+        /* prefetch the old leaves PF_DIST groups ahead */
+        for (; pf < gend && pf < ru->g0 + ru->r + PF_DIST; pf++)
+            leaf_prefetch_all(t, b->grp[pf].leaf, 1);
+        dup = cow_merge_run(b, ru, b->leaves.a + ru->nl0, b->res + ru->nl0);
+        if (dup != UINT64_MAX)
+            return dup;
+    }
+    return UINT64_MAX;
+}
+
+#ifndef AGG_NO_THREADS
+#include <pthread.h>
+
+/* Second half of a two-thread merge. */
+typedef struct cow_job {
+    const bins *b;
+    uint64_t r0, r1;
+    uint64_t dup;
+} cow_job;
+
+static void *cow_job_run(void *arg)
+{
+    cow_job *j = (cow_job *)arg;
+    j->dup = cow_merge_range(j->b, j->r0, j->r1);
+    return NULL;
+}
+#endif
+
+/* Debug switch, see aggtree.h. */
+static AGG_ATOMIC(long) g_batch_mode = 0;
+
+long agg_debug_insert_sorted_mode(long mode)
+{
+    return atomic_exchange_relaxed(&g_batch_mode, mode);
+}
+
+/* Batches of at least this many keys merge on two threads. */
+#define COW_THREAD_MIN 16384
+
+/* Batches with at least this many keys per touched leaf take the
+ * copy-on-write path (measured, section 13). */
+#define COW_DENSITY 2
+
+/* Merge every run, on two threads when the batch is large (split at a
+ * parent boundary near the middle of the items written).  Returns the
+ * first new key already present (in key order), or UINT64_MAX. */
+static uint64_t cow_merge(const bins *b, long mode)
+{
+#ifndef AGG_NO_THREADS
+    int threads = mode == 3 || (mode == 0 && b->n >= COW_THREAD_MIN);
+    if (threads && mode == 0) {
+        const char *env = getenv("AGGTREE_THREADS");
+        if (env && atoi(env) == 1)
+            threads = 0;
+    }
+    if (threads && b->nruns >= 2) {
+        uint64_t tot = 0, half = 0, r, cut = 0;
+        for (r = 0; r < b->nruns; r++)
+            tot += b->runs[r].S;
+        for (r = 0; r < b->nruns; r++) {
+            if (r > 0 && b->runs[r].parent != b->runs[r - 1].parent) {
+                cut = r;
+                if (2 * half >= tot)
+                    break;
+            }
+            half += b->runs[r].S;
+        }
+        if (cut > 0) {
+            pthread_t th;
+            cow_job job;
+            uint64_t d0;
+            job.b = b;
+            job.r0 = cut;
+            job.r1 = b->nruns;
+            job.dup = UINT64_MAX;
+            if (pthread_create(&th, NULL, cow_job_run, &job) == 0) {
+                d0 = cow_merge_range(b, 0, cut);
+                pthread_join(th, NULL);
+                return d0 != UINT64_MAX ? d0 : job.dup;
+            }
+            /* no thread: do it all here */
+        }
+    }
+#else
+    (void)mode;
+#endif
+    return cow_merge_range(b, 0, b->nruns);
+}
+
+/* Commit one merged run: its fresh leaves take the old ones' places in the
+ * parent (extra ones wait to enter it) and in the leaf chain. */
+static void cow_commit_run(bins *b, const crun *ru)
+{
+    agg_tree *t = b->t;
+    int D = (int)t->depth;
+    node **nl = b->leaves.a + ru->nl0;
+    const lres *res = b->res + ru->nl0;
+    node *P = ru->parent;
+    node *of = b->grp[ru->g0].leaf, *ol = b->grp[ru->g0 + ru->r - 1].leaf;
+    node *prev = of->prev, *next = ol->next;
+    uint32_t i;
+    /* the chain: a previous run's commit already relinked of->prev */
+    nl[0]->prev = prev;
+    if (prev)
+        prev->next = nl[0];
+    nl[ru->m - 1]->next = next;
+    if (next)
+        next->prev = nl[ru->m - 1];
+    if (!P) {
+        t->root = nl[0];
+        for (i = 1; i < ru->m; i++) {
+            entry e;
+            e.sep = node_keys(nl[i])[0];
+            tail_ref(t, e.sep);
+            e.child = nl[i];
+            e.cnt = res[i].cnt;
+            e.hi = res[i].hi;
+            e.lo = res[i].lo;
+            e.exact = res[i].exact;
+            pend_push(b, 0, &e, 0);
+        }
+        return;
+    }
+    for (i = 0; i < ru->m; i++) {
+        entry e;
+        e.sep = node_keys(nl[i])[0];
+        e.child = nl[i];
+        e.cnt = res[i].cnt;
+        e.hi = res[i].hi;
+        e.lo = res[i].lo;
+        e.exact = res[i].exact;
+        if (i < ru->r) {
+            /* sep[j0] stays: it is <= every key routed to the run */
+            uint32_t j = ru->j0 + i;
+            if (i > 0)
+                inner_set_sep(t, P, j, e.sep);
+            e.sep = node_keys(P)[j];
+            inner_put(t, P, j, &e);
+        } else {
+            tail_ref(t, e.sep);
+            pend_push(b, D - 1, &e, ru->j0 + ru->r - 1);
+        }
+    }
+    b->dcnt[D - 2] += ru->k;
+    dds_add(&b->dsum[D - 2], ru->gsum.hi, ru->gsum.lo, ru->gsum.exact, 0);
+}
+
+/* Commit: every run, then the path nodes in the route's order (new
+ * children enter, overfull nodes split, entries above are updated), new
+ * root levels; then the old leaves are freed (their items' tail
+ * references moved to the fresh leaves).  Nothing here can fail. */
+static void cow_commit(bins *b)
+{
+    agg_tree *t = b->t;
+    int D = (int)t->depth, lev;
+    uint64_t r = 0, e, g;
+    for (lev = 0; lev < D; lev++) {
+        b->dcnt[lev] = 0;
+        dds_zero(&b->dsum[lev]);
+        b->npending[lev] = 0;
+    }
+    for (e = 0; e <= b->nev; e++) {
+        uint64_t end = e < b->nev ? b->ev[e].opend : b->nruns;
+        for (; r < end; r++)
+            cow_commit_run(b, &b->runs[r]);
+        if (e < b->nev)
+            apply_finalize(b, &b->ev[e]);
+    }
+    b->leaves.used = b->leaves.n;
+    if (b->npending[0])
+        grow_root(b);
+    t->len += b->n;
+    for (g = 0; g < b->ngrp; g++)
+        mem_free(t, b->grp[g].leaf, t->leaf_bytes);
+}
+
 /* 1 if keys[0..n) strictly increase (the batch operations' precondition);
  * else 0 with *bad_index = the first i with keys[i - 1] >= keys[i]. */
 static int keys_increasing(const agg_tree *t, const agg_key *keys, uint64_t n,
@@ -3575,6 +4056,7 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double
 {
     bins b;
     agg_status st;
+    long mode;
     if (n == 0)
         return AGG_OK;
     /* 1. order, before anything else */
@@ -3588,7 +4070,33 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double
     b.sk = keys;
     b.vals = values;
     b.n = n;
-    /* 2. check and plan (reads only) */
+    /* 2. route (reads only) */
+    st = bins_route(&b);
+    if (st != AGG_OK) {
+        bins_free(&b, 1);
+        return st;
+    }
+    mode = atomic_load_relaxed(&g_batch_mode);
+    if (mode == 2 || mode == 3 || (mode != 1 && n >= COW_DENSITY * b.ngrp)) {
+        /* copy-on-write: plan, reserve, merge into fresh leaves, commit */
+        uint64_t dup;
+        if (cow_plan(&b) != AGG_OK || !bins_reserve(&b) ||
+            !(b.res = (lres *)scratch_alloc((size_t)b.new_leaves * sizeof(lres)))) {
+            bins_free(&b, 1);
+            return AGG_NOMEM;
+        }
+        dup = cow_merge(&b, mode);
+        if (dup != UINT64_MAX) {
+            if (bad_index)
+                *bad_index = dup;
+            bins_free(&b, 1);
+            return AGG_DUPLICATE;
+        }
+        cow_commit(&b);
+        bins_free(&b, 0);
+        return AGG_OK;
+    }
+    /* in place: check and plan (reads only) */
     b.pos = (uint32_t *)scratch_alloc((size_t)n * sizeof(uint32_t));
     if (!b.pos) {
         bins_free(&b, 1);

@@ -868,6 +868,7 @@ int main(int argc, char **argv)
 {
     static const uint32_t sizes[] = {4, 5, 7, 16, 64};
     uint64_t iters = TEST_SANITIZED ? 4000 : 15000, per;
+    long md;
     int mi;
     size_t si;
     test_args(argc, argv, &iters, "test_batch");
@@ -877,19 +878,29 @@ int main(int argc, char **argv)
     test_build_unsorted(iters / 200 + 10);
     printf("  %-40s ok\n", "build_unsorted");
     per = iters / 10 + 1;
-    for (mi = 0; mi < 2; mi++)
-        for (si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
-            run_batch(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, sizes[si], per);
-            printf("  %-40s ok\n", g_phase);
+    /* every batch insert path (agg_debug_insert_sorted_mode): in place,
+     * copy-on-write on one thread, on two threads */
+    for (md = 1; md <= 3; md++) {
+        agg_debug_insert_sorted_mode(md);
+        for (mi = 0; mi < 2; mi++)
+            for (si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+                run_batch(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, sizes[si], per);
+                printf("  %-40s ok (path %ld)\n", g_phase, md);
+                fflush(stdout);
+            }
+    }
+    /* large batches: the automatic choice, and two threads forced */
+    for (md = 0; md <= 3; md += 3) {
+        agg_debug_insert_sorted_mode(md);
+        for (mi = 0; mi < 2; mi++) {
+            run_large(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, 16, TEST_SANITIZED ? 20000 : 60000, 12);
+            printf("  %-40s ok (path %ld)\n", g_phase, md);
+            run_large(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, 64, TEST_SANITIZED ? 30000 : 150000, 12);
+            printf("  %-40s ok (path %ld)\n", g_phase, md);
             fflush(stdout);
         }
-    for (mi = 0; mi < 2; mi++) {
-        run_large(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, 16, TEST_SANITIZED ? 20000 : 60000, 12);
-        printf("  %-40s ok\n", g_phase);
-        run_large(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, 64, TEST_SANITIZED ? 30000 : 150000, 12);
-        printf("  %-40s ok\n", g_phase);
-        fflush(stdout);
     }
+    agg_debug_insert_sorted_mode(0);
     printf("test_batch: all passed\n");
     return 0;
 }
