@@ -2658,6 +2658,8 @@ typedef struct lop {
     uint32_t spill;              /* items moved to the left neighbour */
     uint32_t cout;               /* items carried into the right neighbour */
     uint8_t full;                /* new leaves packed full (rightmost) */
+    uint64_t nl0;                /* its first new leaf in the pool (and in lent) */
+    ddsum gsum;                  /* apply: exact sum of its new values */
 } lop;
 
 /* The new keys of one leaf, found by the check pass. */
@@ -2695,6 +2697,15 @@ typedef struct pool {
     uint64_t used;               /* handed out */
 } pool;
 
+/* Carry between consecutive leaf ops of one apply thread. */
+typedef struct carry {
+    agg_key *ck[2];              /* carry buffers (cap items each) */
+    double *cv[2];
+    int cur;                     /* the buffer holding the carry in */
+    uint32_t cn;                 /* carry in: items */
+    ddsum csum;                  /* carry in: their sum */
+} carry;
+
 /* State of one agg_tree_insert_sorted. */
 typedef struct bins {
     agg_tree *t;
@@ -2726,17 +2737,10 @@ typedef struct bins {
     uint64_t npending[MAX_DEPTH];
     entry *tmp;                  /* entry list of a splitting node */
     uint64_t ntmp;
-    agg_key *ck[2];              /* carry buffers (cap items each) */
-    double *cv[2];
-    int cur;                     /* the buffer holding the carry in */
-    uint32_t cn;                 /* carry in: items */
-    ddsum csum;                  /* carry in: their sum */
+    entry *lent;                 /* per new leaf: its entry for the parent */
+    carry cs[2];                 /* carry state of the (up to two) apply threads */
     uint64_t dcnt[MAX_DEPTH];    /* new items under the path node per level */
     ddsum dsum[MAX_DEPTH];       /* their values' sum */
-    struct crun *runs;           /* copy-on-write path: runs of touched leaves, in key order */
-    uint64_t nruns;
-    uint64_t capruns;
-    struct lres *res;            /* copy-on-write path: per new leaf, its summary */
 } bins;
 
 /* The i-th key of the run as the tree compares it. */
@@ -2853,6 +2857,7 @@ static int plan_leaf_ops(bins *b, node *P, int rm_parent, const bgroup *grp, uin
                 }
             }
         }
+        op.nl0 = b->new_leaves + total;
         if (!ops_push(b, &op))
             return 0;
         total += op.nnew;
@@ -2919,9 +2924,62 @@ static int route_group(bins *b, uint64_t start, uint64_t i)
     return 1;
 }
 
+#ifndef AGG_NO_THREADS
+#include <pthread.h>
+#endif
+
+/* Work on items [lo, hi) of a batch; returns the first key found present
+ * (UINT64_MAX: none) - see run_halves. */
+typedef uint64_t (*range_fn)(bins *b, uint64_t lo, uint64_t hi);
+
+#ifndef AGG_NO_THREADS
+/* The second half of a two-thread run_halves. */
+typedef struct half_job {
+    bins *b;
+    range_fn fn;
+    uint64_t lo, hi;
+    uint64_t res;
+} half_job;
+
+static void *half_job_run(void *arg)
+{
+    half_job *j = (half_job *)arg;
+    j->res = j->fn(j->b, j->lo, j->hi);
+    return NULL;
+}
+#endif
+
+/* fn over [0, n): with `threads`, [0, cut) here and [cut, n) on a second
+ * thread at the same time (if one can be started), else all here.  The
+ * result is the first half's unless that is UINT64_MAX: the first key in
+ * key order when fn reports its first one. */
+static uint64_t run_halves(bins *b, range_fn fn, uint64_t n, uint64_t cut, int threads)
+{
+#ifndef AGG_NO_THREADS
+    if (threads && cut > 0 && cut < n) {
+        pthread_t th;
+        half_job job;
+        job.b = b;
+        job.fn = fn;
+        job.lo = cut;
+        job.hi = n;
+        job.res = UINT64_MAX;
+        if (pthread_create(&th, NULL, half_job_run, &job) == 0) {
+            uint64_t r = fn(b, 0, cut);
+            pthread_join(th, NULL);
+            return r != UINT64_MAX ? r : job.res;
+        }
+    }
+#else
+    (void)cut;
+    (void)threads;
+#endif
+    return fn(b, 0, n);
+}
+
 /* Search phase for one group: each key's position in the leaf; the first
  * key already present is reported (groups are searched in key order). */
-static int search_group(bins *b, bgroup *gr, uint64_t *bad_index)
+static uint64_t search_group(bins *b, bgroup *gr)
 {
     const agg_tree *t = b->t;
     node *lf = gr->leaf;
@@ -2940,11 +2998,8 @@ static int search_group(bins *b, bgroup *gr, uint64_t *bad_index)
             for (q = p; q < cnt && q < p + 8; q++)
                 c += (uint32_t)key_lt_fast(lk[q], k);
             p += c;
-            if (p < cnt && lk[p].head == k.head && lk[p].rest == k.rest) {
-                if (bad_index)
-                    *bad_index = i;
-                return 0;
-            }
+            if (p < cnt && lk[p].head == k.head && lk[p].rest == k.rest)
+                return i;
             b->pos[i] = p;
             lo = p;
         }
@@ -2953,15 +3008,13 @@ static int search_group(bins *b, bgroup *gr, uint64_t *bad_index)
             agg_key k = bins_key(b, i);
             uint32_t p = lo + general_count_lt(lk + lo, cnt - lo, k);
             if (p < cnt && key_cmp_general(lk[p], k) == 0) {
-                if (bad_index)
-                    *bad_index = i;
-                return 0;
+                return i;
             }
             b->pos[i] = p;
             lo = p;
         }
     }
-    return 1;
+    return UINT64_MAX;
 }
 
 
@@ -3051,37 +3104,47 @@ static void plan_root(bins *b)
     }
 }
 
-static agg_status bins_check(bins *b, uint64_t *bad_index)
+/* Search phase for groups [g0, g1), the leaves prefetched PF_DIST groups
+ * ahead: the first new key already present, or UINT64_MAX.  Writes only
+ * the groups' pos[] and L: ranges on different threads share nothing. */
+static uint64_t search_range(bins *b, uint64_t g0, uint64_t g1)
+{
+    uint64_t g, dup;
+    for (g = g0; g < g1; g++) {
+        if (g + PF_DIST < g1)
+            leaf_prefetch_all(b->t, b->grp[g + PF_DIST].leaf, 0);
+        if ((dup = search_group(b, &b->grp[g])) != UINT64_MAX)
+            return dup;
+    }
+    return UINT64_MAX;
+}
+
+static agg_status bins_check(bins *b, uint64_t *bad_index, int threads)
 {
     agg_tree *t = b->t;
     int D = (int)t->depth;
-    uint64_t e, gi, g;
-    /* search and plan, parent by parent; the leaves are prefetched
-     * PF_DIST groups ahead */
+    uint64_t e, gi, dup;
+    /* search every group (on two threads for a large batch) */
+    dup = run_halves(b, search_range, b->ngrp, b->ngrp / 2, threads);
+    if (dup != UINT64_MAX) {
+        if (bad_index)
+            *bad_index = dup;
+        return AGG_DUPLICATE;
+    }
+    /* plan, parent by parent */
     gi = 0;
-    for (e = 0; e <= b->nev; e++) {
-        bevent *ev = e < b->nev ? &b->ev[e] : NULL;
-        uint64_t gr, gend = ev ? ev->gend : b->ngrp;
-        if (ev && ev->lev != D - 2)
-            gend = gi;              /* upper levels own no groups */
-        for (g = gi; g < gend; g++) {
-            if (g + PF_DIST < b->ngrp)
-                leaf_prefetch_all(t, b->grp[g + PF_DIST].leaf, 0);
-            if (!search_group(b, &b->grp[g], bad_index))
-                return AGG_DUPLICATE;
-        }
-        if (!ev) {                  /* D == 1: the root leaf's groups */
-            if (D == 1) {
-                if (!plan_leaf_ops(b, NULL, 1, b->grp, b->ngrp, &b->rootgrow))
-                    return AGG_NOMEM;
-                b->new_leaves = b->rootgrow;
-            }
-            break;
-        }
+    if (D == 1) {
+        if (!plan_leaf_ops(b, NULL, 1, b->grp, b->ngrp, &b->rootgrow))
+            return AGG_NOMEM;
+        b->new_leaves = b->rootgrow;
+    }
+    for (e = 0; e < b->nev; e++) {
+        bevent *ev = &b->ev[e];
+        uint64_t gr;
         if (ev->lev == D - 2) {
-            if (!plan_leaf_ops(b, ev->x, ev->rm, b->grp + gi, gend - gi, &gr))
+            if (!plan_leaf_ops(b, ev->x, ev->rm, b->grp + gi, ev->gend - gi, &gr))
                 return AGG_NOMEM;
-            gi = gend;
+            gi = ev->gend;
             b->new_leaves += gr;
         } else {
             gr = b->grow[ev->lev];
@@ -3185,20 +3248,19 @@ AGG_INLINE void pend_push(bins *b, int lev, const entry *e, uint32_t pos)
 
 /* Apply pass: execute one leaf op (parent P, NULL when the root is a
  * leaf).  Nothing here can fail. */
-static void exec_leaf_op(bins *b, const lop *op, node *P)
+static void exec_leaf_op(bins *b, carry *cs, lop *op, node *P)
 {
     agg_tree *t = b->t;
-    int D = (int)t->depth;
     node *lf = op->leaf;
     agg_key *lk = node_keys(lf);
     double *lv = leaf_vals(t, lf);
-    uint32_t L = lf->count, keep = op->keep, li = 0, ci = 0, c = b->cn, cc, p;
+    uint32_t L = lf->count, keep = op->keep, li = 0, ci = 0, c = cs->cn, cc, p;
     uint64_t k = op->k, gi = 0, g, g0, i;
     const agg_key *G = b->sk + op->start;
     const double *GV = b->vals ? b->vals + op->start : NULL;
     const uint32_t *pos = b->pos + op->start;
-    agg_key *Ck = b->ck[b->cur];
-    double *Cv = b->cv[b->cur];
+    agg_key *Ck = cs->ck[cs->cur];
+    double *Cv = cs->cv[cs->cur];
     node **nl = NULL;
     ddsum delta, gsum, ssum, csum_next;
     topw w;
@@ -3221,19 +3283,17 @@ static void exec_leaf_op(bins *b, const lop *op, node *P)
         }
         lf->count = keep;
         gsum = vals_ddsum(GV, k);
-        b->cn = 0;
-        if (P) {
+        op->gsum = gsum;
+        cs->cn = 0;
+        if (P)
             entry_apply(t, P, op->j, keep, &gsum);
-            b->dcnt[D - 2] += k;
-            dds_add(&b->dsum[D - 2], gsum.hi, gsum.lo, gsum.exact, 0);
-        }
         return;
     }
     dds_zero(&delta);
     dds_zero(&ssum);
     dds_zero(&csum_next);
     if (c)
-        dds_add(&delta, b->csum.hi, b->csum.lo, b->csum.exact, 0);
+        dds_add(&delta, cs->csum.hi, cs->csum.lo, cs->csum.exact, 0);
     gsum = vals_ddsum(GV, k);
     dds_add(&delta, gsum.hi, gsum.lo, gsum.exact, 0);
 
@@ -3278,16 +3338,15 @@ static void exec_leaf_op(bins *b, const lop *op, node *P)
     w.op = op;
     if (op->nnew) {
         uint32_t size;
-        nl = b->leaves.a + b->leaves.used;
-        b->leaves.used += op->nnew;
+        nl = b->leaves.a + op->nl0;
         w.nl = nl;
         w.i = op->nnew - 1;
         newleaf_span(op, t->cap, w.i, &w.base, &size);
         w.k = node_keys(nl[w.i]);
         w.v = leaf_vals(t, nl[w.i]);
     } else {
-        w.k = b->ck[b->cur ^ 1];
-        w.v = b->cv[b->cur ^ 1];
+        w.k = cs->ck[cs->cur ^ 1];
+        w.v = cs->cv[cs->cur ^ 1];
     }
 
     /* 3. backward merge of carry, leaf items and new keys: runs of new
@@ -3317,7 +3376,6 @@ static void exec_leaf_op(bins *b, const lop *op, node *P)
     /* 4. new leaves: chain, entries for the parent, their sums leave */
     if (op->nnew) {
         node *prev = lf;
-        int plev = D - 1;
         for (i = 0; i < op->nnew; i++) {
             uint64_t base;
             uint32_t size;
@@ -3331,24 +3389,23 @@ static void exec_leaf_op(bins *b, const lop *op, node *P)
             tail_ref(t, s);
             e = entry_make(t, nl[i], s);
             dds_add(&delta, e.hi, e.lo, e.exact, 1);
-            pend_push(b, plev, &e, op->j);
+            b->lent[op->nl0 + i] = e;
         }
     }
     if (op->cout) {
-        csum_next = vals_ddsum(b->cv[b->cur ^ 1], op->cout);
+        csum_next = vals_ddsum(cs->cv[cs->cur ^ 1], op->cout);
         dds_add(&delta, csum_next.hi, csum_next.lo, csum_next.exact, 1);
-        b->cur ^= 1;
+        cs->cur ^= 1;
     }
-    b->cn = op->cout;
-    b->csum = csum_next;
+    cs->cn = op->cout;
+    cs->csum = csum_next;
+    op->gsum = gsum;
 
     /* 5. the parent's entries */
     if (P) {
         entry_apply(t, P, op->j, keep, &delta);
         if ((c || op->spill) && op->j > 0)
             inner_set_sep(t, P, op->j, lk[0]);
-        b->dcnt[D - 2] += k;
-        dds_add(&b->dsum[D - 2], gsum.hi, gsum.lo, gsum.exact, 0);
     }
 }
 
@@ -3460,17 +3517,44 @@ static void grow_root(bins *b)
     t->root = r[0].child;
 }
 
-/* Apply pass: replay the check pass's sequence - each parent's leaf ops,
- * then the path nodes it left, in order; no key is compared again.
+/* Apply pass, leaf level: execute leaf ops [r0, r1) (the first half
+ * uses carry state 0, a second one 1).  Writes only the leaves of these
+ * ops' parents, those parents' entries, the ops and their new leaves'
+ * entries: halves cut at a parent boundary share nothing they write
+ * (FAST keys: no tail reference counts). */
+static uint64_t apply_range(bins *b, uint64_t r0, uint64_t r1)
+{
+    carry *cs = &b->cs[r0 == 0 ? 0 : 1];
+    uint64_t r;
+    cs->cur = 0;
+    cs->cn = 0;
+    dds_zero(&cs->csum);
+    for (r = r0; r < r1; r++) {
+        lop *op = &b->ops[r];
+        if (r + PF_DIST < r1)
+            leaf_prefetch_all(b->t, b->ops[r + PF_DIST].leaf, 1);
+        exec_leaf_op(b, cs, op, op->parent);
+    }
+    return UINT64_MAX;
+}
+
+/* Apply pass: the leaf ops (on two threads for a large FAST batch, cut at
+ * a parent boundary near the middle), then, in the check pass's order,
+ * each parent's new leaves enter it and the path nodes are finalized.
  * Nothing here can fail. */
-static void bins_apply(bins *b)
+static void bins_apply(bins *b, int threads)
 {
     agg_tree *t = b->t;
     int D = (int)t->depth, lev;
-    uint64_t r = 0, e;
-    b->cur = 0;
-    b->cn = 0;
-    dds_zero(&b->csum);
+    uint64_t r = 0, e, cut = b->nops / 2;
+    if (threads && t->mode == AGG_KEYS_FAST && D >= 2) {
+        while (cut > 0 && cut < b->nops && b->ops[cut].parent == b->ops[cut - 1].parent)
+            cut++;
+    } else {
+        threads = 0;
+    }
+    run_halves(b, apply_range, b->nops, cut, threads);
+    b->leaves.used = b->leaves.n;
     for (lev = 0; lev < D; lev++) {
         b->dcnt[lev] = 0;
         dds_zero(&b->dsum[lev]);
@@ -3480,9 +3564,13 @@ static void bins_apply(bins *b)
         uint64_t end = e < b->nev ? b->ev[e].opend : b->nops;
         for (; r < end; r++) {
             const lop *op = &b->ops[r];
-            if (r + PF_DIST < b->nops)
-                leaf_prefetch_all(t, b->ops[r + PF_DIST].leaf, 1);
-            exec_leaf_op(b, op, op->parent);
+            uint64_t i;
+            for (i = 0; i < op->nnew; i++)
+                pend_push(b, D - 1, &b->lent[op->nl0 + i], op->j);
+            if (op->parent) {
+                b->dcnt[D - 2] += op->k;
+                dds_add(&b->dsum[D - 2], op->gsum.hi, op->gsum.lo, op->gsum.exact, 0);
+            }
         }
         if (e < b->nev)
             apply_finalize(b, &b->ev[e]);
@@ -3518,10 +3606,9 @@ static void bins_free(bins *b, int unreserve)
     for (d = 0; d < MAX_DEPTH; d++)
         free(b->pending[d]);
     free(b->tmp);
-    free(b->ck[0]);
-    free(b->cv[0]);
-    free(b->runs);
-    free(b->res);
+    free(b->lent);
+    free(b->cs[0].ck[0]);
+    free(b->cs[0].cv[0]);
 }
 
 /* Reserve everything the plan needs: nodes, tail copies, buffers.  0 if
@@ -3553,12 +3640,16 @@ static int bins_reserve(bins *b)
     b->ntmp = b->maxsplit > b->rootgrow + 1 ? b->maxsplit : b->rootgrow + 1;
     if (!(b->tmp = (entry *)scratch_alloc((size_t)b->ntmp * sizeof(entry))))
         return 0;
-    b->ck[0] = (agg_key *)scratch_alloc(2 * (size_t)t->cap * sizeof(agg_key));
-    b->cv[0] = (double *)scratch_alloc(2 * (size_t)t->cap * sizeof(double));
-    if (!b->ck[0] || !b->cv[0])
+    if (!(b->lent = (entry *)scratch_alloc((size_t)b->new_leaves * sizeof(entry))))
         return 0;
-    b->ck[1] = b->ck[0] + t->cap;
-    b->cv[1] = b->cv[0] + t->cap;
+    b->cs[0].ck[0] = (agg_key *)scratch_alloc(4 * (size_t)t->cap * sizeof(agg_key));
+    b->cs[0].cv[0] = (double *)scratch_alloc(4 * (size_t)t->cap * sizeof(double));
+    if (!b->cs[0].ck[0] || !b->cs[0].cv[0])
+        return 0;
+    for (d = 0; d < 4; d++) {
+        b->cs[d / 2].ck[d % 2] = b->cs[0].ck[0] + (size_t)d * t->cap;
+        b->cs[d / 2].cv[d % 2] = b->cs[0].cv[0] + (size_t)d * t->cap;
+    }
     if (t->mode == AGG_KEYS_GENERAL) {
         b->own = (agg_key *)scratch_alloc((size_t)b->n * sizeof(agg_key));
         if (!b->own)
@@ -3579,313 +3670,6 @@ static int bins_reserve(bins *b)
 }
 
 
-/* ---------------------------------------------------------------------- */
-/*  Copy-on-write merge path (section 13)                                 */
-/* ---------------------------------------------------------------------- */
-
-/* A run of consecutive touched leaves under one parent (groups g0..g0+r),
- * replaced by m >= r fresh leaves holding their items and new keys. */
-typedef struct crun {
-    node *parent;                /* NULL: the root is a leaf */
-    uint64_t g0;                 /* its first group (one group per old leaf) */
-    uint64_t start;              /* its first new key */
-    uint64_t k;                  /* its new keys */
-    uint64_t S;                  /* items after the batch */
-    uint64_t nl0;                /* its first new leaf in b->leaves */
-    ddsum gsum;                  /* merge: exact sum of its new values */
-    uint32_t j0;                 /* index of its first leaf in the parent */
-    uint32_t r;                  /* old leaves */
-    uint32_t m;                  /* new leaves */
-    uint8_t last;                /* it ends with the tree's last leaf */
-} crun;
-
-/* Merge result for one new leaf: the summary its parent entry gets. */
-typedef struct lres {
-    double hi;
-    double lo;
-    uint32_t cnt;
-    uint8_t exact;
-} lres;
-
-/* Size of new leaf i of a run: S shared evenly by m; a run ending with the
- * tree's last leaf may be too short for that (m == r, the last old leaf
- * below min): then min each and the rest in the last one (I4). */
-AGG_INLINE uint32_t crun_size(const crun *ru, uint32_t min, uint32_t i)
-{
-    uint64_t f = ru->S / ru->m, r = ru->S % ru->m;
-    if (f < min && ru->m > 1)
-        return i + 1 < ru->m ? min : (uint32_t)(ru->S - (uint64_t)(ru->m - 1) * min);
-    return (uint32_t)(f + (i < r));
-}
-
-/* Plan the runs of parent P's groups grp[0..ng) (P NULL: the root leaf);
- * returns 0 on allocation failure, *grown = leaves added under P. */
-static int plan_runs(bins *b, node *P, int rm_parent, uint64_t g0, uint64_t ng,
-                     uint64_t *grown)
-{
-    const agg_tree *t = b->t;
-    uint64_t g = g0, end = g0 + ng, total = 0;
-    while (g < end) {
-        crun *ru;
-        uint64_t S = 0, q;
-        if (!grow_array((void **)&b->runs, &b->capruns, b->nruns, sizeof *ru))
-            return 0;
-        ru = &b->runs[b->nruns++];
-        ru->parent = P;
-        ru->g0 = g;
-        ru->start = b->grp[g].start;
-        ru->j0 = b->grp[g].j;
-        q = g;
-        do {
-            bgroup *gr = &b->grp[q];
-            gr->L = P ? (uint32_t)inner_cnt(t, P)[gr->j] : gr->leaf->count;
-            S += gr->L + gr->k;
-            q++;
-        } while (q < end && b->grp[q].j == b->grp[q - 1].j + 1);
-        ru->r = (uint32_t)(q - g);
-        ru->k = b->grp[q - 1].start + b->grp[q - 1].k - ru->start;
-        ru->S = S;
-        ru->m = (uint32_t)pack_count(S, t->cap);
-        if (ru->m < ru->r)
-            ru->m = ru->r;          /* never fewer children: no parent underflows */
-        ru->last = (uint8_t)(!P || (rm_parent && b->grp[q - 1].j + 1 == P->count));
-        ru->nl0 = b->new_leaves;
-        b->new_leaves += ru->m;
-        total += ru->m - ru->r;
-        g = q;
-    }
-    *grown = total;
-    return 1;
-}
-
-/* Plan of the copy-on-write path: runs per parent, then the same node
- * counting as bins_check (reads the parents' counts only). */
-static agg_status cow_plan(bins *b)
-{
-    int D = (int)b->t->depth;
-    uint64_t e, gi = 0, gr;
-    if (D == 1) {
-        if (!plan_runs(b, NULL, 1, 0, b->ngrp, &gr))
-            return AGG_NOMEM;
-        b->rootgrow = gr;
-    }
-    for (e = 0; e < b->nev; e++) {
-        bevent *ev = &b->ev[e];
-        if (ev->lev == D - 2) {
-            if (!plan_runs(b, ev->x, ev->rm, gi, ev->gend - gi, &gr))
-                return AGG_NOMEM;
-            gi = ev->gend;
-        } else {
-            gr = b->grow[ev->lev];
-        }
-        plan_event(b, ev, gr);
-        ev->opend = b->nruns;
-    }
-    plan_root(b);
-    return AGG_OK;
-}
-
-/* Exact sum of v[0..n) in four independent double-double lanes (no chain
- * of dependent additions); returns 0 if some addition rounded or the sum is
- * not finite, else 1 with the canonical (*hi, *lo), which does not depend
- * on the order of the additions. */
-static int vals_sum_exact4(const double *v, uint64_t n, double *hi, double *lo)
-{
-    double h0 = 0.0, h1 = 0.0, h2 = 0.0, h3 = 0.0, l0 = 0.0, l1 = 0.0, l2 = 0.0, l3 = 0.0;
-    double H = 0.0, L = 0.0;
-    uint64_t i = 0;
-    int ex = 1;
-    for (; i + 4 <= n; i += 4) {
-        ex &= dd_step(&h0, &l0, v[i]);
-        ex &= dd_step(&h1, &l1, v[i + 1]);
-        ex &= dd_step(&h2, &l2, v[i + 2]);
-        ex &= dd_step(&h3, &l3, v[i + 3]);
-    }
-    for (; i < n; i++)
-        ex &= dd_step(&h0, &l0, v[i]);
-    ex &= dd_step(&H, &L, h0);
-    ex &= dd_step(&H, &L, h1);
-    ex &= dd_step(&H, &L, h2);
-    ex &= dd_step(&H, &L, h3);
-    ex &= dd_step(&H, &L, l0);
-    ex &= dd_step(&H, &L, l1);
-    ex &= dd_step(&H, &L, l2);
-    ex &= dd_step(&H, &L, l3);
-    ex = dd_finish(&H, &L, ex);
-    *hi = H;
-    *lo = L;
-    return ex;
-}
-
-/* Writer of one run's stream into its fresh leaves. */
-typedef struct cwriter {
-    const agg_tree *t;
-    const crun *ru;
-    node **nl;                   /* the run's new leaves */
-    lres *res;                   /* their summaries */
-    uint32_t i;                  /* current leaf */
-    uint32_t sz;                 /* its planned size */
-    uint32_t p;                  /* items written into it */
-    agg_key *k;                  /* its arrays */
-    double *v;
-} cwriter;
-
-/* Start new leaf i of the run. */
-AGG_INLINE void cw_open(cwriter *w, uint32_t i)
-{
-    node *x = w->nl[i];
-    w->i = i;
-    w->sz = crun_size(w->ru, w->t->min, i);
-    w->p = 0;
-    w->k = node_keys(x);
-    w->v = leaf_vals(w->t, x);
-}
-
-/* The current leaf is full: its count, summary and in-run links. */
-static void cw_close(cwriter *w)
-{
-    node *x = w->nl[w->i];
-    lres *q = &w->res[w->i];
-    double h, l;
-    int ex;
-    x->count = w->sz;
-    x->prev = w->i > 0 ? w->nl[w->i - 1] : NULL;
-    x->next = w->i + 1 < w->ru->m ? w->nl[w->i + 1] : NULL;
-    ex = vals_sum_exact4(w->v, w->sz, &h, &l);
-    if (!ex)
-        ex = vals_sum(w->v, w->sz, &h, &l);   /* node_summary's own result */
-    q->hi = h;
-    q->lo = l;
-    q->exact = (uint8_t)ex;
-    q->cnt = w->sz;
-    if (w->i + 1 < w->ru->m)
-        cw_open(w, w->i + 1);
-}
-
-/* Append cnt stream items (sv NULL: values 0.0). */
-static void cw_put(cwriter *w, const agg_key *sk, const double *sv, uint32_t cnt)
-{
-    while (cnt) {
-        uint32_t room = w->sz - w->p, c = cnt < room ? cnt : room;
-        memcpy(w->k + w->p, sk, (size_t)c * sizeof *sk);
-        if (sv) {
-            memcpy(w->v + w->p, sv, (size_t)c * sizeof *sv);
-            sv += c;
-        } else {
-            memset(w->v + w->p, 0, (size_t)c * sizeof *sv);
-        }
-        w->p += c;
-        sk += c;
-        cnt -= c;
-        if (w->p == w->sz)
-            cw_close(w);
-    }
-}
-
-/* Append one stream item. */
-AGG_INLINE void cw_put1(cwriter *w, agg_key k, double v)
-{
-    w->k[w->p] = k;
-    w->v[w->p] = v;
-    if (++w->p == w->sz)
-        cw_close(w);
-}
-
-/* Merge one run: reads its old leaves, writes its fresh ones.  Returns
- * the index of its first new key already present, or UINT64_MAX. */
-static uint64_t cow_merge_run(const bins *b, crun *ru, node **nl, lres *res)
-{
-    const agg_tree *t = b->t;
-    int fast = t->mode == AGG_KEYS_FAST;
-    uint64_t q;
-    cwriter w;
-    w.t = t;
-    w.ru = ru;
-    w.nl = nl;
-    w.res = res;
-    cw_open(&w, 0);
-    for (q = ru->g0; q < ru->g0 + ru->r; q++) {
-        const bgroup *gr = &b->grp[q];
-        node *lf = gr->leaf;
-        const agg_key *lk = node_keys(lf);
-        const double *lv = leaf_vals(t, lf);
-        const agg_key *G = b->sk + gr->start;
-        const double *GV = b->vals ? b->vals + gr->start : NULL;
-        uint32_t L = lf->count, li = 0;
-        uint64_t g;
-        for (g = 0; g < gr->k; g++) {
-            agg_key k = G[g];
-            uint32_t p;
-            if (fast) {
-                /* forward scan, 8 independent compares at a time */
-                uint32_t c = 0, x;
-                p = li;
-                while (p + 8 <= L && key_lt_fast(lk[p + 7], k))
-                    p += 8;
-                for (x = p; x < L && x < p + 8; x++)
-                    c += (uint32_t)key_lt_fast(lk[x], k);
-                p += c;
-                if (p < L && lk[p].head == k.head && lk[p].rest == k.rest)
-                    return gr->start + g;
-            } else {
-                p = li + general_count_lt(lk + li, L - li, k);
-                if (p < L && key_cmp_general(lk[p], k) == 0)
-                    return gr->start + g;
-            }
-            if (p > li)
-                cw_put(&w, lk + li, lv + li, p - li);
-            cw_put1(&w, k, GV ? GV[g] : 0.0);
-            li = p;
-        }
-        if (L > li)
-            cw_put(&w, lk + li, lv + li, L - li);
-    }
-    if (!vals_sum_exact4(b->vals ? b->vals + ru->start : NULL, b->vals ? ru->k : 0,
-                         &ru->gsum.hi, &ru->gsum.lo))
-        ru->gsum.exact = 0;
-    else
-        ru->gsum.exact = 1;
-    return UINT64_MAX;
-}
-
-/* Merge runs [r0, r1); the first new key already present, or UINT64_MAX.
- * Reads the tree, writes only the fresh leaves and the runs' results:
- * runs on different threads share nothing they write. */
-static uint64_t cow_merge_range(const bins *b, uint64_t r0, uint64_t r1)
-{
-    const agg_tree *t = b->t;
-    uint64_t r, pf = b->runs[r0].g0, gend = r1 < b->nruns ? b->runs[r1].g0 : b->ngrp;
-    for (r = r0; r < r1; r++) {
-        crun *ru = &b->runs[r];
-        uint64_t dup;
-        /* prefetch the old leaves PF_DIST groups ahead */
-        for (; pf < gend && pf < ru->g0 + ru->r + PF_DIST; pf++)
-            leaf_prefetch_all(t, b->grp[pf].leaf, 1);
-        dup = cow_merge_run(b, ru, b->leaves.a + ru->nl0, b->res + ru->nl0);
-        if (dup != UINT64_MAX)
-            return dup;
-    }
-    return UINT64_MAX;
-}
-
-#ifndef AGG_NO_THREADS
-#include <pthread.h>
-
-/* Second half of a two-thread merge. */
-typedef struct cow_job {
-    const bins *b;
-    uint64_t r0, r1;
-    uint64_t dup;
-} cow_job;
-
-static void *cow_job_run(void *arg)
-{
-    cow_job *j = (cow_job *)arg;
-    j->dup = cow_merge_range(j->b, j->r0, j->r1);
-    return NULL;
-}
-#endif
-
 /* Debug switch, see aggtree.h. */
 static AGG_ATOMIC(long) g_batch_mode = 0;
 
@@ -3894,144 +3678,20 @@ long agg_debug_insert_sorted_mode(long mode)
     return atomic_exchange_relaxed(&g_batch_mode, mode);
 }
 
-/* Batches of at least this many keys merge on two threads. */
-#define COW_THREAD_MIN 16384
+/* Batches of at least this many keys use two threads (section 13). */
+#define BATCH_THREAD_MIN 16384
 
-/* Batches with at least this many keys per touched leaf take the
- * copy-on-write path (measured, section 13). */
-#define COW_DENSITY 2
-
-/* Merge every run, on two threads when the batch is large (split at a
- * parent boundary near the middle of the items written).  Returns the
- * first new key already present (in key order), or UINT64_MAX. */
-static uint64_t cow_merge(const bins *b, long mode)
+/* Use a second thread: forced by the debug mode, else for large batches
+ * unless AGGTREE_THREADS=1 in the environment. */
+static int batch_threads(const bins *b, long mode)
 {
-#ifndef AGG_NO_THREADS
-    int threads = mode == 3 || (mode == 0 && b->n >= COW_THREAD_MIN);
-    if (threads && mode == 0) {
-        const char *env = getenv("AGGTREE_THREADS");
-        if (env && atoi(env) == 1)
-            threads = 0;
-    }
-    if (threads && b->nruns >= 2) {
-        uint64_t tot = 0, half = 0, r, cut = 0;
-        for (r = 0; r < b->nruns; r++)
-            tot += b->runs[r].S;
-        for (r = 0; r < b->nruns; r++) {
-            if (r > 0 && b->runs[r].parent != b->runs[r - 1].parent) {
-                cut = r;
-                if (2 * half >= tot)
-                    break;
-            }
-            half += b->runs[r].S;
-        }
-        if (cut > 0) {
-            pthread_t th;
-            cow_job job;
-            uint64_t d0;
-            job.b = b;
-            job.r0 = cut;
-            job.r1 = b->nruns;
-            job.dup = UINT64_MAX;
-            if (pthread_create(&th, NULL, cow_job_run, &job) == 0) {
-                d0 = cow_merge_range(b, 0, cut);
-                pthread_join(th, NULL);
-                return d0 != UINT64_MAX ? d0 : job.dup;
-            }
-            /* no thread: do it all here */
-        }
-    }
-#else
-    (void)mode;
-#endif
-    return cow_merge_range(b, 0, b->nruns);
-}
-
-/* Commit one merged run: its fresh leaves take the old ones' places in the
- * parent (extra ones wait to enter it) and in the leaf chain. */
-static void cow_commit_run(bins *b, const crun *ru)
-{
-    agg_tree *t = b->t;
-    int D = (int)t->depth;
-    node **nl = b->leaves.a + ru->nl0;
-    const lres *res = b->res + ru->nl0;
-    node *P = ru->parent;
-    node *of = b->grp[ru->g0].leaf, *ol = b->grp[ru->g0 + ru->r - 1].leaf;
-    node *prev = of->prev, *next = ol->next;
-    uint32_t i;
-    /* the chain: a previous run's commit already relinked of->prev */
-    nl[0]->prev = prev;
-    if (prev)
-        prev->next = nl[0];
-    nl[ru->m - 1]->next = next;
-    if (next)
-        next->prev = nl[ru->m - 1];
-    if (!P) {
-        t->root = nl[0];
-        for (i = 1; i < ru->m; i++) {
-            entry e;
-            e.sep = node_keys(nl[i])[0];
-            tail_ref(t, e.sep);
-            e.child = nl[i];
-            e.cnt = res[i].cnt;
-            e.hi = res[i].hi;
-            e.lo = res[i].lo;
-            e.exact = res[i].exact;
-            pend_push(b, 0, &e, 0);
-        }
-        return;
-    }
-    for (i = 0; i < ru->m; i++) {
-        entry e;
-        e.sep = node_keys(nl[i])[0];
-        e.child = nl[i];
-        e.cnt = res[i].cnt;
-        e.hi = res[i].hi;
-        e.lo = res[i].lo;
-        e.exact = res[i].exact;
-        if (i < ru->r) {
-            /* sep[j0] stays: it is <= every key routed to the run */
-            uint32_t j = ru->j0 + i;
-            if (i > 0)
-                inner_set_sep(t, P, j, e.sep);
-            e.sep = node_keys(P)[j];
-            inner_put(t, P, j, &e);
-        } else {
-            tail_ref(t, e.sep);
-            pend_push(b, D - 1, &e, ru->j0 + ru->r - 1);
-        }
-    }
-    b->dcnt[D - 2] += ru->k;
-    dds_add(&b->dsum[D - 2], ru->gsum.hi, ru->gsum.lo, ru->gsum.exact, 0);
-}
-
-/* Commit: every run, then the path nodes in the route's order (new
- * children enter, overfull nodes split, entries above are updated), new
- * root levels; then the old leaves are freed (their items' tail
- * references moved to the fresh leaves).  Nothing here can fail. */
-static void cow_commit(bins *b)
-{
-    agg_tree *t = b->t;
-    int D = (int)t->depth, lev;
-    uint64_t r = 0, e, g;
-    for (lev = 0; lev < D; lev++) {
-        b->dcnt[lev] = 0;
-        dds_zero(&b->dsum[lev]);
-        b->npending[lev] = 0;
-    }
-    for (e = 0; e <= b->nev; e++) {
-        uint64_t end = e < b->nev ? b->ev[e].opend : b->nruns;
-        for (; r < end; r++)
-            cow_commit_run(b, &b->runs[r]);
-        if (e < b->nev)
-            apply_finalize(b, &b->ev[e]);
-    }
-    b->leaves.used = b->leaves.n;
-    if (b->npending[0])
-        grow_root(b);
-    t->len += b->n;
-    for (g = 0; g < b->ngrp; g++)
-        mem_free(t, b->grp[g].leaf, t->leaf_bytes);
+    const char *env;
+    if (mode == 2)
+        return 1;
+    if (mode != 0 || b->n < BATCH_THREAD_MIN)
+        return 0;
+    env = getenv("AGGTREE_THREADS");
+    return !(env && atoi(env) == 1);
 }
 
 /* 1 if keys[0..n) strictly increase (the batch operations' precondition);
@@ -4057,6 +3717,7 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double
     bins b;
     agg_status st;
     long mode;
+    int threads;
     if (n == 0)
         return AGG_OK;
     /* 1. order, before anything else */
@@ -4077,43 +3738,25 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double
         return st;
     }
     mode = atomic_load_relaxed(&g_batch_mode);
-    if (mode == 2 || mode == 3 || (mode != 1 && n >= COW_DENSITY * b.ngrp)) {
-        /* copy-on-write: plan, reserve, merge into fresh leaves, commit */
-        uint64_t dup;
-        if (cow_plan(&b) != AGG_OK || !bins_reserve(&b) ||
-            !(b.res = (lres *)scratch_alloc((size_t)b.new_leaves * sizeof(lres)))) {
-            bins_free(&b, 1);
-            return AGG_NOMEM;
-        }
-        dup = cow_merge(&b, mode);
-        if (dup != UINT64_MAX) {
-            if (bad_index)
-                *bad_index = dup;
-            bins_free(&b, 1);
-            return AGG_DUPLICATE;
-        }
-        cow_commit(&b);
-        bins_free(&b, 0);
-        return AGG_OK;
-    }
-    /* in place: check and plan (reads only) */
+    threads = batch_threads(&b, mode);
+    /* 3. check and plan (reads only) */
     b.pos = (uint32_t *)scratch_alloc((size_t)n * sizeof(uint32_t));
     if (!b.pos) {
         bins_free(&b, 1);
         return AGG_NOMEM;
     }
-    st = bins_check(&b, bad_index);
+    st = bins_check(&b, bad_index, threads);
     if (st != AGG_OK) {
         bins_free(&b, 1);
         return st;
     }
-    /* 3. reserve */
+    /* 4. reserve */
     if (!bins_reserve(&b)) {
         bins_free(&b, 1);
         return AGG_NOMEM;
     }
-    /* 4. apply: cannot fail */
-    bins_apply(&b);
+    /* 5. apply: cannot fail */
+    bins_apply(&b, threads);
     bins_free(&b, 0);
     return AGG_OK;
 }

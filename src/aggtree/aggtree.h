@@ -298,11 +298,11 @@ agg_status agg_tree_check(const agg_tree *t, char *msg, size_t msg_len);
  * Returns the number of allocations made since the last call. */
 long agg_debug_fail_after(long n);
 
-/* Test hook, global: which path agg_tree_insert_sorted takes (section 13
- * of aggtree.c).  0 (the default) chooses by batch density and size; 1
- * forces the in-place path; 2 the copy-on-write merge on one thread; 3 the
- * copy-on-write merge on two threads whenever it has two parents' runs.
- * Returns the previous mode.  The result is the same in every mode. */
+/* Test hook, global: how agg_tree_insert_sorted runs (section 13 of
+ * aggtree.c).  0 (the default): on two threads for large batches (unless
+ * the environment has AGGTREE_THREADS=1); 1: always on one thread; 2: on
+ * two threads whenever the batch can be split (FAST keys for the apply
+ * pass).  Returns the previous mode.  The result is the same in every mode. */
 long agg_debug_insert_sorted_mode(long mode);
 
 #ifdef __cplusplus

@@ -878,9 +878,8 @@ int main(int argc, char **argv)
     test_build_unsorted(iters / 200 + 10);
     printf("  %-40s ok\n", "build_unsorted");
     per = iters / 10 + 1;
-    /* every batch insert path (agg_debug_insert_sorted_mode): in place,
-     * copy-on-write on one thread, on two threads */
-    for (md = 1; md <= 3; md++) {
+    /* batch inserts on one thread and on two (agg_debug_insert_sorted_mode) */
+    for (md = 1; md <= 2; md++) {
         agg_debug_insert_sorted_mode(md);
         for (mi = 0; mi < 2; mi++)
             for (si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
@@ -889,8 +888,8 @@ int main(int argc, char **argv)
                 fflush(stdout);
             }
     }
-    /* large batches: the automatic choice, and two threads forced */
-    for (md = 0; md <= 3; md += 3) {
+    /* large batches: the automatic choice, and two threads */
+    for (md = 0; md <= 2; md += 2) {
         agg_debug_insert_sorted_mode(md);
         for (mi = 0; mi < 2; mi++) {
             run_large(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, 16, TEST_SANITIZED ? 20000 : 60000, 12);
