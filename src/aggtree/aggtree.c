@@ -2678,6 +2678,7 @@ typedef struct bevent {
     node *parent;                /* its parent (NULL for the root) */
     uint64_t gend;               /* groups created before */
     uint64_t opend;              /* plan: leaf ops planned before it is finalized */
+    uint64_t grown;              /* plan, leaf parents: new leaves under it */
     uint32_t pj;                 /* its index in the parent */
     int32_t lev;                 /* its level */
     uint8_t rm;                  /* it is the last node of its level */
@@ -2697,6 +2698,24 @@ typedef struct pool {
     uint64_t used;               /* handed out */
 } pool;
 
+/* The route, search and plan of a contiguous part of the keys (one, or
+ * two on two threads): arrays sized before it starts, so it never
+ * allocates. */
+typedef struct part {
+    bgroup *grp;                 /* per touched leaf, in key order */
+    uint64_t ngrp;
+    uint64_t capgrp;
+    bevent *ev;                  /* path nodes left by the route, in order */
+    uint64_t nev;
+    uint64_t capev;
+    lop *ops;                    /* per leaf to rewrite, in key order */
+    uint64_t nops;
+    uint64_t capops;
+    uint64_t new_leaves;         /* new leaves its ops take */
+    uint64_t tail_grown;         /* of which under its last leaf parent (not last part) */
+    finger f;                    /* the route's finger */
+} part;
+
 /* Carry between consecutive leaf ops of one apply thread. */
 typedef struct carry {
     agg_key *ck[2];              /* carry buffers (cap items each) */
@@ -2715,22 +2734,20 @@ typedef struct bins {
     const double *vals;          /* values, NULL = all 0.0 */
     uint64_t n;                  /* number of keys */
     uint32_t *pos;               /* per key: items of its leaf < it, before the batch */
-    bgroup *grp;                 /* per touched leaf, in key order */
+    part pt[2];                  /* check: the parts; pt[0] ends up holding all */
+    bgroup *grp;                 /* = pt[0]'s arrays once the parts are joined */
     uint64_t ngrp;
-    uint64_t capgrp;
-    bevent *ev;                  /* path nodes left by the route phase, in order */
+    bevent *ev;
     uint64_t nev;
-    uint64_t capev;
-    lop *ops;                    /* per leaf to rewrite, in key order */
+    lop *ops;
     uint64_t nops;
-    uint64_t capops;
     uint64_t grow[MAX_DEPTH];    /* plan: new children of the current node per level */
     uint64_t maxpend[MAX_DEPTH]; /* most new nodes at level d under one parent */
     uint64_t maxsplit;           /* longest entry list of a splitting node */
     uint64_t rootgrow;           /* new siblings of the root */
     uint64_t new_leaves;         /* nodes the apply pass will take */
     uint64_t new_inner;
-    finger f;
+    uint64_t split;              /* first key of the second part (0: one part) */
     pool leaves;                 /* apply pass: reserved nodes */
     pool inner;
     pend *pending[MAX_DEPTH];    /* new nodes at level d waiting for their parent */
@@ -2749,41 +2766,19 @@ AGG_INLINE agg_key bins_key(const bins *b, uint64_t i)
     return key_normalize(b->t, b->keys[i]);
 }
 
-/* Make room for one more element in a growing scratch array (before
- * anything is modified).  0 on allocation failure. */
-static int grow_array(void **a, uint64_t *cap, uint64_t used, size_t size)
+/* Append a leaf op (the array is sized for the worst case: one op per
+ * group plus one absorbing op per group). */
+AGG_INLINE void ops_push(part *pt, const lop *op)
 {
-    void *na;
-    uint64_t nc;
-    if (used < *cap)
-        return 1;
-    nc = *cap ? 2 * *cap : 64;
-    na = scratch_alloc((size_t)nc * size);
-    if (!na)
-        return 0;
-    if (used)
-        memcpy(na, *a, (size_t)used * size);
-    free(*a);
-    *a = na;
-    *cap = nc;
-    return 1;
-}
-
-/* Append a leaf op. */
-static int ops_push(bins *b, const lop *op)
-{
-    if (!grow_array((void **)&b->ops, &b->capops, b->nops, sizeof *op))
-        return 0;
-    b->ops[b->nops++] = *op;
-    return 1;
+    pt->ops[pt->nops++] = *op;
 }
 
 /* Plan the leaves of parent P (NULL: the root is a leaf) from its groups
  * g[0..ng) (section 13: fit, carry right, spill left, absorb into an
- * untouched right neighbour, or new leaves).  Returns 0 on allocation
- * failure; *grown = new leaves under P. */
-static int plan_leaf_ops(bins *b, node *P, int rm_parent, const bgroup *grp, uint64_t ng,
-                         uint64_t *grown)
+ * untouched right neighbour, or new leaves) into pt's ops.  Returns the
+ * number of new leaves under P. */
+static uint64_t plan_leaf_ops(bins *b, part *pt, node *P, int rm_parent, const bgroup *grp,
+                              uint64_t ng)
 {
     const agg_tree *t = b->t;
     uint32_t cap = t->cap, min = t->min, c = 0, prev_keep = 0;
@@ -2832,16 +2827,16 @@ static int plan_leaf_ops(bins *b, node *P, int rm_parent, const bgroup *grp, uin
                     lop ab;         /* the untouched right neighbour absorbs it */
                     node *nb = inner_child(t, P)[j + 1];
                     op.cout = (uint32_t)X;
-                    if (!ops_push(b, &op))
-                        return 0;
+                    op.nl0 = pt->new_leaves + total;
+                    ops_push(pt, &op);
                     memset(&ab, 0, sizeof ab);
                     ab.leaf = nb;
                     ab.parent = P;
                     ab.start = g->start + g->k;
                     ab.j = j + 1;
                     ab.keep = nb->count + (uint32_t)X;
-                    if (!ops_push(b, &ab))
-                        return 0;
+                    ab.nl0 = pt->new_leaves + total;
+                    ops_push(pt, &ab);
                     prev_j = j + 1;
                     prev_keep = ab.keep;
                     prev_emit = 0;
@@ -2857,34 +2852,30 @@ static int plan_leaf_ops(bins *b, node *P, int rm_parent, const bgroup *grp, uin
                 }
             }
         }
-        op.nl0 = b->new_leaves + total;
-        if (!ops_push(b, &op))
-            return 0;
+        op.nl0 = pt->new_leaves + total;
+        ops_push(pt, &op);
         total += op.nnew;
         prev_j = j;
         prev_keep = op.keep;
         prev_emit = op.nnew > 0;
     }
-    *grown = total;
-    return 1;
+    pt->new_leaves += total;
+    return total;
 }
 
 /* Route phase: record that path node `lev` is left after the groups so
  * far. */
-static int route_event(bins *b, int lev)
+static void route_event(part *pt, int lev)
 {
-    bevent *e;
-    if (!grow_array((void **)&b->ev, &b->capev, b->nev, sizeof *e))
-        return 0;
-    e = &b->ev[b->nev++];
-    e->x = b->f.path[lev];
-    e->parent = lev > 0 ? b->f.path[lev - 1] : NULL;
-    e->pj = lev > 0 ? b->f.idx[lev - 1] : 0;
-    e->gend = b->ngrp;
-    e->opend = 0;
+    bevent *e = &pt->ev[pt->nev++];
+    e->x = pt->f.path[lev];
+    e->parent = lev > 0 ? pt->f.path[lev - 1] : NULL;
+    e->pj = lev > 0 ? pt->f.idx[lev - 1] : 0;
+    e->gend = pt->ngrp;
+    e->opend = pt->nops;
+    e->grown = 0;
     e->lev = lev;
-    e->rm = (uint8_t)(b->f.hn[lev] == NULL);
-    return 1;
+    e->rm = (uint8_t)(pt->f.hn[lev] == NULL);
 }
 
 /* Software prefetching of the batch passes (section 13): a leaf is
@@ -2909,19 +2900,14 @@ AGG_INLINE void leaf_prefetch_all(const agg_tree *t, node *n, int values)
 }
 
 /* Route phase: keys [start, i) go to the finger's leaf. */
-static int route_group(bins *b, uint64_t start, uint64_t i)
+AGG_INLINE void route_group(part *pt, int D, uint64_t start, uint64_t i)
 {
-    int D = (int)b->t->depth;
-    bgroup *g;
-    if (!grow_array((void **)&b->grp, &b->capgrp, b->ngrp, sizeof *g))
-        return 0;
-    g = &b->grp[b->ngrp++];
-    g->leaf = b->f.path[D - 1];
+    bgroup *g = &pt->grp[pt->ngrp++];
+    g->leaf = pt->f.path[D - 1];
     g->start = start;
     g->k = i - start;
-    g->j = D >= 2 ? b->f.idx[D - 2] : 0;
+    g->j = D >= 2 ? pt->f.idx[D - 2] : 0;
     g->L = 0;
-    return 1;
 }
 
 #ifndef AGG_NO_THREADS
@@ -3018,64 +3004,11 @@ static uint64_t search_group(bins *b, bgroup *gr)
 }
 
 
-/* Check pass (reads only, section 13):
- *  route   the keys are routed to their leaves through the internal nodes
- *          alone (one compare per key while it stays in a leaf), giving
- *          the groups (leaf, first key, count) and the sequence of path
- *          nodes the walk leaves (events);
- *  search + plan, parent by parent: every group is searched in its leaf,
- *          prefetched PF_DIST groups ahead (the first key already present
- *          is reported, the others get their positions), then the
- *          parent's leaf ops are planned; each event then says how many
- *          nodes its node becomes, which gives the number of new nodes per
- *          level and the sizes of the buffers. */
-static agg_status bins_route(bins *b)
-{
-    agg_tree *t = b->t;
-    finger *f = &b->f;
-    int D = (int)t->depth, lev;
-    uint64_t i, gs = 0;
-    f->path[0] = t->root;
-    f->hn[0] = NULL;
-    f->hs[0] = 0;
-    finger_descend(t, f, 0, bins_key(b, 0), 0);
-    if (D == 1) {
-        if (!route_group(b, 0, b->n))
-            return AGG_NOMEM;
-    } else {
-        node *hn = f->hn[D - 1];
-        uint32_t hs = f->hs[D - 1];
-        for (i = 1; i < b->n; i++) {
-            agg_key k = bins_key(b, i);
-            int d;
-            if (!hn || key_lt(t, k, node_keys(hn)[hs]))
-                continue;           /* same leaf */
-            if (!route_group(b, gs, i))
-                return AGG_NOMEM;
-            d = finger_level(t, f, D - 2, k);
-            for (lev = D - 2; lev > d; lev--)
-                if (!route_event(b, lev))
-                    return AGG_NOMEM;
-            finger_descend(t, f, d, k, 1);
-            hn = f->hn[D - 1];
-            hs = f->hs[D - 1];
-            gs = i;
-        }
-        if (!route_group(b, gs, b->n))
-            return AGG_NOMEM;
-        for (lev = D - 2; lev >= 0; lev--)
-            if (!route_event(b, lev))
-                return AGG_NOMEM;
-    }
-    return AGG_OK;
-}
-
 /* Plan: path node ev->x gets gr new children; count the nodes it becomes
  * (new internal nodes, new root levels) and the buffer sizes. */
 static void plan_event(bins *b, bevent *ev, uint64_t gr)
 {
     uint64_t sz = ev->x->count + gr, cnt = pack_count(sz, b->t->cap);
-    ev->opend = b->nops;
     b->grow[ev->lev] = 0;
     if (gr > b->maxpend[ev->lev + 1])
         b->maxpend[ev->lev + 1] = gr;
@@ -3104,52 +3037,195 @@ static void plan_root(bins *b)
     }
 }
 
-/* Search phase for groups [g0, g1), the leaves prefetched PF_DIST groups
- * ahead: the first new key already present, or UINT64_MAX.  Writes only
- * the groups' pos[] and L: ranges on different threads share nothing. */
-static uint64_t search_range(bins *b, uint64_t g0, uint64_t g1)
+/* Check pass (reads only, section 13), for the keys [lo, hi) of part pt
+ * (the whole batch, or one of two halves cut at a leaf parent boundary and
+ * run on two threads at once):
+ *  route   the keys are routed to their leaves through the internal nodes
+ *          alone (one compare per key while it stays in a leaf), giving
+ *          the groups (leaf, first key, count) and the sequence of path
+ *          nodes the walk leaves (events; the last part closes every
+ *          level, the first leaves its final path open);
+ *  search  every group is searched in its leaf, prefetched PF_DIST groups
+ *          ahead: the first key already present is reported, the others
+ *          get their positions;
+ *  plan    each leaf parent's leaf ops, from the counts alone.
+ * Returns the first new key already present, or UINT64_MAX.  Writes only
+ * pt, its groups' keys' pos[] and its ops: parts share nothing they
+ * write, and nothing here allocates. */
+static uint64_t check_part(bins *b, uint64_t lo, uint64_t hi)
 {
-    uint64_t g, dup;
-    for (g = g0; g < g1; g++) {
-        if (g + PF_DIST < g1)
-            leaf_prefetch_all(b->t, b->grp[g + PF_DIST].leaf, 0);
-        if ((dup = search_group(b, &b->grp[g])) != UINT64_MAX)
+    const agg_tree *t = b->t;
+    part *pt = &b->pt[lo == 0 ? 0 : 1];
+    finger *f = &pt->f;
+    int D = (int)t->depth, lev;
+    uint64_t i, gs = lo, g, e, gi = 0;
+    /* route */
+    f->path[0] = t->root;
+    f->hn[0] = NULL;
+    f->hs[0] = 0;
+    finger_descend(t, f, 0, bins_key(b, lo), 0);
+    if (D == 1) {
+        route_group(pt, D, lo, hi);
+    } else {
+        node *hn = f->hn[D - 1];
+        uint32_t hs = f->hs[D - 1];
+        for (i = lo + 1; i < hi; i++) {
+            agg_key k = bins_key(b, i);
+            int d;
+            if (!hn || key_lt(t, k, node_keys(hn)[hs]))
+                continue;           /* same leaf */
+            route_group(pt, D, gs, i);
+            d = finger_level(t, f, D - 2, k);
+            for (lev = D - 2; lev > d; lev--)
+                route_event(pt, lev);
+            finger_descend(t, f, d, k, 1);
+            hn = f->hn[D - 1];
+            hs = f->hs[D - 1];
+            gs = i;
+        }
+        route_group(pt, D, gs, hi);
+        if (hi == b->n)
+            for (lev = D - 2; lev >= 0; lev--)
+                route_event(pt, lev);
+    }
+    /* search */
+    for (g = 0; g < pt->ngrp; g++) {
+        uint64_t dup;
+        if (g + PF_DIST < pt->ngrp)
+            leaf_prefetch_all(t, pt->grp[g + PF_DIST].leaf, 0);
+        if ((dup = search_group(b, &pt->grp[g])) != UINT64_MAX)
             return dup;
     }
+    /* plan, parent by parent */
+    if (D == 1) {
+        b->rootgrow = plan_leaf_ops(b, pt, NULL, 1, pt->grp, pt->ngrp);
+        return UINT64_MAX;
+    }
+    for (e = 0; e < pt->nev; e++) {
+        bevent *ev = &pt->ev[e];
+        if (ev->lev == D - 2) {
+            ev->grown = plan_leaf_ops(b, pt, ev->x, ev->rm, pt->grp + gi, ev->gend - gi);
+            gi = ev->gend;
+        }
+        ev->opend = pt->nops;
+    }
+    if (hi < b->n)                  /* the open last leaf parent */
+        pt->tail_grown = plan_leaf_ops(b, pt, f->path[D - 2], f->hn[D - 2] == NULL,
+                                       pt->grp + gi, pt->ngrp - gi);
     return UINT64_MAX;
 }
 
+/* Where to cut the batch for two threads: the first key past the leaf
+ * parent of the middle key (so that no leaf parent has keys in both
+ * parts), or 0 for no cut. */
+static uint64_t check_split(const bins *b)
+{
+    const agg_tree *t = b->t;
+    int D = (int)t->depth;
+    uint64_t lo = b->n / 2, hi = b->n;
+    finger f;
+    agg_key bound;
+    if (D < 3 || b->n < 2)
+        return 0;
+    f.path[0] = t->root;
+    f.hn[0] = NULL;
+    f.hs[0] = 0;
+    finger_descend(t, &f, 0, bins_key(b, lo), 0);
+    if (!f.hn[D - 2])
+        return 0;                   /* the middle key is in the last leaf parent */
+    bound = node_keys(f.hn[D - 2])[f.hs[D - 2]];
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (key_lt(t, bins_key(b, mid), bound))
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < b->n ? lo : 0;
+}
+
+/* Size the arrays of part pt for nk keys (into pt[0], room for both parts
+ * when `all`): groups <= keys and <= leaves, events <= internal nodes
+ * (each is left once) and <= groups * levels, ops <= 2 per group.  0 on
+ * allocation failure. */
+static int part_alloc(bins *b, part *pt, uint64_t nk)
+{
+    const agg_tree *t = b->t;
+    uint64_t D = t->depth, leaves = t->nbytes / t->leaf_bytes + 1;
+    uint64_t inner = t->nbytes / t->inner_bytes + 1, g, e;
+    g = (nk < leaves ? nk : leaves) + 1;
+    e = g * D < 2 * inner ? g * D : 2 * inner;
+    e += 2 * D + 2;
+    pt->capgrp = g;
+    pt->capev = e;
+    pt->capops = 2 * g;
+    pt->grp = (bgroup *)scratch_alloc((size_t)g * sizeof(bgroup));
+    pt->ev = (bevent *)scratch_alloc((size_t)e * sizeof(bevent));
+    pt->ops = (lop *)scratch_alloc((size_t)(2 * g) * sizeof(lop));
+    return pt->grp && pt->ev && pt->ops;
+}
+
+/* Join part 1 to part 0: the events closing part 0's open path (up to the
+ * node it shares with part 1's first key), then part 1's groups, events
+ * and ops, renumbered. */
+static void parts_join(bins *b)
+{
+    const agg_tree *t = b->t;
+    part *p0 = &b->pt[0], *p1 = &b->pt[1];
+    int D = (int)t->depth, lev;
+    int d = finger_level(t, &p0->f, D - 2, bins_key(b, b->split));
+    uint64_t i;
+    for (lev = D - 2; lev > d; lev--) {
+        route_event(p0, lev);
+        if (lev == D - 2)
+            p0->ev[p0->nev - 1].grown = p0->tail_grown;
+    }
+    for (i = 0; i < p1->nev; i++) {
+        bevent *ev = &p0->ev[p0->nev++];
+        *ev = p1->ev[i];
+        ev->gend += p0->ngrp;
+        ev->opend += p0->nops;
+    }
+    memcpy(p0->grp + p0->ngrp, p1->grp, (size_t)p1->ngrp * sizeof(bgroup));
+    p0->ngrp += p1->ngrp;
+    for (i = 0; i < p1->nops; i++) {
+        lop *op = &p0->ops[p0->nops++];
+        *op = p1->ops[i];
+        op->nl0 += p0->new_leaves;
+    }
+    p0->new_leaves += p1->new_leaves;
+}
+
+/* Check and plan: the parts (two threads for a large batch), then, in the
+ * route's order, every path node's new children give the number of nodes
+ * it becomes: new leaves and internal nodes, new root levels. */
 static agg_status bins_check(bins *b, uint64_t *bad_index, int threads)
 {
-    agg_tree *t = b->t;
-    int D = (int)t->depth;
-    uint64_t e, gi, dup;
-    /* search every group (on two threads for a large batch) */
-    dup = run_halves(b, search_range, b->ngrp, b->ngrp / 2, threads);
+    int D = (int)b->t->depth;
+    uint64_t e, dup;
+    part *p0 = &b->pt[0];
+    b->split = threads ? check_split(b) : 0;
+    if (!part_alloc(b, p0, b->n) ||
+        (b->split && !part_alloc(b, &b->pt[1], b->n - b->split)))
+        return AGG_NOMEM;
+    dup = run_halves(b, check_part, b->n, b->split, b->split != 0);
     if (dup != UINT64_MAX) {
         if (bad_index)
             *bad_index = dup;
         return AGG_DUPLICATE;
     }
-    /* plan, parent by parent */
-    gi = 0;
-    if (D == 1) {
-        if (!plan_leaf_ops(b, NULL, 1, b->grp, b->ngrp, &b->rootgrow))
-            return AGG_NOMEM;
-        b->new_leaves = b->rootgrow;
-    }
+    if (b->split)
+        parts_join(b);
+    b->grp = p0->grp;
+    b->ngrp = p0->ngrp;
+    b->ev = p0->ev;
+    b->nev = p0->nev;
+    b->ops = p0->ops;
+    b->nops = p0->nops;
+    b->new_leaves = p0->new_leaves;
     for (e = 0; e < b->nev; e++) {
         bevent *ev = &b->ev[e];
-        uint64_t gr;
-        if (ev->lev == D - 2) {
-            if (!plan_leaf_ops(b, ev->x, ev->rm, b->grp + gi, ev->gend - gi, &gr))
-                return AGG_NOMEM;
-            gi = ev->gend;
-            b->new_leaves += gr;
-        } else {
-            gr = b->grow[ev->lev];
-        }
-        plan_event(b, ev, gr);
+        plan_event(b, ev, ev->lev == D - 2 ? ev->grown : b->grow[ev->lev]);
     }
     plan_root(b);
     return AGG_OK;
@@ -3600,9 +3676,11 @@ static void bins_free(bins *b, int unreserve)
     free(b->inner.a);
     free(b->own);
     free(b->pos);
-    free(b->ops);
-    free(b->grp);
-    free(b->ev);
+    for (d = 0; d < 2; d++) {
+        free(b->pt[d].ops);
+        free(b->pt[d].grp);
+        free(b->pt[d].ev);
+    }
     for (d = 0; d < MAX_DEPTH; d++)
         free(b->pending[d]);
     free(b->tmp);
@@ -3731,15 +3809,9 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double
     b.sk = keys;
     b.vals = values;
     b.n = n;
-    /* 2. route (reads only) */
-    st = bins_route(&b);
-    if (st != AGG_OK) {
-        bins_free(&b, 1);
-        return st;
-    }
     mode = atomic_load_relaxed(&g_batch_mode);
     threads = batch_threads(&b, mode);
-    /* 3. check and plan (reads only) */
+    /* 2. check and plan (reads only) */
     b.pos = (uint32_t *)scratch_alloc((size_t)n * sizeof(uint32_t));
     if (!b.pos) {
         bins_free(&b, 1);
@@ -3750,12 +3822,12 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double
         bins_free(&b, 1);
         return st;
     }
-    /* 4. reserve */
+    /* 3. reserve */
     if (!bins_reserve(&b)) {
         bins_free(&b, 1);
         return AGG_NOMEM;
     }
-    /* 5. apply: cannot fail */
+    /* 4. apply: cannot fail */
     bins_apply(&b, threads);
     bins_free(&b, 0);
     return AGG_OK;
