@@ -1028,6 +1028,48 @@ AGG_INLINE int dd_add_exact(double *hi, double *lo, double x)
     return 1;
 }
 
+/* Four independent double-double accumulators: an exact sum without one
+ * long chain of dependent additions.  `ex` stays 1 while no addition
+ * rounded. */
+typedef struct dd4 {
+    double h[4];
+    double l[4];
+    int ex;
+} dd4;
+
+/* Add v[0..n) to the lanes. */
+AGG_INLINE void dd4_add(dd4 *a, const double *v, uint32_t n)
+{
+    uint32_t i = 0;
+    int ex = a->ex;
+    for (; i + 4 <= n; i += 4) {
+        ex &= dd_step(&a->h[0], &a->l[0], v[i]);
+        ex &= dd_step(&a->h[1], &a->l[1], v[i + 1]);
+        ex &= dd_step(&a->h[2], &a->l[2], v[i + 2]);
+        ex &= dd_step(&a->h[3], &a->l[3], v[i + 3]);
+    }
+    for (; i < n; i++)
+        ex &= dd_step(&a->h[i & 3], &a->l[i & 3], v[i]);
+    a->ex = ex;
+}
+
+/* The lanes' total: 1 with its canonical double-double in (*hi, *lo) if
+ * every addition was exact and the sum is finite - that form depends only
+ * on the exact sum, not on the order of the additions - else 0. */
+static int dd4_total(dd4 *a, double *hi, double *lo)
+{
+    double h = 0.0, l = 0.0;
+    int q, ex = a->ex;
+    for (q = 0; q < 4; q++) {
+        ex &= dd_step(&h, &l, a->h[q]);
+        ex &= dd_step(&h, &l, a->l[q]);
+    }
+    ex = dd_finish(&h, &l, ex);
+    *hi = h;
+    *lo = l;
+    return ex;
+}
+
 /* Summary of a node as its parent's entry would hold it: item count and
  * the deterministic compensated sum of its values (leaf) or of its entries
  * hi[0], lo[0], hi[1], ... (internal), canonicalised.  Returns the exact
@@ -1039,6 +1081,39 @@ static int node_summary(const agg_tree *t, node *c, uint64_t *cnt, double *hi,
     double h = 0.0, l = 0.0;
     uint32_t i = 0, n = c->count;
     int ex = 1;
+    if (n >= 16) {
+        /* fast path: the exact sum in four lanes (the common case); the
+         * sequential sum below only when it is not exact, where its exact
+         * bits matter (I6) */
+        dd4 a;
+        memset(&a, 0, sizeof a);
+        a.ex = 1;
+        if (c->leaf) {
+            dd4_add(&a, leaf_vals(t, c), n);
+            if (dd4_total(&a, hi, lo)) {
+                *cnt = n;
+                return 1;
+            }
+        } else {
+            const uint8_t *ce = inner_ex(t, c);
+            const uint64_t *cn = inner_cnt(t, c);
+            uint64_t s = 0;
+            uint8_t all = 1;
+            for (i = 0; i < n; i++) {
+                all &= ce[i];
+                s += cn[i];
+            }
+            if (all) {
+                dd4_add(&a, inner_hi(t, c), n);
+                dd4_add(&a, inner_lo(t, c), n);
+                if (dd4_total(&a, hi, lo)) {
+                    *cnt = s;
+                    return 1;
+                }
+            }
+            i = 0;
+        }
+    }
     if (c->leaf) {
         const double *v = leaf_vals(t, c);
         for (; i < n && ex; i++)
@@ -2658,7 +2733,7 @@ typedef struct lop {
     uint32_t spill;              /* items moved to the left neighbour */
     uint32_t cout;               /* items carried into the right neighbour */
     uint8_t full;                /* new leaves packed full (rightmost) */
-    uint64_t nl0;                /* its first new leaf in the pool (and in lent) */
+    uint64_t nl0;                /* its first new leaf in the pool (and in lpend) */
     ddsum gsum;                  /* apply: exact sum of its new values */
 } lop;
 
@@ -2679,6 +2754,9 @@ typedef struct bevent {
     uint64_t gend;               /* groups created before */
     uint64_t opend;              /* plan: leaf ops planned before it is finalized */
     uint64_t grown;              /* plan, leaf parents: new leaves under it */
+    uint64_t nl0;                /* apply, leaf parents: its new leaves' entries in lpend */
+    uint64_t dk;                 /* apply, leaf parents: new keys under it */
+    ddsum dsum;                  /* apply, leaf parents: their values' sum */
     uint32_t pj;                 /* its index in the parent */
     int32_t lev;                 /* its level */
     uint8_t rm;                  /* it is the last node of its level */
@@ -2754,7 +2832,7 @@ typedef struct bins {
     uint64_t npending[MAX_DEPTH];
     entry *tmp;                  /* entry list of a splitting node */
     uint64_t ntmp;
-    entry *lent;                 /* per new leaf: its entry for the parent */
+    pend *lpend;                 /* per new leaf: its entry for the parent */
     carry cs[2];                 /* carry state of the (up to two) apply threads */
     uint64_t dcnt[MAX_DEPTH];    /* new items under the path node per level */
     ddsum dsum[MAX_DEPTH];       /* their values' sum */
@@ -3465,7 +3543,8 @@ static void exec_leaf_op(bins *b, carry *cs, lop *op, node *P)
             tail_ref(t, s);
             e = entry_make(t, nl[i], s);
             dds_add(&delta, e.hi, e.lo, e.exact, 1);
-            b->lent[op->nl0 + i] = e;
+            b->lpend[op->nl0 + i].e = e;
+            b->lpend[op->nl0 + i].pos = op->j;
         }
     }
     if (op->cout) {
@@ -3495,7 +3574,14 @@ static void apply_finalize(bins *b, const bevent *ev)
     node *x = ev->x, *parent = ev->parent;
     uint32_t pj = ev->pj, cap = t->cap;
     pend *pl = b->pending[lev + 1];
-    uint64_t np = b->npending[lev + 1], e = x->count + np;
+    uint64_t np = b->npending[lev + 1], e;
+    if (lev == (int)t->depth - 2) {     /* the leaf ops left its new leaves in lpend */
+        pl = b->lpend + ev->nl0;
+        np = ev->grown;
+        b->dcnt[lev] = ev->dk;
+        b->dsum[lev] = ev->dsum;
+    }
+    e = x->count + np;
     if (e <= cap) {
         if (np) {                   /* insert the new entries, last first */
             uint32_t i = x->count, w = (uint32_t)e;
@@ -3593,64 +3679,87 @@ static void grow_root(bins *b)
     t->root = r[0].child;
 }
 
-/* Apply pass, leaf level: execute leaf ops [r0, r1) (the first half
- * uses carry state 0, a second one 1).  Writes only the leaves of these
- * ops' parents, those parents' entries, the ops and their new leaves'
- * entries: halves cut at a parent boundary share nothing they write
+/* Apply pass, leaf level: the leaf ops of the leaf parents among events
+ * [e0, e1) (the first part uses carry state 0, a second one 1); each leaf
+ * parent's event gets the count and sum of its new keys.  Writes only
+ * these parents, their leaves, their events, their ops and their new
+ * leaves' entries: parts cut at a leaf parent share nothing they write
  * (FAST keys: no tail reference counts). */
-static uint64_t apply_range(bins *b, uint64_t r0, uint64_t r1)
+static uint64_t apply_events(bins *b, uint64_t e0, uint64_t e1)
 {
-    carry *cs = &b->cs[r0 == 0 ? 0 : 1];
-    uint64_t r;
+    int D = (int)b->t->depth;
+    carry *cs = &b->cs[e0 == 0 ? 0 : 1];
+    uint64_t e, r = e0 > 0 ? b->ev[e0 - 1].opend : 0;
     cs->cur = 0;
     cs->cn = 0;
     dds_zero(&cs->csum);
-    for (r = r0; r < r1; r++) {
-        lop *op = &b->ops[r];
-        if (r + PF_DIST < r1)
-            leaf_prefetch_all(b->t, b->ops[r + PF_DIST].leaf, 1);
-        exec_leaf_op(b, cs, op, op->parent);
+    for (e = e0; e < e1; e++) {
+        bevent *ev = &b->ev[e];
+        uint64_t end = ev->opend;
+        if (ev->lev != D - 2)
+            continue;
+        ev->nl0 = r < end ? b->ops[r].nl0 : 0;
+        ev->dk = 0;
+        dds_zero(&ev->dsum);
+        for (; r < end; r++) {
+            lop *op = &b->ops[r];
+            if (r + PF_DIST < b->nops)
+                leaf_prefetch_all(b->t, b->ops[r + PF_DIST].leaf, 1);
+            exec_leaf_op(b, cs, op, op->parent);
+            ev->dk += op->k;
+            dds_add(&ev->dsum, op->gsum.hi, op->gsum.lo, op->gsum.exact, 0);
+        }
     }
     return UINT64_MAX;
 }
 
-/* Apply pass: the leaf ops (on two threads for a large FAST batch, cut at
- * a parent boundary near the middle), then, in the check pass's order,
- * each parent's new leaves enter it and the path nodes are finalized.
- * Nothing here can fail. */
+/* Apply pass: the leaf ops (for a large FAST batch on two threads, cut at
+ * a leaf parent near the middle), then, in the check pass's order, the
+ * path nodes are finalized (new children enter, overfull nodes split,
+ * entries above are updated); new root levels.  Nothing here can fail. */
 static void bins_apply(bins *b, int threads)
 {
     agg_tree *t = b->t;
     int D = (int)t->depth, lev;
-    uint64_t r = 0, e, cut = b->nops / 2;
-    if (threads && t->mode == AGG_KEYS_FAST && D >= 2) {
-        while (cut > 0 && cut < b->nops && b->ops[cut].parent == b->ops[cut - 1].parent)
-            cut++;
-    } else {
-        threads = 0;
-    }
-    run_halves(b, apply_range, b->nops, cut, threads);
-    b->leaves.used = b->leaves.n;
+    uint64_t e, r, cut = b->nev / 2;
     for (lev = 0; lev < D; lev++) {
         b->dcnt[lev] = 0;
         dds_zero(&b->dsum[lev]);
         b->npending[lev] = 0;
     }
-    for (e = 0; e <= b->nev; e++) {
-        uint64_t end = e < b->nev ? b->ev[e].opend : b->nops;
-        for (; r < end; r++) {
-            const lop *op = &b->ops[r];
-            uint64_t i;
-            for (i = 0; i < op->nnew; i++)
-                pend_push(b, D - 1, &b->lent[op->nl0 + i], op->j);
-            if (op->parent) {
-                b->dcnt[D - 2] += op->k;
-                dds_add(&b->dsum[D - 2], op->gsum.hi, op->gsum.lo, op->gsum.exact, 0);
-            }
+    if (D == 1) {                   /* the root leaf's ops; its new leaves become its siblings */
+        carry *cs = &b->cs[0];
+        cs->cur = 0;
+        cs->cn = 0;
+        dds_zero(&cs->csum);
+        for (r = 0; r < b->nops; r++) {
+            lop *op = &b->ops[r];
+            exec_leaf_op(b, cs, op, NULL);
         }
-        if (e < b->nev)
-            apply_finalize(b, &b->ev[e]);
+        for (r = 0; r < b->new_leaves; r++)
+            pend_push(b, 0, &b->lpend[r].e, 0);
+    } else {
+        if (threads && t->mode == AGG_KEYS_FAST) {
+            /* cut after a leaf parent's event, near the middle of the ops */
+            uint64_t lo = 0, hi = b->nev;
+            while (lo < hi) {
+                uint64_t mid = lo + (hi - lo) / 2;
+                if (b->ev[mid].opend < b->nops / 2)
+                    lo = mid + 1;
+                else
+                    hi = mid;
+            }
+            cut = lo < b->nev ? lo + 1 : 0;
+            if (cut >= b->nev)
+                cut = 0;
+        } else {
+            cut = 0;
+        }
+        run_halves(b, apply_events, b->nev, cut, cut != 0);
     }
+    b->leaves.used = b->leaves.n;
+    for (e = 0; e < b->nev; e++)
+        apply_finalize(b, &b->ev[e]);
     if (b->npending[0])
         grow_root(b);
     t->len += b->n;
@@ -3684,7 +3793,7 @@ static void bins_free(bins *b, int unreserve)
     for (d = 0; d < MAX_DEPTH; d++)
         free(b->pending[d]);
     free(b->tmp);
-    free(b->lent);
+    free(b->lpend);
     free(b->cs[0].ck[0]);
     free(b->cs[0].cv[0]);
 }
@@ -3718,7 +3827,7 @@ static int bins_reserve(bins *b)
     b->ntmp = b->maxsplit > b->rootgrow + 1 ? b->maxsplit : b->rootgrow + 1;
     if (!(b->tmp = (entry *)scratch_alloc((size_t)b->ntmp * sizeof(entry))))
         return 0;
-    if (!(b->lent = (entry *)scratch_alloc((size_t)b->new_leaves * sizeof(entry))))
+    if (!(b->lpend = (pend *)scratch_alloc((size_t)b->new_leaves * sizeof(pend))))
         return 0;
     b->cs[0].ck[0] = (agg_key *)scratch_alloc(4 * (size_t)t->cap * sizeof(agg_key));
     b->cs[0].cv[0] = (double *)scratch_alloc(4 * (size_t)t->cap * sizeof(double));
