@@ -1028,48 +1028,6 @@ AGG_INLINE int dd_add_exact(double *hi, double *lo, double x)
     return 1;
 }
 
-/* Four independent double-double accumulators: an exact sum without one
- * long chain of dependent additions.  `ex` stays 1 while no addition
- * rounded. */
-typedef struct dd4 {
-    double h[4];
-    double l[4];
-    int ex;
-} dd4;
-
-/* Add v[0..n) to the lanes. */
-AGG_INLINE void dd4_add(dd4 *a, const double *v, uint32_t n)
-{
-    uint32_t i = 0;
-    int ex = a->ex;
-    for (; i + 4 <= n; i += 4) {
-        ex &= dd_step(&a->h[0], &a->l[0], v[i]);
-        ex &= dd_step(&a->h[1], &a->l[1], v[i + 1]);
-        ex &= dd_step(&a->h[2], &a->l[2], v[i + 2]);
-        ex &= dd_step(&a->h[3], &a->l[3], v[i + 3]);
-    }
-    for (; i < n; i++)
-        ex &= dd_step(&a->h[i & 3], &a->l[i & 3], v[i]);
-    a->ex = ex;
-}
-
-/* The lanes' total: 1 with its canonical double-double in (*hi, *lo) if
- * every addition was exact and the sum is finite - that form depends only
- * on the exact sum, not on the order of the additions - else 0. */
-static int dd4_total(dd4 *a, double *hi, double *lo)
-{
-    double h = 0.0, l = 0.0;
-    int q, ex = a->ex;
-    for (q = 0; q < 4; q++) {
-        ex &= dd_step(&h, &l, a->h[q]);
-        ex &= dd_step(&h, &l, a->l[q]);
-    }
-    ex = dd_finish(&h, &l, ex);
-    *hi = h;
-    *lo = l;
-    return ex;
-}
-
 /* Summary of a node as its parent's entry would hold it: item count and
  * the deterministic compensated sum of its values (leaf) or of its entries
  * hi[0], lo[0], hi[1], ... (internal), canonicalised.  Returns the exact
@@ -1081,39 +1039,6 @@ static int node_summary(const agg_tree *t, node *c, uint64_t *cnt, double *hi,
     double h = 0.0, l = 0.0;
     uint32_t i = 0, n = c->count;
     int ex = 1;
-    if (n >= 16) {
-        /* fast path: the exact sum in four lanes (the common case); the
-         * sequential sum below only when it is not exact, where its exact
-         * bits matter (I6) */
-        dd4 a;
-        memset(&a, 0, sizeof a);
-        a.ex = 1;
-        if (c->leaf) {
-            dd4_add(&a, leaf_vals(t, c), n);
-            if (dd4_total(&a, hi, lo)) {
-                *cnt = n;
-                return 1;
-            }
-        } else {
-            const uint8_t *ce = inner_ex(t, c);
-            const uint64_t *cn = inner_cnt(t, c);
-            uint64_t s = 0;
-            uint8_t all = 1;
-            for (i = 0; i < n; i++) {
-                all &= ce[i];
-                s += cn[i];
-            }
-            if (all) {
-                dd4_add(&a, inner_hi(t, c), n);
-                dd4_add(&a, inner_lo(t, c), n);
-                if (dd4_total(&a, hi, lo)) {
-                    *cnt = s;
-                    return 1;
-                }
-            }
-            i = 0;
-        }
-    }
     if (c->leaf) {
         const double *v = leaf_vals(t, c);
         for (; i < n && ex; i++)
