@@ -282,7 +282,8 @@
  * failure nothing changed" hold.  Temporary memory of the batch
  * operations and the sort (raw_alloc: honours the injector, not counted
  * in nbytes) is taken before the first mutation too; delete_sorted's only
- * temporary array is optional (it runs without it).
+ * temporary array is optional (it runs without it).  insert_sorted's
+ * second thread (section 13) never allocates: its arrays are sized first.
  *
  * 11. The checker
  * ---------------
@@ -320,20 +321,48 @@
  *     nodes - one compare per key while it stays in the same leaf, and
  *     when it leaves, a climb only as high as needed.  The result is the
  *     list of groups (leaf, first key, count) and the sequence of path
- *     nodes left behind (events).  search + plan: parent by parent, each
- *     group is searched in its leaf (a forward scan, 8 independent FAST
- *     compares at a time - the leaf streams in, no chain of dependent
- *     loads), giving every key's position among the leaf's items and the
- *     first key already present (AGG_DUPLICATE); the leaves are prefetched
- *     a few groups ahead so that their cache misses overlap.  Then the
- *     parent's LEAF OPS are planned from the counts alone (below), and
- *     every event turns into "this node gets g new children, so becomes
- *     ceil((count + g) / cap) nodes", which gives the exact number of new
- *     leaves and internal nodes, new root levels included.
+ *     nodes left behind (events).  search: each group is searched in its
+ *     leaf (a forward scan, 8 independent FAST compares at a time - the
+ *     leaf streams in, no chain of dependent loads), giving every key's
+ *     position among the leaf's items and the first key already present
+ *     (AGG_DUPLICATE); the leaves are prefetched a few groups ahead so
+ *     that their cache misses overlap.  plan: each leaf parent's LEAF OPS
+ *     are planned from the counts alone (below).  Then every event turns
+ *     into "this node gets g new children, so becomes ceil((count + g) /
+ *     cap) nodes", which gives the exact number of new leaves and internal
+ *     nodes, new root levels included.
  *  c. RESERVE those nodes, the tail copies (GENERAL) and the buffers.  A
  *     failure frees them: AGG_NOMEM with the tree never touched.
  *  d. APPLY: replay the ops and events in order (no key is compared
  *     again).  Nothing can fail.
+ *
+ * Two threads.  A batch of >= 16,384 keys (BATCH_THREAD_MIN) runs the
+ * route + search + plan of step b and the leaf ops of step d on two
+ * threads (pthreads; AGG_NO_THREADS builds without them; AGGTREE_THREADS=1
+ * in the environment, or agg_debug_insert_sorted_mode(1), forces one).
+ * The keys are cut at a leaf parent boundary: the first key past the leaf
+ * parent of the middle key (found by one descent and a binary search of
+ * the keys; a depth-2 tree has one leaf parent and is not cut).  Each half
+ * has its own finger, groups, events and ops; the first half leaves its
+ * final path open and plans its last leaf parent itself, and the join
+ * adds the events that close that path up to the node the halves share,
+ * then appends the second half renumbered.  The arrays are sized before
+ * the threads start from bounds (groups <= keys and <= leaves; events <=
+ * internal nodes, each being left once; ops <= 2 per group, an absorbing
+ * op at most per group; leaves and internal nodes bounded by nbytes), so
+ * no thread allocates and nothing can fail inside one.  Each half reports
+ * its first present key and the first half's wins: the first in key
+ * order.  The apply pass cuts the events after a leaf parent near the
+ * middle of the ops; each thread runs the leaf ops of its leaf parents
+ * with its own carry buffers, and leaves in each leaf parent's event the
+ * count and exact sum of its new keys and (in lpend, at indexes the plan
+ * assigned) the entries of its new leaves; everything above the leaf
+ * parents (section "Internal nodes" below) then runs on one thread, in
+ * order - ~250 nodes for 100,000 keys into 1,000,000.  The two threads
+ * write disjoint memory: different leaf parents, their leaves, their ops
+ * and events (a leaf's next->prev may be the other half's leaf, a field
+ * that half never touches).  GENERAL batches apply on one thread: a
+ * separator replaced there may free a tail, and t->nbytes is shared.
  *
  * Leaf ops.  The "stream" of a leaf is the carry from its left neighbour
  * (below), then its items merged with its new keys: T items.
@@ -380,19 +409,50 @@
  * Cost.  O(n) routing + O(leaf) per touched leaf + O(cap) per touched
  * parent.  A batch of 100,000 random keys into 1,000,000 touches every
  * leaf, so its floor is reading the keys of every leaf (check) and
- * rewriting every leaf (apply): ~0.9 + ~1.2 ms on the development VM
- * (tests/c/bench_floor.c does just that memory work on scattered
- * leaf-sized blocks); the batch takes ~7-9 ms (70-90 ns/item: routing
- * ~8, check ~29, apply ~33) there, against ~290 ns per
- * single insert in random order and ~125 in sorted order (bench_core,
- * node size 64).  Per touched leaf (L2-resident) the check costs ~120 ns
- * (routing ~30, scanning its keys ~90) and the merge ~120: with ~5 new
- * keys per leaf that is ~45 ns/item even in cache (single inserts: ~100
- * random, ~75 sorted), so batches help most when the tree is large or
- * several keys share a leaf.  A full
- * rebuild (read out, merge, bulk-build) was measured 2-4x slower than the
- * incremental path even for a batch 10x the tree (it rewrites everything
- * and allocates every node), so there is no separate rebuild path.
+ * rewriting every leaf (apply): ~1.4 + ~1.8 ms on one core of the
+ * development VM (tests/c/bench_floor.c does just that memory work on
+ * scattered leaf-sized blocks).  Measured there (cap 64, a bulk-built -
+ * packed - tree of 1,000,000 random FAST keys, batches of 100,000 new
+ * random keys inserted then deleted again, wall-clock ns per batch key):
+ *
+ *                           one thread        two threads   (before: one
+ *   first batch (packed)       ~135               ~95         thread, ~127)
+ *   later batches, best      ~72-80             ~41-46           ~75-86
+ *   later batches, mean      ~81-88             ~47-55           ~83-96
+ *
+ * (one thread: check ~44 = route ~8 + search ~31 + plan ~5, leaf ops
+ * ~34, the rest ~1; two threads: check ~21, leaf ops ~18, the rest ~2).
+ * The two-thread figures need the second core idle: a busy one (another
+ * process, or numpy's OpenBLAS threads spinning after a BLAS call - set
+ * OPENBLAS_NUM_THREADS=1) gives nothing or worse.  The first batch into a
+ * packed tree splits every leaf parent and allocates every new leaf from
+ * fresh pages.  Command: `BENCH_BATCH_ONLY=1 BENCH_BATCH_PACKED=1
+ * bench_core 1000000 64` (add AGGTREE_THREADS=1 for one thread; without
+ * BENCH_BATCH_PACKED the tree comes from random single inserts, leaves
+ * ~70% full, and most leaf ops fit in place).  The
+ * search and the leaf ops are bound by the latency of leaf-sized reads
+ * from L3 (the tree, ~25 MB, fits the 32 MB L3 but not the TLB: the same
+ * run with glibc.malloc.hugetlb=1 in GLIBC_TUNABLES is ~10% faster);
+ * prefetching more lines or further ahead did not help.  Single inserts
+ * for comparison: ~290 ns each in random order, ~125 in sorted order
+ * (bench_core, node size 64).  A full rebuild (read out, merge,
+ * bulk-build) was measured 2-4x slower than the incremental path even for
+ * a batch 10x the tree (it rewrites everything and allocates every node),
+ * so there is no separate rebuild path.
+ *
+ * Copy-on-write, measured and rejected.  Merging each run of touched
+ * leaves under a parent into freshly allocated leaves (reading every old
+ * leaf once, detecting duplicates during the merge, leaving the tree
+ * untouched until a commit that swaps the new leaves in and frees the old)
+ * would drop the check pass's separate read.  Implemented and measured on
+ * the same runs: ~116-126 ns/item on one thread (merge ~90, route ~8,
+ * commit ~15, reserve ~6) and no better on two, against ~85 for the
+ * in-place passes: the fresh leaves double the working set (old and new
+ * tree, ~52 MB) beyond L3, and merely copying 15,625 leaf-sized blocks to
+ * cold memory costs ~50 ns per batch key on this VM whatever the thread
+ * count (non-temporal stores: ~83), more than the in-place check and
+ * apply together save.  Its first batch into a packed tree also pays a
+ * page fault per new page (~265 ns/item).
  *
  * agg_tree_delete_sorted.  The same check (route + search, with a small
  * ring of groups so that the leaves are prefetched) reports the first
@@ -2913,6 +2973,9 @@ AGG_INLINE void route_group(part *pt, int D, uint64_t start, uint64_t i)
     g->L = 0;
 }
 
+#if defined(__STDC_NO_ATOMICS__) && !defined(AGG_NO_THREADS)
+#define AGG_NO_THREADS          /* the hand-over below needs an atomic exchange */
+#endif
 #ifndef AGG_NO_THREADS
 #include <pthread.h>
 #endif
@@ -2922,30 +2985,38 @@ AGG_INLINE void route_group(part *pt, int D, uint64_t start, uint64_t i)
 typedef uint64_t (*range_fn)(bins *b, uint64_t lo, uint64_t hi);
 
 #ifndef AGG_NO_THREADS
-/* The second half of a two-thread run_halves. */
+/* The second half of a two-thread run_halves: run by whichever of the two
+ * threads claims it first. */
 typedef struct half_job {
     bins *b;
     range_fn fn;
     uint64_t lo, hi;
     uint64_t res;
+    AGG_ATOMIC(long) claimed;
 } half_job;
 
 static void *half_job_run(void *arg)
 {
     half_job *j = (half_job *)arg;
-    j->res = j->fn(j->b, j->lo, j->hi);
+    if (atomic_exchange_relaxed(&j->claimed, 1) == 0)
+        j->res = j->fn(j->b, j->lo, j->hi);
     return NULL;
 }
 #endif
 
-/* fn over [0, n): with `threads`, [0, cut) here and [cut, n) on a second
- * thread at the same time (if one can be started), else all here.  The
- * result is the first half's unless that is UINT64_MAX: the first key in
- * key order when fn reports its first one. */
+/* fn over [0, cut) and [cut, n) (cut 0: over [0, n) at once).  With
+ * `threads` the second half is offered to a second thread; if that thread
+ * has not started by the time the first half is done (the other core is
+ * busy), this one does the second half too.  The result is the first
+ * half's unless that is UINT64_MAX: the first key in key order when fn
+ * reports its first one. */
 static uint64_t run_halves(bins *b, range_fn fn, uint64_t n, uint64_t cut, int threads)
 {
+    uint64_t r0, r1;
+    if (cut == 0 || cut >= n)
+        return fn(b, 0, n);
 #ifndef AGG_NO_THREADS
-    if (threads && cut > 0 && cut < n) {
+    if (threads) {
         pthread_t th;
         half_job job;
         job.b = b;
@@ -2953,17 +3024,21 @@ static uint64_t run_halves(bins *b, range_fn fn, uint64_t n, uint64_t cut, int t
         job.lo = cut;
         job.hi = n;
         job.res = UINT64_MAX;
+        atomic_store_relaxed(&job.claimed, 0);
         if (pthread_create(&th, NULL, half_job_run, &job) == 0) {
-            uint64_t r = fn(b, 0, cut);
+            r0 = fn(b, 0, cut);
+            if (atomic_exchange_relaxed(&job.claimed, 1) == 0)
+                job.res = fn(b, cut, n);
             pthread_join(th, NULL);
-            return r != UINT64_MAX ? r : job.res;
+            return r0 != UINT64_MAX ? r0 : job.res;
         }
     }
 #else
-    (void)cut;
     (void)threads;
 #endif
-    return fn(b, 0, n);
+    r0 = fn(b, 0, cut);
+    r1 = fn(b, cut, n);
+    return r0 != UINT64_MAX ? r0 : r1;
 }
 
 /* Search phase for one group: each key's position in the leaf; the first
@@ -3211,7 +3286,7 @@ static agg_status bins_check(bins *b, uint64_t *bad_index, int threads)
     if (!part_alloc(b, p0, b->n) ||
         (b->split && !part_alloc(b, &b->pt[1], b->n - b->split)))
         return AGG_NOMEM;
-    dup = run_halves(b, check_part, b->n, b->split, b->split != 0);
+    dup = run_halves(b, check_part, b->n, b->split, threads == 1);
     if (dup != UINT64_MAX) {
         if (bad_index)
             *bad_index = dup;
@@ -3680,7 +3755,7 @@ static void bins_apply(bins *b, int threads)
         } else {
             cut = 0;
         }
-        run_halves(b, apply_events, b->nev, cut, cut != 0);
+        run_halves(b, apply_events, b->nev, cut, threads == 1);
     }
     b->leaves.used = b->leaves.n;
     for (e = 0; e < b->nev; e++)
@@ -3793,13 +3868,15 @@ long agg_debug_insert_sorted_mode(long mode)
 /* Batches of at least this many keys use two threads (section 13). */
 #define BATCH_THREAD_MIN 16384
 
-/* Use a second thread: forced by the debug mode, else for large batches
- * unless AGGTREE_THREADS=1 in the environment. */
+/* 1: cut the batch in two halves and use a second thread - forced by
+ * the debug mode, else for large batches unless AGGTREE_THREADS=1 in the
+ * environment; 2 (debug mode 3): the same halves, both on this thread;
+ * 0: one part. */
 static int batch_threads(const bins *b, long mode)
 {
     const char *env;
-    if (mode == 2)
-        return 1;
+    if (mode == 2 || mode == 3)
+        return mode == 2 ? 1 : 2;
     if (mode != 0 || b->n < BATCH_THREAD_MIN)
         return 0;
     env = getenv("AGGTREE_THREADS");

@@ -864,20 +864,21 @@ static void unit_edges(void)
     agg_tree_free(t);
 }
 
-/* Two-thread batch inserts (agg_debug_insert_sorted_mode(2)) into deep
+/* Two-thread batch inserts (agg_debug_insert_sorted_mode(md): 2 on two
+ * threads, 3 the same halves on one) into deep
  * trees: the batch is cut at a leaf-parent boundary near its middle.  A
  * present key at the first or last position, on either side of the cut or
  * on both (the first in key order is reported), leaves the tree as it
  * was; then the batch goes in, packed (built) trees and sparse ones, with
  * and without values, and for GENERAL keys. */
-static void unit_split(void)
+static void unit_split(long md)
 {
     static const uint32_t sizes[] = {4, 7, 16};
     const uint64_t N = 3000;
     size_t si;
     int gen;
     g_phase = "unit split";
-    agg_debug_insert_sorted_mode(2);
+    agg_debug_insert_sorted_mode(md);
     for (gen = 0; gen < 2; gen++)
         for (si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
             agg_keymode mode = gen ? AGG_KEYS_GENERAL : AGG_KEYS_FAST;
@@ -1010,15 +1011,17 @@ int main(int argc, char **argv)
     size_t si;
     test_args(argc, argv, &iters, "test_batch");
     unit_edges();
-    unit_split();
+    unit_split(2);
+    unit_split(3);
     printf("  %-40s ok\n", "two-thread cut");
     test_sort(iters / 20 + 20);
     printf("  %-40s ok\n", "sort");
     test_build_unsorted(iters / 200 + 10);
     printf("  %-40s ok\n", "build_unsorted");
     per = iters / 10 + 1;
-    /* batch inserts on one thread and on two (agg_debug_insert_sorted_mode) */
-    for (md = 1; md <= 2; md++) {
+    /* batch inserts on one thread, on two, and cut in two halves run on
+     * one thread (agg_debug_insert_sorted_mode) */
+    for (md = 1; md <= 3; md++) {
         agg_debug_insert_sorted_mode(md);
         for (mi = 0; mi < 2; mi++)
             for (si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
