@@ -440,18 +440,17 @@ class Flaky:
 
 
 def make_flaky(store: EventStore, fail_at: int, exc=Injected) -> list:
+    """Put Flaky wrappers in place of the store's four aggregates (the
+    store then applies its ops through the Python loop, which calls the
+    wrappers); returns the real ones for :func:`restore`."""
     counter = [0]
-    real = []
-    for name in AGGREGATE_NAMES:
-        table = getattr(store, name)
-        real.append(table.aggregate)
-        table.aggregate = Flaky(table.aggregate, counter, fail_at, exc)
+    real = [getattr(store, name).aggregate for name in AGGREGATE_NAMES]
+    store._set_aggregates([Flaky(agg, counter, fail_at, exc) for agg in real])
     return real
 
 
 def restore(store: EventStore, real: list) -> None:
-    for name, agg in zip(AGGREGATE_NAMES, real):
-        getattr(store, name).aggregate = agg
+    store._set_aggregates(real)
 
 
 def popular_world(store):
@@ -491,6 +490,43 @@ def test_failure_midway_leaves_no_drift(store, write, exc):
         restore(store, real)
         break
     assert fail_at >= 1  # at least one injection point was exercised
+    assert_consistent(store, nows=(T0, at(-40)))
+
+
+ALLOCATING_WRITES = {
+    # writes whose ops make new namespaces (new trees: C allocations) in two
+    # aggregates, so that the second op can fail after the first took effect
+    "create_event": lambda s, u: s.create_event(u, name="n", start=at(3), created_at=at(-3)),
+    "follow_event": lambda s, u: s.follow_event(u, 1),
+}
+
+
+@pytest.mark.parametrize("write", sorted(ALLOCATING_WRITES))
+def test_allocation_failure_in_the_native_apply_leaves_no_drift(store, write):
+    """The C loop (aggtree._core.apply_ops) under allocation failures: every
+    failing write raises MemoryError and leaves tables, aggregates and the
+    start cache as they were."""
+    core = pytest.importorskip("aggtree._core")
+    if store._apply_ops is not core.apply_ops:
+        pytest.skip("the store does not use the native loop")
+    popular_world(store)
+    fail_at = 0
+    while True:
+        user = store.create_user(f"fresh{fail_at}")
+        before = (table_dump(store), aggregate_dump(store), starts_dump(store))
+        core._debug_fail_after(fail_at)
+        try:
+            ALLOCATING_WRITES[write](store, user)
+        except MemoryError:
+            core._debug_fail_after(-1)
+            assert (table_dump(store), aggregate_dump(store), starts_dump(store)) == before, fail_at
+            assert not store._conn.in_transaction
+            fail_at += 1
+            continue
+        finally:
+            core._debug_fail_after(-1)
+        break
+    assert fail_at >= 2  # the first op failed, then the second after the first had applied
     assert_consistent(store, nows=(T0, at(-40)))
 
 

@@ -282,7 +282,8 @@
  * failure nothing changed" hold.  Temporary memory of the batch
  * operations and the sort (raw_alloc: honours the injector, not counted
  * in nbytes) is taken before the first mutation too; delete_sorted's only
- * temporary array is optional (it runs without it).
+ * temporary array is optional (it runs without it).  insert_sorted's
+ * second thread (section 13) never allocates: its arrays are sized first.
  *
  * 11. The checker
  * ---------------
@@ -320,20 +321,48 @@
  *     nodes - one compare per key while it stays in the same leaf, and
  *     when it leaves, a climb only as high as needed.  The result is the
  *     list of groups (leaf, first key, count) and the sequence of path
- *     nodes left behind (events).  search + plan: parent by parent, each
- *     group is searched in its leaf (a forward scan, 8 independent FAST
- *     compares at a time - the leaf streams in, no chain of dependent
- *     loads), giving every key's position among the leaf's items and the
- *     first key already present (AGG_DUPLICATE); the leaves are prefetched
- *     a few groups ahead so that their cache misses overlap.  Then the
- *     parent's LEAF OPS are planned from the counts alone (below), and
- *     every event turns into "this node gets g new children, so becomes
- *     ceil((count + g) / cap) nodes", which gives the exact number of new
- *     leaves and internal nodes, new root levels included.
+ *     nodes left behind (events).  search: each group is searched in its
+ *     leaf (a forward scan, 8 independent FAST compares at a time - the
+ *     leaf streams in, no chain of dependent loads), giving every key's
+ *     position among the leaf's items and the first key already present
+ *     (AGG_DUPLICATE); the leaves are prefetched a few groups ahead so
+ *     that their cache misses overlap.  plan: each leaf parent's LEAF OPS
+ *     are planned from the counts alone (below).  Then every event turns
+ *     into "this node gets g new children, so becomes ceil((count + g) /
+ *     cap) nodes", which gives the exact number of new leaves and internal
+ *     nodes, new root levels included.
  *  c. RESERVE those nodes, the tail copies (GENERAL) and the buffers.  A
  *     failure frees them: AGG_NOMEM with the tree never touched.
  *  d. APPLY: replay the ops and events in order (no key is compared
  *     again).  Nothing can fail.
+ *
+ * Two threads.  A batch of >= 16,384 keys (BATCH_THREAD_MIN) runs the
+ * route + search + plan of step b and the leaf ops of step d on two
+ * threads (pthreads; AGG_NO_THREADS builds without them; AGGTREE_THREADS=1
+ * in the environment, or agg_debug_insert_sorted_mode(1), forces one).
+ * The keys are cut at a leaf parent boundary: the first key past the leaf
+ * parent of the middle key (found by one descent and a binary search of
+ * the keys; a depth-2 tree has one leaf parent and is not cut).  Each half
+ * has its own finger, groups, events and ops; the first half leaves its
+ * final path open and plans its last leaf parent itself, and the join
+ * adds the events that close that path up to the node the halves share,
+ * then appends the second half renumbered.  The arrays are sized before
+ * the threads start from bounds (groups <= keys and <= leaves; events <=
+ * internal nodes, each being left once; ops <= 2 per group, an absorbing
+ * op at most per group; leaves and internal nodes bounded by nbytes), so
+ * no thread allocates and nothing can fail inside one.  Each half reports
+ * its first present key and the first half's wins: the first in key
+ * order.  The apply pass cuts the events after a leaf parent near the
+ * middle of the ops; each thread runs the leaf ops of its leaf parents
+ * with its own carry buffers, and leaves in each leaf parent's event the
+ * count and exact sum of its new keys and (in lpend, at indexes the plan
+ * assigned) the entries of its new leaves; everything above the leaf
+ * parents (section "Internal nodes" below) then runs on one thread, in
+ * order - ~250 nodes for 100,000 keys into 1,000,000.  The two threads
+ * write disjoint memory: different leaf parents, their leaves, their ops
+ * and events (a leaf's next->prev may be the other half's leaf, a field
+ * that half never touches).  GENERAL batches apply on one thread: a
+ * separator replaced there may free a tail, and t->nbytes is shared.
  *
  * Leaf ops.  The "stream" of a leaf is the carry from its left neighbour
  * (below), then its items merged with its new keys: T items.
@@ -380,19 +409,50 @@
  * Cost.  O(n) routing + O(leaf) per touched leaf + O(cap) per touched
  * parent.  A batch of 100,000 random keys into 1,000,000 touches every
  * leaf, so its floor is reading the keys of every leaf (check) and
- * rewriting every leaf (apply): ~0.9 + ~1.2 ms on the development VM
- * (tests/c/bench_floor.c does just that memory work on scattered
- * leaf-sized blocks); the batch takes ~7-9 ms (70-90 ns/item: routing
- * ~8, check ~29, apply ~33) there, against ~290 ns per
- * single insert in random order and ~125 in sorted order (bench_core,
- * node size 64).  Per touched leaf (L2-resident) the check costs ~120 ns
- * (routing ~30, scanning its keys ~90) and the merge ~120: with ~5 new
- * keys per leaf that is ~45 ns/item even in cache (single inserts: ~100
- * random, ~75 sorted), so batches help most when the tree is large or
- * several keys share a leaf.  A full
- * rebuild (read out, merge, bulk-build) was measured 2-4x slower than the
- * incremental path even for a batch 10x the tree (it rewrites everything
- * and allocates every node), so there is no separate rebuild path.
+ * rewriting every leaf (apply): ~1.4 + ~1.8 ms on one core of the
+ * development VM (tests/c/bench_floor.c does just that memory work on
+ * scattered leaf-sized blocks).  Measured there (cap 64, a bulk-built -
+ * packed - tree of 1,000,000 random FAST keys, batches of 100,000 new
+ * random keys inserted then deleted again, wall-clock ns per batch key):
+ *
+ *                           one thread        two threads   (before: one
+ *   first batch (packed)       ~135               ~95         thread, ~127)
+ *   later batches, best      ~72-80             ~41-46           ~75-86
+ *   later batches, mean      ~81-88             ~47-55           ~83-96
+ *
+ * (one thread: check ~44 = route ~8 + search ~31 + plan ~5, leaf ops
+ * ~34, the rest ~1; two threads: check ~21, leaf ops ~18, the rest ~2).
+ * The two-thread figures need the second core idle: a busy one (another
+ * process, or numpy's OpenBLAS threads spinning after a BLAS call - set
+ * OPENBLAS_NUM_THREADS=1) gives nothing or worse.  The first batch into a
+ * packed tree splits every leaf parent and allocates every new leaf from
+ * fresh pages.  Command: `BENCH_BATCH_ONLY=1 BENCH_BATCH_PACKED=1
+ * bench_core 1000000 64` (add AGGTREE_THREADS=1 for one thread; without
+ * BENCH_BATCH_PACKED the tree comes from random single inserts, leaves
+ * ~70% full, and most leaf ops fit in place).  The
+ * search and the leaf ops are bound by the latency of leaf-sized reads
+ * from L3 (the tree, ~25 MB, fits the 32 MB L3 but not the TLB: the same
+ * run with glibc.malloc.hugetlb=1 in GLIBC_TUNABLES is ~10% faster);
+ * prefetching more lines or further ahead did not help.  Single inserts
+ * for comparison: ~290 ns each in random order, ~125 in sorted order
+ * (bench_core, node size 64).  A full rebuild (read out, merge,
+ * bulk-build) was measured 2-4x slower than the incremental path even for
+ * a batch 10x the tree (it rewrites everything and allocates every node),
+ * so there is no separate rebuild path.
+ *
+ * Copy-on-write, measured and rejected.  Merging each run of touched
+ * leaves under a parent into freshly allocated leaves (reading every old
+ * leaf once, detecting duplicates during the merge, leaving the tree
+ * untouched until a commit that swaps the new leaves in and frees the old)
+ * would drop the check pass's separate read.  Implemented and measured on
+ * the same runs: ~116-126 ns/item on one thread (merge ~90, route ~8,
+ * commit ~15, reserve ~6) and no better on two, against ~85 for the
+ * in-place passes: the fresh leaves double the working set (old and new
+ * tree, ~52 MB) beyond L3, and merely copying 15,625 leaf-sized blocks to
+ * cold memory costs ~50 ns per batch key on this VM whatever the thread
+ * count (non-temporal stores: ~83), more than the in-place check and
+ * apply together save.  Its first batch into a packed tree also pays a
+ * page fault per new page (~265 ns/item).
  *
  * agg_tree_delete_sorted.  The same check (route + search, with a small
  * ring of groups so that the leaves are prefetched) reports the first
@@ -2736,6 +2796,8 @@ typedef struct lop {
     uint32_t spill;              /* items moved to the left neighbour */
     uint32_t cout;               /* items carried into the right neighbour */
     uint8_t full;                /* new leaves packed full (rightmost) */
+    uint64_t nl0;                /* its first new leaf in the pool (and in lpend) */
+    ddsum gsum;                  /* apply: exact sum of its new values */
 } lop;
 
 /* The new keys of one leaf, found by the check pass. */
@@ -2754,6 +2816,10 @@ typedef struct bevent {
     node *parent;                /* its parent (NULL for the root) */
     uint64_t gend;               /* groups created before */
     uint64_t opend;              /* plan: leaf ops planned before it is finalized */
+    uint64_t grown;              /* plan, leaf parents: new leaves under it */
+    uint64_t nl0;                /* apply, leaf parents: its new leaves' entries in lpend */
+    uint64_t dk;                 /* apply, leaf parents: new keys under it */
+    ddsum dsum;                  /* apply, leaf parents: their values' sum */
     uint32_t pj;                 /* its index in the parent */
     int32_t lev;                 /* its level */
     uint8_t rm;                  /* it is the last node of its level */
@@ -2773,6 +2839,33 @@ typedef struct pool {
     uint64_t used;               /* handed out */
 } pool;
 
+/* The route, search and plan of a contiguous part of the keys (one, or
+ * two on two threads): arrays sized before it starts, so it never
+ * allocates. */
+typedef struct part {
+    bgroup *grp;                 /* per touched leaf, in key order */
+    uint64_t ngrp;
+    uint64_t capgrp;
+    bevent *ev;                  /* path nodes left by the route, in order */
+    uint64_t nev;
+    uint64_t capev;
+    lop *ops;                    /* per leaf to rewrite, in key order */
+    uint64_t nops;
+    uint64_t capops;
+    uint64_t new_leaves;         /* new leaves its ops take */
+    uint64_t tail_grown;         /* of which under its last leaf parent (not last part) */
+    finger f;                    /* the route's finger */
+} part;
+
+/* Carry between consecutive leaf ops of one apply thread. */
+typedef struct carry {
+    agg_key *ck[2];              /* carry buffers (cap items each) */
+    double *cv[2];
+    int cur;                     /* the buffer holding the carry in */
+    uint32_t cn;                 /* carry in: items */
+    ddsum csum;                  /* carry in: their sum */
+} carry;
+
 /* State of one agg_tree_insert_sorted. */
 typedef struct bins {
     agg_tree *t;
@@ -2782,33 +2875,28 @@ typedef struct bins {
     const double *vals;          /* values, NULL = all 0.0 */
     uint64_t n;                  /* number of keys */
     uint32_t *pos;               /* per key: items of its leaf < it, before the batch */
-    bgroup *grp;                 /* per touched leaf, in key order */
+    part pt[2];                  /* check: the parts; pt[0] ends up holding all */
+    bgroup *grp;                 /* = pt[0]'s arrays once the parts are joined */
     uint64_t ngrp;
-    uint64_t capgrp;
-    bevent *ev;                  /* path nodes left by the route phase, in order */
+    bevent *ev;
     uint64_t nev;
-    uint64_t capev;
-    lop *ops;                    /* per leaf to rewrite, in key order */
+    lop *ops;
     uint64_t nops;
-    uint64_t capops;
     uint64_t grow[MAX_DEPTH];    /* plan: new children of the current node per level */
     uint64_t maxpend[MAX_DEPTH]; /* most new nodes at level d under one parent */
     uint64_t maxsplit;           /* longest entry list of a splitting node */
     uint64_t rootgrow;           /* new siblings of the root */
     uint64_t new_leaves;         /* nodes the apply pass will take */
     uint64_t new_inner;
-    finger f;
+    uint64_t split;              /* first key of the second part (0: one part) */
     pool leaves;                 /* apply pass: reserved nodes */
     pool inner;
     pend *pending[MAX_DEPTH];    /* new nodes at level d waiting for their parent */
     uint64_t npending[MAX_DEPTH];
     entry *tmp;                  /* entry list of a splitting node */
     uint64_t ntmp;
-    agg_key *ck[2];              /* carry buffers (cap items each) */
-    double *cv[2];
-    int cur;                     /* the buffer holding the carry in */
-    uint32_t cn;                 /* carry in: items */
-    ddsum csum;                  /* carry in: their sum */
+    pend *lpend;                 /* per new leaf: its entry for the parent */
+    carry cs[2];                 /* carry state of the (up to two) apply threads */
     uint64_t dcnt[MAX_DEPTH];    /* new items under the path node per level */
     ddsum dsum[MAX_DEPTH];       /* their values' sum */
 } bins;
@@ -2819,41 +2907,19 @@ AGG_INLINE agg_key bins_key(const bins *b, uint64_t i)
     return key_normalize(b->t, b->keys[i]);
 }
 
-/* Make room for one more element in a growing scratch array (before
- * anything is modified).  0 on allocation failure. */
-static int grow_array(void **a, uint64_t *cap, uint64_t used, size_t size)
+/* Append a leaf op (the array is sized for the worst case: one op per
+ * group plus one absorbing op per group). */
+AGG_INLINE void ops_push(part *pt, const lop *op)
 {
-    void *na;
-    uint64_t nc;
-    if (used < *cap)
-        return 1;
-    nc = *cap ? 2 * *cap : 64;
-    na = scratch_alloc((size_t)nc * size);
-    if (!na)
-        return 0;
-    if (used)
-        memcpy(na, *a, (size_t)used * size);
-    free(*a);
-    *a = na;
-    *cap = nc;
-    return 1;
-}
-
-/* Append a leaf op. */
-static int ops_push(bins *b, const lop *op)
-{
-    if (!grow_array((void **)&b->ops, &b->capops, b->nops, sizeof *op))
-        return 0;
-    b->ops[b->nops++] = *op;
-    return 1;
+    pt->ops[pt->nops++] = *op;
 }
 
 /* Plan the leaves of parent P (NULL: the root is a leaf) from its groups
  * g[0..ng) (section 13: fit, carry right, spill left, absorb into an
- * untouched right neighbour, or new leaves).  Returns 0 on allocation
- * failure; *grown = new leaves under P. */
-static int plan_leaf_ops(bins *b, node *P, int rm_parent, const bgroup *grp, uint64_t ng,
-                         uint64_t *grown)
+ * untouched right neighbour, or new leaves) into pt's ops.  Returns the
+ * number of new leaves under P. */
+static uint64_t plan_leaf_ops(bins *b, part *pt, node *P, int rm_parent, const bgroup *grp,
+                              uint64_t ng)
 {
     const agg_tree *t = b->t;
     uint32_t cap = t->cap, min = t->min, c = 0, prev_keep = 0;
@@ -2902,16 +2968,16 @@ static int plan_leaf_ops(bins *b, node *P, int rm_parent, const bgroup *grp, uin
                     lop ab;         /* the untouched right neighbour absorbs it */
                     node *nb = inner_child(t, P)[j + 1];
                     op.cout = (uint32_t)X;
-                    if (!ops_push(b, &op))
-                        return 0;
+                    op.nl0 = pt->new_leaves + total;
+                    ops_push(pt, &op);
                     memset(&ab, 0, sizeof ab);
                     ab.leaf = nb;
                     ab.parent = P;
                     ab.start = g->start + g->k;
                     ab.j = j + 1;
                     ab.keep = nb->count + (uint32_t)X;
-                    if (!ops_push(b, &ab))
-                        return 0;
+                    ab.nl0 = pt->new_leaves + total;
+                    ops_push(pt, &ab);
                     prev_j = j + 1;
                     prev_keep = ab.keep;
                     prev_emit = 0;
@@ -2927,33 +2993,30 @@ static int plan_leaf_ops(bins *b, node *P, int rm_parent, const bgroup *grp, uin
                 }
             }
         }
-        if (!ops_push(b, &op))
-            return 0;
+        op.nl0 = pt->new_leaves + total;
+        ops_push(pt, &op);
         total += op.nnew;
         prev_j = j;
         prev_keep = op.keep;
         prev_emit = op.nnew > 0;
     }
-    *grown = total;
-    return 1;
+    pt->new_leaves += total;
+    return total;
 }
 
 /* Route phase: record that path node `lev` is left after the groups so
  * far. */
-static int route_event(bins *b, int lev)
+static void route_event(part *pt, int lev)
 {
-    bevent *e;
-    if (!grow_array((void **)&b->ev, &b->capev, b->nev, sizeof *e))
-        return 0;
-    e = &b->ev[b->nev++];
-    e->x = b->f.path[lev];
-    e->parent = lev > 0 ? b->f.path[lev - 1] : NULL;
-    e->pj = lev > 0 ? b->f.idx[lev - 1] : 0;
-    e->gend = b->ngrp;
-    e->opend = 0;
+    bevent *e = &pt->ev[pt->nev++];
+    e->x = pt->f.path[lev];
+    e->parent = lev > 0 ? pt->f.path[lev - 1] : NULL;
+    e->pj = lev > 0 ? pt->f.idx[lev - 1] : 0;
+    e->gend = pt->ngrp;
+    e->opend = pt->nops;
+    e->grown = 0;
     e->lev = lev;
-    e->rm = (uint8_t)(b->f.hn[lev] == NULL);
-    return 1;
+    e->rm = (uint8_t)(pt->f.hn[lev] == NULL);
 }
 
 /* Software prefetching of the batch passes (section 13): a leaf is
@@ -2978,24 +3041,87 @@ AGG_INLINE void leaf_prefetch_all(const agg_tree *t, node *n, int values)
 }
 
 /* Route phase: keys [start, i) go to the finger's leaf. */
-static int route_group(bins *b, uint64_t start, uint64_t i)
+AGG_INLINE void route_group(part *pt, int D, uint64_t start, uint64_t i)
 {
-    int D = (int)b->t->depth;
-    bgroup *g;
-    if (!grow_array((void **)&b->grp, &b->capgrp, b->ngrp, sizeof *g))
-        return 0;
-    g = &b->grp[b->ngrp++];
-    g->leaf = b->f.path[D - 1];
+    bgroup *g = &pt->grp[pt->ngrp++];
+    g->leaf = pt->f.path[D - 1];
     g->start = start;
     g->k = i - start;
-    g->j = D >= 2 ? b->f.idx[D - 2] : 0;
+    g->j = D >= 2 ? pt->f.idx[D - 2] : 0;
     g->L = 0;
-    return 1;
+}
+
+#if defined(__STDC_NO_ATOMICS__) && !defined(AGG_NO_THREADS)
+#define AGG_NO_THREADS          /* the hand-over below needs an atomic exchange */
+#endif
+#ifndef AGG_NO_THREADS
+#include <pthread.h>
+#endif
+
+/* Work on items [lo, hi) of a batch; returns the first key found present
+ * (UINT64_MAX: none) - see run_halves. */
+typedef uint64_t (*range_fn)(bins *b, uint64_t lo, uint64_t hi);
+
+#ifndef AGG_NO_THREADS
+/* The second half of a two-thread run_halves: run by whichever of the two
+ * threads claims it first. */
+typedef struct half_job {
+    bins *b;
+    range_fn fn;
+    uint64_t lo, hi;
+    uint64_t res;
+    AGG_ATOMIC(long) claimed;
+} half_job;
+
+static void *half_job_run(void *arg)
+{
+    half_job *j = (half_job *)arg;
+    if (atomic_exchange_relaxed(&j->claimed, 1) == 0)
+        j->res = j->fn(j->b, j->lo, j->hi);
+    return NULL;
+}
+#endif
+
+/* fn over [0, cut) and [cut, n) (cut 0: over [0, n) at once).  With
+ * `threads` the second half is offered to a second thread; if that thread
+ * has not started by the time the first half is done (the other core is
+ * busy), this one does the second half too.  The result is the first
+ * half's unless that is UINT64_MAX: the first key in key order when fn
+ * reports its first one. */
+static uint64_t run_halves(bins *b, range_fn fn, uint64_t n, uint64_t cut, int threads)
+{
+    uint64_t r0, r1;
+    if (cut == 0 || cut >= n)
+        return fn(b, 0, n);
+#ifndef AGG_NO_THREADS
+    if (threads) {
+        pthread_t th;
+        half_job job;
+        job.b = b;
+        job.fn = fn;
+        job.lo = cut;
+        job.hi = n;
+        job.res = UINT64_MAX;
+        atomic_store_relaxed(&job.claimed, 0);
+        if (pthread_create(&th, NULL, half_job_run, &job) == 0) {
+            r0 = fn(b, 0, cut);
+            if (atomic_exchange_relaxed(&job.claimed, 1) == 0)
+                job.res = fn(b, cut, n);
+            pthread_join(th, NULL);
+            return r0 != UINT64_MAX ? r0 : job.res;
+        }
+    }
+#else
+    (void)threads;
+#endif
+    r0 = fn(b, 0, cut);
+    r1 = fn(b, cut, n);
+    return r0 != UINT64_MAX ? r0 : r1;
 }
 
 /* Search phase for one group: each key's position in the leaf; the first
  * key already present is reported (groups are searched in key order). */
-static int search_group(bins *b, bgroup *gr, uint64_t *bad_index)
+static uint64_t search_group(bins *b, bgroup *gr)
 {
     const agg_tree *t = b->t;
     node *lf = gr->leaf;
@@ -3014,11 +3140,8 @@ static int search_group(bins *b, bgroup *gr, uint64_t *bad_index)
             for (q = p; q < cnt && q < p + 8; q++)
                 c += (uint32_t)key_lt_fast(lk[q], k);
             p += c;
-            if (p < cnt && lk[p].head == k.head && lk[p].rest == k.rest) {
-                if (bad_index)
-                    *bad_index = i;
-                return 0;
-            }
+            if (p < cnt && lk[p].head == k.head && lk[p].rest == k.rest)
+                return i;
             b->pos[i] = p;
             lo = p;
         }
@@ -3027,122 +3150,240 @@ static int search_group(bins *b, bgroup *gr, uint64_t *bad_index)
             agg_key k = bins_key(b, i);
             uint32_t p = lo + general_count_lt(lk + lo, cnt - lo, k);
             if (p < cnt && key_cmp_general(lk[p], k) == 0) {
-                if (bad_index)
-                    *bad_index = i;
-                return 0;
+                return i;
             }
             b->pos[i] = p;
             lo = p;
         }
     }
-    return 1;
+    return UINT64_MAX;
 }
 
 
-/* Check pass (reads only, section 13):
+/* Plan: path node ev->x gets gr new children; count the nodes it becomes
+ * (new internal nodes, new root levels) and the buffer sizes. */
+static void plan_event(bins *b, bevent *ev, uint64_t gr)
+{
+    uint64_t sz = ev->x->count + gr, cnt = pack_count(sz, b->t->cap);
+    b->grow[ev->lev] = 0;
+    if (gr > b->maxpend[ev->lev + 1])
+        b->maxpend[ev->lev + 1] = gr;
+    if (cnt > 1) {
+        b->new_inner += cnt - 1;
+        if (sz > b->maxsplit)
+            b->maxsplit = sz;
+    }
+    if (ev->lev > 0)
+        b->grow[ev->lev - 1] += cnt - 1;
+    else
+        b->rootgrow = cnt - 1;
+}
+
+/* Plan: new root levels above a root that got b->rootgrow siblings. */
+static void plan_root(bins *b)
+{
+    if (b->rootgrow > b->maxpend[0])
+        b->maxpend[0] = b->rootgrow;
+    if (b->rootgrow) {
+        uint64_t cnt = b->rootgrow + 1;
+        while (cnt > 1) {
+            cnt = pack_count(cnt, b->t->cap);
+            b->new_inner += cnt;
+        }
+    }
+}
+
+/* Check pass (reads only, section 13), for the keys [lo, hi) of part pt
+ * (the whole batch, or one of two halves cut at a leaf parent boundary and
+ * run on two threads at once):
  *  route   the keys are routed to their leaves through the internal nodes
  *          alone (one compare per key while it stays in a leaf), giving
  *          the groups (leaf, first key, count) and the sequence of path
- *          nodes the walk leaves (events);
- *  search + plan, parent by parent: every group is searched in its leaf,
- *          prefetched PF_DIST groups ahead (the first key already present
- *          is reported, the others get their positions), then the
- *          parent's leaf ops are planned; each event then says how many
- *          nodes its node becomes, which gives the number of new nodes per
- *          level and the sizes of the buffers. */
-static agg_status bins_check(bins *b, uint64_t *bad_index)
+ *          nodes the walk leaves (events; the last part closes every
+ *          level, the first leaves its final path open);
+ *  search  every group is searched in its leaf, prefetched PF_DIST groups
+ *          ahead: the first key already present is reported, the others
+ *          get their positions;
+ *  plan    each leaf parent's leaf ops, from the counts alone.
+ * Returns the first new key already present, or UINT64_MAX.  Writes only
+ * pt, its groups' keys' pos[] and its ops: parts share nothing they
+ * write, and nothing here allocates. */
+static uint64_t check_part(bins *b, uint64_t lo, uint64_t hi)
 {
-    agg_tree *t = b->t;
-    finger *f = &b->f;
+    const agg_tree *t = b->t;
+    part *pt = &b->pt[lo == 0 ? 0 : 1];
+    finger *f = &pt->f;
     int D = (int)t->depth, lev;
-    uint64_t i, gs = 0, e, gi, g;
+    uint64_t i, gs = lo, g, e, gi = 0;
+    /* route */
     f->path[0] = t->root;
     f->hn[0] = NULL;
     f->hs[0] = 0;
-    finger_descend(t, f, 0, bins_key(b, 0), 0);
+    finger_descend(t, f, 0, bins_key(b, lo), 0);
     if (D == 1) {
-        if (!route_group(b, 0, b->n))
-            return AGG_NOMEM;
+        route_group(pt, D, lo, hi);
     } else {
         node *hn = f->hn[D - 1];
         uint32_t hs = f->hs[D - 1];
-        for (i = 1; i < b->n; i++) {
+        for (i = lo + 1; i < hi; i++) {
             agg_key k = bins_key(b, i);
             int d;
             if (!hn || key_lt(t, k, node_keys(hn)[hs]))
                 continue;           /* same leaf */
-            if (!route_group(b, gs, i))
-                return AGG_NOMEM;
+            route_group(pt, D, gs, i);
             d = finger_level(t, f, D - 2, k);
             for (lev = D - 2; lev > d; lev--)
-                if (!route_event(b, lev))
-                    return AGG_NOMEM;
+                route_event(pt, lev);
             finger_descend(t, f, d, k, 1);
             hn = f->hn[D - 1];
             hs = f->hs[D - 1];
             gs = i;
         }
-        if (!route_group(b, gs, b->n))
-            return AGG_NOMEM;
-        for (lev = D - 2; lev >= 0; lev--)
-            if (!route_event(b, lev))
-                return AGG_NOMEM;
+        route_group(pt, D, gs, hi);
+        if (hi == b->n)
+            for (lev = D - 2; lev >= 0; lev--)
+                route_event(pt, lev);
     }
-    /* search and plan, parent by parent; the leaves are prefetched
-     * PF_DIST groups ahead */
-    gi = 0;
-    for (e = 0; e <= b->nev; e++) {
-        bevent *ev = e < b->nev ? &b->ev[e] : NULL;
-        uint64_t gr, sz, cnt, gend = ev ? ev->gend : b->ngrp;
-        if (ev && ev->lev != D - 2)
-            gend = gi;              /* upper levels own no groups */
-        for (g = gi; g < gend; g++) {
-            if (g + PF_DIST < b->ngrp)
-                leaf_prefetch_all(t, b->grp[g + PF_DIST].leaf, 0);
-            if (!search_group(b, &b->grp[g], bad_index))
-                return AGG_DUPLICATE;
-        }
-        if (!ev) {                  /* D == 1: the root leaf's groups */
-            if (D == 1) {
-                if (!plan_leaf_ops(b, NULL, 1, b->grp, b->ngrp, &b->rootgrow))
-                    return AGG_NOMEM;
-                b->new_leaves = b->rootgrow;
-            }
-            break;
-        }
+    /* search */
+    for (g = 0; g < pt->ngrp; g++) {
+        uint64_t dup;
+        if (g + PF_DIST < pt->ngrp)
+            leaf_prefetch_all(t, pt->grp[g + PF_DIST].leaf, 0);
+        if ((dup = search_group(b, &pt->grp[g])) != UINT64_MAX)
+            return dup;
+    }
+    /* plan, parent by parent */
+    if (D == 1) {
+        b->rootgrow = plan_leaf_ops(b, pt, NULL, 1, pt->grp, pt->ngrp);
+        return UINT64_MAX;
+    }
+    for (e = 0; e < pt->nev; e++) {
+        bevent *ev = &pt->ev[e];
         if (ev->lev == D - 2) {
-            if (!plan_leaf_ops(b, ev->x, ev->rm, b->grp + gi, gend - gi, &gr))
-                return AGG_NOMEM;
-            gi = gend;
-            b->new_leaves += gr;
-        } else {
-            gr = b->grow[ev->lev];
+            ev->grown = plan_leaf_ops(b, pt, ev->x, ev->rm, pt->grp + gi, ev->gend - gi);
+            gi = ev->gend;
         }
-        ev->opend = b->nops;
-        b->grow[ev->lev] = 0;
-        if (gr > b->maxpend[ev->lev + 1])
-            b->maxpend[ev->lev + 1] = gr;
-        sz = ev->x->count + gr;
-        cnt = pack_count(sz, t->cap);
-        if (cnt > 1) {
-            b->new_inner += cnt - 1;
-            if (sz > b->maxsplit)
-                b->maxsplit = sz;
-        }
-        if (ev->lev > 0)
-            b->grow[ev->lev - 1] += cnt - 1;
+        ev->opend = pt->nops;
+    }
+    if (hi < b->n)                  /* the open last leaf parent */
+        pt->tail_grown = plan_leaf_ops(b, pt, f->path[D - 2], f->hn[D - 2] == NULL,
+                                       pt->grp + gi, pt->ngrp - gi);
+    return UINT64_MAX;
+}
+
+/* Where to cut the batch for two threads: the first key past the leaf
+ * parent of the middle key (so that no leaf parent has keys in both
+ * parts), or 0 for no cut. */
+static uint64_t check_split(const bins *b)
+{
+    const agg_tree *t = b->t;
+    int D = (int)t->depth;
+    uint64_t lo = b->n / 2, hi = b->n;
+    finger f;
+    agg_key bound;
+    if (D < 3 || b->n < 2)
+        return 0;
+    f.path[0] = t->root;
+    f.hn[0] = NULL;
+    f.hs[0] = 0;
+    finger_descend(t, &f, 0, bins_key(b, lo), 0);
+    if (!f.hn[D - 2])
+        return 0;                   /* the middle key is in the last leaf parent */
+    bound = node_keys(f.hn[D - 2])[f.hs[D - 2]];
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (key_lt(t, bins_key(b, mid), bound))
+            lo = mid + 1;
         else
-            b->rootgrow = cnt - 1;
+            hi = mid;
     }
-    if (b->rootgrow > b->maxpend[0])
-        b->maxpend[0] = b->rootgrow;
-    if (b->rootgrow) {              /* new levels above the root */
-        uint64_t cnt = b->rootgrow + 1;
-        while (cnt > 1) {
-            cnt = pack_count(cnt, t->cap);
-            b->new_inner += cnt;
-        }
+    return lo < b->n ? lo : 0;
+}
+
+/* Size the arrays of part pt for nk keys (into pt[0], room for both parts
+ * when `all`): groups <= keys and <= leaves, events <= internal nodes
+ * (each is left once) and <= groups * levels, ops <= 2 per group.  0 on
+ * allocation failure. */
+static int part_alloc(bins *b, part *pt, uint64_t nk)
+{
+    const agg_tree *t = b->t;
+    uint64_t D = t->depth, leaves = t->nbytes / t->leaf_bytes + 1;
+    uint64_t inner = t->nbytes / t->inner_bytes + 1, g, e;
+    g = (nk < leaves ? nk : leaves) + 1;
+    e = g * D < 2 * inner ? g * D : 2 * inner;
+    e += 2 * D + 2;
+    pt->capgrp = g;
+    pt->capev = e;
+    pt->capops = 2 * g;
+    pt->grp = (bgroup *)scratch_alloc((size_t)g * sizeof(bgroup));
+    pt->ev = (bevent *)scratch_alloc((size_t)e * sizeof(bevent));
+    pt->ops = (lop *)scratch_alloc((size_t)(2 * g) * sizeof(lop));
+    return pt->grp && pt->ev && pt->ops;
+}
+
+/* Join part 1 to part 0: the events closing part 0's open path (up to the
+ * node it shares with part 1's first key), then part 1's groups, events
+ * and ops, renumbered. */
+static void parts_join(bins *b)
+{
+    const agg_tree *t = b->t;
+    part *p0 = &b->pt[0], *p1 = &b->pt[1];
+    int D = (int)t->depth, lev;
+    int d = finger_level(t, &p0->f, D - 2, bins_key(b, b->split));
+    uint64_t i;
+    for (lev = D - 2; lev > d; lev--) {
+        route_event(p0, lev);
+        if (lev == D - 2)
+            p0->ev[p0->nev - 1].grown = p0->tail_grown;
     }
+    for (i = 0; i < p1->nev; i++) {
+        bevent *ev = &p0->ev[p0->nev++];
+        *ev = p1->ev[i];
+        ev->gend += p0->ngrp;
+        ev->opend += p0->nops;
+    }
+    memcpy(p0->grp + p0->ngrp, p1->grp, (size_t)p1->ngrp * sizeof(bgroup));
+    p0->ngrp += p1->ngrp;
+    for (i = 0; i < p1->nops; i++) {
+        lop *op = &p0->ops[p0->nops++];
+        *op = p1->ops[i];
+        op->nl0 += p0->new_leaves;
+    }
+    p0->new_leaves += p1->new_leaves;
+}
+
+/* Check and plan: the parts (two threads for a large batch), then, in the
+ * route's order, every path node's new children give the number of nodes
+ * it becomes: new leaves and internal nodes, new root levels. */
+static agg_status bins_check(bins *b, uint64_t *bad_index, int threads)
+{
+    int D = (int)b->t->depth;
+    uint64_t e, dup;
+    part *p0 = &b->pt[0];
+    b->split = threads ? check_split(b) : 0;
+    if (!part_alloc(b, p0, b->n) ||
+        (b->split && !part_alloc(b, &b->pt[1], b->n - b->split)))
+        return AGG_NOMEM;
+    dup = run_halves(b, check_part, b->n, b->split, threads == 1);
+    if (dup != UINT64_MAX) {
+        if (bad_index)
+            *bad_index = dup;
+        return AGG_DUPLICATE;
+    }
+    if (b->split)
+        parts_join(b);
+    b->grp = p0->grp;
+    b->ngrp = p0->ngrp;
+    b->ev = p0->ev;
+    b->nev = p0->nev;
+    b->ops = p0->ops;
+    b->nops = p0->nops;
+    b->new_leaves = p0->new_leaves;
+    for (e = 0; e < b->nev; e++) {
+        bevent *ev = &b->ev[e];
+        plan_event(b, ev, ev->lev == D - 2 ? ev->grown : b->grow[ev->lev]);
+    }
+    plan_root(b);
     return AGG_OK;
 }
 
@@ -3239,20 +3480,19 @@ AGG_INLINE void pend_push(bins *b, int lev, const entry *e, uint32_t pos)
 
 /* Apply pass: execute one leaf op (parent P, NULL when the root is a
  * leaf).  Nothing here can fail. */
-static void exec_leaf_op(bins *b, const lop *op, node *P)
+static void exec_leaf_op(bins *b, carry *cs, lop *op, node *P)
 {
     agg_tree *t = b->t;
-    int D = (int)t->depth;
     node *lf = op->leaf;
     agg_key *lk = node_keys(lf);
     double *lv = leaf_vals(t, lf);
-    uint32_t L = lf->count, keep = op->keep, li = 0, ci = 0, c = b->cn, cc, p;
+    uint32_t L = lf->count, keep = op->keep, li = 0, ci = 0, c = cs->cn, cc, p;
     uint64_t k = op->k, gi = 0, g, g0, i;
     const agg_key *G = b->sk + op->start;
     const double *GV = b->vals ? b->vals + op->start : NULL;
     const uint32_t *pos = b->pos + op->start;
-    agg_key *Ck = b->ck[b->cur];
-    double *Cv = b->cv[b->cur];
+    agg_key *Ck = cs->ck[cs->cur];
+    double *Cv = cs->cv[cs->cur];
     node **nl = NULL;
     ddsum delta, gsum, ssum, csum_next;
     topw w;
@@ -3275,19 +3515,17 @@ static void exec_leaf_op(bins *b, const lop *op, node *P)
         }
         lf->count = keep;
         gsum = vals_ddsum(GV, k);
-        b->cn = 0;
-        if (P) {
+        op->gsum = gsum;
+        cs->cn = 0;
+        if (P)
             entry_apply(t, P, op->j, keep, &gsum);
-            b->dcnt[D - 2] += k;
-            dds_add(&b->dsum[D - 2], gsum.hi, gsum.lo, gsum.exact, 0);
-        }
         return;
     }
     dds_zero(&delta);
     dds_zero(&ssum);
     dds_zero(&csum_next);
     if (c)
-        dds_add(&delta, b->csum.hi, b->csum.lo, b->csum.exact, 0);
+        dds_add(&delta, cs->csum.hi, cs->csum.lo, cs->csum.exact, 0);
     gsum = vals_ddsum(GV, k);
     dds_add(&delta, gsum.hi, gsum.lo, gsum.exact, 0);
 
@@ -3332,16 +3570,15 @@ static void exec_leaf_op(bins *b, const lop *op, node *P)
     w.op = op;
     if (op->nnew) {
         uint32_t size;
-        nl = b->leaves.a + b->leaves.used;
-        b->leaves.used += op->nnew;
+        nl = b->leaves.a + op->nl0;
         w.nl = nl;
         w.i = op->nnew - 1;
         newleaf_span(op, t->cap, w.i, &w.base, &size);
         w.k = node_keys(nl[w.i]);
         w.v = leaf_vals(t, nl[w.i]);
     } else {
-        w.k = b->ck[b->cur ^ 1];
-        w.v = b->cv[b->cur ^ 1];
+        w.k = cs->ck[cs->cur ^ 1];
+        w.v = cs->cv[cs->cur ^ 1];
     }
 
     /* 3. backward merge of carry, leaf items and new keys: runs of new
@@ -3371,7 +3608,6 @@ static void exec_leaf_op(bins *b, const lop *op, node *P)
     /* 4. new leaves: chain, entries for the parent, their sums leave */
     if (op->nnew) {
         node *prev = lf;
-        int plev = D - 1;
         for (i = 0; i < op->nnew; i++) {
             uint64_t base;
             uint32_t size;
@@ -3385,24 +3621,24 @@ static void exec_leaf_op(bins *b, const lop *op, node *P)
             tail_ref(t, s);
             e = entry_make(t, nl[i], s);
             dds_add(&delta, e.hi, e.lo, e.exact, 1);
-            pend_push(b, plev, &e, op->j);
+            b->lpend[op->nl0 + i].e = e;
+            b->lpend[op->nl0 + i].pos = op->j;
         }
     }
     if (op->cout) {
-        csum_next = vals_ddsum(b->cv[b->cur ^ 1], op->cout);
+        csum_next = vals_ddsum(cs->cv[cs->cur ^ 1], op->cout);
         dds_add(&delta, csum_next.hi, csum_next.lo, csum_next.exact, 1);
-        b->cur ^= 1;
+        cs->cur ^= 1;
     }
-    b->cn = op->cout;
-    b->csum = csum_next;
+    cs->cn = op->cout;
+    cs->csum = csum_next;
+    op->gsum = gsum;
 
     /* 5. the parent's entries */
     if (P) {
         entry_apply(t, P, op->j, keep, &delta);
         if ((c || op->spill) && op->j > 0)
             inner_set_sep(t, P, op->j, lk[0]);
-        b->dcnt[D - 2] += k;
-        dds_add(&b->dsum[D - 2], gsum.hi, gsum.lo, gsum.exact, 0);
     }
 }
 
@@ -3416,7 +3652,14 @@ static void apply_finalize(bins *b, const bevent *ev)
     node *x = ev->x, *parent = ev->parent;
     uint32_t pj = ev->pj, cap = t->cap;
     pend *pl = b->pending[lev + 1];
-    uint64_t np = b->npending[lev + 1], e = x->count + np;
+    uint64_t np = b->npending[lev + 1], e;
+    if (lev == (int)t->depth - 2) {     /* the leaf ops left its new leaves in lpend */
+        pl = b->lpend + ev->nl0;
+        np = ev->grown;
+        b->dcnt[lev] = ev->dk;
+        b->dsum[lev] = ev->dsum;
+    }
+    e = x->count + np;
     if (e <= cap) {
         if (np) {                   /* insert the new entries, last first */
             uint32_t i = x->count, w = (uint32_t)e;
@@ -3514,33 +3757,87 @@ static void grow_root(bins *b)
     t->root = r[0].child;
 }
 
-/* Apply pass: replay the check pass's sequence - each parent's leaf ops,
- * then the path nodes it left, in order; no key is compared again.
- * Nothing here can fail. */
-static void bins_apply(bins *b)
+/* Apply pass, leaf level: the leaf ops of the leaf parents among events
+ * [e0, e1) (the first part uses carry state 0, a second one 1); each leaf
+ * parent's event gets the count and sum of its new keys.  Writes only
+ * these parents, their leaves, their events, their ops and their new
+ * leaves' entries: parts cut at a leaf parent share nothing they write
+ * (FAST keys: no tail reference counts). */
+static uint64_t apply_events(bins *b, uint64_t e0, uint64_t e1)
+{
+    int D = (int)b->t->depth;
+    carry *cs = &b->cs[e0 == 0 ? 0 : 1];
+    uint64_t e, r = e0 > 0 ? b->ev[e0 - 1].opend : 0;
+    cs->cur = 0;
+    cs->cn = 0;
+    dds_zero(&cs->csum);
+    for (e = e0; e < e1; e++) {
+        bevent *ev = &b->ev[e];
+        uint64_t end = ev->opend;
+        if (ev->lev != D - 2)
+            continue;
+        ev->nl0 = r < end ? b->ops[r].nl0 : 0;
+        ev->dk = 0;
+        dds_zero(&ev->dsum);
+        for (; r < end; r++) {
+            lop *op = &b->ops[r];
+            if (r + PF_DIST < b->nops)
+                leaf_prefetch_all(b->t, b->ops[r + PF_DIST].leaf, 1);
+            exec_leaf_op(b, cs, op, op->parent);
+            ev->dk += op->k;
+            dds_add(&ev->dsum, op->gsum.hi, op->gsum.lo, op->gsum.exact, 0);
+        }
+    }
+    return UINT64_MAX;
+}
+
+/* Apply pass: the leaf ops (for a large FAST batch on two threads, cut at
+ * a leaf parent near the middle), then, in the check pass's order, the
+ * path nodes are finalized (new children enter, overfull nodes split,
+ * entries above are updated); new root levels.  Nothing here can fail. */
+static void bins_apply(bins *b, int threads)
 {
     agg_tree *t = b->t;
     int D = (int)t->depth, lev;
-    uint64_t r = 0, e;
-    b->cur = 0;
-    b->cn = 0;
-    dds_zero(&b->csum);
+    uint64_t e, r, cut = b->nev / 2;
     for (lev = 0; lev < D; lev++) {
         b->dcnt[lev] = 0;
         dds_zero(&b->dsum[lev]);
         b->npending[lev] = 0;
     }
-    for (e = 0; e <= b->nev; e++) {
-        uint64_t end = e < b->nev ? b->ev[e].opend : b->nops;
-        for (; r < end; r++) {
-            const lop *op = &b->ops[r];
-            if (r + PF_DIST < b->nops)
-                leaf_prefetch_all(t, b->ops[r + PF_DIST].leaf, 1);
-            exec_leaf_op(b, op, op->parent);
+    if (D == 1) {                   /* the root leaf's ops; its new leaves become its siblings */
+        carry *cs = &b->cs[0];
+        cs->cur = 0;
+        cs->cn = 0;
+        dds_zero(&cs->csum);
+        for (r = 0; r < b->nops; r++) {
+            lop *op = &b->ops[r];
+            exec_leaf_op(b, cs, op, NULL);
         }
-        if (e < b->nev)
-            apply_finalize(b, &b->ev[e]);
+        for (r = 0; r < b->new_leaves; r++)
+            pend_push(b, 0, &b->lpend[r].e, 0);
+    } else {
+        if (threads && t->mode == AGG_KEYS_FAST) {
+            /* cut after a leaf parent's event, near the middle of the ops */
+            uint64_t lo = 0, hi = b->nev;
+            while (lo < hi) {
+                uint64_t mid = lo + (hi - lo) / 2;
+                if (b->ev[mid].opend < b->nops / 2)
+                    lo = mid + 1;
+                else
+                    hi = mid;
+            }
+            cut = lo < b->nev ? lo + 1 : 0;
+            if (cut >= b->nev)
+                cut = 0;
+        } else {
+            cut = 0;
+        }
+        run_halves(b, apply_events, b->nev, cut, threads == 1);
     }
+    b->leaves.used = b->leaves.n;
+    for (e = 0; e < b->nev; e++)
+        apply_finalize(b, &b->ev[e]);
     if (b->npending[0])
         grow_root(b);
     t->len += b->n;
@@ -3566,14 +3863,17 @@ static void bins_free(bins *b, int unreserve)
     free(b->inner.a);
     free(b->own);
     free(b->pos);
-    free(b->ops);
-    free(b->grp);
-    free(b->ev);
+    for (d = 0; d < 2; d++) {
+        free(b->pt[d].ops);
+        free(b->pt[d].grp);
+        free(b->pt[d].ev);
+    }
     for (d = 0; d < MAX_DEPTH; d++)
         free(b->pending[d]);
     free(b->tmp);
-    free(b->ck[0]);
-    free(b->cv[0]);
+    free(b->lpend);
+    free(b->cs[0].ck[0]);
+    free(b->cs[0].cv[0]);
 }
 
 /* Reserve everything the plan needs: nodes, tail copies, buffers.  0 if
@@ -3605,12 +3905,16 @@ static int bins_reserve(bins *b)
     b->ntmp = b->maxsplit > b->rootgrow + 1 ? b->maxsplit : b->rootgrow + 1;
     if (!(b->tmp = (entry *)scratch_alloc((size_t)b->ntmp * sizeof(entry))))
         return 0;
-    b->ck[0] = (agg_key *)scratch_alloc(2 * (size_t)t->cap * sizeof(agg_key));
-    b->cv[0] = (double *)scratch_alloc(2 * (size_t)t->cap * sizeof(double));
-    if (!b->ck[0] || !b->cv[0])
+    if (!(b->lpend = (pend *)scratch_alloc((size_t)b->new_leaves * sizeof(pend))))
         return 0;
-    b->ck[1] = b->ck[0] + t->cap;
-    b->cv[1] = b->cv[0] + t->cap;
+    b->cs[0].ck[0] = (agg_key *)scratch_alloc(4 * (size_t)t->cap * sizeof(agg_key));
+    b->cs[0].cv[0] = (double *)scratch_alloc(4 * (size_t)t->cap * sizeof(double));
+    if (!b->cs[0].ck[0] || !b->cs[0].cv[0])
+        return 0;
+    for (d = 0; d < 4; d++) {
+        b->cs[d / 2].ck[d % 2] = b->cs[0].ck[0] + (size_t)d * t->cap;
+        b->cs[d / 2].cv[d % 2] = b->cs[0].cv[0] + (size_t)d * t->cap;
+    }
     if (t->mode == AGG_KEYS_GENERAL) {
         b->own = (agg_key *)scratch_alloc((size_t)b->n * sizeof(agg_key));
         if (!b->own)
@@ -3630,6 +3934,32 @@ static int bins_reserve(bins *b)
     return 1;
 }
 
+
+/* Debug switch, see aggtree.h. */
+static AGG_ATOMIC(long) g_batch_mode = 0;
+
+long agg_debug_insert_sorted_mode(long mode)
+{
+    return atomic_exchange_relaxed(&g_batch_mode, mode);
+}
+
+/* Batches of at least this many keys use two threads (section 13). */
+#define BATCH_THREAD_MIN 16384
+
+/* 1: cut the batch in two halves and use a second thread - forced by
+ * the debug mode, else for large batches unless AGGTREE_THREADS=1 in the
+ * environment; 2 (debug mode 3): the same halves, both on this thread;
+ * 0: one part. */
+static int batch_threads(const bins *b, long mode)
+{
+    const char *env;
+    if (mode == 2 || mode == 3)
+        return mode == 2 ? 1 : 2;
+    if (mode != 0 || b->n < BATCH_THREAD_MIN)
+        return 0;
+    env = getenv("AGGTREE_THREADS");
+    return !(env && atoi(env) == 1);
+}
 
 /* 1 if keys[0..n) strictly increase (the batch operations' precondition);
  * else 0 with *bad_index = the first i with keys[i - 1] >= keys[i]. */
@@ -3653,6 +3983,8 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double
 {
     bins b;
     agg_status st;
+    long mode;
+    int threads;
     if (n == 0)
         return AGG_OK;
     /* 1. order, before anything else */
@@ -3666,13 +3998,15 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double
     b.sk = keys;
     b.vals = values;
     b.n = n;
+    mode = atomic_load_relaxed(&g_batch_mode);
+    threads = batch_threads(&b, mode);
     /* 2. check and plan (reads only) */
     b.pos = (uint32_t *)scratch_alloc((size_t)n * sizeof(uint32_t));
     if (!b.pos) {
         bins_free(&b, 1);
         return AGG_NOMEM;
     }
-    st = bins_check(&b, bad_index);
+    st = bins_check(&b, bad_index, threads);
     if (st != AGG_OK) {
         bins_free(&b, 1);
         return st;
@@ -3683,7 +4017,7 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double
         return AGG_NOMEM;
     }
     /* 4. apply: cannot fail */
-    bins_apply(&b);
+    bins_apply(&b, threads);
     bins_free(&b, 0);
     return AGG_OK;
 }

@@ -298,6 +298,14 @@ agg_status agg_tree_check(const agg_tree *t, char *msg, size_t msg_len);
  * Returns the number of allocations made since the last call. */
 long agg_debug_fail_after(long n);
 
+/* Test hook, global: how agg_tree_insert_sorted runs (section 13 of
+ * aggtree.c).  0 (the default): on two threads for large batches (unless
+ * the environment has AGGTREE_THREADS=1); 1: always on one thread; 2: on
+ * two threads whenever the batch can be cut in two (FAST keys for the
+ * apply pass); 3: cut as for 2 but both halves on the calling thread.
+ * Returns the previous mode.  The result is the same in every mode. */
+long agg_debug_insert_sorted_mode(long mode);
+
 #ifdef __cplusplus
 }
 #endif

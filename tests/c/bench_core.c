@@ -13,9 +13,12 @@
  * thread CPU time in ns per operation, the best of BENCH_REPS full runs.
  *
  * Then the batch operations, per node size (BENCH_BATCH: batch size,
- * default n / 10): into a tree of n items made by random-order inserts, a
- * batch of new random keys is sorted with agg_keys_sort (from a shuffled
- * array) and inserted with agg_tree_insert_sorted, then removed with
+ * default n / 10): into a tree of n items made by random-order inserts
+ * (with BENCH_BATCH_PACKED: bulk-built, every node full, and the first
+ * batch's time printed too), a batch of new random keys is sorted with
+ * agg_keys_sort (from a shuffled array) and inserted with
+ * agg_tree_insert_sorted (timed in wall-clock: it may use a second thread;
+ * AGGTREE_THREADS=1 keeps it on one), then removed with
  * agg_tree_delete_sorted, BENCH_BREPS times (default 7) with fresh keys,
  * best and median shown; compared with loops of agg_tree_insert /
  * agg_tree_delete over the same keys in sorted and in random order.  Last,
@@ -49,6 +52,15 @@ static double now(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Wall-clock time: for agg_tree_insert_sorted, which may run on two
+ * threads (the CPU time of this one would leave the other's out). */
+static double wall(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
@@ -113,6 +125,7 @@ static void random_keys(agg_key *k, double *v, uint64_t n, int64_t first_id)
 static void bench_batch(uint64_t n, const uint32_t *sizes, int nsizes)
 {
     uint64_t m = getenv("BENCH_BATCH") ? strtoull(getenv("BENCH_BATCH"), NULL, 0) : n / 10, i;
+    int packed = getenv("BENCH_BATCH_PACKED") != NULL;
     int reps = getenv("BENCH_BREPS") ? atoi(getenv("BENCH_BREPS")) : 7, si, r;
     agg_key *base = (agg_key *)malloc(n * sizeof *base), *b = (agg_key *)malloc(m * sizeof *b);
     agg_key *bs = (agg_key *)malloc(m * sizeof *bs), *big = (agg_key *)malloc(n * sizeof *big);
@@ -126,9 +139,12 @@ static void bench_batch(uint64_t n, const uint32_t *sizes, int nsizes)
         reps = BREPS_MAX;
     if (reps < 1)
         reps = 1;
-    printf("\nbatch of %llu new random keys into a tree of %llu (random-order inserts); "
-           "CPU ns per item, best / median of %d\n",
-           (unsigned long long)m, (unsigned long long)n, reps);
+    printf("\nbatch of %llu new random keys into a tree of %llu (%s); "
+           "CPU ns per item (insert_sorted: wall-clock, %s), best / median of %d\n",
+           (unsigned long long)m, (unsigned long long)n,
+           packed ? "bulk-built, packed" : "random-order inserts", getenv("AGGTREE_THREADS") && atoi(getenv("AGGTREE_THREADS")) == 1 ? "one thread"
+                                                                             : "up to two threads",
+           reps);
     printf("%5s | %12s %14s %14s | %14s %14s | %14s %14s | %9s\n", "node", "keys_sort",
            "insert_sorted", "sort+ins", "insert loop s", "insert loop r", "delete_sorted",
            "delete loop", "B/it after");
@@ -138,9 +154,18 @@ static void bench_batch(uint64_t n, const uint32_t *sizes, int nsizes)
         if (agg_tree_new(&t, sizes[si], AGG_KEYS_FAST) != AGG_OK)
             die("agg_tree_new");
         random_keys(base, NULL, n, 0);
-        for (i = 0; i < n; i++)
-            if (agg_tree_insert(t, base[i], 1.0, 0, NULL, NULL) != AGG_OK)
-                die("insert");
+        if (packed) {               /* a bulk build: every node full */
+            uint64_t bad;
+            for (i = 0; i < n; i++)
+                bigv[i] = 1.0;
+            if (agg_keys_sort(base, bigv, n) != AGG_OK ||
+                agg_tree_build(t, base, bigv, n, &bad) != AGG_OK)
+                die("build");
+        } else {
+            for (i = 0; i < n; i++)
+                if (agg_tree_insert(t, base[i], 1.0, 0, NULL, NULL) != AGG_OK)
+                    die("insert");
+        }
         for (r = 0; r < reps; r++) {
             uint64_t bad = 0;
             random_keys(b, bv, m, (int64_t)n + (int64_t)r * (int64_t)m);
@@ -151,10 +176,10 @@ static void bench_batch(uint64_t n, const uint32_t *sizes, int nsizes)
             if (agg_keys_sort(bs, bvs, m) != AGG_OK)
                 die("agg_keys_sort");
             t_sort[r] = (now() - t0) / (double)m * 1e9;
-            t0 = now();
+            t0 = wall();
             if (agg_tree_insert_sorted(t, bs, bvs, m, &bad) != AGG_OK)
                 die("agg_tree_insert_sorted");
-            t_ins[r] = (now() - t0) / (double)m * 1e9;
+            t_ins[r] = (wall() - t0) / (double)m * 1e9;
             if (t_sort[r] + t_ins[r] < best_sum) {
                 best_sum = t_sort[r] + t_ins[r];
                 b_after = (double)agg_tree_nbytes(t) / (double)(n + m);
@@ -203,6 +228,8 @@ static void bench_batch(uint64_t n, const uint32_t *sizes, int nsizes)
                    sizes[si], s_best, median(t_sort, reps), i_best, median(t_ins, reps), best_sum,
                    bi, ls, median(t_loop_s, reps), lr, median(t_loop_r, reps), d_best, bd, dl,
                    median(t_dloop, reps), b_after);
+            if (packed)
+                printf("      first insert_sorted, into the packed tree: %.1f ns/item\n", t_ins[0]);
         }
         agg_tree_free(t);
         fflush(stdout);

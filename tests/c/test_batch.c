@@ -864,32 +864,184 @@ static void unit_edges(void)
     agg_tree_free(t);
 }
 
+/* Two-thread batch inserts (agg_debug_insert_sorted_mode(md): 2 on two
+ * threads, 3 the same halves on one) into deep
+ * trees: the batch is cut at a leaf-parent boundary near its middle.  A
+ * present key at the first or last position, on either side of the cut or
+ * on both (the first in key order is reported), leaves the tree as it
+ * was; then the batch goes in, packed (built) trees and sparse ones, with
+ * and without values, and for GENERAL keys. */
+static void unit_split(long md)
+{
+    static const uint32_t sizes[] = {4, 7, 16};
+    const uint64_t N = 3000;
+    size_t si;
+    int gen;
+    g_phase = "unit split";
+    agg_debug_insert_sorted_mode(md);
+    for (gen = 0; gen < 2; gen++)
+        for (si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+            agg_keymode mode = gen ? AGG_KEYS_GENERAL : AGG_KEYS_FAST;
+            agg_key *tk = (agg_key *)malloc(N * sizeof *tk), *bk = (agg_key *)malloc(N * sizeof *bk);
+            agg_tail *tt = (agg_tail *)malloc(2 * N * (sizeof(agg_tail) + 16));
+            double *tv = (double *)malloc(N * sizeof *tv), *bv = (double *)malloc(N * sizeof *bv);
+            uint64_t i, bad, nb = N - 1;
+            int c, round;
+            agg_tree *t;
+            REQUIRE(tk && bk && tt && tv && bv, "out of memory");
+            /* tree keys 2i, batch keys 2i + 1 (GENERAL: a shared head and
+             * the number in a 9-byte tail, so every compare reaches the
+             * tails) */
+            for (i = 0; i < 2 * N; i++) {
+                agg_key k;
+                k.head = gen ? 77 : 2 * (i / 2) + (i & 1);
+                k.rest = 0;
+                if (gen) {
+                    agg_tail *tl = (agg_tail *)((char *)tt + i * (sizeof(agg_tail) + 16));
+                    uint64_t x = 2 * (i / 2) + (i & 1);
+                    int b;
+                    tl->refs = 0;
+                    tl->len = 9;
+                    tl->bytes[0] = 1;
+                    for (b = 0; b < 8; b++)
+                        tl->bytes[1 + b] = (uint8_t)(x >> (56 - 8 * b));
+                    k.rest = (uint64_t)(uintptr_t)tl;
+                }
+                if (i & 1) {
+                    if (i / 2 < nb) {
+                        bk[i / 2] = k;
+                        bv[i / 2] = (double)(i % 7);
+                    }
+                } else {
+                    tk[i / 2] = k;
+                    tv[i / 2] = 1.0;
+                }
+            }
+            for (round = 0; round < 2; round++) {
+                REQUIRE(agg_tree_new(&t, sizes[si], mode) == AGG_OK, "new");
+                if (round == 0) {           /* packed: a bulk build */
+                    REQUIRE(agg_tree_build(t, tk, tv, N, &bad) == AGG_OK, "build");
+                } else {                    /* sparse: one by one, in random order */
+                    for (i = 0; i < N; i++) {
+                        uint64_t j = i + rnd_below(N - i);
+                        agg_key k = tk[j];
+                        double v = tv[j];
+                        tk[j] = tk[i];
+                        tv[j] = tv[i];
+                        tk[i] = k;
+                        tv[i] = v;
+                        REQUIRE(agg_tree_insert(t, k, v, 0, NULL, NULL) == AGG_OK, "insert");
+                    }
+                }
+                check_tree(t, "split: before");
+                for (c = 0; c < 5; c++) {
+                    /* present keys (tree key j sits between batch keys j - 1
+                     * and j): at the start, the end, a quarter (first
+                     * half), three quarters (second half), both */
+                    static const int where[5][2] = {{0, -1}, {4, -1}, {1, 3}, {3, -1}, {2, 2}};
+                    agg_key *b2 = (agg_key *)malloc((nb + 2) * sizeof *b2);
+                    uint64_t pos[2], n2 = 0, first = UINT64_MAX, q = 0, w;
+                    size_t before = agg_tree_nbytes(t);
+                    REQUIRE(b2, "out of memory");
+                    for (w = 0; w < 2; w++) {
+                        int x = where[c][w];
+                        pos[w] = x < 0 ? UINT64_MAX : x == 4 ? N - 1 : (uint64_t)x * N / 4;
+                    }
+                    if (pos[1] < pos[0]) {
+                        uint64_t tmp = pos[0];
+                        pos[0] = pos[1];
+                        pos[1] = tmp;
+                    }
+                    /* batch keys in order, tree keys 2 pos[w] inserted */
+                    for (i = 0; i <= nb; i++) {
+                        while (q < 2 && pos[q] == i) {
+                            agg_key k;
+                            if (q == 1 && pos[1] == pos[0]) {
+                                q++;
+                                continue;
+                            }
+                            k.head = gen ? 77 : 2 * i;
+                            k.rest = gen ? (uint64_t)(uintptr_t)((char *)tt + 2 * i * (sizeof(agg_tail) + 16))
+                                         : 0;
+                            if (first == UINT64_MAX)
+                                first = n2;
+                            b2[n2++] = k;
+                            q++;
+                        }
+                        if (i < nb)
+                            b2[n2++] = bk[i];
+                    }
+                    bad = 777;
+                    REQUIRE(agg_tree_insert_sorted(t, b2, NULL, n2, &bad) == AGG_DUPLICATE &&
+                                bad == first,
+                            "split dup case %d: bad %llu want %llu", c, (unsigned long long)bad,
+                            (unsigned long long)first);
+                    REQUIRE(agg_tree_len(t) == N && agg_tree_nbytes(t) == before, "dup changed the tree");
+                    check_tree(t, "split: after a duplicate");
+                    free(b2);
+                }
+                REQUIRE(agg_tree_insert_sorted(t, bk, round ? NULL : bv, nb, &bad) == AGG_OK &&
+                            agg_tree_len(t) == N + nb,
+                        "split insert");
+                check_tree(t, "split: inserted");
+                for (i = 0; i + 1 < N + nb; i += 97) {
+                    agg_key k;
+                    double v;
+                    REQUIRE(agg_tree_select(t, i, &k, &v) == AGG_OK, "select");
+                    REQUIRE(i % 2 ? v == (round ? 0.0 : (double)((i) % 7)) : v == 1.0,
+                            "split: value at %llu", (unsigned long long)i);
+                }
+                agg_tree_free(t);
+            }
+            free(tk);
+            free(bk);
+            free(tt);
+            free(tv);
+            free(bv);
+        }
+    agg_debug_insert_sorted_mode(0);
+}
+
 int main(int argc, char **argv)
 {
     static const uint32_t sizes[] = {4, 5, 7, 16, 64};
     uint64_t iters = TEST_SANITIZED ? 4000 : 15000, per;
+    long md;
     int mi;
     size_t si;
     test_args(argc, argv, &iters, "test_batch");
     unit_edges();
+    unit_split(2);
+    unit_split(3);
+    printf("  %-40s ok\n", "two-thread cut");
     test_sort(iters / 20 + 20);
     printf("  %-40s ok\n", "sort");
     test_build_unsorted(iters / 200 + 10);
     printf("  %-40s ok\n", "build_unsorted");
     per = iters / 10 + 1;
-    for (mi = 0; mi < 2; mi++)
-        for (si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
-            run_batch(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, sizes[si], per);
-            printf("  %-40s ok\n", g_phase);
+    /* batch inserts on one thread, on two, and cut in two halves run on
+     * one thread (agg_debug_insert_sorted_mode) */
+    for (md = 1; md <= 3; md++) {
+        agg_debug_insert_sorted_mode(md);
+        for (mi = 0; mi < 2; mi++)
+            for (si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+                run_batch(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, sizes[si], per);
+                printf("  %-40s ok (path %ld)\n", g_phase, md);
+                fflush(stdout);
+            }
+    }
+    /* large batches: the automatic choice, and two threads */
+    for (md = 0; md <= 2; md += 2) {
+        agg_debug_insert_sorted_mode(md);
+        for (mi = 0; mi < 2; mi++) {
+            run_large(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, 16, TEST_SANITIZED ? 20000 : 60000, 12);
+            printf("  %-40s ok (path %ld)\n", g_phase, md);
+            run_large(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, 64, TEST_SANITIZED ? 30000 : 150000, 12);
+            printf("  %-40s ok (path %ld)\n", g_phase, md);
             fflush(stdout);
         }
-    for (mi = 0; mi < 2; mi++) {
-        run_large(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, 16, TEST_SANITIZED ? 20000 : 60000, 12);
-        printf("  %-40s ok\n", g_phase);
-        run_large(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, 64, TEST_SANITIZED ? 30000 : 150000, 12);
-        printf("  %-40s ok\n", g_phase);
-        fflush(stdout);
     }
+    agg_debug_insert_sorted_mode(0);
     printf("test_batch: all passed\n");
     return 0;
 }
