@@ -525,7 +525,7 @@
  *     helper never touches a split whose caller has returned, and it owns
  *     no memory.  Everything is allocated before the helper starts (the
  *     failure injector stays deterministic).
- *     AGGTREE_SORT_THREADS=1 in the environment forces one thread; builds
+ *     AGGTREE_THREADS=1 in the environment forces one thread; builds
  *     without pthreads or C11 atomics (or with AGG_NO_THREADS) have one.
  *
  * Scratch, one allocation before anything moves (AGG_NOMEM leaves the
@@ -557,7 +557,7 @@
  * thread) / 10.2 ns (two), agg_keys_sort of 10^6 21.7 -> 19.0 / 10.0 ms.
  *   cmake -S . -B build -G Ninja -DAGGTREE_TESTS=ON && cmake --build build
  *   BENCH_REPS=25 build/bench_sort                  (two threads)
- *   AGGTREE_SORT_THREADS=1 BENCH_REPS=25 build/bench_sort
+ *   AGGTREE_THREADS=1 BENCH_REPS=25 build/bench_sort
  * tests/c/test_sort.c checks the sort against qsort on these shapes and
  * more, at sizes across every threshold above, one and two threads.
  */
@@ -591,6 +591,26 @@ static long agg_exchange_plain(volatile long *p, long v)
 #define atomic_exchange_relaxed(p, v) \
     atomic_exchange_explicit((p), (v), memory_order_relaxed)
 #endif
+
+/* A second thread for large batch inserts (section 13) and key sorts
+ * (section 14).  AGG_THREADS is 0 in builds without pthreads or C11
+ * atomics, or with -DAGG_NO_THREADS; at run time AGGTREE_THREADS=1 in the
+ * environment keeps everything on the calling thread. */
+#if !defined(AGG_NO_THREADS) && !defined(__STDC_NO_ATOMICS__) && \
+    (defined(__unix__) || defined(__APPLE__))
+#include <pthread.h>
+#include <sched.h>
+#define AGG_THREADS 1
+#else
+#define AGG_THREADS 0
+#endif
+
+/* 0 if AGGTREE_THREADS=1 in the environment (or the build has no threads). */
+static int threads_allowed(void)
+{
+    const char *e = AGG_THREADS ? getenv("AGGTREE_THREADS") : NULL;
+    return AGG_THREADS && !(e && atoi(e) == 1);
+}
 
 #ifdef __FAST_MATH__
 #error "aggtree.c needs exact IEEE additions (TwoSum); do not build it with -ffast-math"
@@ -3051,18 +3071,11 @@ AGG_INLINE void route_group(part *pt, int D, uint64_t start, uint64_t i)
     g->L = 0;
 }
 
-#if defined(__STDC_NO_ATOMICS__) && !defined(AGG_NO_THREADS)
-#define AGG_NO_THREADS          /* the hand-over below needs an atomic exchange */
-#endif
-#ifndef AGG_NO_THREADS
-#include <pthread.h>
-#endif
-
 /* Work on items [lo, hi) of a batch; returns the first key found present
  * (UINT64_MAX: none) - see run_halves. */
 typedef uint64_t (*range_fn)(bins *b, uint64_t lo, uint64_t hi);
 
-#ifndef AGG_NO_THREADS
+#if AGG_THREADS
 /* The second half of a two-thread run_halves: run by whichever of the two
  * threads claims it first. */
 typedef struct half_job {
@@ -3093,7 +3106,7 @@ static uint64_t run_halves(bins *b, range_fn fn, uint64_t n, uint64_t cut, int t
     uint64_t r0, r1;
     if (cut == 0 || cut >= n)
         return fn(b, 0, n);
-#ifndef AGG_NO_THREADS
+#if AGG_THREADS
     if (threads) {
         pthread_t th;
         half_job job;
@@ -3952,13 +3965,11 @@ long agg_debug_insert_sorted_mode(long mode)
  * 0: one part. */
 static int batch_threads(const bins *b, long mode)
 {
-    const char *env;
     if (mode == 2 || mode == 3)
         return mode == 2 ? 1 : 2;
     if (mode != 0 || b->n < BATCH_THREAD_MIN)
         return 0;
-    env = getenv("AGGTREE_THREADS");
-    return !(env && atoi(env) == 1);
+    return threads_allowed();
 }
 
 /* 1 if keys[0..n) strictly increase (the batch operations' precondition);
@@ -4850,15 +4861,6 @@ static void ksort_bucket(ksort *s, const kglobal *g, uint64_t off, uint64_t n)
     }
 }
 
-#if !defined(AGG_NO_THREADS) && !defined(AGGTREE_NO_THREADS) && \
-    !defined(__STDC_NO_ATOMICS__) && (defined(__unix__) || defined(__APPLE__))
-#include <pthread.h>
-#include <sched.h>
-#define KSORT_THREADS 1
-#else
-#define KSORT_THREADS 0
-#endif
-
 #define KSORT_CHUNKS 16          /* most pieces of the input (n / 2^14, at least 4) */
 
 /* The split.  The records a -> b by the first dbits bits of their
@@ -4886,7 +4888,7 @@ typedef struct ksplit {
     int nch;                     /* pieces of the input */
     int equal;                   /* all keys are equal: nothing to do */
     uint32_t nbk;                /* buckets */
-#if KSORT_THREADS
+#if AGG_THREADS
     atomic_int next_mask, masks_done, masked, next_hist, hists_done, planned;
     atomic_int next_chunk, chunks_done;
     atomic_uint next_bucket, buckets_done;
@@ -4897,7 +4899,7 @@ typedef struct ksplit {
 #endif
 } ksplit;
 
-#if KSORT_THREADS
+#if AGG_THREADS
 #define KS_TAKE(p) atomic_fetch_add_explicit((p), 1, memory_order_relaxed)
 #define KS_DONE(p) atomic_fetch_add_explicit((p), 1, memory_order_release)
 #define KS_SEEN(p) atomic_load_explicit((p), memory_order_acquire)
@@ -4950,7 +4952,7 @@ static void ksplit_plan(ksplit *c)
 }
 
 /* Wait until *p reaches v (the other thread is finishing its piece). */
-#if KSORT_THREADS
+#if AGG_THREADS
 #define KS_WAIT(p, v)                                       \
     do {                                                    \
         int spin_ = 0;                                      \
@@ -5072,7 +5074,7 @@ static void ksplit_work(ksplit *c, int t)
         KS_WAIT(&c->buckets_done, c->nbk);
 }
 
-#if KSORT_THREADS
+#if AGG_THREADS
 /* The job a helper may take: one split at a time in the process (another
  * caller meanwhile sorts on its own).  Every hand-over goes through the
  * mutex, so that a helper never touches a split whose caller has left. */
@@ -5105,21 +5107,13 @@ static void *ksplit_helper(void *arg)
 }
 #endif
 
-/* 1 if the sort may use a second thread: AGGTREE_SORT_THREADS=1 in the
- * environment forces one thread. */
-static int ksort_two_threads(void)
-{
-    const char *e = KSORT_THREADS ? getenv("AGGTREE_SORT_THREADS") : NULL;
-    return KSORT_THREADS && !(e && e[0] == '1' && !e[1]);
-}
-
 /* Run the split (s1: a helper's state, or NULL for one thread); mem: the
  * split's memory (KSPLIT_BYTES). */
 static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
 {
     ksplit c;
     uint32_t j;
-#if KSORT_THREADS
+#if AGG_THREADS
     int helper = 0;
 #endif
     memset(&c, 0, sizeof c);
@@ -5137,7 +5131,7 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
     for (j = 0; j <= (uint32_t)c.nch; j++)
         c.chunk[j] = n / (uint32_t)c.nch * j;
     c.chunk[c.nch] = n;
-#if KSORT_THREADS
+#if AGG_THREADS
     atomic_init(&c.next_mask, 0);
     atomic_init(&c.masks_done, 0);
     atomic_init(&c.masked, 0);
@@ -5167,7 +5161,7 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
     (void)s1;
 #endif
     ksplit_work(&c, 0);
-#if KSORT_THREADS
+#if AGG_THREADS
     if (helper) {                   /* close it; wait for a helper still inside */
         pthread_mutex_lock(&g_ksort_mu);
         if (g_ksort_job == &c)
@@ -5240,7 +5234,7 @@ agg_status agg_keys_sort(agg_key *keys, double *values, uint64_t n)
         vbytes = values ? (size_t)n * sizeof(double) : 0;
         cbytes = (size_t)SORT_MAXDEPTH * SORT_NCNT * sizeof(uint64_t);
         sbytes = KSPLIT_BYTES;
-        if (n >= SORT_THREADS_MIN && n <= UINT32_MAX && ksort_two_threads())
+        if (n >= SORT_THREADS_MIN && n <= UINT32_MAX && threads_allowed())
             nt = 2;
     }
     per = wbytes + pbytes + cbytes;

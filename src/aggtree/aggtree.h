@@ -231,9 +231,12 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys,
  * FAST keys: GENERAL keys (rest is a pointer) come out in no useful
  * order.  Pairs with equal keys end up adjacent, in no defined order.
  * An MSD radix sort over the bits that differ between keys (skipping bit
- * ranges all keys share), with n * 24 bytes of scratch (16 without
- * values); AGG_NOMEM if that allocation fails (keys and values are then
- * untouched).  Never touches a tree. */
+ * ranges all keys share), with about n * 24 bytes of scratch (up to
+ * 384 KB more for small inputs without values) plus fixed tables of
+ * about 0.4 MB and 2 MB per thread; large inputs may use a second
+ * thread (aggtree.c, section 14; AGGTREE_THREADS=1 in the environment
+ * prevents it).  AGG_NOMEM if the allocation fails (keys and values are
+ * then untouched).  Never touches a tree. */
 agg_status agg_keys_sort(agg_key *keys, double *values, uint64_t n);
 
 /* agg_keys_sort then agg_tree_build, for bulk loads from unsorted arrays:

@@ -4,7 +4,7 @@
  *   bench_sort [n ...]          default: 100000 1000000
  *   env BENCH_REPS (default 7): repetitions, best and median shown
  *   env BENCH_SHAPE=name: only that key shape
- *   env AGGTREE_SORT_THREADS=1: force the single-thread sort
+ *   env AGGTREE_THREADS=1: force the single-thread sort
  *
  * Key shapes (rest is a shuffled id 0..n-1 unless said otherwise):
  *   random   head = image of a random double in [0, 1) (as bench_core)

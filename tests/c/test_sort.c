@@ -3,7 +3,7 @@
  * shapes, at sizes crossing every threshold of the sort (insertion sort,
  * pair sort of a whole range, split into buckets, second thread), with
  * values (each must stay with its key) and with values = NULL, with one
- * and with two threads (AGGTREE_SORT_THREADS=1 forces one), plus failing
+ * and with two threads (AGGTREE_THREADS=1 forces one), plus failing
  * scratch allocations (AGG_NOMEM, input untouched).
  *
  *   test_sort [seed [max_n]]     (or AGGTREE_SEED; max_n default 300000)
@@ -215,12 +215,12 @@ int main(int argc, char **argv)
                 for (th = 1; th <= 2; th++) {
                     if (th == 2 && n < 65536)
                         continue;   /* one thread below that anyway */
-                    setenv("AGGTREE_SORT_THREADS", th == 1 ? "1" : "2", 1);
+                    setenv("AGGTREE_THREADS", th == 1 ? "1" : "2", 1);
                     g_iter = (uint64_t)iters++;
                     check_one(n, sh, wv, th);
                 }
     }
-    unsetenv("AGGTREE_SORT_THREADS");
+    unsetenv("AGGTREE_THREADS");
     g_phase = "nomem";
     for (si = 0; si < (int)(sizeof sizes / sizeof sizes[0]); si++) {
         uint64_t n = sizes[si];
