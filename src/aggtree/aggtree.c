@@ -5083,6 +5083,34 @@ static pthread_cond_t g_ksort_cv = PTHREAD_COND_INITIALIZER;
 static ksplit *g_ksort_job;      /* open: waiting for a helper */
 static int g_ksort_busy;         /* the slot is in use (job open or taken) */
 static int g_ksort_helping;      /* a helper works on the taken job */
+static pthread_once_t g_ksort_once = PTHREAD_ONCE_INIT;
+
+/* fork() while a two-thread sort runs in another thread: the child has
+ * neither that sort nor its helper, so it starts with a free slot (and the
+ * lock is held across the fork, so it is never copied half-taken). */
+static void ksort_fork_prepare(void)
+{
+    pthread_mutex_lock(&g_ksort_mu);
+}
+
+static void ksort_fork_parent(void)
+{
+    pthread_mutex_unlock(&g_ksort_mu);
+}
+
+static void ksort_fork_child(void)
+{
+    g_ksort_job = NULL;
+    g_ksort_busy = 0;
+    g_ksort_helping = 0;
+    pthread_mutex_unlock(&g_ksort_mu);
+    pthread_cond_init(&g_ksort_cv, NULL);
+}
+
+static void ksort_register_fork(void)
+{
+    pthread_atfork(ksort_fork_prepare, ksort_fork_parent, ksort_fork_child);
+}
 
 static void *ksplit_helper(void *arg)
 {
@@ -5145,6 +5173,7 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
     if (s1) {                       /* start a helper and open the job to it */
         pthread_t th;
         pthread_attr_t at;
+        pthread_once(&g_ksort_once, ksort_register_fork);
         pthread_mutex_lock(&g_ksort_mu);
         if (!g_ksort_busy && pthread_attr_init(&at) == 0) {
             if (pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED) == 0 &&

@@ -4,12 +4,24 @@
  * pair sort of a whole range, split into buckets, second thread), with
  * values (each must stay with its key) and with values = NULL, with one
  * and with two threads (AGGTREE_THREADS=1 forces one), plus failing
- * scratch allocations (AGG_NOMEM, input untouched).
+ * scratch allocations (AGG_NOMEM, input untouched), and fork() while
+ * another thread runs two-thread sorts (the child's own two-thread sorts
+ * must neither deadlock nor fail).
  *
  *   test_sort [seed [max_n]]     (or AGGTREE_SEED; max_n default 300000)
  */
 #define _POSIX_C_SOURCE 200112L  /* setenv */
 #include "test_util.h"
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#define TEST_FORK 1
+#else
+#define TEST_FORK 0
+#endif
 
 static int cmp_key(const void *a, const void *b)
 {
@@ -187,6 +199,73 @@ static void check_nomem(uint64_t n, int shape, int with_values, long after)
     free(v0);
 }
 
+#if TEST_FORK
+static volatile int g_stop;
+
+/* Two-thread sorts of 200,000 random keys until g_stop. */
+static void *sorter(void *arg)
+{
+    uint64_t n = 200000, i;
+    agg_key *k = (agg_key *)malloc(n * sizeof *k);
+    (void)arg;
+    if (!k)
+        return NULL;
+    while (!g_stop) {
+        for (i = 0; i < n; i++) {
+            k[i].head = rnd();
+            k[i].rest = i;
+        }
+        if (agg_keys_sort(k, NULL, n) != AGG_OK)
+            break;
+    }
+    free(k);
+    return NULL;
+}
+
+/* fork() from this thread while another sorts; every child sorts on two
+ * threads itself (under an alarm: a deadlock fails the test) and checks. */
+static void check_fork(int forks)
+{
+    pthread_t th;
+    int f;
+    uint64_t n = 100000, i;
+    g_stop = 0;
+    if (pthread_create(&th, NULL, sorter, NULL) != 0)
+        test_fail("pthread_create");
+    for (f = 0; f < forks; f++) {
+        int status = 0;
+        pid_t pid;
+        struct timespec nap;
+        nap.tv_sec = 0;
+        nap.tv_nsec = 1000000L + (long)(rnd() % 3000000u);
+        nanosleep(&nap, NULL);      /* fork at a random point of the other thread's sorts */
+        pid = fork();
+        if (pid < 0)
+            test_fail("fork");
+        if (pid == 0) {
+            agg_key *k = (agg_key *)malloc(n * sizeof *k);
+            alarm(20);
+            if (!k)
+                _exit(3);
+            for (i = 0; i < n; i++) {
+                k[i].head = (i * UINT64_C(0x9E3779B97F4A7C15)) >> 1;
+                k[i].rest = i;
+            }
+            if (agg_keys_sort(k, NULL, n) != AGG_OK)
+                _exit(4);
+            for (i = 1; i < n; i++)
+                if (cmp_key(&k[i - 1], &k[i]) > 0)
+                    _exit(5);
+            _exit(0);
+        }
+        if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+            test_fail("forked child: status %d (a signal: deadlocked or crashed)", status);
+    }
+    g_stop = 1;
+    pthread_join(th, NULL);
+}
+#endif
+
 int main(int argc, char **argv)
 {
     /* 16/17: insertion sort; 8-9, 33, ~500: pair buckets; 16384/16385:
@@ -233,6 +312,10 @@ int main(int argc, char **argv)
                 check_nomem(n, sh, wv, 1);  /* one allocation only: enough */
             }
     }
+#if TEST_FORK
+    g_phase = "fork";
+    check_fork(TEST_SANITIZED ? 5 : 20);
+#endif
     printf("test_sort: %d sorts checked (seed %llu)\n", iters, (unsigned long long)g_seed);
     return 0;
 }
