@@ -4503,26 +4503,39 @@ static int ksort_prefix_setup(kprefix *f, uint64_t vh, uint64_t vr, int maxbits,
     return eff;
 }
 
+/* OR and AND of the heads and of the rests of k[0..n): m = {OR heads, AND
+ * heads, OR rests, AND rests}; a bit varies between two of the keys where
+ * OR ^ AND has it (m[0] ^ m[1] for heads, m[2] ^ m[3] for rests). */
+static void keys_or_and(const agg_key *k, uint64_t n, uint64_t m[4])
+{
+    uint64_t hor = 0, hand = ~UINT64_C(0), ror = 0, rand_ = ~UINT64_C(0), i;
+    for (i = 0; i < n; i++) {
+        hor |= k[i].head;
+        hand &= k[i].head;
+        ror |= k[i].rest;
+        rand_ &= k[i].rest;
+    }
+    m[0] = hor;
+    m[1] = hand;
+    m[2] = ror;
+    m[3] = rand_;
+}
+
 /* Sort the n records xk/xv (SORT_SMALL < n <= SORT_LOCAL, or n of the
  * work area) into dk/dv, which are either the same arrays or disjoint
  * ones; xv and dv are both NULL or both not.  Uses s->w and s->pcnt. */
 static void ksort_local(const ksort *s, agg_key *xk, double *xv, agg_key *dk, double *dv,
                         uint64_t n)
 {
-    uint64_t hor = 0, hand = ~UINT64_C(0), ror = 0, rand_ = ~UINT64_C(0), vh, vr, i, imask;
+    uint64_t mk[4], vh, vr, i, imask;
     uint32_t *cnt = s->pcnt;
     uint64_t *p0 = s->w, run = 0;
     int b, eff, total, top;
     uint32_t w, mask;
     kprefix f;
-    for (i = 0; i < n; i++) {
-        hor |= xk[i].head;
-        hand &= xk[i].head;
-        ror |= xk[i].rest;
-        rand_ &= xk[i].rest;
-    }
-    vh = hor ^ hand;
-    vr = ror ^ rand_;
+    keys_or_and(xk, n, mk);
+    vh = mk[0] ^ mk[1];
+    vr = mk[2] ^ mk[3];
     if (!vh && !vr) {               /* all keys equal */
         if (dk != xk) {
             memcpy(dk, xk, (size_t)n * sizeof *dk);
@@ -4630,15 +4643,10 @@ static void ksort_direct(const ksort *s, const kglobal *g, agg_key *xk, double *
         eff = g->eff;
         total = g->total;
     } else {
-        uint64_t hor = 0, hand = ~UINT64_C(0), ror = 0, rand_ = ~UINT64_C(0), vh, vr;
-        for (i = 0; i < n; i++) {
-            hor |= xk[i].head;
-            hand &= xk[i].head;
-            ror |= xk[i].rest;
-            rand_ &= xk[i].rest;
-        }
-        vh = hor ^ hand;
-        vr = ror ^ rand_;
+        uint64_t mk[4], vh, vr;
+        keys_or_and(xk, n, mk);
+        vh = mk[0] ^ mk[1];
+        vr = mk[2] ^ mk[3];
         if (!vh && !vr) {           /* all keys equal */
             memcpy(dk, xk, (size_t)n * sizeof *dk);
             if (xv)
@@ -4848,15 +4856,10 @@ static void ksort_bucket(ksort *s, const kglobal *g, uint64_t off, uint64_t n)
                      s->va ? s->va + off : NULL, n);
     } else {                        /* a heavy digit value: MSD on its own varying bits */
         ksort t = *s;
-        uint64_t hor = 0, hand = ~UINT64_C(0), ror = 0, rand_ = ~UINT64_C(0), i;
-        for (i = off; i < off + n; i++) {
-            hor |= s->kb[i].head;
-            hand &= s->kb[i].head;
-            ror |= s->kb[i].rest;
-            rand_ &= s->kb[i].rest;
-        }
-        t.vhead = hor ^ hand;
-        t.vrest = ror ^ rand_;
+        uint64_t mk[4];
+        keys_or_and(s->kb + off, n, mk);
+        t.vhead = mk[0] ^ mk[1];
+        t.vrest = mk[2] ^ mk[3];
         ksort_msd(&t, off, n, 127, 0, 1);
     }
 }
@@ -5011,17 +5014,7 @@ static void ksplit_work(ksplit *c, int t)
     unsigned k;
     uint32_t nd;
     while ((j = KS_TAKE(&c->next_mask)) < c->nch) {
-        uint64_t hor = 0, hand = ~UINT64_C(0), ror = 0, rand_ = ~UINT64_C(0), i;
-        for (i = c->chunk[j]; i < c->chunk[j + 1]; i++) {
-            hor |= ka[i].head;
-            hand &= ka[i].head;
-            ror |= ka[i].rest;
-            rand_ &= ka[i].rest;
-        }
-        c->mask[j][0] = hor;
-        c->mask[j][1] = hand;
-        c->mask[j][2] = ror;
-        c->mask[j][3] = rand_;
+        keys_or_and(ka + c->chunk[j], c->chunk[j + 1] - c->chunk[j], c->mask[j]);
         KS_DONE(&c->masks_done);
     }
     if (t == 0) {
@@ -5213,7 +5206,8 @@ static void ksort_split(ksort *s0, ksort *s1, uint64_t n, char *mem)
 agg_status agg_keys_sort(agg_key *keys, double *values, uint64_t n)
 {
     ksort s[2];
-    uint64_t hor = 0, hand = ~UINT64_C(0), ror = 0, rand_ = ~UINT64_C(0), i, cap;
+    /* all bits "vary" unless measured below (the split measures its own) */
+    uint64_t mk[4] = {0, ~UINT64_C(0), 0, ~UINT64_C(0)}, i, cap;
     size_t rbytes = 0, vbytes = 0, wbytes, pbytes, cbytes = 0, sbytes = 0, per, total;
     int nt = 1, t;
     char *mem, *m;
@@ -5243,13 +5237,8 @@ agg_status agg_keys_sort(agg_key *keys, double *values, uint64_t n)
         return AGG_OK;
     }
     if (n <= SORT_LOCAL || n > UINT32_MAX) {   /* (the split finds them itself) */
-        for (i = 0; i < n; i++) {
-            hor |= keys[i].head;
-            hand &= keys[i].head;
-            ror |= keys[i].rest;
-            rand_ &= keys[i].rest;
-        }
-        if (!(hor ^ hand) && !(ror ^ rand_))
+        keys_or_and(keys, n, mk);
+        if (!(mk[0] ^ mk[1]) && !(mk[2] ^ mk[3]))
             return AGG_OK;          /* all keys equal */
     }
     /* everything is allocated here, before any key moves (and before the
@@ -5277,8 +5266,8 @@ agg_status agg_keys_sort(agg_key *keys, double *values, uint64_t n)
         s[t].va = values;
         s[t].kb = rbytes ? (agg_key *)(void *)mem : NULL;
         s[t].vb = vbytes ? (double *)(void *)(mem + rbytes) : NULL;
-        s[t].vhead = hor ^ hand;
-        s[t].vrest = ror ^ rand_;
+        s[t].vhead = mk[0] ^ mk[1];
+        s[t].vrest = mk[2] ^ mk[3];
         s[t].pcnt = (uint32_t *)(void *)m;
         s[t].cnt = cbytes ? (uint64_t *)(void *)(m + pbytes) : NULL;
         s[t].w = (uint64_t *)(void *)(m + pbytes + cbytes);
