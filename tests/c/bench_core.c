@@ -17,8 +17,9 @@
  * (with BENCH_BATCH_PACKED: bulk-built, every node full, and the first
  * batch's time printed too), a batch of new random keys is sorted with
  * agg_keys_sort (from a shuffled array) and inserted with
- * agg_tree_insert_sorted (timed in wall-clock: it may use a second thread;
- * AGGTREE_THREADS=1 keeps it on one), then removed with
+ * agg_tree_insert_sorted (both timed in wall-clock, as are the sorts
+ * below: they may use a second thread; AGGTREE_THREADS=1 keeps them on
+ * one), then removed with
  * agg_tree_delete_sorted, BENCH_BREPS times (default 7) with fresh keys,
  * best and median shown; compared with loops of agg_tree_insert /
  * agg_tree_delete over the same keys in sorted and in random order.  Last,
@@ -36,33 +37,7 @@
 #include <string.h>
 #include <time.h>
 
-static uint64_t g_rng = 0x12345678;
-
-static uint64_t rnd(void)
-{
-    uint64_t z = (g_rng += UINT64_C(0x9E3779B97F4A7C15));
-    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
-    return z ^ (z >> 31);
-}
-
-/* CPU time of this thread: the machine may be shared, and time spent
- * descheduled is not the tree's. */
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-/* Wall-clock time: for agg_tree_insert_sorted, which may run on two
- * threads (the CPU time of this one would leave the other's out). */
-static double wall(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+#include "bench_util.h"
 
 static void shuffle(agg_key *a, uint64_t n)
 {
@@ -172,40 +147,40 @@ static void bench_batch(uint64_t n, const uint32_t *sizes, int nsizes)
             memcpy(bs, b, m * sizeof *b);
             memcpy(bvs, bv, m * sizeof *bv);
             /* the batch: sort, insert, delete */
-            t0 = now();
+            t0 = wall_now();
             if (agg_keys_sort(bs, bvs, m) != AGG_OK)
                 die("agg_keys_sort");
-            t_sort[r] = (now() - t0) / (double)m * 1e9;
-            t0 = wall();
+            t_sort[r] = (wall_now() - t0) / (double)m * 1e9;
+            t0 = wall_now();
             if (agg_tree_insert_sorted(t, bs, bvs, m, &bad) != AGG_OK)
                 die("agg_tree_insert_sorted");
-            t_ins[r] = (wall() - t0) / (double)m * 1e9;
+            t_ins[r] = (wall_now() - t0) / (double)m * 1e9;
             if (t_sort[r] + t_ins[r] < best_sum) {
                 best_sum = t_sort[r] + t_ins[r];
                 b_after = (double)agg_tree_nbytes(t) / (double)(n + m);
             }
-            t0 = now();
+            t0 = cpu_now();
             if (agg_tree_delete_sorted(t, bs, m, &bad) != AGG_OK)
                 die("agg_tree_delete_sorted");
-            t_del[r] = (now() - t0) / (double)m * 1e9;
+            t_del[r] = (cpu_now() - t0) / (double)m * 1e9;
             /* the same keys one by one: sorted order, then random order */
-            t0 = now();
+            t0 = cpu_now();
             for (i = 0; i < m; i++)
                 if (agg_tree_insert(t, bs[i], bvs[i], 0, NULL, NULL) != AGG_OK)
                     die("insert");
-            t_loop_s[r] = (now() - t0) / (double)m * 1e9;
+            t_loop_s[r] = (cpu_now() - t0) / (double)m * 1e9;
             for (i = 0; i < m; i++)
                 agg_tree_delete(t, bs[i], NULL);
-            t0 = now();
+            t0 = cpu_now();
             for (i = 0; i < m; i++)
                 if (agg_tree_insert(t, b[i], bv[i], 0, NULL, NULL) != AGG_OK)
                     die("insert");
-            t_loop_r[r] = (now() - t0) / (double)m * 1e9;
-            t0 = now();
+            t_loop_r[r] = (cpu_now() - t0) / (double)m * 1e9;
+            t0 = cpu_now();
             for (i = 0; i < m; i++)
                 if (agg_tree_delete(t, b[i], NULL) != AGG_OK)
                     die("delete");
-            t_dloop[r] = (now() - t0) / (double)m * 1e9;
+            t_dloop[r] = (cpu_now() - t0) / (double)m * 1e9;
             if (agg_tree_len(t) != n)
                 die("batch round trip changed the tree");
         }
@@ -247,35 +222,35 @@ static void bench_batch(uint64_t n, const uint32_t *sizes, int nsizes)
             random_keys(big, bigv, n, 0);
             memcpy(cp, big, n * sizeof *cp);
             memcpy(cv, bigv, n * sizeof *cv);
-            t0 = now();
+            t0 = wall_now();
             if (agg_keys_sort(cp, cv, n) != AGG_OK)
                 die("agg_keys_sort");
-            x = (now() - t0) * 1e3;
+            x = (wall_now() - t0) * 1e3;
             ts = x < ts ? x : ts;
-            t0 = now();
+            t0 = cpu_now();
             if (agg_tree_new(&t, 64, AGG_KEYS_FAST) != AGG_OK || agg_tree_build(t, cp, cv, n, &bad) != AGG_OK)
                 die("build");
-            x = (now() - t0) * 1e3;
+            x = (cpu_now() - t0) * 1e3;
             tb = x < tb ? x : tb;
             agg_tree_free(t);
             memcpy(cp, big, n * sizeof *cp);
-            t0 = now();
+            t0 = cpu_now();
             qsort(cp, n, sizeof *cp, cmp_key);
-            x = (now() - t0) * 1e3;
+            x = (cpu_now() - t0) * 1e3;
             tq = x < tq ? x : tq;
             memcpy(cp, big, n * sizeof *cp);
             memcpy(cv, bigv, n * sizeof *cv);
-            t0 = now();
+            t0 = wall_now();
             if (agg_tree_new(&t, 64, AGG_KEYS_FAST) != AGG_OK ||
                 agg_tree_build_unsorted(t, cp, cv, n, &bad) != AGG_OK)
                 die("build_unsorted");
-            x = (now() - t0) * 1e3;
+            x = (wall_now() - t0) * 1e3;
             tu = x < tu ? x : tu;
             agg_tree_free(t);
         }
-        printf("\n%llu pairs (doubles in [0, 1), shuffled ids 0..n-1), node size 64, CPU ms, best of %d:\n"
-               "  agg_keys_sort %.1f   (qsort of the keys alone %.1f)\n"
-               "  agg_tree_build of sorted keys %.1f   agg_tree_build_unsorted %.1f\n",
+        printf("\n%llu pairs (doubles in [0, 1), shuffled ids 0..n-1), node size 64, ms, best of %d:\n"
+               "  agg_keys_sort %.1f (wall)   (qsort of the keys alone %.1f, CPU)\n"
+               "  agg_tree_build of sorted keys %.1f (CPU)   agg_tree_build_unsorted %.1f (wall)\n",
                (unsigned long long)n, reps < 5 ? reps : 5, ts, tq, tb, tu);
         free(cp);
         free(cv);
@@ -336,51 +311,51 @@ int main(int argc, char **argv)
             die("agg_tree_new");
 
         /* random-order inserts */
-        t0 = now();
+        t0 = cpu_now();
         for (i = 0; i < n; i++)
             if (agg_tree_insert(t, keys[i], vals[i], 0, NULL, NULL) != AGG_OK)
                 die("insert");
-        BEST(t_ins, (now() - t0) / (double)n * 1e9);
+        BEST(t_ins, (cpu_now() - t0) / (double)n * 1e9);
         b_rand = (double)agg_tree_nbytes(t) / (double)n;
 
         /* reads, on keys in a fresh random order */
         memcpy(q, keys, n * sizeof *q);
         shuffle(q, n);
-        t0 = now();
+        t0 = cpu_now();
         for (i = 0; i < n; i++)
             acc += (uint64_t)agg_tree_get(t, q[i], NULL);
-        BEST(t_get, (now() - t0) / (double)n * 1e9);
-        t0 = now();
+        BEST(t_get, (cpu_now() - t0) / (double)n * 1e9);
+        t0 = cpu_now();
         for (i = 0; i < n; i++)
             acc += agg_tree_rank(t, q[i], (int)(i & 1));
-        BEST(t_rank, (now() - t0) / (double)n * 1e9);
-        t0 = now();
+        BEST(t_rank, (cpu_now() - t0) / (double)n * 1e9);
+        t0 = cpu_now();
         agg_tree_rank_many(t, sorted, n, 0, out);
-        BEST(t_rmany, (now() - t0) / (double)n * 1e9);
+        BEST(t_rmany, (cpu_now() - t0) / (double)n * 1e9);
         for (i = 0; i < n; i += 9973)
             if (out[i] != i)
                 die("rank_many mismatch");
-        t0 = now();
+        t0 = cpu_now();
         for (i = 0; i < n; i++) {
             agg_key k;
             double v;
             agg_tree_select(t, rnd() % n, &k, &v);
             acc += k.rest;
         }
-        BEST(t_sel, (now() - t0) / (double)n * 1e9);
-        t0 = now();
+        BEST(t_sel, (cpu_now() - t0) / (double)n * 1e9);
+        t0 = cpu_now();
         for (i = 0; i < n; i++) {
             uint64_t a = rnd() % n, b = rnd() % n;
             dacc += agg_tree_sum(t, a < b ? a : b, a < b ? b : a);
         }
-        BEST(t_sum, (now() - t0) / (double)n * 1e9);
+        BEST(t_sum, (cpu_now() - t0) / (double)n * 1e9);
 
         /* deletes, random order */
-        t0 = now();
+        t0 = cpu_now();
         for (i = 0; i < n; i++)
             if (agg_tree_delete(t, q[i], NULL) != AGG_OK)
                 die("delete");
-        BEST(t_del, (now() - t0) / (double)n * 1e9);
+        BEST(t_del, (cpu_now() - t0) / (double)n * 1e9);
         if (agg_tree_nbytes(t) != 0)
             die("nbytes after deleting everything");
 

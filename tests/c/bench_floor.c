@@ -30,22 +30,7 @@
 
 enum { LEAF = 1560, KEYS_AT = 24, KEYS = 1024, VALS_AT = KEYS_AT + KEYS, VALS = 512 };
 
-static double now(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
-
-static uint64_t g_rng = 0x9E3779B97F4A7C15u;
-
-static uint64_t rnd(void)   /* xorshift64 */
-{
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return g_rng;
-}
+#include "bench_util.h"
 
 int main(int argc, char **argv)
 {
@@ -75,7 +60,7 @@ int main(int argc, char **argv)
         lv[j] = t;
     }
     for (r = 0; r < 5; r++) {
-        double t0 = now(), t1, t2;
+        double t0 = wall_now(), t1, t2;
         for (i = 0; i < leaves; i++) {
             const uint64_t *p = (const uint64_t *)(void *)lv[i];   /* header, keys */
             long k;
@@ -85,7 +70,7 @@ int main(int argc, char **argv)
             for (k = KEYS_AT / 8; k < (KEYS_AT + KEYS) / 8; k += 2)
                 acc += p[k];   /* every line of the keys */
         }
-        t1 = now();
+        t1 = wall_now();
         for (i = 0; i < leaves; i++) {
             if (i + 4 < leaves)
                 for (q = 0; q < LEAF / 64 + 1; q++)
@@ -94,7 +79,7 @@ int main(int argc, char **argv)
             memmove(lv[i] + KEYS_AT + 16 * 14, lv[i] + KEYS_AT + 16 * 8, KEYS - 16 * 14);
             memmove(lv[i] + VALS_AT + 8 * 14, lv[i] + VALS_AT + 8 * 8, VALS - 8 * 14);
         }
-        t2 = now();
+        t2 = wall_now();
         if (t1 - t0 < best_read)
             best_read = t1 - t0;
         if (t2 - t1 < best_move)

@@ -26,22 +26,7 @@
 #include <string.h>
 #include <time.h>
 
-static uint64_t g_rng = 0x2545F4914F6CDD1DULL;
-
-static uint64_t rnd(void)
-{
-    uint64_t z = (g_rng += UINT64_C(0x9E3779B97F4A7C15));
-    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
-    return z ^ (z >> 31);
-}
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+#include "bench_util.h"
 
 static int cmp_key(const void *a, const void *b)
 {
@@ -123,10 +108,10 @@ int main(int argc, char **argv)
                     make(k0, v0, n, sh);
                     memcpy(k, k0, n * sizeof *k);
                     memcpy(v, v0, n * sizeof *v);
-                    t0 = now();
+                    t0 = wall_now();
                     if (agg_keys_sort(k, wv ? NULL : v, n) != AGG_OK)
                         return 1;
-                    t[r] = (now() - t0) / (double)n * 1e9;
+                    t[r] = (wall_now() - t0) / (double)n * 1e9;
                     for (i = 1; i < n; i++)
                         if (agg_key_cmp(AGG_KEYS_FAST, k[i - 1], k[i]) > 0) {
                             printf("NOT SORTED (%s)\n", shapes[sh]);
