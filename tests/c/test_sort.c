@@ -200,19 +200,21 @@ static void check_nomem(uint64_t n, int shape, int with_values, long after)
 }
 
 #if TEST_FORK
-static volatile int g_stop;
+static int g_stop;               /* set by the main thread (atomic builtins) */
 
-/* Two-thread sorts of 200,000 random keys until g_stop. */
+/* Two-thread sorts of 200,000 pseudo-random keys until g_stop (its own
+ * generator: rnd() belongs to the main thread). */
 static void *sorter(void *arg)
 {
-    uint64_t n = 200000, i;
+    uint64_t n = 200000, i, x = g_seed;
     agg_key *k = (agg_key *)malloc(n * sizeof *k);
     (void)arg;
     if (!k)
         return NULL;
-    while (!g_stop) {
+    while (!__atomic_load_n(&g_stop, __ATOMIC_RELAXED)) {
         for (i = 0; i < n; i++) {
-            k[i].head = rnd();
+            x = x * UINT64_C(6364136223846793005) + UINT64_C(1442695040888963407);
+            k[i].head = x ^ (x >> 29);
             k[i].rest = i;
         }
         if (agg_keys_sort(k, NULL, n) != AGG_OK)
@@ -229,7 +231,7 @@ static void check_fork(int forks)
     pthread_t th;
     int f;
     uint64_t n = 100000, i;
-    g_stop = 0;
+    __atomic_store_n(&g_stop, 0, __ATOMIC_RELAXED);
     if (pthread_create(&th, NULL, sorter, NULL) != 0)
         test_fail("pthread_create");
     for (f = 0; f < forks; f++) {
@@ -261,7 +263,7 @@ static void check_fork(int forks)
         if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
             test_fail("forked child: status %d (a signal: deadlocked or crashed)", status);
     }
-    g_stop = 1;
+    __atomic_store_n(&g_stop, 1, __ATOMIC_RELAXED);
     pthread_join(th, NULL);
 }
 #endif
