@@ -204,7 +204,8 @@ _ONE_MS = timedelta(milliseconds=1)
 _UNSET: Any = object()
 
 # update_event's read of the event; with a new start also its followers (one
-# row per follower, NULL if none: one statement costs ~1.4 us less than two).
+# row per follower, NULL if none).  Measured inside a write transaction: the
+# event's SELECT 2.0 us plus a followers SELECT 1.4 us, the join 2.5 us.
 _SELECT_EVENT = (
     "SELECT user_id, name, start_time, end_time, description, location, NULL"
     " FROM events WHERE id = ?"
@@ -1232,7 +1233,7 @@ class EventStore:
 
         def body(conn):
             # The event and who followed it: their follows go with the event
-            # (ON DELETE CASCADE).  One statement: a second costs ~1.4 us.
+            # (ON DELETE CASCADE).  One statement (see _SELECT_EVENT_AND_FOLLOWERS).
             rows = conn.execute(
                 "SELECT e.user_id, e.created_at, e.start_time, f.user_id FROM events e"
                 " LEFT JOIN event_follows f ON f.event_id = e.id WHERE e.id = ?",
