@@ -68,6 +68,9 @@ for line in sys.stdin:
                     done += 1
                 except LookupError:
                     pass  # the other worker deleted the event meanwhile
+                except PermissionError:
+                    pass  # ... and created one of another user's that got its id
+                          # (SQLite reuses the highest rowid after a delete)
             out = done
         elif op == "verify":
             report = store.verify_aggregates()
