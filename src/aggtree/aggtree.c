@@ -4523,17 +4523,22 @@ static void keys_or_and(const agg_key *k, uint64_t n, uint64_t m[4])
 
 /* Sort the n records xk/xv (SORT_SMALL < n <= SORT_LOCAL, or n of the
  * work area) into dk/dv, which are either the same arrays or disjoint
- * ones; xv and dv are both NULL or both not.  Uses s->w and s->pcnt. */
+ * ones; xv and dv are both NULL or both not.  known: keys_or_and of
+ * these keys if the caller has it, else NULL.  Uses s->w and s->pcnt. */
 static void ksort_local(const ksort *s, agg_key *xk, double *xv, agg_key *dk, double *dv,
-                        uint64_t n)
+                        uint64_t n, const uint64_t *known)
 {
-    uint64_t mk[4], vh, vr, i, imask;
+    uint64_t own[4], vh, vr, i, imask;
+    const uint64_t *mk = known;
     uint32_t *cnt = s->pcnt;
     uint64_t *p0 = s->w, run = 0;
     int b, eff, total, top;
     uint32_t w, mask;
     kprefix f;
-    keys_or_and(xk, n, mk);
+    if (!mk) {
+        keys_or_and(xk, n, own);
+        mk = own;
+    }
     vh = mk[0] ^ mk[1];
     vr = mk[2] ^ mk[3];
     if (!vh && !vr) {               /* all keys equal */
@@ -4606,7 +4611,7 @@ static void ksort_local(const ksort *s, agg_key *xk, double *xv, agg_key *dk, do
             m = i - start;
             if (m > SORT_SMALL)
                 ksort_local(s, dk + start, dv ? dv + start : NULL, dk + start,
-                            dv ? dv + start : NULL, m);
+                            dv ? dv + start : NULL, m, NULL);
             else if (m > 1)
                 ksort_small(dk + start, dv ? dv + start : NULL, m);
             start = i;
@@ -4703,7 +4708,7 @@ static void ksort_direct(const ksort *s, const kglobal *g, agg_key *xk, double *
             uint32_t end = cnt[d];
             if (end - start > SORT_DSMALL)
                 ksort_local(s, dk + start, dv ? dv + start : NULL, dk + start,
-                            dv ? dv + start : NULL, end - start);
+                            dv ? dv + start : NULL, end - start, NULL);
             start = end;
         }
         for (i = 0; i < n; i++)     /* ksort_local used their room */
@@ -4789,7 +4794,8 @@ static void ksort_msd(ksort *s, uint64_t off, uint64_t n, int p, int depth, int 
                 ksort_direct(s, NULL, xk + off, xv ? xv + off : NULL, s->ka + off,
                              s->va ? s->va + off : NULL, n);
             else
-                ksort_local(s, xk + off, xv ? xv + off : NULL, xk + off, xv ? xv + off : NULL, n);
+                ksort_local(s, xk + off, xv ? xv + off : NULL, xk + off, xv ? xv + off : NULL, n,
+                            NULL);
             return;
         }
         /* at most 2^SORT_WTOP buckets while the data is larger than the
@@ -5273,7 +5279,7 @@ agg_status agg_keys_sort(agg_key *keys, double *values, uint64_t n)
         s[t].w = (uint64_t *)(void *)(m + pbytes + cbytes);
     }
     if (n <= SORT_LOCAL)
-        ksort_local(&s[0], keys, values, keys, values, n);
+        ksort_local(&s[0], keys, values, keys, values, n, mk);   /* masks measured above */
     else if (n > UINT32_MAX)        /* the split's counters are 32-bit */
         ksort_msd(&s[0], 0, n, 127, 0, 0);
     else
