@@ -321,20 +321,23 @@
  *     nodes - one compare per key while it stays in the same leaf, and
  *     when it leaves, a climb only as high as needed.  The result is the
  *     list of groups (leaf, first key, count) and the sequence of path
- *     nodes left behind (events).  search: each group is searched in its
- *     leaf (a forward scan, 8 independent FAST compares at a time - the
- *     leaf streams in, no chain of dependent loads), giving every key's
- *     position among the leaf's items and the first key already present
- *     (AGG_DUPLICATE); the leaves are prefetched a few groups ahead so
- *     that their cache misses overlap.  plan: each leaf parent's LEAF OPS
- *     are planned from the counts alone (below).  Then every event turns
+ *     nodes left behind (events).  search (GENERAL keys, or a tree that
+ *     is one leaf; FAST keys: step d, see "Fused search" below): each
+ *     group is searched in its leaf (a forward scan, 8 independent FAST
+ *     compares at a time - the leaf streams in, no chain of dependent
+ *     loads), giving every key's position among the leaf's items and the
+ *     first key already present (AGG_DUPLICATE); the leaves are
+ *     prefetched a few groups ahead so that their cache misses overlap.
+ *     plan: each leaf parent's LEAF OPS are planned from the counts alone
+ *     (below; a leaf's count is read from its parent's entry, so the plan
+ *     reads no leaf).  Then every event turns
  *     into "this node gets g new children, so becomes ceil((count + g) /
  *     cap) nodes", which gives the exact number of new leaves and internal
  *     nodes, new root levels included.
  *  c. RESERVE those nodes, the tail copies (GENERAL) and the buffers.  A
  *     failure frees them: AGG_NOMEM with the tree never touched.
  *  d. APPLY: replay the ops and events in order (no key is compared
- *     again).  Nothing can fail.
+ *     again).  Nothing can fail but the fused search.
  *
  * Two threads.  A batch of >= 16,384 keys (BATCH_THREAD_MIN) runs the
  * route + search + plan of step b and the leaf ops of step d on two
@@ -439,6 +442,35 @@
  * bulk-build) was measured 2-4x slower than the incremental path even for
  * a batch 10x the tree (it rewrites everything and allocates every node),
  * so there is no separate rebuild path.
+ *
+ * Fused search (FAST keys, depth >= 2).  The search reads every touched
+ * leaf, and the apply reads and rewrites it again; between the two the
+ * whole batch's leaves have passed through the cache (~25 MB for 100,000
+ * keys into 1,000,000), so the apply met them cold a second time.  Since
+ * the plan needs only counts, the search moves into the apply pass: each
+ * leaf op first searches its own leaf (still untouched: earlier ops write
+ * only leaves to its left, new leaves and the carry buffer), then runs on
+ * the lines the search just brought in.  All-or-nothing is kept by an
+ * exact undo.  Before its first op, each leaf parent is copied whole
+ * (one internal node, ~3 KB at cap 64: its entries' counts, sums and
+ * separators are all the leaf ops change in it - never its child list).
+ * If a search finds a present key, the part stops there (the other part
+ * runs to its end or its own first one; the first part's wins, the first
+ * in key order) and every leaf parent it touched is put back: the stream
+ * of its children - each child's items, then the items of the new leaves
+ * its op linked after it, with a carry still in the buffer in front of
+ * the leaf it was meant for - is the old stream plus the new keys its ops
+ * inserted, in order; taking those out and cutting the rest by the
+ * copy's counts refills every child exactly as it was, the new leaves
+ * are unlinked (the pool frees them), and the copy is written back.
+ * Nothing above the leaf parents has changed yet.  The result is the tree
+ * before the call, node for node and bit for bit (the tests compare
+ * agg_debug_shape_hash, not just the items).  The price: the copies and
+ * the undo buffer (one leaf parent's items) are allocated with the
+ * reservation, so a batch holding a present key may now report AGG_NOMEM
+ * before it would have reported AGG_DUPLICATE.  Measured (bench_core as
+ * below, later batches, best): one thread ~72-80 -> ~45-60 ns/key, two
+ * threads ~41-46 (55-75 the day this was done) -> ~32-45.
  *
  * Copy-on-write, measured and rejected.  Merging each run of touched
  * leaves under a parent into freshly allocated leaves (reading every old
@@ -2826,7 +2858,7 @@ typedef struct bgroup {
     uint64_t start;              /* first key */
     uint64_t k;                  /* how many */
     uint32_t j;                  /* the leaf's index in its parent */
-    uint32_t L;                  /* its item count (read by the search phase) */
+    uint32_t L;                  /* its item count (from the parent's entry) */
 } bgroup;
 
 /* Check pass: the route phase left path node x at level lev after the
@@ -2919,6 +2951,14 @@ typedef struct bins {
     carry cs[2];                 /* carry state of the (up to two) apply threads */
     uint64_t dcnt[MAX_DEPTH];    /* new items under the path node per level */
     ddsum dsum[MAX_DEPTH];       /* their values' sum */
+    /* fused search (FAST, depth >= 2: see "Fused search" in section 13) */
+    int fused;                   /* groups are searched by the apply pass */
+    char *snap;                  /* per event: a copy of its leaf parent before its ops */
+    agg_key *uk;                 /* undo: a leaf parent's items */
+    double *uv;
+    int ran[2];                  /* apply part h ran */
+    uint64_t halt_e[2];          /* apply part h stopped at this event (or its end) */
+    uint64_t halt_r[2];          /* ... before this op */
 } bins;
 
 /* The i-th key of the run as the tree compares it. */
@@ -2980,11 +3020,11 @@ static uint64_t plan_leaf_ops(bins *b, part *pt, node *P, int rm_parent, const b
                     if (prev_j == (int64_t)j - 1)
                         room = prev_emit ? 0 : cap - prev_keep;
                     else
-                        room = cap - inner_child(t, P)[j - 1]->count;
+                        room = cap - (uint32_t)inner_cnt(t, P)[j - 1];
                 }
                 if (room >= X) {    /* spill into the left neighbour */
                     op.spill = (uint32_t)X;
-                } else if (!last && inner_child(t, P)[j + 1]->count + X <= cap) {
+                } else if (!last && inner_cnt(t, P)[j + 1] + X <= cap) {
                     lop ab;         /* the untouched right neighbour absorbs it */
                     node *nb = inner_child(t, P)[j + 1];
                     op.cout = (uint32_t)X;
@@ -2995,7 +3035,7 @@ static uint64_t plan_leaf_ops(bins *b, part *pt, node *P, int rm_parent, const b
                     ab.parent = P;
                     ab.start = g->start + g->k;
                     ab.j = j + 1;
-                    ab.keep = nb->count + (uint32_t)X;
+                    ab.keep = (uint32_t)inner_cnt(t, P)[j + 1] + (uint32_t)X;
                     ab.nl0 = pt->new_leaves + total;
                     ops_push(pt, &ab);
                     prev_j = j + 1;
@@ -3060,15 +3100,16 @@ AGG_INLINE void leaf_prefetch_all(const agg_tree *t, node *n, int values)
         AGG_PREFETCH(p);
 }
 
-/* Route phase: keys [start, i) go to the finger's leaf. */
-AGG_INLINE void route_group(part *pt, int D, uint64_t start, uint64_t i)
+/* Route phase: keys [start, i) go to the finger's leaf.  Its item count
+ * comes from its parent's entry (the parent is in cache, the leaf not). */
+AGG_INLINE void route_group(const agg_tree *t, part *pt, int D, uint64_t start, uint64_t i)
 {
     bgroup *g = &pt->grp[pt->ngrp++];
     g->leaf = pt->f.path[D - 1];
     g->start = start;
     g->k = i - start;
     g->j = D >= 2 ? pt->f.idx[D - 2] : 0;
-    g->L = 0;
+    g->L = D >= 2 ? (uint32_t)inner_cnt(t, pt->f.path[D - 2])[g->j] : g->leaf->count;
 }
 
 /* Work on items [lo, hi) of a batch; returns the first key found present
@@ -3141,7 +3182,6 @@ static uint64_t search_group(bins *b, bgroup *gr)
     const agg_key *lk = node_keys(lf);
     uint32_t lo = 0, cnt = lf->count;
     uint64_t i, end = gr->start + gr->k;
-    gr->L = cnt;
     if (t->mode == AGG_KEYS_FAST) {
         /* a forward scan, 8 independent compares at a time: the keys of
          * the leaf stream in sequentially, no chain of dependent loads */
@@ -3234,7 +3274,7 @@ static uint64_t check_part(bins *b, uint64_t lo, uint64_t hi)
     f->hs[0] = 0;
     finger_descend(t, f, 0, bins_key(b, lo), 0);
     if (D == 1) {
-        route_group(pt, D, lo, hi);
+        route_group(t, pt, D, lo, hi);
     } else {
         node *hn = f->hn[D - 1];
         uint32_t hs = f->hs[D - 1];
@@ -3243,7 +3283,7 @@ static uint64_t check_part(bins *b, uint64_t lo, uint64_t hi)
             int d;
             if (!hn || key_lt(t, k, node_keys(hn)[hs]))
                 continue;           /* same leaf */
-            route_group(pt, D, gs, i);
+            route_group(t, pt, D, gs, i);
             d = finger_level(t, f, D - 2, k);
             for (lev = D - 2; lev > d; lev--)
                 route_event(pt, lev);
@@ -3252,13 +3292,13 @@ static uint64_t check_part(bins *b, uint64_t lo, uint64_t hi)
             hs = f->hs[D - 1];
             gs = i;
         }
-        route_group(pt, D, gs, hi);
+        route_group(t, pt, D, gs, hi);
         if (hi == b->n)
             for (lev = D - 2; lev >= 0; lev--)
                 route_event(pt, lev);
     }
-    /* search */
-    for (g = 0; g < pt->ngrp; g++) {
+    /* search (fused: by the apply pass instead) */
+    for (g = 0; g < (b->fused ? 0 : pt->ngrp); g++) {
         uint64_t dup;
         if (g + PF_DIST < pt->ngrp)
             leaf_prefetch_all(t, pt->grp[g + PF_DIST].leaf, 0);
@@ -3778,12 +3818,14 @@ static void grow_root(bins *b)
  * (FAST keys: no tail reference counts). */
 static uint64_t apply_events(bins *b, uint64_t e0, uint64_t e1)
 {
-    int D = (int)b->t->depth;
-    carry *cs = &b->cs[e0 == 0 ? 0 : 1];
+    const agg_tree *t = b->t;
+    int D = (int)t->depth, h = e0 == 0 ? 0 : 1;
+    carry *cs = &b->cs[h];
     uint64_t e, r = e0 > 0 ? b->ev[e0 - 1].opend : 0;
     cs->cur = 0;
     cs->cn = 0;
     dds_zero(&cs->csum);
+    b->ran[h] = 1;
     for (e = e0; e < e1; e++) {
         bevent *ev = &b->ev[e];
         uint64_t end = ev->opend;
@@ -3792,27 +3834,145 @@ static uint64_t apply_events(bins *b, uint64_t e0, uint64_t e1)
         ev->nl0 = r < end ? b->ops[r].nl0 : 0;
         ev->dk = 0;
         dds_zero(&ev->dsum);
+        if (b->fused)
+            memcpy(b->snap + e * t->inner_bytes, ev->x, t->inner_bytes);
         for (; r < end; r++) {
             lop *op = &b->ops[r];
             if (r + PF_DIST < b->nops)
-                leaf_prefetch_all(b->t, b->ops[r + PF_DIST].leaf, 1);
+                leaf_prefetch_all(t, b->ops[r + PF_DIST].leaf, 1);
+            if (b->fused && op->k) {
+                /* the leaf is still as it was: earlier ops write only
+                 * leaves to its left, new leaves and the carry buffer */
+                bgroup g;
+                uint64_t dup;
+                g.leaf = op->leaf;
+                g.start = op->start;
+                g.k = op->k;
+                g.j = op->j;
+                g.L = 0;
+                if ((dup = search_group(b, &g)) != UINT64_MAX) {
+                    b->halt_e[h] = e;
+                    b->halt_r[h] = r;
+                    return dup;
+                }
+            }
             exec_leaf_op(b, cs, op, op->parent);
             ev->dk += op->k;
             dds_add(&ev->dsum, op->gsum.hi, op->gsum.lo, op->gsum.exact, 0);
         }
     }
+    b->halt_e[h] = e1;
+    b->halt_r[h] = r;
     return UINT64_MAX;
+}
+
+/* Fused search found a present key: put leaf parent ev (event e) back as
+ * its snapshot shows it, after its ops [ra, rb) ran (cs: the carry state,
+ * holding items for op rb's leaf if the part stopped there).  Its
+ * children are the same nodes (leaf ops never change a parent's child
+ * list), and their stream - their items in order, each followed by the
+ * new leaves its op made, the pending carry before the leaf it was meant
+ * for - is the old stream plus the new keys of ops [ra, rb).  Taking
+ * those out and cutting the rest by the snapshot's counts gives back
+ * every leaf exactly; the new leaves are unlinked (the pool frees them);
+ * the parent is copied back whole. */
+static void undo_parent(bins *b, bevent *ev, uint64_t e, uint64_t ra, uint64_t rb,
+                        const carry *cs)
+{
+    agg_tree *t = b->t;
+    node *S = (node *)(b->snap + e * t->inner_bytes);
+    node **ch = inner_child(t, S);
+    const uint64_t *scnt = inner_cnt(t, S);
+    node *pending = cs && cs->cn ? b->ops[rb].leaf : NULL;
+    agg_key *K = b->uk;
+    double *V = b->uv;
+    uint64_t n = 0, w = 0, x, r = ra, q, ki, kend;
+    uint32_t i;
+    for (i = 0; i < S->count; i++) {
+        node *c = ch[i];
+        if (c == pending) {
+            memcpy(K + n, cs->ck[cs->cur], cs->cn * sizeof *K);
+            memcpy(V + n, cs->cv[cs->cur], cs->cn * sizeof *V);
+            n += cs->cn;
+        }
+        memcpy(K + n, node_keys(c), c->count * sizeof *K);
+        memcpy(V + n, leaf_vals(t, c), c->count * sizeof *V);
+        n += c->count;
+        while (r < rb && b->ops[r].j < i)
+            r++;
+        if (r < rb && b->ops[r].j == i) {
+            const lop *op = &b->ops[r];
+            for (q = 0; q < op->nnew; q++) {
+                node *m = b->leaves.a[op->nl0 + q];
+                memcpy(K + n, node_keys(m), m->count * sizeof *K);
+                memcpy(V + n, leaf_vals(t, m), m->count * sizeof *V);
+                n += m->count;
+            }
+            if (op->nnew) {         /* unlink them */
+                node *after = b->leaves.a[op->nl0 + op->nnew - 1]->next;
+                c->next = after;
+                if (after)
+                    after->prev = c;
+            }
+        }
+    }
+    /* take the new keys out (both in key order) */
+    r = ra;
+    ki = kend = 0;
+    for (x = 0; x < n; x++) {
+        while (ki == kend && r < rb) {
+            ki = b->ops[r].start;
+            kend = ki + b->ops[r].k;
+            r++;
+        }
+        if (ki < kend && K[x].head == b->sk[ki].head && K[x].rest == b->sk[ki].rest) {
+            ki++;
+            continue;
+        }
+        K[w] = K[x];
+        V[w] = V[x];
+        w++;
+    }
+    for (i = 0, x = 0; i < S->count; i++) {
+        node *c = ch[i];
+        c->count = (uint32_t)scnt[i];
+        memcpy(node_keys(c), K + x, c->count * sizeof *K);
+        memcpy(leaf_vals(t, c), V + x, c->count * sizeof *V);
+        x += c->count;
+    }
+    memcpy(ev->x, S, t->inner_bytes);
+}
+
+/* Fused search found a present key: undo what apply part h did. */
+static void undo_part(bins *b, int h, uint64_t e0, uint64_t e1)
+{
+    int D = (int)b->t->depth;
+    uint64_t e, r = e0 > 0 ? b->ev[e0 - 1].opend : 0;
+    if (!b->ran[h])
+        return;
+    for (e = e0; e < e1 && e <= b->halt_e[h]; e++) {
+        bevent *ev = &b->ev[e];
+        if (ev->lev != D - 2)
+            continue;
+        if (e == b->halt_e[h])
+            undo_parent(b, ev, e, r, b->halt_r[h], &b->cs[h]);
+        else
+            undo_parent(b, ev, e, r, ev->opend, NULL);
+        r = ev->opend;
+    }
 }
 
 /* Apply pass: the leaf ops (for a large FAST batch on two threads, cut at
  * a leaf parent near the middle), then, in the check pass's order, the
  * path nodes are finalized (new children enter, overfull nodes split,
- * entries above are updated); new root levels.  Nothing here can fail. */
-static void bins_apply(bins *b, int threads)
+ * entries above are updated); new root levels.  Returns UINT64_MAX, or
+ * (fused search) the first new key found present, after putting every
+ * leaf parent back as it was. */
+static uint64_t bins_apply(bins *b, int threads)
 {
     agg_tree *t = b->t;
     int D = (int)t->depth, lev;
-    uint64_t e, r, cut = b->nev / 2;
+    uint64_t e, r, cut = b->nev / 2, dup;
     for (lev = 0; lev < D; lev++) {
         b->dcnt[lev] = 0;
         dds_zero(&b->dsum[lev]);
@@ -3846,7 +4006,13 @@ static void bins_apply(bins *b, int threads)
         } else {
             cut = 0;
         }
-        run_halves(b, apply_events, b->nev, cut, threads == 1);
+        dup = run_halves(b, apply_events, b->nev, cut, threads == 1);
+        if (dup != UINT64_MAX) {
+            undo_part(b, 0, 0, cut ? cut : b->nev);
+            if (cut)
+                undo_part(b, 1, cut, b->nev);
+            return dup;
+        }
     }
     b->leaves.used = b->leaves.n;
     for (e = 0; e < b->nev; e++)
@@ -3854,6 +4020,7 @@ static void bins_apply(bins *b, int threads)
     if (b->npending[0])
         grow_root(b);
     t->len += b->n;
+    return UINT64_MAX;
 }
 
 /* Free everything a batch insert holds; with `unreserve` also the
@@ -3885,6 +4052,9 @@ static void bins_free(bins *b, int unreserve)
         free(b->pending[d]);
     free(b->tmp);
     free(b->lpend);
+    free(b->snap);
+    free(b->uk);
+    free(b->uv);
     free(b->cs[0].ck[0]);
     free(b->cs[0].cv[0]);
 }
@@ -3927,6 +4097,25 @@ static int bins_reserve(bins *b)
     for (d = 0; d < 4; d++) {
         b->cs[d / 2].ck[d % 2] = b->cs[0].ck[0] + (size_t)d * t->cap;
         b->cs[d / 2].cv[d % 2] = b->cs[0].cv[0] + (size_t)d * t->cap;
+    }
+    if (b->fused) {
+        /* leaf parent snapshots; the undo buffer holds one leaf parent's
+         * items and new keys */
+        uint64_t e, r = 0, k, maxk = 0, u;
+        for (e = 0; e < b->nev; e++) {
+            if (b->ev[e].lev != (int)t->depth - 2)
+                continue;
+            for (k = 0; r < b->ev[e].opend; r++)
+                k += b->ops[r].k;
+            if (k > maxk)
+                maxk = k;
+        }
+        u = (uint64_t)t->cap * t->cap + maxk;
+        b->snap = (char *)scratch_alloc((size_t)b->nev * t->inner_bytes);
+        b->uk = (agg_key *)scratch_alloc((size_t)u * sizeof(agg_key));
+        b->uv = (double *)scratch_alloc((size_t)u * sizeof(double));
+        if (!b->snap || !b->uk || !b->uv)
+            return 0;
     }
     if (t->mode == AGG_KEYS_GENERAL) {
         b->own = (agg_key *)scratch_alloc((size_t)b->n * sizeof(agg_key));
@@ -3996,6 +4185,7 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double
     agg_status st;
     long mode;
     int threads;
+    uint64_t dup;
     if (n == 0)
         return AGG_OK;
     /* 1. order, before anything else */
@@ -4011,6 +4201,7 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double
     b.n = n;
     mode = atomic_load_relaxed(&g_batch_mode);
     threads = batch_threads(&b, mode);
+    b.fused = t->mode == AGG_KEYS_FAST && t->depth >= 2;
     /* 2. check and plan (reads only) */
     b.pos = (uint32_t *)scratch_alloc((size_t)n * sizeof(uint32_t));
     if (!b.pos) {
@@ -4027,8 +4218,15 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double
         bins_free(&b, 1);
         return AGG_NOMEM;
     }
-    /* 4. apply: cannot fail */
-    bins_apply(&b, threads);
+    /* 4. apply: fails only on a present key found by the fused search,
+     * and then has put everything back */
+    dup = bins_apply(&b, threads);
+    if (dup != UINT64_MAX) {
+        if (bad_index)
+            *bad_index = dup;
+        bins_free(&b, 1);
+        return AGG_DUPLICATE;
+    }
     bins_free(&b, 0);
     return AGG_OK;
 }
@@ -5697,4 +5895,62 @@ agg_status agg_tree_check(const agg_tree *t, char *msg, size_t msg_len)
         ok = 0;
     }
     return ok ? AGG_OK : AGG_CORRUPT;
+}
+
+/* ====================================================================== */
+/*  Shape hash (test hook)                                                */
+/* ====================================================================== */
+
+/* FNV-1a over n bytes, continuing from h. */
+static uint64_t hash_bytes(uint64_t h, const void *p, size_t n)
+{
+    const uint8_t *s = (const uint8_t *)p;
+    while (n--)
+        h = (h ^ *s++) * 0x100000001b3ull;
+    return h;
+}
+
+/* A key's bits: FAST keys as they are, GENERAL ones as head and tail. */
+static uint64_t hash_key(const agg_tree *t, uint64_t h, agg_key k)
+{
+    h = hash_bytes(h, &k.head, sizeof k.head);
+    if (t->mode == AGG_KEYS_FAST)
+        return hash_bytes(h, &k.rest, sizeof k.rest);
+    if (k.rest) {
+        const agg_tail *tl = key_tail(k);
+        h = hash_bytes(h, &tl->len, sizeof tl->len);
+        h = hash_bytes(h, tl->bytes, TAIL_LEN(tl));
+    }
+    return h;
+}
+
+static uint64_t hash_node(const agg_tree *t, uint64_t h, node *n)
+{
+    uint32_t i;
+    h = hash_bytes(h, &n->count, sizeof n->count);
+    if (n->leaf) {
+        for (i = 0; i < n->count; i++) {
+            h = hash_key(t, h, node_keys(n)[i]);
+            h = hash_bytes(h, &leaf_vals(t, n)[i], sizeof(double));
+        }
+        return h;
+    }
+    for (i = 0; i < n->count; i++) {
+        if (i > 0)
+            h = hash_key(t, h, node_keys(n)[i]);
+        h = hash_bytes(h, &inner_cnt(t, n)[i], sizeof(uint64_t));
+        h = hash_bytes(h, &inner_hi(t, n)[i], sizeof(double));
+        h = hash_bytes(h, &inner_lo(t, n)[i], sizeof(double));
+        h = hash_bytes(h, &inner_ex(t, n)[i], 1);
+        h = hash_node(t, h, inner_child(t, n)[i]);
+    }
+    return h;
+}
+
+/* See aggtree.h. */
+uint64_t agg_debug_shape_hash(const agg_tree *t)
+{
+    uint64_t h = 0xcbf29ce484222325ull;
+    h = hash_bytes(h, &t->depth, sizeof t->depth);
+    return t->root ? hash_node(t, h, t->root) : h;
 }

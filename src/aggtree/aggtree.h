@@ -216,7 +216,7 @@ agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
  *   AGG_NOMEM      an allocation failed (possibly before the duplicate
  *                  check finished).
  * On any of them the tree is exactly as before (same items, nbytes,
- * depth); *bad_index (may be NULL) is written only with INVALID and
+ * depth, and the same nodes: agg_debug_shape_hash); *bad_index (may be NULL) is written only with INVALID and
  * DUPLICATE.  values NULL = all 0.0.  GENERAL tails are copied, as by
  * insert.  Into an empty tree this is agg_tree_build.  Walks the touched
  * leaves once in key order, merging each leaf's new items in one pass:
@@ -308,6 +308,16 @@ long agg_debug_fail_after(long n);
  * apply pass); 3: cut as for 2 but both halves on the calling thread.
  * Returns the previous mode.  The result is the same in every mode. */
 long agg_debug_insert_sorted_mode(long mode);
+
+/* Test hook: a hash of the tree's shape and content - every node's count,
+ * and per internal node its separators, children's counts and sums (bits,
+ * exact flags), per leaf its keys and value bits - in depth-first order.
+ * Two trees with equal hashes are, for all practical purposes, built of
+ * the same nodes holding the same things: the tests use it to show that a
+ * failed operation left the tree exactly as it was, not merely holding
+ * the same items.  FAST keys' bits; GENERAL separators and keys by their
+ * head and tail bytes. */
+uint64_t agg_debug_shape_hash(const agg_tree *t);
 
 #ifdef __cplusplus
 }

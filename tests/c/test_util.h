@@ -412,6 +412,7 @@ typedef struct snap {
     uint64_t *vbits;               /* value bits */
     size_t nbytes;                 /* agg_tree_nbytes */
     uint32_t depth;                /* agg_tree_depth */
+    uint64_t shape;                /* agg_debug_shape_hash: the nodes, not just the items */
 } snap;
 
 #define SNAP_KEY (8 + KEY_MAX)
@@ -442,6 +443,7 @@ static inline void snap_take(const agg_tree *t, snap *s)
     }
     s->nbytes = agg_tree_nbytes(t);
     s->depth = agg_tree_depth(t);
+    s->shape = agg_debug_shape_hash(t);
     free(k);
     free(v);
 }
@@ -470,6 +472,7 @@ static inline void snap_same(const agg_tree *t, const snap *s, const char *what)
         REQUIRE(now.vbits[i] == s->vbits[i], "%s: value %llu differs", what,
                 (unsigned long long)i);
     }
+    REQUIRE(now.shape == s->shape, "%s: same items but not the same nodes (shape hash)", what);
     snap_free(&now);
 }
 
