@@ -381,6 +381,9 @@ case("replace-onto-existing-other-namespace",
      lambda a: a.replace(2, "a", 9.0, namespace=None, new_namespace="n"), DUP, "9")
 case("insert_many-duplicate-in-batch", lambda a: a.insert_many([9, 8, 9.0], ["x", "y", "x"]), DUP, "9")
 case("insert_many-duplicate-existing", lambda a: a.insert_many([9, 2], ["x", "c"]), DUP, "2")
+case("insert_many-duplicate-in-batch-np",
+     lambda a: a.insert_many(np.array([7.5, 6.5, 7.5]), np.array([4, 5, 4]), namespace=1), DUP,
+     "in the batch")
 case("insert_many-duplicate-existing-np",
      lambda a: a.insert_many(np.array([5.0, 5.0]), np.array([4, 5]), namespace=1), DUP, "5")
 case("delete_many-missing", lambda a: a.delete_many([2, 2], ["a", "z"]), MISS, "z")

@@ -580,10 +580,22 @@ def _table_aggregates(aggs: list) -> list:
     ]
 
 
-def _apply_ops_python(aggs: list, ops: Sequence, undo: Optional[list], key_is_none: tuple) -> None:
+def _apply_ops_python(
+    aggs: list,
+    ops: Sequence,
+    undo: Optional[list],
+    key_is_none: tuple,
+    starts: Optional["_StartCache"] = None,
+    start_agg: int = -1,
+) -> None:
     """:func:`aggtree._core.apply_ops` for any Aggregate class (the
-    pure-Python reference included): the same ops, the same undo records."""
+    pure-Python reference included): the same ops, the same undo records,
+    the same start cache steps."""
     for a, code, ns, old, new, id_ in ops:
+        if a == start_agg and starts is not None:
+            if undo is not None:
+                undo.append((None, 0, starts.get(id_), None, id_, None))
+            starts.set(id_, new if code & _ADD else None)
         agg = aggs[a]
         if key_is_none[a]:
             old = new = None
@@ -1002,20 +1014,14 @@ class EventStore:
 
     def _apply(self, ops: Sequence, undo: Optional[list]) -> None:
         """Apply ops with the idempotent forms (REMOVE: delete if present,
-        ADD: upsert); with ``undo``, record what actually changed.  The start
-        cache follows events_by_start: set first, its previous entries
-        recorded as ``(None, 0, previous start, None, id, None)``; then the
-        aggregate ops run in one C loop (:func:`aggtree._core.apply_ops`),
-        which records ``(aggregate, done bits, old, new, id, namespace)``
-        per op that changed something, even when it raises halfway."""
-        starts = self._starts
-        for op in ops:
-            if op[0] == BY_START:
-                id_ = op[5]
-                if undo is not None:
-                    undo.append((None, 0, starts.get(id_), None, id_, None))
-                starts.set(id_, op[4] if op[1] & _ADD else None)
-        self._apply_ops(self._aggs, ops, undo, _KEY_IS_NONE)
+        ADD: upsert); with ``undo``, record what actually changed.  One C
+        loop (:func:`aggtree._core.apply_ops`) runs them and records
+        ``(aggregate, done bits, old, new, id, namespace)`` per op that
+        changed something, even when it raises halfway.  The start cache
+        follows events_by_start: before each op on it, set (ADD) or
+        forgotten, its previous entry recorded as ``(None, 0, previous
+        start, None, id, None)``."""
+        self._apply_ops(self._aggs, ops, undo, _KEY_IS_NONE, self._starts, BY_START)
 
     def _undo(self, undo: list) -> None:
         try:

@@ -809,6 +809,20 @@ uint64_t agg_f64_to_key(double x)
     return (b >> 63) ? ~b : (b | (UINT64_C(1) << 63));
 }
 
+/* See aggtree.h.  (The loop vectorises; per key it is a fraction of a
+ * nanosecond, against ~2 ns for two calls per key from the bindings.) */
+void agg_fast_keys(const double *keys, const int64_t *ids, agg_key *out, uint64_t n)
+{
+    uint64_t i;
+    for (i = 0; i < n; i++) {
+        double x = keys[i] + 0.0;   /* -0.0 -> 0.0 */
+        uint64_t b;
+        memcpy(&b, &x, sizeof b);
+        out[i].head = (b >> 63) ? ~b : (b | (UINT64_C(1) << 63));
+        out[i].rest = (uint64_t)ids[i] ^ (UINT64_C(1) << 63);
+    }
+}
+
 /* Inverse of agg_f64_to_key. */
 double agg_key_to_f64(uint64_t k)
 {

@@ -123,6 +123,10 @@ double agg_key_to_f64(uint64_t k);
 uint64_t agg_i64_to_key(int64_t x);
 int64_t agg_key_to_i64(uint64_t k);
 
+/* out[i] = the FAST key (agg_f64_to_key(keys[i] + 0.0), agg_i64_to_key(ids[i]))
+ * for i < n: the whole array in one call (the caller rejects NaN first). */
+void agg_fast_keys(const double *keys, const int64_t *ids, agg_key *out, uint64_t n);
+
 /* Three-way compare of two keys under `mode`: <0, 0, >0. */
 int agg_key_cmp(agg_keymode mode, agg_key a, agg_key b);
 
