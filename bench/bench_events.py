@@ -293,13 +293,14 @@ class PlainWriter:
         self.conn.close()
 
 
-@pytest.fixture(scope="module")
-def write_dbs(workdir, sizes):
-    """Two identical databases: one for the store, one for the plain writes."""
+def make_write_dbs(workdir, events: int, follows: int) -> dict:
+    """The write benchmarks' world: copies of one generated database for a
+    store alone (``aggtree``), a store with a second one watching
+    (``aggtree-shared``) and the plain writer; the target events (each with
+    1-3 followers) and a user who follows none of them (``fan``).  Close
+    with :func:`close_write_dbs`."""
     base = str(workdir / "writes.db")
-    generate_dataset(
-        base, users=1000, events=sizes["write_events"], follows=sizes["write_follows"], seed=7, now=NOW
-    )
+    generate_dataset(base, users=1000, events=events, follows=follows, seed=7, now=NOW)
     EventStore.open(base, load=False).close()  # same schema (change log included) in all
     paths = {}
     for impl in ("aggtree", "aggtree-shared", "plain"):
@@ -320,10 +321,21 @@ def write_dbs(workdir, sizes):
         "SELECT id FROM users u WHERE NOT EXISTS (SELECT 1 FROM event_follows f WHERE f.user_id = u.id)"
         " ORDER BY id DESC LIMIT 1"
     )] or [1000]
-    yield {"aggtree": store, "aggtree-shared": shared, "plain": plain, "events": rows, "fan": fans[0],
-           "watcher": watcher}
-    for w in (store, shared, watcher, plain):
-        w.close()
+    return {"aggtree": store, "aggtree-shared": shared, "plain": plain, "events": rows, "fan": fans[0],
+            "watcher": watcher}
+
+
+def close_write_dbs(dbs: dict) -> None:
+    for key in ("aggtree", "aggtree-shared", "watcher", "plain"):
+        dbs[key].close()
+
+
+@pytest.fixture(scope="module")
+def write_dbs(workdir, sizes):
+    """Two identical databases: one for the store, one for the plain writes."""
+    dbs = make_write_dbs(workdir, sizes["write_events"], sizes["write_follows"])
+    yield dbs
+    close_write_dbs(dbs)
 
 
 def _fresh_events(writer, n, owner=1):
@@ -336,15 +348,13 @@ def _fresh_events(writer, n, owner=1):
 WRITES = ("create", "update", "delete", "follow", "unfollow")
 
 
-@pytest.mark.benchmark(timer=time.process_time)
-@pytest.mark.parametrize("impl", ["aggtree", "aggtree-shared", "plain"])
-@pytest.mark.parametrize("write", WRITES)
-def test_write(benchmark, write_dbs, sizes, write, impl):
-    w = write_dbs[impl]
-    targets = write_dbs["events"]
-    fan = write_dbs["fan"]
-    group = f"write-{write} x{WRITE_BATCH}"
-    _label(benchmark, group, impl, sizes["write_events"], ops=WRITE_BATCH)
+def write_steps(write: str, w, dbs: dict) -> tuple:
+    """(setup, target, teardown) of one round of a write benchmark on writer
+    ``w``: ``target`` runs WRITE_BATCH writes of kind ``write`` on different
+    rows, ``setup`` prepares them and ``teardown`` undoes them (both
+    untimed; ``setup`` returns pytest-benchmark's ``(args, kwargs)``)."""
+    targets = dbs["events"]
+    fan = dbs["fan"]
     state = {"flip": 0}
 
     if write == "create":
@@ -419,6 +429,18 @@ def test_write(benchmark, write_dbs, sizes, write, impl):
 
         def teardown():
             pass
+
+    return setup, target, teardown
+
+
+@pytest.mark.benchmark(timer=time.process_time)
+@pytest.mark.parametrize("impl", ["aggtree", "aggtree-shared", "plain"])
+@pytest.mark.parametrize("write", WRITES)
+def test_write(benchmark, write_dbs, sizes, write, impl):
+    w = write_dbs[impl]
+    group = f"write-{write} x{WRITE_BATCH}"
+    _label(benchmark, group, impl, sizes["write_events"], ops=WRITE_BATCH)
+    setup, target, teardown = write_steps(write, w, write_dbs)
 
     def timed():
         target()

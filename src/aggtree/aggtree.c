@@ -411,12 +411,14 @@
  *
  * Cost.  O(n) routing + O(leaf) per touched leaf + O(cap) per touched
  * parent.  A batch of 100,000 random keys into 1,000,000 touches every
- * leaf, so its floor is reading the keys of every leaf (check) and
- * rewriting every leaf (apply): ~1.4 + ~1.8 ms on one core of the
+ * leaf, so its floor is rewriting every leaf (with the fused search, the
+ * one read of it is the one the rewrite needs anyway; before it, the
+ * check read every leaf once more): ~1.8 ms on one core of the
  * development VM (tests/c/bench_floor.c does just that memory work on
  * scattered leaf-sized blocks).  Measured there (cap 64, a bulk-built -
  * packed - tree of 1,000,000 random FAST keys, batches of 100,000 new
- * random keys inserted then deleted again, wall-clock ns per batch key):
+ * random keys inserted then deleted again, wall-clock ns per batch key),
+ * before the fused search:
  *
  *                           one thread        two threads   (before: one
  *   first batch (packed)       ~135               ~95         thread, ~127)
@@ -425,6 +427,10 @@
  *
  * (one thread: check ~44 = route ~8 + search ~31 + plan ~5, leaf ops
  * ~34, the rest ~1; two threads: check ~21, leaf ops ~18, the rest ~2).
+ * With it (another day, the machine slower: the old code measured ~55-75
+ * on both thread counts that day), later batches, best of 7: one thread
+ * ~53-60, two threads ~32-48, and the first batch no slower than the
+ * later ones.
  * The two-thread figures need the second core idle: a busy one (another
  * process, or numpy's OpenBLAS threads spinning after a BLAS call - set
  * OPENBLAS_NUM_THREADS=1) gives nothing or worse.  The first batch into a
