@@ -1585,14 +1585,13 @@ cdef class Aggregate:
 
     def _insert_many_impl(self, keys, ids, values, namespace):
         ka, ia, va, kind = _item_arrays(keys, ids, values)
-        cdef Py_ssize_t n = len(ka), j
+        cdef Py_ssize_t n = len(ka)
         cdef _Tree tree = self._tree(namespace)
         cdef cnp.ndarray karr, vs
         cdef agg_key *kp
         cdef double *vp
         cdef agg_status st = AGG_OK
-        cdef int ex
-        cdef uint64_t done = 0, bad = 0
+        cdef uint64_t bad = 0
         if n == 0:
             return
         if kind == K_GENERAL or (tree is not None and tree.kind != kind):
