@@ -5127,6 +5127,12 @@ typedef struct ksplit {
 } ksplit;
 
 #if AGG_THREADS
+typedef atomic_int ks_count;
+#else
+typedef int ks_count;
+#endif
+
+#if AGG_THREADS
 #define KS_TAKE(p) atomic_fetch_add_explicit((p), 1, memory_order_relaxed)
 #define KS_DONE(p) atomic_fetch_add_explicit((p), 1, memory_order_release)
 #define KS_SEEN(p) atomic_load_explicit((p), memory_order_acquire)
@@ -5191,6 +5197,23 @@ static void ksplit_plan(ksplit *c)
 #define KS_WAIT(p, v) ((void)0)
 #endif
 
+/* The end of a phase whose chunks either thread takes: the caller (t ==
+ * 0) waits until all c->nch are `done`, runs `lead` (the one-thread step
+ * before the next phase) and then marks `open`; the helper waits for
+ * that. */
+static void ksplit_phase_end(ksplit *c, int t, ks_count *done, void (*lead)(ksplit *),
+                             ks_count *open)
+{
+    (void)done;
+    if (t == 0) {
+        KS_WAIT(done, c->nch);
+        lead(c);
+        KS_DONE(open);
+    } else {
+        KS_WAIT(open, 1);
+    }
+}
+
 /* The caller's part between the varying bits and the histograms: the
  * prefix and the first digit's width. */
 static void ksplit_prefix(ksplit *c)
@@ -5241,13 +5264,7 @@ static void ksplit_work(ksplit *c, int t)
         keys_or_and(ka + c->chunk[j], c->chunk[j + 1] - c->chunk[j], c->mask[j]);
         KS_DONE(&c->masks_done);
     }
-    if (t == 0) {
-        KS_WAIT(&c->masks_done, c->nch);
-        ksplit_prefix(c);
-        KS_DONE(&c->masked);
-    } else {
-        KS_WAIT(&c->masked, 1);
-    }
+    ksplit_phase_end(c, t, &c->masks_done, ksplit_prefix, &c->masked);
     if (c->equal)
         return;
     sh = c->sh;
@@ -5260,13 +5277,7 @@ static void ksplit_work(ksplit *c, int t)
             h[ksort_prefix(f, ka[i]) >> sh]++;
         KS_DONE(&c->hists_done);
     }
-    if (t == 0) {
-        KS_WAIT(&c->hists_done, c->nch);
-        ksplit_plan(c);
-        KS_DONE(&c->planned);
-    } else {
-        KS_WAIT(&c->planned, 1);
-    }
+    ksplit_phase_end(c, t, &c->hists_done, ksplit_plan, &c->planned);
     while ((j = KS_TAKE(&c->next_chunk)) < c->nch) {
         uint64_t *pos = c->pos + (size_t)j * SORT_NBMAX, i;
         if (va) {
