@@ -955,7 +955,7 @@ class EventStore:
             return
         if self._memory:
             return
-        version = self._version_cursor.execute("PRAGMA data_version").fetchone()[0]
+        version = self._read_data_version()
         if version == self._data_version:
             return
         conn = self._conn
@@ -1057,7 +1057,7 @@ class EventStore:
                         # Under the write lock: has anyone else committed since
                         # we last looked?  Then replay their log rows and see
                         # who is registered now.
-                        version = self._version_cursor.execute("PRAGMA data_version").fetchone()[0]
+                        version = self._read_data_version()
                         if version != self._write_version:
                             self._catch_up_in_transaction()
                             self._shared = conn.execute(
