@@ -323,11 +323,18 @@
  *     list of groups (leaf, first key, count) and the sequence of path
  *     nodes left behind (events).  search (GENERAL keys, or a tree that
  *     is one leaf; FAST keys: step d, see "Fused search" below): each
- *     group is searched in its leaf (a forward scan, 8 independent FAST
- *     compares at a time - the leaf streams in, no chain of dependent
- *     loads), giving every key's position among the leaf's items and the
- *     first key already present (AGG_DUPLICATE); the leaves are
- *     prefetched a few groups ahead so that their cache misses overlap.
+ *     group is searched in its leaf (FAST: one branch-free binary search
+ *     of the whole leaf per key - a conditional move per halving, the
+ *     same number of steps for every key, and no key's search waits for
+ *     the one before, so the CPU overlaps them; GENERAL: a forward scan
+ *     from the previous key's position), giving every key's position
+ *     among the leaf's items and the first key already present
+ *     (AGG_DUPLICATE); the leaves are prefetched a few groups ahead so
+ *     that their cache misses overlap.  The FAST search replaced a
+ *     forward scan of 8 compares at a time, whose loop exits mispredicted
+ *     once per key: insert_sorted of 10^4 keys into a cache-resident
+ *     10^5 tree went from ~45 to ~41 ns/key on one thread, ~56 -> ~52 at
+ *     10^6 (the delete check's search, the same change: ~59 -> ~54).
  *     plan: each leaf parent's LEAF OPS are planned from the counts alone
  *     (below; a leaf's count is read from its parent's entry, so the plan
  *     reads no leaf).  Then every event turns
@@ -3193,6 +3200,22 @@ static uint64_t run_halves(bins *b, range_fn fn, uint64_t n, uint64_t cut, int t
     return r0 != UINT64_MAX ? r0 : r1;
 }
 
+/* Index of the first of lk[0..cnt) not below k (FAST order), branch-free:
+ * every step halves the range with a conditional move. */
+AGG_INLINE uint32_t leaf_lower_bound_fast(const agg_key *lk, uint32_t cnt, agg_key k)
+{
+    const agg_key *base = lk;
+    uint32_t len = cnt;
+    if (cnt == 0)
+        return 0;
+    while (len > 1) {
+        uint32_t half = len >> 1;
+        base = key_lt_fast(base[half], k) ? base + half : base;
+        len -= half;
+    }
+    return (uint32_t)(base - lk) + (uint32_t)key_lt_fast(*base, k);
+}
+
 /* Search phase for one group: each key's position in the leaf; the first
  * key already present is reported (groups are searched in key order). */
 static uint64_t search_group(bins *b, bgroup *gr)
@@ -3203,20 +3226,17 @@ static uint64_t search_group(bins *b, bgroup *gr)
     uint32_t lo = 0, cnt = lf->count;
     uint64_t i, end = gr->start + gr->k;
     if (t->mode == AGG_KEYS_FAST) {
-        /* a forward scan, 8 independent compares at a time: the keys of
-         * the leaf stream in sequentially, no chain of dependent loads */
+        /* a branch-free binary search of the whole leaf per key: the loop
+         * runs the same ceil(log2(cnt)) times for every key of the group
+         * (no mispredicted exits), and the keys' searches do not depend
+         * on each other, so the CPU overlaps them; then the equality
+         * checks, in key order */
+        for (i = gr->start; i < end; i++)
+            b->pos[i] = leaf_lower_bound_fast(lk, cnt, b->keys[i]);
         for (i = gr->start; i < end; i++) {
-            agg_key k = b->keys[i];
-            uint32_t p = lo, q, c = 0;
-            while (p + 8 <= cnt && key_lt_fast(lk[p + 7], k))
-                p += 8;
-            for (q = p; q < cnt && q < p + 8; q++)
-                c += (uint32_t)key_lt_fast(lk[q], k);
-            p += c;
-            if (p < cnt && lk[p].head == k.head && lk[p].rest == k.rest)
+            uint32_t p = b->pos[i];
+            if (p < cnt && lk[p].head == b->keys[i].head && lk[p].rest == b->keys[i].rest)
                 return i;
-            b->pos[i] = p;
-            lo = p;
         }
     } else {
         for (i = gr->start; i < end; i++) {
@@ -4270,20 +4290,20 @@ static int dgroup_present(const agg_tree *t, const agg_key *keys, const dgroup *
     const agg_key *lk = node_keys(g->leaf);
     uint32_t lo = 0, cnt = g->leaf->count;
     uint64_t i;
+    if (t->mode == AGG_KEYS_FAST) {
+        /* as search_group: independent branch-free searches */
+        for (i = g->start; i < g->start + g->k; i++) {
+            uint32_t p = leaf_lower_bound_fast(lk, cnt, keys[i]);
+            if (p >= cnt || lk[p].head != keys[i].head || lk[p].rest != keys[i].rest) {
+                *missing = i;
+                return 0;
+            }
+        }
+        return 1;
+    }
     for (i = g->start; i < g->start + g->k; i++) {
         agg_key k = key_normalize(t, keys[i]);
-        uint32_t p;
-        if (t->mode == AGG_KEYS_FAST) {
-            uint32_t q, c = 0;
-            p = lo;
-            while (p + 8 <= cnt && key_lt_fast(lk[p + 7], k))
-                p += 8;
-            for (q = p; q < cnt && q < p + 8; q++)
-                c += (uint32_t)key_lt_fast(lk[q], k);
-            p += c;
-        } else {
-            p = lo + general_count_lt(lk + lo, cnt - lo, k);
-        }
+        uint32_t p = lo + general_count_lt(lk + lo, cnt - lo, k);
         if (p >= cnt || key_cmp(t, lk[p], k) != 0) {
             *missing = i;
             return 0;
