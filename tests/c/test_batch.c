@@ -865,12 +865,13 @@ static void unit_edges(void)
 }
 
 /* Two-thread batch inserts (agg_debug_insert_sorted_mode(md): 2 on two
- * threads, 3 the same halves on one) into deep
- * trees: the batch is cut at a leaf-parent boundary near its middle.  A
- * present key at the first or last position, on either side of the cut or
- * on both (the first in key order is reported), leaves the tree as it
- * was; then the batch goes in, packed (built) trees and sparse ones, with
- * and without values, and for GENERAL keys. */
+ * threads, 3 the same parts on one) into deep trees: the check is cut at
+ * a leaf-parent boundary near the batch's middle, the apply pass into up
+ * to 16 pieces.  Present keys at the first or last position, on either
+ * side of the middle, or in several pieces (the first in key order is
+ * reported) leave the tree as it was, node for node; then the batch goes
+ * in, packed (built) trees and sparse ones, with and without values, and
+ * for GENERAL keys. */
 static void unit_split(long md)
 {
     static const uint32_t sizes[] = {4, 7, 16};
@@ -934,32 +935,30 @@ static void unit_split(long md)
                     }
                 }
                 check_tree(t, "split: before");
-                for (c = 0; c < 5; c++) {
+                for (c = 0; c < 7; c++) {
                     /* present keys (tree key j sits between batch keys j - 1
-                     * and j): at the start, the end, a quarter (first
-                     * half), three quarters (second half), both */
-                    static const int where[5][2] = {{0, -1}, {4, -1}, {1, 3}, {3, -1}, {2, 2}};
-                    agg_key *b2 = (agg_key *)malloc((nb + 2) * sizeof *b2);
-                    uint64_t pos[2], n2 = 0, first = UINT64_MAX, q = 0, w;
+                     * and j) at x * N / 64 (64: the last): at the start,
+                     * the end, a quarter and three quarters, three
+                     * quarters, the middle, and several spread over the
+                     * apply pieces (up to 16, section 13) */
+                    static const int where[7][4] = {{0, -1, -1, -1},  {64, -1, -1, -1},
+                                                    {16, 48, -1, -1}, {48, -1, -1, -1},
+                                                    {32, -1, -1, -1}, {12, 28, 44, 60},
+                                                    {1, 33, 63, -1}};
+                    agg_key *b2 = (agg_key *)malloc((nb + 4) * sizeof *b2);
+                    uint64_t pos[4], n2 = 0, first = UINT64_MAX, q = 0, w, np = 0;
                     size_t before = agg_tree_nbytes(t);
+                    uint64_t shape = agg_debug_shape_hash(t);
                     REQUIRE(b2, "out of memory");
-                    for (w = 0; w < 2; w++) {
+                    for (w = 0; w < 4; w++) {   /* ascending in the table */
                         int x = where[c][w];
-                        pos[w] = x < 0 ? UINT64_MAX : x == 4 ? N - 1 : (uint64_t)x * N / 4;
-                    }
-                    if (pos[1] < pos[0]) {
-                        uint64_t tmp = pos[0];
-                        pos[0] = pos[1];
-                        pos[1] = tmp;
+                        if (x >= 0)
+                            pos[np++] = x == 64 ? N - 1 : (uint64_t)x * N / 64;
                     }
                     /* batch keys in order, tree keys 2 pos[w] inserted */
                     for (i = 0; i <= nb; i++) {
-                        while (q < 2 && pos[q] == i) {
+                        while (q < np && pos[q] == i) {
                             agg_key k;
-                            if (q == 1 && pos[1] == pos[0]) {
-                                q++;
-                                continue;
-                            }
                             k.head = gen ? 77 : 2 * i;
                             k.rest = gen ? (uint64_t)(uintptr_t)((char *)tt + 2 * i * (sizeof(agg_tail) + 16))
                                          : 0;
@@ -976,7 +975,9 @@ static void unit_split(long md)
                                 bad == first,
                             "split dup case %d: bad %llu want %llu", c, (unsigned long long)bad,
                             (unsigned long long)first);
-                    REQUIRE(agg_tree_len(t) == N && agg_tree_nbytes(t) == before, "dup changed the tree");
+                    REQUIRE(agg_tree_len(t) == N && agg_tree_nbytes(t) == before &&
+                                agg_debug_shape_hash(t) == shape,
+                            "dup case %d changed the tree", c);
                     check_tree(t, "split: after a duplicate");
                     free(b2);
                 }
