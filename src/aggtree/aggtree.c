@@ -372,12 +372,17 @@
  * everything above the leaf parents (section "Internal nodes" below) then
  * runs on one thread, in order - ~250 nodes for 100,000 keys into
  * 1,000,000.  Pieces, not halves, because the caller waits at the end
- * for the piece the helper holds: a helper whose core is taken away
- * (another process, or the hypervisor running another guest) now holds
- * up ~1/16 of the work, not half of it, and a fixed cut left one thread
- * idle when the halves cost differently (the pieces measured ~2% faster
- * on a quiet machine: 29.4-29.7 against 30.1-30.4 ns/key, median of 100
- * batches).  The threads write disjoint memory: different leaf parents,
+ * only for the piece the helper holds: a helper whose core is taken away
+ * (another process, or the hypervisor running another guest) no longer
+ * holds up half of the work, and a fixed cut left one thread idle when
+ * the halves cost differently.  Measured (100,000 keys into 1,000,000,
+ * median of 60-100 batches, insert then delete): on a quiet machine
+ * 29.4-29.7 ns/key against 30.1-30.4 for halves; with core 1 taken away
+ * 3 ms in every 6 (a SCHED_FIFO busy loop pinned to it, the way a busy
+ * host takes a virtual CPU away) 50-56 against 56-61, one thread 50-53.
+ * The check pass stays cut in two: cut into 16 parts it measured ~5%
+ * slower on a quiet machine (joining copies 15/16 of the groups and ops
+ * instead of half) and no better with core 1 taken away.  The threads write disjoint memory: different leaf parents,
  * their leaves, their ops and events (a leaf's next->prev may be another
  * piece's leaf, a field that piece never touches).  GENERAL batches apply
  * on one thread: a separator replaced there may free a tail, and
