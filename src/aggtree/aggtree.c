@@ -2961,7 +2961,7 @@ typedef struct carry {
 } carry;
 
 /* The apply pass of a two-thread batch is cut into at most this many
- * pieces (section 13, "Pieces"). */
+ * pieces, the check pass into two (section 13, "Two threads"). */
 #define APPLY_PIECES 16
 
 /* State of one agg_tree_insert_sorted. */
@@ -2974,6 +2974,8 @@ typedef struct bins {
     uint64_t n;                  /* number of keys */
     uint32_t *pos;               /* per key: items of its leaf < it, before the batch */
     part pt[2];                  /* check: the parts; pt[0] ends up holding all */
+    int nparts;                  /* check part p is keys [ccut[p], ccut[p + 1]) */
+    uint64_t ccut[3];
     bgroup *grp;                 /* = pt[0]'s arrays once the parts are joined */
     uint64_t ngrp;
     bevent *ev;
@@ -2986,7 +2988,6 @@ typedef struct bins {
     uint64_t rootgrow;           /* new siblings of the root */
     uint64_t new_leaves;         /* nodes the apply pass will take */
     uint64_t new_inner;
-    uint64_t split;              /* first key of the second part (0: one part) */
     pool leaves;                 /* apply pass: reserved nodes */
     pool inner;
     pend *pending[MAX_DEPTH];    /* new nodes at level d waiting for their parent */
@@ -3005,12 +3006,14 @@ typedef struct bins {
     /* apply pieces (FAST, two threads: see "Pieces" in section 13) */
     int npieces;                 /* piece p is events [pcut[p], pcut[p + 1]) */
     uint64_t pcut[APPLY_PIECES + 1];
-    AGG_ATOMIC(long) next_piece; /* the next piece to take */
-    AGG_ATOMIC(long) stop;       /* a piece found a present key: take no more */
     int ran[APPLY_PIECES];       /* piece p ran (to its end or its halt) */
     int pw[APPLY_PIECES];        /* ... with the carry state of worker pw[p] */
     uint64_t halt_e[APPLY_PIECES]; /* piece p stopped at this event (or its end) */
     uint64_t halt_r[APPLY_PIECES]; /* ... before this op */
+    /* the pass being run in pieces (run_pieces) */
+    int nrun;                    /* its pieces */
+    AGG_ATOMIC(long) next_piece; /* the next piece to take */
+    AGG_ATOMIC(long) stop;       /* a piece found a present key: take no more */
 } bins;
 
 /* The i-th key of the run as the tree compares it. */
@@ -3164,65 +3167,75 @@ AGG_INLINE void route_group(const agg_tree *t, part *pt, int D, uint64_t start, 
     g->L = D >= 2 ? (uint32_t)inner_cnt(t, pt->f.path[D - 2])[g->j] : g->leaf->count;
 }
 
-/* Work on items [lo, hi) of a batch; returns the first key found present
- * (UINT64_MAX: none) - see run_halves. */
-typedef uint64_t (*range_fn)(bins *b, uint64_t lo, uint64_t hi);
+/* Piece p of a batch pass, run by worker w (0: the calling thread, 1: the
+ * helper); returns the first key it found present (UINT64_MAX: none). */
+typedef uint64_t (*piece_fn)(bins *b, int p, int w);
+
+/* Worker w of run_pieces: takes pieces in order from the shared counter
+ * until none is left or a piece has reported a key, and returns the key
+ * it found.  A piece before the one that reported was taken earlier, so
+ * it runs to its end or to its own first key: the first present key in
+ * key order is always among those reported. */
+static uint64_t pieces_worker(bins *b, piece_fn fn, int w)
+{
+    for (;;) {
+        long p;
+        uint64_t dup;
+        if (atomic_load_relaxed(&b->stop))
+            return UINT64_MAX;
+        p = atomic_add_relaxed(&b->next_piece, 1);
+        if (p >= b->nrun)
+            return UINT64_MAX;
+        if ((dup = fn(b, (int)p, w)) != UINT64_MAX) {
+            atomic_store_relaxed(&b->stop, 1);
+            return dup;
+        }
+    }
+}
 
 #if AGG_THREADS
-/* The second half of a two-thread run_halves: run by whichever of the two
- * threads claims it first. */
-typedef struct half_job {
+typedef struct pieces_job {
     bins *b;
-    range_fn fn;
-    uint64_t lo, hi;
+    piece_fn fn;
     uint64_t res;
-    AGG_ATOMIC(long) claimed;
-} half_job;
+} pieces_job;
 
-static void *half_job_run(void *arg)
+static void *pieces_helper(void *arg)
 {
-    half_job *j = (half_job *)arg;
-    if (atomic_exchange_relaxed(&j->claimed, 1) == 0)
-        j->res = j->fn(j->b, j->lo, j->hi);
+    pieces_job *j = (pieces_job *)arg;
+    j->res = pieces_worker(j->b, j->fn, 1);
     return NULL;
 }
 #endif
 
-/* fn over [0, cut) and [cut, n) (cut 0: over [0, n) at once).  With
- * `threads` the second half is offered to a second thread; if that thread
- * has not started by the time the first half is done (the other core is
- * busy), this one does the second half too.  The result is the first
- * half's unless that is UINT64_MAX: the first key in key order when fn
- * reports its first one. */
-static uint64_t run_halves(bins *b, range_fn fn, uint64_t n, uint64_t cut, int threads)
+/* Run pieces 0..np-1 of a pass: on the calling thread, and with
+ * `threads` == 1 on a helper thread too (one that starts late finds fewer
+ * pieces or none: with two pieces, the caller takes the second itself if
+ * the helper has not started when the first is done; at the end the
+ * caller waits at most for the piece the helper holds).  Returns the
+ * first present key in key order, or UINT64_MAX. */
+static uint64_t run_pieces(bins *b, piece_fn fn, int np, int threads)
 {
-    uint64_t r0, r1;
-    if (cut == 0 || cut >= n)
-        return fn(b, 0, n);
+    b->nrun = np;
+    atomic_store_relaxed(&b->next_piece, 0);
+    atomic_store_relaxed(&b->stop, 0);
 #if AGG_THREADS
-    if (threads) {
+    if (threads == 1 && np > 1) {
         pthread_t th;
-        half_job job;
+        pieces_job job;
         job.b = b;
         job.fn = fn;
-        job.lo = cut;
-        job.hi = n;
         job.res = UINT64_MAX;
-        atomic_store_relaxed(&job.claimed, 0);
-        if (pthread_create(&th, NULL, half_job_run, &job) == 0) {
-            r0 = fn(b, 0, cut);
-            if (atomic_exchange_relaxed(&job.claimed, 1) == 0)
-                job.res = fn(b, cut, n);
+        if (pthread_create(&th, NULL, pieces_helper, &job) == 0) {
+            uint64_t r0 = pieces_worker(b, fn, 0);
             pthread_join(th, NULL);
-            return r0 != UINT64_MAX ? r0 : job.res;
+            return r0 < job.res ? r0 : job.res;
         }
     }
 #else
     (void)threads;
 #endif
-    r0 = fn(b, 0, cut);
-    r1 = fn(b, cut, n);
-    return r0 != UINT64_MAX ? r0 : r1;
+    return pieces_worker(b, fn, 0);
 }
 
 /* Index of the first of lk[0..cnt) not below k (FAST order), branch-free:
@@ -3311,9 +3324,9 @@ static void plan_root(bins *b)
     }
 }
 
-/* Check pass (reads only, section 13), for the keys [lo, hi) of part pt
- * (the whole batch, or one of two halves cut at a leaf parent boundary and
- * run on two threads at once):
+/* Check pass (reads only, section 13), for the keys [lo, hi) of part p
+ * (the whole batch, or one of two halves cut at a leaf parent boundary
+ * that two threads take in turn):
  *  route   the keys are routed to their leaves through the internal nodes
  *          alone (one compare per key while it stays in a leaf), giving
  *          the groups (leaf, first key, count) and the sequence of path
@@ -3326,13 +3339,15 @@ static void plan_root(bins *b)
  * Returns the first new key already present, or UINT64_MAX.  Writes only
  * pt, its groups' keys' pos[] and its ops: parts share nothing they
  * write, and nothing here allocates. */
-static uint64_t check_part(bins *b, uint64_t lo, uint64_t hi)
+static uint64_t check_part(bins *b, int p, int w)
 {
     const agg_tree *t = b->t;
-    part *pt = &b->pt[lo == 0 ? 0 : 1];
+    part *pt = &b->pt[p];
+    uint64_t lo = b->ccut[p], hi = b->ccut[p + 1];
     finger *f = &pt->f;
     int D = (int)t->depth, lev;
     uint64_t i, gs = lo, g, e, gi = 0;
+    (void)w;
     /* route */
     f->path[0] = t->root;
     f->hn[0] = NULL;
@@ -3447,7 +3462,7 @@ static void parts_join(bins *b)
     const agg_tree *t = b->t;
     part *p0 = &b->pt[0], *p1 = &b->pt[1];
     int D = (int)t->depth, lev;
-    int d = finger_level(t, &p0->f, D - 2, bins_key(b, b->split));
+    int d = finger_level(t, &p0->f, D - 2, bins_key(b, b->ccut[1]));
     uint64_t i;
     for (lev = D - 2; lev > d; lev--) {
         route_event(p0, lev);
@@ -3478,17 +3493,22 @@ static agg_status bins_check(bins *b, uint64_t *bad_index, int threads)
     int D = (int)b->t->depth;
     uint64_t e, dup;
     part *p0 = &b->pt[0];
-    b->split = threads ? check_split(b) : 0;
+    uint64_t split = threads ? check_split(b) : 0;
+    b->nparts = 0;
+    b->ccut[0] = 0;
+    if (split)
+        b->ccut[++b->nparts] = split;
+    b->ccut[++b->nparts] = b->n;
     if (!part_alloc(b, p0, b->n) ||
-        (b->split && !part_alloc(b, &b->pt[1], b->n - b->split)))
+        (split && !part_alloc(b, &b->pt[1], b->n - split)))
         return AGG_NOMEM;
-    dup = run_halves(b, check_part, b->n, b->split, threads == 1);
+    dup = run_pieces(b, check_part, b->nparts, threads);
     if (dup != UINT64_MAX) {
         if (bad_index)
             *bad_index = dup;
         return AGG_DUPLICATE;
     }
-    if (b->split)
+    if (split)
         parts_join(b);
     b->grp = p0->grp;
     b->ngrp = p0->ngrp;
@@ -3933,42 +3953,6 @@ static uint64_t apply_piece(bins *b, int p, int w)
     return UINT64_MAX;
 }
 
-/* Apply worker w (0: the calling thread, 1: the helper): takes pieces in
- * order from the shared counter until none is left or a piece has found
- * a present key; returns the one it found (UINT64_MAX: none).  A piece
- * before the one that stopped was taken earlier, so it runs to its end
- * or to its own present key: the first in key order is always found. */
-static uint64_t apply_worker(bins *b, int w)
-{
-    for (;;) {
-        long p;
-        uint64_t dup;
-        if (atomic_load_relaxed(&b->stop))
-            return UINT64_MAX;
-        p = atomic_add_relaxed(&b->next_piece, 1);
-        if (p >= b->npieces)
-            return UINT64_MAX;
-        if ((dup = apply_piece(b, (int)p, w)) != UINT64_MAX) {
-            atomic_store_relaxed(&b->stop, 1);
-            return dup;
-        }
-    }
-}
-
-#if AGG_THREADS
-typedef struct apply_job {
-    bins *b;
-    uint64_t res;
-} apply_job;
-
-static void *apply_helper(void *arg)
-{
-    apply_job *j = (apply_job *)arg;
-    j->res = apply_worker(j->b, 1);
-    return NULL;
-}
-#endif
-
 /* Cut the apply pass into pieces: after the leaf parent's event at which
  * the ops reach each 1/APPLY_PIECES share (for two threads, FAST keys),
  * else one piece. */
@@ -3993,32 +3977,6 @@ static void apply_cut(bins *b, int threads)
     b->npieces = np;
     for (k = 0; k < np; k++)
         b->ran[k] = 0;
-    atomic_store_relaxed(&b->next_piece, 0);
-    atomic_store_relaxed(&b->stop, 0);
-}
-
-/* Run the apply pieces: with `threads` == 1 a helper thread takes pieces
- * too (if it starts late it finds fewer or none; the caller waits at most
- * for the piece the helper holds).  Returns the first present key found
- * in key order, or UINT64_MAX. */
-static uint64_t run_apply(bins *b, int threads)
-{
-#if AGG_THREADS
-    if (threads == 1 && b->npieces > 1) {
-        pthread_t th;
-        apply_job job;
-        job.b = b;
-        job.res = UINT64_MAX;
-        if (pthread_create(&th, NULL, apply_helper, &job) == 0) {
-            uint64_t r0 = apply_worker(b, 0);
-            pthread_join(th, NULL);
-            return r0 < job.res ? r0 : job.res;
-        }
-    }
-#else
-    (void)threads;
-#endif
-    return apply_worker(b, 0);
 }
 
 /* Fused search found a present key: put leaf parent ev (event e) back as
@@ -4147,7 +4105,7 @@ static uint64_t bins_apply(bins *b, int threads)
             pend_push(b, 0, &b->lpend[r].e, 0);
     } else {
         apply_cut(b, threads);
-        dup = run_apply(b, threads);
+        dup = run_pieces(b, apply_piece, b->npieces, threads);
         if (dup != UINT64_MAX) {
             for (p = 0; p < b->npieces; p++)
                 undo_piece(b, p);
