@@ -24,8 +24,10 @@
  * best and median shown; compared with loops of agg_tree_insert /
  * agg_tree_delete over the same keys in sorted and in random order.  Last,
  * agg_keys_sort of n pairs (random doubles in [0, 1), ids 0..n-1 shuffled)
- * against qsort, agg_tree_build of n sorted keys and
- * agg_tree_build_unsorted (sort + build) of n shuffled ones.  With
+ * against qsort, agg_tree_build of n sorted keys (then, from that tree,
+ * agg_tree_delete_sorted of a contiguous tenth of the keys and of every
+ * third key of the next three tenths) and agg_tree_build_unsorted (sort +
+ * build) of n shuffled ones.  With
  * BENCH_BATCH_ONLY set only the batch part runs.
  */
 #define _POSIX_C_SOURCE 199309L  /* clock_gettime */
@@ -211,7 +213,7 @@ static void bench_batch(uint64_t n, const uint32_t *sizes, int nsizes)
     }
     /* sorting and building n items */
     {
-        double ts = 1e99, tq = 1e99, tb = 1e99, tu = 1e99;
+        double ts = 1e99, tq = 1e99, tb = 1e99, tu = 1e99, tr = 1e99, t3 = 1e99;
         agg_key *cp = (agg_key *)malloc(n * sizeof *cp);
         double *cv = (double *)malloc(n * sizeof *cv);
         if (!cp || !cv)
@@ -232,6 +234,23 @@ static void bench_batch(uint64_t n, const uint32_t *sizes, int nsizes)
                 die("build");
             x = (cpu_now() - t0) * 1e3;
             tb = x < tb ? x : tb;
+            /* delete a contiguous range of n / 10 keys (every leaf under
+             * it empties), then every third key of the next 3n / 10 */
+            if (n >= 20) {
+                uint64_t m10 = n / 10, a = n / 5;
+                t0 = cpu_now();
+                if (agg_tree_delete_sorted(t, cp + a, m10, &bad) != AGG_OK)
+                    die("range delete_sorted");
+                x = (cpu_now() - t0) / (double)m10 * 1e9;
+                tr = x < tr ? x : tr;
+                for (i = 0; i < m10; i++)
+                    cp[a + 2 * m10 + i] = cp[a + 2 * m10 + 3 * i];
+                t0 = cpu_now();
+                if (agg_tree_delete_sorted(t, cp + a + 2 * m10, m10, &bad) != AGG_OK)
+                    die("strided delete_sorted");
+                x = (cpu_now() - t0) / (double)m10 * 1e9;
+                t3 = x < t3 ? x : t3;
+            }
             agg_tree_free(t);
             memcpy(cp, big, n * sizeof *cp);
             t0 = cpu_now();
@@ -252,6 +271,8 @@ static void bench_batch(uint64_t n, const uint32_t *sizes, int nsizes)
                "  agg_keys_sort %.1f (wall)   (qsort of the keys alone %.1f, CPU)\n"
                "  agg_tree_build of sorted keys %.1f (CPU)   agg_tree_build_unsorted %.1f (wall)\n",
                (unsigned long long)n, reps < 5 ? reps : 5, ts, tq, tb, tu);
+        printf("  agg_tree_delete_sorted from that tree, ns/key (CPU): a contiguous n / 10 %.1f, "
+               "every third key of the next 3n / 10 %.1f\n", tr, t3);
         free(cp);
         free(cv);
     }
