@@ -51,6 +51,11 @@ Writes (insert, delete, insert_many) mutate the shared structures: each
 round gets a fresh random batch, and the items are taken out again (untimed)
 before the next round, so every test leaves the structures as it found them.
 
+``AGGTREE_BENCH_TRACE=FILE`` appends one line per benchmark to FILE: its
+wall-clock start and end (``time.time()``) and its node id, so that a slow
+result can be matched against a log of the machine's load taken alongside
+(for instance the steal time in ``/proc/stat``).
+
 The bench files are named ``bench_*.py``; ``pytest_collect_file`` below
 collects them (the project's pytest configuration only collects ``tests/``).
 They import the helpers below as ``from benchkit import ...``: this module
@@ -65,6 +70,7 @@ import math
 import os
 import sqlite3
 import sys
+import time
 import zlib
 from collections import Counter
 from operator import itemgetter
@@ -89,7 +95,8 @@ PAGE_SIZE = 100
 REF_MAX_N = 10**5     # the reference is skipped above this for slow operations
 SLOW_N = 10**5        # O(n)-per-call baselines use few pedantic rounds from here
 WRITE_ROUNDS = 30     # rounds of single-item write benchmarks (BATCH items each)
-BULK_ROUNDS = 5       # rounds of insert_many
+BULK_ROUNDS = 15      # rounds of insert_many (each side: fastest of these; 5 let
+                      # one burst of load on the second core spoil every round)
 SWEEP_NODE_SIZES = (8, 16, 32, 64, 128, 256, 512)
 
 Agg = aggtree.Aggregate
@@ -115,6 +122,17 @@ def pytest_collect_file(file_path, parent):
     ):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """With AGGTREE_BENCH_TRACE set: log when each benchmark ran."""
+    path = os.environ.get("AGGTREE_BENCH_TRACE")
+    t0 = time.time()
+    yield
+    if path:
+        with open(path, "a") as fh:
+            fh.write(f"{t0:.3f} {time.time():.3f} {item.nodeid}\n")
 
 
 def _env_flag(name: str) -> bool:
