@@ -189,9 +189,11 @@ agg_status agg_tree_delete(agg_tree *t, agg_key key, double *old_value);
  * Never returns AGG_NOMEM: its only allocation is an optional temporary
  * array (n pointers, used to prefetch) without which it runs slower.
  * Removes the keys of each leaf in one pass and updates each touched
- * parent entry once per leaf (a leaf that would fall below the minimum
- * fill takes the single-delete path, with its merges).  O(n + touched
- * leaves * node_size) (section 13 of aggtree.c). */
+ * parent entry once per leaf (a leaf that falls below the minimum fill is
+ * then merged with or evened out against a sibling, as a single delete
+ * does).  The check runs on two threads for large batches, as
+ * agg_tree_insert_sorted's does.  O(n + touched leaves * node_size)
+ * (section 13 of aggtree.c). */
 agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
                                   uint64_t *bad_index);
 
@@ -305,12 +307,13 @@ agg_status agg_tree_check(const agg_tree *t, char *msg, size_t msg_len);
  * Returns the number of allocations made since the last call. */
 long agg_debug_fail_after(long n);
 
-/* Test hook, global: how agg_tree_insert_sorted runs (section 13 of
- * aggtree.c).  0 (the default): on two threads for large batches (unless
- * the environment has AGGTREE_THREADS=1); 1: always on one thread; 2: on
- * two threads whenever the batch can be cut in two (FAST keys for the
- * apply pass); 3: cut as for 2 but both halves on the calling thread.
- * Returns the previous mode.  The result is the same in every mode. */
+/* Test hook, global: how agg_tree_insert_sorted and the check pass of
+ * agg_tree_delete_sorted run (section 13 of aggtree.c).  0 (the default):
+ * on two threads for large batches (unless the environment has
+ * AGGTREE_THREADS=1); 1: always on one thread; 2: on two threads whenever
+ * the batch can be cut in two (FAST keys for the insert's apply pass); 3:
+ * cut as for 2 but both halves on the calling thread.  Returns the
+ * previous mode.  The result is the same in every mode. */
 long agg_debug_insert_sorted_mode(long mode);
 
 /* Test hook: a hash of the tree's shape and content - every node's count,
