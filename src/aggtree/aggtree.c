@@ -521,30 +521,47 @@
  * absent key before anything changes; from BATCH_THREAD_MIN keys it is cut
  * in two at the middle key and run on two threads (dels_check_split: it
  * only reads, so any cut will do; the parts are claimed from a counter
- * as in run_pieces, and the first part's absent key wins).  Measured:
- * delete_sorted of 100,000 random keys from 1,000,000, ~75-85 -> ~59-61
- * ns/key (the insert/delete driver of "Two threads", best of 40).  Then
- * per leaf: its keys are
- * removed in one compaction pass (dels_compact).  If it keeps its minimum
- * fill, only the parent's entry is updated, the path above accumulating
- * as for inserts; a leaf that falls below it first brings every entry on
- * the path up to date, and then the path is repaired bottom-up as
- * agg_tree_delete does for one key, for all the leaf's keys at once
- * (dels_repair_path: a child below min is merged with a sibling or
- * evened out against it, which leaves both >= min whatever the deficit;
- * an untouched entry drops by the leaf's count and sum), after which the
- * walk restarts from the root.  (It used to call agg_tree_delete key by
- * key for such a leaf: deleting a contiguous range of 100,000 keys from a
- * bulk-built 1,000,000, where every leaf empties, took ~104 ns/key; it
- * now takes ~32, as much as every third key of a range does.  A batch of
- * random keys rarely empties a leaf: 0.45% of the groups in the
- * 100,000-into-1,000,000 benchmark; what makes delete_sorted slower than
- * insert_sorted there, ~75-85 against ~50-55 ns/key on one thread, is that
- * it reads every leaf twice, once in the check and once in the
- * compaction, on one thread.)  A root that is a leaf and would be emptied
- * goes key by key (agg_tree_delete frees it).  It allocates at most a
- * temporary array of the groups' leaves, used only to prefetch (without it
- * the pass just runs slower), so like agg_tree_delete it cannot fail.
+ * as in run_pieces, and the first part's absent key wins).  Then per
+ * leaf: its keys are removed in one compaction pass (dels_compact).  If it
+ * keeps its minimum fill, only the parent's entry is updated, the path
+ * above accumulating as for inserts; a leaf that falls below it first
+ * brings every entry on the path up to date, and then the path is
+ * repaired bottom-up as agg_tree_delete does for one key, for all the
+ * leaf's keys at once (dels_repair_path: a child below min is merged with
+ * a sibling or evened out against it, which leaves both >= min whatever
+ * the deficit; an untouched entry drops by the leaf's count and sum),
+ * after which the walk restarts from the root.  (It used to call
+ * agg_tree_delete key by key for such a leaf: deleting a contiguous range
+ * of 100,000 keys from a bulk-built 1,000,000, where every leaf empties,
+ * took ~104 ns/key; it now takes ~32, as much as every third key of a
+ * range does.)  A root that is a leaf and would be emptied goes key by
+ * key (agg_tree_delete frees it).
+ * Two threads (FAST keys, depth >= 3, from BATCH_THREAD_MIN keys):
+ * the compaction pass is cut into up to 16 pieces at leaf parent
+ * boundaries (DEL_PIECES), taken in turn by the caller and a helper
+ * (dels_apply_pieces).  A piece compacts its leaves and updates their
+ * entries in their leaf parents, which no other piece touches; it
+ * records, per leaf parent, the count and exact sum its leaves lost, and
+ * per leaf left below its minimum fill the index of one of its keys.
+ * Then, on the caller: each leaf parent's change goes up its path (a
+ * descent by the recorded key: the structure has not changed yet), and
+ * each underfull leaf is repaired by a descent with its key and a
+ * bottom-up walk that repairs every node below min on the way (merges
+ * only ever make a node on the walk's own path underfull, and a merge
+ * with a not yet repaired neighbour is found again by that neighbour's
+ * walk, since its key routes into the merged node), refreshing the
+ * inexact entries above a repair (a repair keeps a node's total but not
+ * the bits of its inexact summary); a root left with one child is
+ * replaced by it, an empty root leaf freed.  The records are one optional
+ * allocation: without it the one-thread pass runs.
+ * Measured (the insert/delete driver of "Two threads": 100,000 random keys
+ * out of 1,000,000, best of 40, ns/key): before, ~78-83 on either thread
+ * count (one thread ~73-80 now); check on two threads ~59-61; check and
+ * compaction on two threads ~37-39.  A batch of random keys rarely
+ * empties a leaf: 0.45% of the groups in that run.
+ * It allocates at most the temporaries above, used to prefetch and to
+ * cut the work (without them it runs slower), so like agg_tree_delete it
+ * cannot fail.
  *
  * 14. Sorting keys
  * ----------------
@@ -4406,10 +4423,12 @@ static int dgroup_present(const agg_tree *t, const agg_key *keys, const dgroup *
 
 /* Check of a batch delete (reads only): route the keys to their leaves
  * and search each group DEL_RING groups later, its leaf prefetched
- * meanwhile; leaves (may be NULL, else room for n) receives the groups'
- * leaves.  AGG_OK or AGG_MISSING (first absent key). */
+ * meanwhile; leaves and gfirst (both NULL, or room for n each) receive
+ * the groups' leaves and first key indexes.  AGG_OK or AGG_MISSING (first
+ * absent key). */
 static agg_status dels_check(const agg_tree *t, const agg_key *keys, uint64_t n,
-                             uint64_t *bad_index, node **leaves, uint64_t *ngroups)
+                             uint64_t *bad_index, node **leaves, uint64_t *gfirst,
+                             uint64_t *ngroups)
 {
     finger f;
     dgroup ring[DEL_RING];
@@ -4441,8 +4460,10 @@ static agg_status dels_check(const agg_tree *t, const agg_key *keys, uint64_t n,
         ring[made % DEL_RING].start = gs;
         ring[made % DEL_RING].k = i - gs;
         leaf_prefetch_all(t, f.path[D - 1], 0);
-        if (leaves)
+        if (leaves) {
             leaves[made] = f.path[D - 1];
+            gfirst[made] = gs;
+        }
         made++;
         if (i == n)
             break;
@@ -4471,6 +4492,7 @@ typedef struct dcheck {
     const agg_key *keys;
     uint64_t n, cut;
     node **leaves;
+    uint64_t *gfirst;
     uint64_t ng[2], bad[2];
     agg_status st[2];
     AGG_ATOMIC(long) next;
@@ -4482,7 +4504,8 @@ static void dcheck_worker(dcheck *c)
     while ((p = atomic_add_relaxed(&c->next, 1)) < 2) {
         uint64_t lo = p ? c->cut : 0, hi = p ? c->n : c->cut;
         c->st[p] = dels_check(c->t, c->keys + lo, hi - lo, &c->bad[p],
-                              c->leaves ? c->leaves + lo : NULL, &c->ng[p]);
+                              c->leaves ? c->leaves + lo : NULL,
+                              c->leaves ? c->gfirst + lo : NULL, &c->ng[p]);
     }
 }
 
@@ -4498,16 +4521,18 @@ static void *dcheck_helper(void *arg)
  * threads == 1 (2: both parts on this thread, a test mode).  The first
  * absent key in key order is reported, as by one dels_check. */
 static agg_status dels_check_split(const agg_tree *t, const agg_key *keys, uint64_t n,
-                                   uint64_t *bad_index, node **leaves, uint64_t *ngroups,
-                                   int threads)
+                                   uint64_t *bad_index, node **leaves, uint64_t *gfirst,
+                                   uint64_t *ngroups, int threads)
 {
     dcheck c;
+    uint64_t g;
     int p;
     c.t = t;
     c.keys = keys;
     c.n = n;
     c.cut = n / 2;
     c.leaves = leaves;
+    c.gfirst = gfirst;
     atomic_store_relaxed(&c.next, 0);
 #if AGG_THREADS
     if (threads == 1) {
@@ -4527,8 +4552,11 @@ static agg_status dels_check_split(const agg_tree *t, const agg_key *keys, uint6
                 *bad_index = c.bad[p] + (p ? c.cut : 0);
             return c.st[p];
         }
-    if (leaves)
+    if (leaves) {
         memmove(leaves + c.ng[0], leaves + c.cut, c.ng[1] * sizeof *leaves);
+        for (g = 0; g < c.ng[1]; g++)
+            gfirst[c.ng[0] + g] = gfirst[c.cut + g] + c.cut;
+    }
     *ngroups = c.ng[0] + c.ng[1];
     return AGG_OK;
 }
@@ -4582,6 +4610,35 @@ static uint32_t dels_compact(agg_tree *t, node *lf, const agg_key *keys, uint64_
     return w;
 }
 
+/* dels_compact for FAST keys (no tails: safe on a second thread, which
+ * must not touch t->len either; the caller accounts for it). */
+static uint32_t dels_compact_fast(const agg_tree *t, node *lf, const agg_key *keys,
+                                  uint64_t i, uint64_t j, ddsum *neg)
+{
+    agg_key *lk = node_keys(lf);
+    double *lv = leaf_vals(t, lf);
+    uint32_t cnt = lf->count, r, w;
+    uint64_t q = i;
+    ddsum gone;
+    dds_zero(&gone);
+    r = leaf_lower_bound_fast(lk, cnt, keys[i]);
+    for (w = r; r < cnt; r++) {
+        if (q < j && lk[r].head == keys[q].head && lk[r].rest == keys[q].rest) {
+            dds_add(&gone, lv[r], 0.0, 1, 0);
+            q++;
+        } else {
+            lk[w] = lk[r];
+            lv[w] = lv[r];
+            w++;
+        }
+    }
+    lf->count = w;
+    *neg = gone;
+    neg->hi = -gone.hi;
+    neg->lo = -gone.lo;
+    return w;
+}
+
 /* After dels_compact took kk items (sum -neg) out of the leaf at the end
  * of finger f's path, every entry above it being up to date otherwise:
  * bottom-up, a child still at or above min gets its entry's count - kk
@@ -4611,6 +4668,276 @@ static void dels_repair_path(agg_tree *t, finger *f, int D, uint64_t kk, const d
     }
 }
 
+/* The compaction pass of a FAST delete batch in pieces for two threads
+ * (section 13): pieces end at leaf parent boundaries, so each writes only
+ * its own leaves and leaf parents' entries.  A piece records, per leaf
+ * parent it leaves, the count and exact sum its leaves lost (applied to
+ * the levels above afterwards, on one thread), and, per leaf left below
+ * its minimum fill, the index of one of the leaf's keys (repaired
+ * afterwards, on one thread, by a descent with that key: the structure is
+ * unchanged until then). */
+#define DEL_PIECES 16
+
+typedef struct dlp {
+    uint64_t key;                /* index of a batch key under the leaf parent */
+    uint64_t cnt;                /* items its leaves lost */
+    ddsum sum;                   /* minus their values' sum */
+} dlp;
+
+typedef struct dpieces {
+    agg_tree *t;
+    const agg_key *keys;
+    node **leaves;               /* groups' leaves, for prefetching (NULL: none) */
+    const uint64_t *gfirst;      /* groups' first key indexes */
+    uint64_t ng;
+    int np;
+    uint64_t cut[DEL_PIECES + 1];
+    dlp *lp[DEL_PIECES];         /* each piece's leaf parent records ... */
+    uint64_t nlp[DEL_PIECES];
+    uint64_t *rep[DEL_PIECES];   /* ... and repair keys */
+    uint64_t nrep[DEL_PIECES];
+    uint64_t gone[DEL_PIECES];   /* items removed */
+    AGG_ATOMIC(long) next;
+} dpieces;
+
+/* First key index in [from, n) past the leaf parent of keys[from] (n if
+ * that is the last leaf parent). */
+static uint64_t dels_lp_end(const agg_tree *t, const agg_key *keys, uint64_t from, uint64_t n)
+{
+    int D = (int)t->depth;
+    uint64_t lo = from, hi = n;
+    finger f;
+    agg_key bound;
+    f.path[0] = t->root;
+    f.hn[0] = NULL;
+    f.hs[0] = 0;
+    finger_descend(t, &f, 0, keys[from], 0);
+    if (!f.hn[D - 2])
+        return n;
+    bound = node_keys(f.hn[D - 2])[f.hs[D - 2]];
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (key_lt_fast(keys[mid], bound))
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Piece p: compact every leaf of its keys (dels_compact), update its entry
+ * in the leaf parent, record leaf parents and underfull leaves. */
+static void dels_piece(dpieces *c, int p)
+{
+    agg_tree *t = c->t;
+    const agg_key *keys = c->keys;
+    int D = (int)t->depth;
+    uint64_t i, j, lo = c->cut[p], hi = c->cut[p + 1], g, lpcnt = 0, lpkey = lo;
+    ddsum lpsum;
+    finger f;
+    dds_zero(&lpsum);
+    c->nlp[p] = c->nrep[p] = c->gone[p] = 0;
+    g = 0;
+    if (c->leaves) {                /* the first group of the piece */
+        uint64_t a = 0, b = c->ng;
+        while (a < b) {
+            uint64_t mid = a + (b - a) / 2;
+            if (c->gfirst[mid] < lo)
+                a = mid + 1;
+            else
+                b = mid;
+        }
+        g = a;
+    }
+    f.path[0] = t->root;
+    f.hn[0] = NULL;
+    f.hs[0] = 0;
+    finger_descend(t, &f, 0, keys[lo], 0);
+    for (i = lo; i < hi; i = j) {
+        node *lf;
+        uint32_t w, lower;
+        ddsum neg;
+        if (i > lo) {
+            int d = finger_level(t, &f, D - 1, keys[i]);
+            if (d < D - 2) {        /* leaving the leaf parent */
+                dlp *r = &c->lp[p][c->nlp[p]++];
+                r->key = lpkey;
+                r->cnt = lpcnt;
+                r->sum = lpsum;
+                lpcnt = 0;
+                dds_zero(&lpsum);
+                lpkey = i;
+            }
+            if (d < D - 1)
+                finger_descend(t, &f, d, keys[i], 1);
+        }
+        lf = f.path[D - 1];
+        if (c->leaves && g + PF_DIST < c->ng)
+            leaf_prefetch_all(t, c->leaves[g + PF_DIST], 1);
+        g++;
+        for (j = i + 1; j < hi; j++)
+            if (!(!f.hn[D - 1] || key_lt_fast(keys[j], node_keys(f.hn[D - 1])[f.hs[D - 1]])))
+                break;
+        lower = !f.hn[D - 1] ? 1 : t->min;
+        w = dels_compact_fast(t, lf, keys, i, j, &neg);
+        entry_apply(t, f.path[D - 2], f.idx[D - 2], w, &neg);
+        lpcnt += j - i;
+        dds_add(&lpsum, neg.hi, neg.lo, neg.exact, 0);
+        c->gone[p] += j - i;
+        if (w < lower)
+            c->rep[p][c->nrep[p]++] = i;
+    }
+    {
+        dlp *r = &c->lp[p][c->nlp[p]++];
+        r->key = lpkey;
+        r->cnt = lpcnt;
+        r->sum = lpsum;
+    }
+}
+
+static void dels_pieces_worker(dpieces *c)
+{
+    long p;
+    while ((p = atomic_add_relaxed(&c->next, 1)) < c->np)
+        dels_piece(c, (int)p);
+}
+
+#if AGG_THREADS
+static void *dels_pieces_helper(void *arg)
+{
+    dels_pieces_worker((dpieces *)arg);
+    return NULL;
+}
+#endif
+
+/* The compaction pass of a FAST batch (every key present, depth >= 3) in
+ * pieces, on a helper thread too if threads == 1; then, on this thread,
+ * the levels above the leaf parents and the repairs.  0 if the batch is
+ * not worth cutting or the records' memory is not there (the caller then
+ * runs the one-thread pass; nothing has changed). */
+static int dels_apply_pieces(agg_tree *t, const agg_key *keys, uint64_t n, node **leaves,
+                             const uint64_t *gfirst, uint64_t ng, int threads)
+{
+    dpieces c;
+    uint64_t leavesb = t->nbytes / t->leaf_bytes + 1, lpb = leavesb / t->min + 2;
+    uint64_t q, reptotal = 0, k;
+    int p, np = 0;
+    char *mem;
+    size_t lpsz, repsz;
+    c.cut[0] = 0;
+    for (k = 1; k < DEL_PIECES; k++) {
+        uint64_t at = n * k / DEL_PIECES, e;
+        if (at <= c.cut[np])
+            continue;
+        e = dels_lp_end(t, keys, at, n);
+        if (e < n && e > c.cut[np])
+            c.cut[++np] = e;
+    }
+    c.cut[++np] = n;
+    if (np < 2)
+        return 0;
+    /* per piece: leaf parent records <= its keys and <= leaf parents
+     * (non-last ones hold >= min leaves); repair keys <= its keys and
+     * <= leaves */
+    lpsz = repsz = 0;
+    for (p = 0; p < np; p++) {
+        uint64_t nk = c.cut[p + 1] - c.cut[p];
+        lpsz += (size_t)(nk < lpb ? nk : lpb);
+        repsz += (size_t)(nk < leavesb ? nk : leavesb);
+    }
+    mem = (char *)raw_alloc(lpsz * sizeof(dlp) + repsz * sizeof(uint64_t));
+    if (!mem)
+        return 0;
+    {
+        dlp *lp = (dlp *)(void *)mem;
+        uint64_t *rp = (uint64_t *)(void *)(lp + lpsz);
+        for (p = 0; p < np; p++) {
+            uint64_t nk = c.cut[p + 1] - c.cut[p];
+            c.lp[p] = lp;
+            c.rep[p] = rp;
+            lp += nk < lpb ? nk : lpb;
+            rp += nk < leavesb ? nk : leavesb;
+        }
+    }
+    c.t = t;
+    c.keys = keys;
+    c.leaves = leaves;
+    c.gfirst = gfirst;
+    c.ng = ng;
+    c.np = np;
+    atomic_store_relaxed(&c.next, 0);
+#if AGG_THREADS
+    if (threads == 1) {
+        pthread_t th;
+        if (pthread_create(&th, NULL, dels_pieces_helper, &c) == 0) {
+            dels_pieces_worker(&c);
+            pthread_join(th, NULL);
+        }
+    }
+#else
+    (void)threads;
+#endif
+    dels_pieces_worker(&c);
+    /* the levels above the leaf parents: each record's change, on the
+     * path down to its leaf parent (the structure has not changed yet) */
+    for (p = 0; p < np; p++) {
+        t->len -= c.gone[p];
+        for (q = 0; q < c.nlp[p]; q++) {
+            const dlp *r = &c.lp[p][q];
+            finger f;
+            int d;
+            f.path[0] = t->root;
+            f.hn[0] = NULL;
+            f.hs[0] = 0;
+            finger_descend(t, &f, 0, keys[r->key], 0);
+            for (d = (int)t->depth - 3; d >= 0; d--)
+                entry_apply(t, f.path[d], f.idx[d], inner_cnt(t, f.path[d])[f.idx[d]] - r->cnt,
+                            &r->sum);
+        }
+        reptotal += c.nrep[p];
+    }
+    /* the repairs, in key order: each walks the path of one underfull
+     * leaf bottom-up as agg_tree_delete does (entries are up to date) */
+    for (p = 0; p < np && reptotal; p++)
+        for (q = 0; q < c.nrep[p]; q++) {
+            finger f;
+            int d, D = (int)t->depth, changed = 0;
+            node *r;
+            if (D < 2)
+                break;
+            f.path[0] = t->root;
+            f.hn[0] = NULL;
+            f.hs[0] = 0;
+            finger_descend(t, &f, 0, keys[c.rep[p][q]], 0);
+            for (d = D - 2; d >= 0; d--) {
+                node *pp = f.path[d];
+                uint32_t ci = f.idx[d];
+                if (inner_child(t, pp)[ci]->count < t->min) {
+                    node_repair(t, pp, ci);
+                    changed = 1;
+                } else if (changed && !inner_ex(t, pp)[ci]) {
+                    /* a repair below moved items between siblings: the
+                     * total is the same, but an inexact entry must stay
+                     * bitwise what its child's entries sum to (I6) */
+                    inner_refresh(t, pp, ci);
+                }
+            }
+            r = t->root;
+            if (!r->leaf && r->count == 1) {
+                t->root = inner_child(t, r)[0];
+                mem_free(t, r, t->inner_bytes);
+                t->depth--;
+            }
+        }
+    if (t->root->leaf && t->root->count == 0) {
+        mem_free(t, t->root, t->leaf_bytes);
+        t->root = NULL;
+        t->depth = 0;
+    }
+    free(mem);
+    return 1;
+}
+
 /* See aggtree.h and section 13. */
 agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
                                   uint64_t *bad_index)
@@ -4621,23 +4948,30 @@ agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
     int D, lev, valid = 0, threads;
     agg_status st;
     node **leaves;
+    uint64_t *gfirst;
     if (n == 0)
         return AGG_OK;
     if (!keys_increasing(t, keys, n, bad_index))
         return AGG_INVALID;
     /* the groups' leaves, for prefetching in the second pass: optional
      * (without the memory the pass only runs slower) */
-    leaves = (node **)raw_alloc((size_t)n * sizeof(node *));
+    leaves = (node **)raw_alloc((size_t)n * (sizeof(node *) + sizeof(uint64_t)));
+    gfirst = leaves ? (uint64_t *)(void *)(leaves + n) : NULL;
     threads = batch_threads(n, atomic_load_relaxed(&g_batch_mode));
     if (threads && n >= 2 && t->root)
-        st = dels_check_split(t, keys, n, bad_index, leaves, &ng, threads);
+        st = dels_check_split(t, keys, n, bad_index, leaves, gfirst, &ng, threads);
     else
-        st = dels_check(t, keys, n, bad_index, leaves, &ng);
+        st = dels_check(t, keys, n, bad_index, leaves, gfirst, &ng);
     if (st != AGG_OK) {
         free(leaves);
         return st;
     }
     /* every key is present: from here on nothing can fail */
+    if (threads && t->mode == AGG_KEYS_FAST && t->depth >= 3 &&
+        dels_apply_pieces(t, keys, n, leaves, gfirst, ng, threads)) {
+        free(leaves);
+        return AGG_OK;
+    }
     D = (int)t->depth;
     for (lev = 0; lev < MAX_DEPTH; lev++) {
         dcnt[lev] = 0;

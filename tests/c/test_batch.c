@@ -415,6 +415,7 @@ static void op_delete_sorted(agg_tree *t, model *m, bufs *B, int shape)
     uint64_t bad = 777;
     agg_status st;
     long made;
+    int starve;
     snap before;
     if (shape < 0)
         shape = (int)rnd_below(4);
@@ -476,11 +477,15 @@ static void op_delete_sorted(agg_tree *t, model *m, bufs *B, int shape)
             }
         }
     }
-    agg_debug_fail_after(0);                /* must not allocate */
+    /* half the time with every allocation failing: it must not need
+     * memory (its temporaries - the prefetch list, the two-thread pass's
+     * records - are optional); else it may take them (at most two) */
+    starve = rnd_chance(0.5);
+    agg_debug_fail_after(starve ? 0 : -1);
     st = agg_tree_delete_sorted(t, B->keys, n, &bad);
     made = agg_debug_fail_after(-1);
     REQUIRE(st == AGG_OK, "delete batch of %zu: status %d", n, (int)st);
-    REQUIRE(made == 0, "delete batch allocated %ld times", made);
+    REQUIRE(made <= (starve ? 0 : 2), "delete batch allocated %ld times", made);
     check_tree(t, "batch delete");
     model_remove_sorted(m, B->items, n);
     compare_all(t, m, "after a batch delete");
