@@ -13,6 +13,10 @@
     n // 10 new random items into n (10^5 into 10^6 in a full run), against
     the same items inserted one by one through ``insert`` from Python lists,
     ``SortedKeyList.update`` and the reference.
+``delete_many``
+    the reverse: n // 10 random items (inserted untimed before each round)
+    deleted from n + n // 10, against the one-by-one ``delete`` loop,
+    ``SortedKeyList.remove`` per item and the reference.
 
 See conftest.py for the data, the baselines and the timing method.
 """
@@ -196,5 +200,86 @@ def test_insert_many(benchmark, kit, n, impl):
 
     rounds = kit.mode.bulk_rounds if impl != "sortedcontainers" or n < SLOW_N else 2
     kit.measure_writes(benchmark, "insert_many", impl, n, setup=setup, target=target,
+                       teardown=teardown, verify=verify, ops=m, rounds=rounds, batch=m)
+    assert len(s) == n
+
+
+# ---------------------------------------------------------------------------
+# delete_many: n // 10 items out of n + n // 10
+# ---------------------------------------------------------------------------
+
+DELETE_MANY_IMPLS = ["aggtree", "aggtree-loop", "sortedcontainers", "reference"]
+
+
+@pytest.mark.parametrize("impl", DELETE_MANY_IMPLS)
+def test_delete_many(benchmark, kit, n, impl):
+    kit.skip_slow_reference(impl, n)
+    d = kit.floats(n)
+    m = max(1, n // 10)
+    base = "aggtree" if impl == "aggtree-loop" else impl
+    s = kit.build(base, "float", n)
+
+    def _extra():                   # the items of this round still in s
+        return len(s) > n
+
+    if impl in ("aggtree", "reference"):
+        def setup(r):
+            k, i, v = d.new_items(m, "delete_many", r)
+            s.insert_many(k, i, v)
+            return k, i
+
+        def target(k, i):
+            s.delete_many(k, i)
+
+        def teardown(k, i):
+            if _extra():
+                s.delete_many(k, i)
+    elif impl == "aggtree-loop":
+        def setup(r):
+            k, i, v = d.new_items(m, "delete_many", r)
+            s.insert_many(k, i, v)
+            return k.tolist(), i.tolist()
+
+        dele = s.delete
+
+        def target(k, i):
+            for key, id_ in zip(k, i):
+                dele(key, id_)
+
+        def teardown(k, i):
+            if _extra():            # a round that failed part-way
+                for key, id_ in zip(k, i):
+                    s.delete_if_exists(key, id_)
+    elif impl == "sortedcontainers":
+        def setup(r):
+            k, i, v = d.new_items(m, "delete_many", r)
+            items = list(zip(k.tolist(), i.tolist(), v.tolist()))
+            s.update(items)
+            return (items,)
+
+        def target(items):
+            rm = s.remove
+            for t in items:
+                rm(t)
+
+        def teardown(items):
+            if _extra():
+                for t in items:
+                    if t in s:
+                        s.remove(t)
+    else:
+        raise AssertionError(impl)
+
+    def verify(_result, *args):
+        assert len(s) == n
+        if impl != "sortedcontainers":
+            k = np.asarray(args[0], dtype=np.float64)
+            got = s.count_many(k, k)
+            assert int(np.asarray(got).sum()) == int(np.asarray(d.count_of(k, k)).sum())
+            if kit.mode.smoke:
+                s.check()
+
+    rounds = kit.mode.bulk_rounds if impl != "sortedcontainers" or n < SLOW_N else 2
+    kit.measure_writes(benchmark, "delete_many", impl, n, setup=setup, target=target,
                        teardown=teardown, verify=verify, ops=m, rounds=rounds, batch=m)
     assert len(s) == n

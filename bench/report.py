@@ -65,6 +65,7 @@ TIME_OPS = [
     ("sum_many", "sum_many (vectorised ranges)", "range"),
     ("from_arrays", "from_arrays (bulk build from unsorted arrays)", "item"),
     ("insert_many", "insert_many (n/10 new items into n)", "item"),
+    ("delete_many", "delete_many (n/10 items out of n + n/10)", "item"),
 ]
 PLOT_OPS = ["count", "sum", "insert", "at", "count_many", "from_arrays"]
 
