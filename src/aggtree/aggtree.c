@@ -4482,11 +4482,61 @@ missing:
     return AGG_MISSING;
 }
 
+/* Parts 0..np-1 of a batch delete pass, claimed from a counter by the
+ * calling thread and, with threads == 1, a helper thread (one that starts
+ * late finds fewer parts or none; the caller waits at most for the part
+ * the helper holds).  Parts write disjoint memory.  (The batch insert's
+ * run_pieces is the same with a stop flag and a result.) */
+typedef void (*dpart_fn)(void *ctx, int p);
+
+typedef struct dparts {
+    void *ctx;
+    dpart_fn fn;
+    int np;
+    AGG_ATOMIC(long) next;
+} dparts;
+
+static void dparts_worker(dparts *j)
+{
+    long p;
+    while ((p = atomic_add_relaxed(&j->next, 1)) < j->np)
+        j->fn(j->ctx, (int)p);
+}
+
+#if AGG_THREADS
+static void *dparts_helper(void *arg)
+{
+    dparts_worker((dparts *)arg);
+    return NULL;
+}
+#endif
+
+static void run_dparts(void *ctx, dpart_fn fn, int np, int threads)
+{
+    dparts j;
+    j.ctx = ctx;
+    j.fn = fn;
+    j.np = np;
+    atomic_store_relaxed(&j.next, 0);
+#if AGG_THREADS
+    if (threads == 1 && np > 1) {
+        pthread_t th;
+        if (pthread_create(&th, NULL, dparts_helper, &j) == 0) {
+            dparts_worker(&j);
+            pthread_join(th, NULL);
+            return;
+        }
+    }
+#else
+    (void)threads;
+#endif
+    dparts_worker(&j);
+}
+
 /* The delete check cut in two at the middle key (any cut will do: it only
  * reads), for two threads: each part routes and searches its own keys and
  * writes its own groups' leaves (part 1 from leaves + cut on, moved down
- * after both are done).  Parts are claimed from a counter, so a helper
- * that starts late leaves both to the caller, as run_pieces does. */
+ * after both are done). */
 typedef struct dcheck {
     const agg_tree *t;
     const agg_key *keys;
@@ -4495,27 +4545,16 @@ typedef struct dcheck {
     uint64_t *gfirst;
     uint64_t ng[2], bad[2];
     agg_status st[2];
-    AGG_ATOMIC(long) next;
 } dcheck;
 
-static void dcheck_worker(dcheck *c)
+static void dcheck_part(void *ctx, int p)
 {
-    long p;
-    while ((p = atomic_add_relaxed(&c->next, 1)) < 2) {
-        uint64_t lo = p ? c->cut : 0, hi = p ? c->n : c->cut;
-        c->st[p] = dels_check(c->t, c->keys + lo, hi - lo, &c->bad[p],
-                              c->leaves ? c->leaves + lo : NULL,
-                              c->leaves ? c->gfirst + lo : NULL, &c->ng[p]);
-    }
+    dcheck *c = (dcheck *)ctx;
+    uint64_t lo = p ? c->cut : 0, hi = p ? c->n : c->cut;
+    c->st[p] = dels_check(c->t, c->keys + lo, hi - lo, &c->bad[p],
+                          c->leaves ? c->leaves + lo : NULL,
+                          c->leaves ? c->gfirst + lo : NULL, &c->ng[p]);
 }
-
-#if AGG_THREADS
-static void *dcheck_helper(void *arg)
-{
-    dcheck_worker((dcheck *)arg);
-    return NULL;
-}
-#endif
 
 /* dels_check of keys[0..n) in two parts, on a helper thread too if
  * threads == 1 (2: both parts on this thread, a test mode).  The first
@@ -4533,19 +4572,7 @@ static agg_status dels_check_split(const agg_tree *t, const agg_key *keys, uint6
     c.cut = n / 2;
     c.leaves = leaves;
     c.gfirst = gfirst;
-    atomic_store_relaxed(&c.next, 0);
-#if AGG_THREADS
-    if (threads == 1) {
-        pthread_t th;
-        if (pthread_create(&th, NULL, dcheck_helper, &c) == 0) {
-            dcheck_worker(&c);
-            pthread_join(th, NULL);
-        }
-    }
-#else
-    (void)threads;
-#endif
-    dcheck_worker(&c);              /* whatever is left (all of it if no helper) */
+    run_dparts(&c, dcheck_part, 2, threads);
     for (p = 0; p < 2; p++)
         if (c.st[p] != AGG_OK) {
             if (bad_index)
@@ -4690,14 +4717,12 @@ typedef struct dpieces {
     node **leaves;               /* groups' leaves, for prefetching (NULL: none) */
     const uint64_t *gfirst;      /* groups' first key indexes */
     uint64_t ng;
-    int np;
     uint64_t cut[DEL_PIECES + 1];
     dlp *lp[DEL_PIECES];         /* each piece's leaf parent records ... */
     uint64_t nlp[DEL_PIECES];
     uint64_t *rep[DEL_PIECES];   /* ... and repair keys */
     uint64_t nrep[DEL_PIECES];
     uint64_t gone[DEL_PIECES];   /* items removed */
-    AGG_ATOMIC(long) next;
 } dpieces;
 
 /* First key index in [from, n) past the leaf parent of keys[from] (n if
@@ -4727,8 +4752,9 @@ static uint64_t dels_lp_end(const agg_tree *t, const agg_key *keys, uint64_t fro
 
 /* Piece p: compact every leaf of its keys (dels_compact), update its entry
  * in the leaf parent, record leaf parents and underfull leaves. */
-static void dels_piece(dpieces *c, int p)
+static void dels_piece(void *ctx, int p)
 {
+    dpieces *c = (dpieces *)ctx;
     agg_tree *t = c->t;
     const agg_key *keys = c->keys;
     int D = (int)t->depth;
@@ -4795,21 +4821,6 @@ static void dels_piece(dpieces *c, int p)
     }
 }
 
-static void dels_pieces_worker(dpieces *c)
-{
-    long p;
-    while ((p = atomic_add_relaxed(&c->next, 1)) < c->np)
-        dels_piece(c, (int)p);
-}
-
-#if AGG_THREADS
-static void *dels_pieces_helper(void *arg)
-{
-    dels_pieces_worker((dpieces *)arg);
-    return NULL;
-}
-#endif
-
 /* The compaction pass of a FAST batch (every key present, depth >= 3) in
  * pieces, on a helper thread too if threads == 1; then, on this thread,
  * the levels above the leaf parents and the repairs.  0 if the batch is
@@ -4864,20 +4875,7 @@ static int dels_apply_pieces(agg_tree *t, const agg_key *keys, uint64_t n, node 
     c.leaves = leaves;
     c.gfirst = gfirst;
     c.ng = ng;
-    c.np = np;
-    atomic_store_relaxed(&c.next, 0);
-#if AGG_THREADS
-    if (threads == 1) {
-        pthread_t th;
-        if (pthread_create(&th, NULL, dels_pieces_helper, &c) == 0) {
-            dels_pieces_worker(&c);
-            pthread_join(th, NULL);
-        }
-    }
-#else
-    (void)threads;
-#endif
-    dels_pieces_worker(&c);
+    run_dparts(&c, dels_piece, np, threads);
     /* the levels above the leaf parents: each record's change, on the
      * path down to its leaf parent (the structure has not changed yet) */
     for (p = 0; p < np; p++) {
