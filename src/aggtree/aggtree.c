@@ -4604,41 +4604,9 @@ static void dels_flush(agg_tree *t, finger *f, uint64_t *dcnt, ddsum *dsum, int 
     dds_zero(&dsum[lev]);
 }
 
-/* Remove the keys [i, j) of a delete batch (all present, the first being
- * k = keys[i] normalized) from leaf lf in one compaction pass, releasing
- * their tails; t->len drops by j - i.  *neg = minus the exact sum of the
- * values removed.  Returns the leaf's new count. */
-static uint32_t dels_compact(agg_tree *t, node *lf, const agg_key *keys, uint64_t i,
-                             uint64_t j, agg_key k, ddsum *neg)
-{
-    agg_key *lk = node_keys(lf);
-    double *lv = leaf_vals(t, lf);
-    uint32_t cnt = lf->count, r, w;
-    uint64_t q = i;
-    ddsum gone;
-    dds_zero(&gone);
-    r = leaf_count_lt(t, lf, k);
-    for (w = r; r < cnt; r++) {
-        if (q < j && key_cmp(t, lk[r], key_normalize(t, keys[q])) == 0) {
-            dds_add(&gone, lv[r], 0.0, 1, 0);
-            tail_release(t, lk[r]);
-            q++;
-        } else {
-            lk[w] = lk[r];
-            lv[w] = lv[r];
-            w++;
-        }
-    }
-    lf->count = w;
-    t->len -= j - i;
-    *neg = gone;
-    neg->hi = -gone.hi;
-    neg->lo = -gone.lo;
-    return w;
-}
-
-/* dels_compact for FAST keys (no tails: safe on a second thread, which
- * must not touch t->len either; the caller accounts for it). */
+/* dels_compact's work for FAST keys, without touching the tree (no tails,
+ * no t->len: safe on a second thread; the caller accounts for the
+ * length). */
 static uint32_t dels_compact_fast(const agg_tree *t, node *lf, const agg_key *keys,
                                   uint64_t i, uint64_t j, ddsum *neg)
 {
@@ -4660,6 +4628,43 @@ static uint32_t dels_compact_fast(const agg_tree *t, node *lf, const agg_key *ke
         }
     }
     lf->count = w;
+    *neg = gone;
+    neg->hi = -gone.hi;
+    neg->lo = -gone.lo;
+    return w;
+}
+
+/* Remove the keys [i, j) of a delete batch (all present, the first being
+ * k = keys[i] normalized) from leaf lf in one compaction pass, releasing
+ * their tails; t->len drops by j - i.  *neg = minus the exact sum of the
+ * values removed.  Returns the leaf's new count. */
+static uint32_t dels_compact(agg_tree *t, node *lf, const agg_key *keys, uint64_t i,
+                             uint64_t j, agg_key k, ddsum *neg)
+{
+    agg_key *lk = node_keys(lf);
+    double *lv = leaf_vals(t, lf);
+    uint32_t cnt = lf->count, r, w;
+    uint64_t q = i;
+    ddsum gone;
+    if (t->mode == AGG_KEYS_FAST) {
+        t->len -= j - i;
+        return dels_compact_fast(t, lf, keys, i, j, neg);
+    }
+    dds_zero(&gone);
+    r = leaf_count_lt(t, lf, k);
+    for (w = r; r < cnt; r++) {
+        if (q < j && key_cmp(t, lk[r], key_normalize(t, keys[q])) == 0) {
+            dds_add(&gone, lv[r], 0.0, 1, 0);
+            tail_release(t, lk[r]);
+            q++;
+        } else {
+            lk[w] = lk[r];
+            lv[w] = lv[r];
+            w++;
+        }
+    }
+    lf->count = w;
+    t->len -= j - i;
     *neg = gone;
     neg->hi = -gone.hi;
     neg->lo = -gone.lo;
