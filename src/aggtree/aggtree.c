@@ -4678,8 +4678,11 @@ static uint32_t dels_compact(agg_tree *t, node *lf, const agg_key *keys, uint64_
  * to a merge below) is repaired against a sibling (node_repair: merged if
  * both fit in one node, else evened out, each then >= min whatever the
  * deficit); a root left with one child is replaced by it.  The same walk
- * as agg_tree_delete's, for kk items at once.  Frees only children of
- * path nodes, so the path above stays valid while it runs. */
+ * as agg_tree_delete's, for kk items at once (kk = 0, neg = 0 after the
+ * two-thread pass has already updated every entry: then an untouched
+ * exact entry stays as it is and an inexact one is recomputed, which a
+ * repair below may have made necessary).  Frees only children of path
+ * nodes, so the path above stays valid while it runs. */
 static void dels_repair_path(agg_tree *t, finger *f, int D, uint64_t kk, const ddsum *neg)
 {
     int d;
@@ -4838,6 +4841,7 @@ static int dels_apply_pieces(agg_tree *t, const agg_key *keys, uint64_t n, node 
     uint64_t leavesb = t->nbytes / t->leaf_bytes + 1, lpb = leavesb / t->min + 2;
     uint64_t q, reptotal = 0, k;
     int p, np = 0;
+    ddsum none;
     char *mem;
     size_t lpsz, repsz;
     c.cut[0] = 0;
@@ -4900,37 +4904,19 @@ static int dels_apply_pieces(agg_tree *t, const agg_key *keys, uint64_t n, node 
         reptotal += c.nrep[p];
     }
     /* the repairs, in key order: each walks the path of one underfull
-     * leaf bottom-up as agg_tree_delete does (entries are up to date) */
+     * leaf bottom-up (dels_repair_path with nothing more taken out: the
+     * entries are up to date; an inexact one above a repair is refreshed,
+     * since a repair keeps a node's total but not the bits of its inexact
+     * summary, I6) */
+    dds_zero(&none);
     for (p = 0; p < np && reptotal; p++)
-        for (q = 0; q < c.nrep[p]; q++) {
+        for (q = 0; q < c.nrep[p] && t->depth >= 2; q++) {
             finger f;
-            int d, D = (int)t->depth, changed = 0;
-            node *r;
-            if (D < 2)
-                break;
             f.path[0] = t->root;
             f.hn[0] = NULL;
             f.hs[0] = 0;
             finger_descend(t, &f, 0, keys[c.rep[p][q]], 0);
-            for (d = D - 2; d >= 0; d--) {
-                node *pp = f.path[d];
-                uint32_t ci = f.idx[d];
-                if (inner_child(t, pp)[ci]->count < t->min) {
-                    node_repair(t, pp, ci);
-                    changed = 1;
-                } else if (changed && !inner_ex(t, pp)[ci]) {
-                    /* a repair below moved items between siblings: the
-                     * total is the same, but an inexact entry must stay
-                     * bitwise what its child's entries sum to (I6) */
-                    inner_refresh(t, pp, ci);
-                }
-            }
-            r = t->root;
-            if (!r->leaf && r->count == 1) {
-                t->root = inner_child(t, r)[0];
-                mem_free(t, r, t->inner_bytes);
-                t->depth--;
-            }
+            dels_repair_path(t, &f, (int)t->depth, 0, &none);
         }
     if (t->root->leaf && t->root->count == 0) {
         mem_free(t, t->root, t->leaf_bytes);
