@@ -37,10 +37,16 @@ How a Python call becomes a tree walk
 
 Threads
 -------
-Writers hold the GIL for the whole mutation, so per-item calls are atomic
-with respect to each other.  Vectorised read loops release the GIL; they hold
-the aggregate's lock while they run, and every writer takes that lock too,
-so such a reader sees the state before or after a write, never a torn one.
+Per-item calls hold the GIL for the whole call, so they are atomic with
+respect to each other.  Every writer takes the aggregate's lock too.
+Vectorised read loops release the GIL; they hold the aggregate's lock while
+they run, so such a reader sees the state before or after a write, never a
+torn one.  The bulk writes of FAST keys (insert_many, delete_many) release
+the GIL for the C write, holding the lock; per-item calls do not take the
+lock, so the written namespace's _Tree is marked busy meanwhile, and every
+C call made with the GIL held reaches the tree through _tt(tree), which
+waits (without the GIL) until the write has ended.  Other namespaces, and
+Python code that does not touch this aggregate, run on.
 """
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, UINT64_MAX
@@ -409,14 +415,64 @@ cdef bytes _encode_item_bytes(object key, object id):
 # ---------------------------------------------------------------- trees --
 
 cdef class _Tree:
-    """One namespace: owns one C tree and remembers its key kind."""
+    """One namespace: owns one C tree and remembers its key kind.
+
+    A bulk write (insert_many / delete_many on FAST keys) changes the C tree
+    with the GIL released.  It sets ``busy`` and holds ``busy_lock`` while it
+    does, so code holding the GIL reaches the C tree only through
+    ``_tt(tree)``, which waits for such a write to end (module docstring,
+    "Threads")."""
     cdef agg_tree *t
     cdef int kind
+    cdef int busy                        # a bulk write is changing t without the GIL
+    cdef PyThread_type_lock busy_lock    # held by that write; NULL until the first one
 
     def __dealloc__(self):
         if self.t != NULL:
             agg_tree_free(self.t)
             self.t = NULL
+        if self.busy_lock != NULL:
+            PyThread_free_lock(self.busy_lock)
+            self.busy_lock = NULL
+
+
+cdef inline agg_tree *_tt(_Tree tree) noexcept:
+    """The C tree of `tree`, once no bulk write is changing it.  Every access
+    made with the GIL held goes through here, with no Python code between it
+    and the C call (so no bulk write can start in between)."""
+    if tree.busy:
+        _wait_bulk(tree)
+    return tree.t
+
+
+cdef void _wait_bulk(_Tree tree) noexcept:
+    # The write holds busy_lock until it has cleared busy (with the GIL), so
+    # taking and dropping the lock without the GIL waits exactly for it.
+    while tree.busy:
+        with nogil:
+            PyThread_acquire_lock(tree.busy_lock, WAIT_LOCK)
+            PyThread_release_lock(tree.busy_lock)
+
+
+cdef bint _bulk_begin(_Tree tree) noexcept:
+    """Mark `tree` as changed by a bulk write about to release the GIL (the
+    caller holds the aggregate's lock).  False if the lock for waiters cannot
+    be allocated: the caller then writes with the GIL held."""
+    if tree.busy_lock == NULL:
+        tree.busy_lock = PyThread_allocate_lock()
+        if tree.busy_lock == NULL:
+            return False
+    if not PyThread_acquire_lock(tree.busy_lock, 0):
+        # a waiter of the previous bulk write is taking and dropping it
+        with nogil:
+            PyThread_acquire_lock(tree.busy_lock, WAIT_LOCK)
+    tree.busy = 1
+    return True
+
+
+cdef void _bulk_end(_Tree tree) noexcept:
+    tree.busy = 0
+    PyThread_release_lock(tree.busy_lock)
 
 
 cdef _Tree _new_tree(uint32_t node_size, int kind):
@@ -459,7 +515,7 @@ cdef list _read_items(_Tree tree, uint64_t start, uint64_t n, bint desc):
             free(keys); free(vals)
             raise MemoryError()
     try:
-        got = agg_tree_read(tree.t, start, n, desc, keys, vals)
+        got = agg_tree_read(_tt(tree), start, n, desc, keys, vals)
         for j in range(got):
             out.append(_item_at(tree, keys[j], vals[j]))
     finally:
@@ -500,7 +556,7 @@ cdef int _build_from_sorted_general(_Tree tree, list encs, list metas, double *v
             keys[j] = agg_key_from_item_bytes(p, <size_t>m, <size_t>(<Py_ssize_t>metas[j]), tl)
             if m > 8:
                 off += (sizeof(agg_tail) + m - 8 + 7) & ~7
-        st = agg_tree_build(tree.t, keys, vals, <uint64_t>n, &bad)
+        st = agg_tree_build(_tt(tree), keys, vals, <uint64_t>n, &bad)
         if st == AGG_DUPLICATE or st == AGG_INVALID:
             key, id = kb_decode_item(<const unsigned char *>(<char *>encs[bad]), len(encs[bad]))
             raise DuplicateItemError(f"duplicate item key={key!r}, id={id!r}")
@@ -513,7 +569,7 @@ cdef int _build_from_sorted_general(_Tree tree, list encs, list metas, double *v
 
 cdef int _tree_to_general(_Tree tree) except -1:
     """Convert a FAST tree to GENERAL in place (same items, same order)."""
-    cdef uint64_t n = agg_tree_len(tree.t), j
+    cdef uint64_t n = agg_tree_len(_tt(tree)), j
     cdef list items
     cdef list encs = []
     cdef list metas = []
@@ -567,7 +623,7 @@ cdef uint64_t _gap(_Tree tree, object key, object id, bint has_id, bint after) e
             if after:
                 kb_put_byte(&g.kb, 0xFF)
             k = gkey_finish(&g)
-            r = agg_tree_rank(tree.t, k, 0)
+            r = agg_tree_rank(_tt(tree), k, 0)
         finally:
             gkey_free(&g)
         return r
@@ -579,28 +635,28 @@ cdef uint64_t _gap(_Tree tree, object key, object id, bint has_id, bint after) e
     if pk == P_ABOVE:
         if has_id:
             _id_position(id, &i)
-        return agg_tree_len(tree.t)
+        return agg_tree_len(_tt(tree))
     if pk == P_GAP:
         if has_id:
             _id_position(id, &i)
         k.head = agg_f64_to_key(d)
         k.rest = _ID_MAX
-        return agg_tree_rank(tree.t, k, 1)
+        return agg_tree_rank(_tt(tree), k, 1)
     k.head = agg_f64_to_key(d)
     if not has_id:
         k.rest = _ID_MAX if after else _ID_MIN
-        return agg_tree_rank(tree.t, k, after)
+        return agg_tree_rank(_tt(tree), k, after)
     pi = _id_position(id, &i)
     if pi == P_BELOW:
         k.rest = _ID_MIN
-        return agg_tree_rank(tree.t, k, 0)
+        return agg_tree_rank(_tt(tree), k, 0)
     if pi == P_ABOVE:
         k.rest = _ID_MAX
-        return agg_tree_rank(tree.t, k, 1)
+        return agg_tree_rank(_tt(tree), k, 1)
     k.rest = agg_i64_to_key(i)
     if pi == P_GAP:
-        return agg_tree_rank(tree.t, k, 1)
-    return agg_tree_rank(tree.t, k, after)
+        return agg_tree_rank(_tt(tree), k, 1)
+    return agg_tree_rank(_tt(tree), k, after)
 
 
 cdef inline tuple _split_bound(object b):
@@ -658,10 +714,10 @@ cdef int _range(_Tree tree, object lower, object upper, object eq, object prefix
         if upper is not None:
             k2 = _float_bound(upper, _ID_MAX)    # after every item of the key
         if lower is not None and upper is not None:
-            agg_tree_rank2(tree.t, k, 0, k2, 1, &a, &b)
+            agg_tree_rank2(_tt(tree), k, 0, k2, 1, &a, &b)
         else:
-            a = 0 if lower is None else agg_tree_rank(tree.t, k, 0)
-            b = agg_tree_len(tree.t) if upper is None else agg_tree_rank(tree.t, k2, 1)
+            a = 0 if lower is None else agg_tree_rank(_tt(tree), k, 0)
+            b = agg_tree_len(_tt(tree)) if upper is None else agg_tree_rank(_tt(tree), k2, 1)
         lo[0] = a
         hi[0] = b if b > a else a
         return 0
@@ -691,7 +747,7 @@ cdef int _range(_Tree tree, object lower, object upper, object eq, object prefix
         _check_prefix(prefix)
         if len(prefix) == 0:
             a = 0
-            b = agg_tree_len(tree.t)
+            b = agg_tree_len(_tt(tree))
         elif tree.kind != K_GENERAL:
             a = 0
             b = 0
@@ -705,7 +761,7 @@ cdef int _range(_Tree tree, object lower, object upper, object eq, object prefix
                 kb_put_byte(&g2.kb, 0xFF)
                 k = gkey_finish(&g)
                 k2 = gkey_finish(&g2)
-                agg_tree_rank2(tree.t, k, 0, k2, 0, &a, &b)
+                agg_tree_rank2(_tt(tree), k, 0, k2, 0, &a, &b)
             finally:
                 gkey_free(&g)
                 gkey_free(&g2)
@@ -720,7 +776,7 @@ cdef int _range(_Tree tree, object lower, object upper, object eq, object prefix
             kb_put_byte(&g2.kb, 0xFF)
             k = gkey_finish(&g)
             k2 = gkey_finish(&g2)
-            agg_tree_rank2(tree.t, k, 0, k2, 0, &a, &b)
+            agg_tree_rank2(_tt(tree), k, 0, k2, 0, &a, &b)
         finally:
             gkey_free(&g)
             gkey_free(&g2)
@@ -731,7 +787,7 @@ cdef int _range(_Tree tree, object lower, object upper, object eq, object prefix
             key, incl, id = _split_bound(lower)
             a = _gap(tree, key, id, id is not None, not incl)
         if upper is None:
-            b = agg_tree_len(tree.t)
+            b = agg_tree_len(_tt(tree))
         else:
             key, incl, id = _split_bound(upper)
             b = _gap(tree, key, id, id is not None, incl)
@@ -867,7 +923,7 @@ cdef class Aggregate:
         return tree
 
     cdef inline void _drop_if_empty(self, object namespace, _Tree tree):
-        if agg_tree_len(tree.t) == 0:
+        if agg_tree_len(_tt(tree)) == 0:
             self._trees.pop(namespace, None)
 
     # ------------------------------------------------------------ writes --
@@ -909,7 +965,7 @@ cdef class Aggregate:
             if pk != P_EXACT or pi != P_EXACT:
                 return 0
             k = _fast_key(d, i)
-            if probe and not agg_tree_get(tree.t, k, NULL):
+            if probe and not agg_tree_get(_tt(tree), k, NULL):
                 return 0
             stored[0] = k
             return 1
@@ -923,7 +979,7 @@ cdef class Aggregate:
                 # the full encoding finds the item however it was spelt.
                 _kb_append(&g.kb, sig.data, nsig)
                 k = gkey_finish(g, nsig)
-                if probe and not agg_tree_get(tree.t, k, NULL):
+                if probe and not agg_tree_get(_tt(tree), k, NULL):
                     return 0
                 stored[0] = k
                 return 2
@@ -931,10 +987,10 @@ cdef class Aggregate:
             kb_free(&sig)
         olen = g.kb.len
         k = gkey_finish(g)
-        r = agg_tree_rank(tree.t, k, 0)
-        if r >= agg_tree_len(tree.t):
+        r = agg_tree_rank(_tt(tree), k, 0)
+        if r >= agg_tree_len(_tt(tree)):
             return 0
-        agg_tree_select(tree.t, r, &sk, &v)
+        agg_tree_select(_tt(tree), r, &sk, &v)
         n = agg_key_to_bytes(sk, small, sizeof(small))
         if n > sizeof(small):
             buf = <uint8_t *>malloc(n)
@@ -984,7 +1040,7 @@ cdef class Aggregate:
                 if self._find(tree, key, id, &g, &sk):
                     if not overwrite:
                         _raise_status(AGG_DUPLICATE, key, id, namespace)
-                    st = agg_tree_insert(tree.t, sk, v, 1, &ex, NULL)
+                    st = agg_tree_insert(_tt(tree), sk, v, 1, &ex, NULL)
                     _raise_status(st, key, id, namespace)
                     existed[0] = 1
                     return 0
@@ -997,7 +1053,7 @@ cdef class Aggregate:
                 k = gkey_finish(&e, _meta_len(sig.len))
             else:
                 k = _fast_key(d, i)
-            st = agg_tree_insert(tree.t, k, v, overwrite, &ex, NULL)
+            st = agg_tree_insert(_tt(tree), k, v, overwrite, &ex, NULL)
             if st != AGG_OK and created:
                 self._trees.pop(namespace, None)
             _raise_status(st, key, id, namespace)
@@ -1030,7 +1086,7 @@ cdef class Aggregate:
                     agg_key_to_bytes(sk, <uint8_t *>c.kb.data, n)
                     c.kb.len = <Py_ssize_t>n
                     sk = gkey_finish(&c)
-                st = agg_tree_delete(tree.t, sk, NULL)
+                st = agg_tree_delete(_tt(tree), sk, NULL)
         finally:
             gkey_free(&g)
             gkey_free(&c)
@@ -1181,7 +1237,7 @@ cdef class Aggregate:
         _range(tree, lower, upper, eq, prefix, &lo, &hi)
         if hi == lo:
             return 0.0
-        return agg_tree_sum(tree.t, lo, hi)
+        return agg_tree_sum(_tt(tree), lo, hi)
 
     def at(self, offset, *, namespace=None, lower=None, upper=None, eq=_UNSET, prefix=None):
         """The item at ``offset`` within the range, in (key, id) order;
@@ -1208,7 +1264,7 @@ cdef class Aggregate:
             o += <long long>n
         if overflow or o < 0 or <uint64_t>o >= n:
             raise IndexError(f"offset {offset} out of range for {n} items")
-        agg_tree_select(tree.t, lo + <uint64_t>o, &k, &v)
+        agg_tree_select(_tt(tree), lo + <uint64_t>o, &k, &v)
         return _item_at(tree, k, v)
 
     def index_of(self, key, *, id=None, order="asc", namespace=None, lower=None,
@@ -1244,7 +1300,7 @@ cdef class Aggregate:
         _range(tree, lower, upper, eq, prefix, &lo, &hi)
         if hi == lo:
             return None
-        agg_tree_select(tree.t, lo, &k, &v)
+        agg_tree_select(_tt(tree), lo, &k, &v)
         return _item_at(tree, k, v)
 
     def max(self, *, namespace=None, lower=None, upper=None, eq=_UNSET, prefix=None):
@@ -1256,7 +1312,7 @@ cdef class Aggregate:
         _range(tree, lower, upper, eq, prefix, &lo, &hi)
         if hi == lo:
             return None
-        agg_tree_select(tree.t, hi - 1, &k, &v)
+        agg_tree_select(_tt(tree), hi - 1, &k, &v)
         return _item_at(tree, k, v)
 
     def random(self, *, rng=None, namespace=None, lower=None, upper=None, eq=_UNSET,
@@ -1283,7 +1339,7 @@ cdef class Aggregate:
                 continue
             if not isinstance(r, int) or not 0 <= r < hi - lo:
                 raise ValueError(f"rng.randrange({hi - lo}) returned {r!r}")
-            if agg_tree_select(tree.t, lo + <uint64_t>r, &k, &v) != AGG_OK:
+            if agg_tree_select(_tt(tree), lo + <uint64_t>r, &k, &v) != AGG_OK:
                 raise IndexError("random(): position out of range")
             return _item_at(tree, k, v)
         raise RuntimeError("random(): the aggregate kept changing while the rng ran")
@@ -1411,7 +1467,7 @@ cdef class Aggregate:
         cdef uint64_t n = 0
         cdef _Tree tree
         for tree in self._trees.values():
-            n += agg_tree_len(tree.t)
+            n += agg_tree_len(_tt(tree))
         return n
 
     def __bool__(self):
@@ -1432,7 +1488,7 @@ cdef class Aggregate:
         cdef size_t n = 0
         cdef _Tree tree
         for tree in self._trees.values():
-            n += agg_tree_nbytes(tree.t)
+            n += agg_tree_nbytes(_tt(tree))
         return n
 
     def check(self):
@@ -1442,17 +1498,17 @@ cdef class Aggregate:
         cdef _Tree tree
         cdef agg_status st
         for ns, tree in self._trees.items():
-            if tree.t == NULL:
+            if _tt(tree) == NULL:
                 raise AssertionError(f"namespace {ns!r}: no tree")
-            if agg_tree_len(tree.t) == 0:
+            if agg_tree_len(_tt(tree)) == 0:
                 raise AssertionError(f"namespace {ns!r}: empty tree kept")
-            if (tree.kind == K_GENERAL) != (agg_tree_mode(tree.t) == AGG_KEYS_GENERAL):
+            if (tree.kind == K_GENERAL) != (agg_tree_mode(_tt(tree)) == AGG_KEYS_GENERAL):
                 raise AssertionError(f"namespace {ns!r}: kind and key mode disagree")
-            st = agg_tree_check(tree.t, msg, sizeof(msg))
+            st = agg_tree_check(_tt(tree), msg, sizeof(msg))
             if st != AGG_OK:
                 raise AssertionError(f"namespace {ns!r}: {msg.decode('utf-8', 'replace')}")
             if tree.kind == K_INT:
-                for it in _read_items(tree, 0, agg_tree_len(tree.t), False):
+                for it in _read_items(tree, 0, agg_tree_len(_tt(tree)), False):
                     if not (-_TWO53 <= it[0] <= _TWO53):
                         raise AssertionError(f"namespace {ns!r}: int key out of range")
 
@@ -1460,7 +1516,7 @@ cdef class Aggregate:
         cdef _Tree tree
         state = []
         for ns, tree in self._trees.items():
-            state.append((ns, _read_items(tree, 0, agg_tree_len(tree.t), False)))
+            state.append((ns, _read_items(tree, 0, agg_tree_len(_tt(tree)), False)))
         return (_restore, (self._node_size, state))
 
     def __copy__(self):
@@ -1615,8 +1671,15 @@ cdef class Aggregate:
         # One ordered pass through the tree, all or nothing.  The keys are
         # sorted, so the core's order check (AGG_INVALID at the first i with
         # keys[i - 1] >= keys[i]) finds a pair repeated in the batch.
-        # The GIL stays held: per-item readers never see a half-applied batch.
-        st = agg_tree_insert_sorted(tree.t, kp, vp, <uint64_t>n, &bad)
+        # Without the GIL: readers of this namespace wait in _tt (the
+        # aggregate's lock, held here, keeps out every other writer and the
+        # vectorised readers), so none sees a half-applied batch.
+        if _bulk_begin(tree):
+            with nogil:
+                st = agg_tree_insert_sorted(tree.t, kp, vp, <uint64_t>n, &bad)
+            _bulk_end(tree)
+        else:
+            st = agg_tree_insert_sorted(tree.t, kp, vp, <uint64_t>n, &bad)
         if st == AGG_INVALID:
             _raise_dup_fast(kind, kp[bad], namespace, " in the batch")
         if st == AGG_DUPLICATE:
@@ -1697,7 +1760,13 @@ cdef class Aggregate:
             if kp[j - 1].head == kp[j].head and kp[j - 1].rest == kp[j].rest:
                 _raise_status(AGG_MISSING, _fast_key_obj(tree.kind, kp[j]),
                               agg_key_to_i64(kp[j].rest), namespace)
-        st = agg_tree_delete_sorted(tree.t, kp, <uint64_t>n, &bad)
+        # Without the GIL, as in _insert_many_impl.
+        if _bulk_begin(tree):
+            with nogil:
+                st = agg_tree_delete_sorted(tree.t, kp, <uint64_t>n, &bad)
+            _bulk_end(tree)
+        else:
+            st = agg_tree_delete_sorted(tree.t, kp, <uint64_t>n, &bad)
         if st == AGG_MISSING:
             _raise_status(AGG_MISSING, _fast_key_obj(tree.kind, kp[bad]),
                           agg_key_to_i64(kp[bad].rest), namespace)
@@ -2211,7 +2280,7 @@ cdef tuple _select_arrays(_Tree tree, cnp.ndarray pos):
         return (_obj_array([it[0] for it in items]), _obj_array([it[1] for it in items]),
                 np.array([it[2] for it in items], dtype=np.float64))
     for j in range(n):
-        agg_tree_select(tree.t, <uint64_t>pp[j], &kp[j], &vp[j])
+        agg_tree_select(_tt(tree), <uint64_t>pp[j], &kp[j], &vp[j])
     return _split_fast_keys(tree, karr) + (vals,)
 
 
@@ -2348,10 +2417,17 @@ def _debug_fail_after(long n):
     return agg_debug_fail_after(n)
 
 
+def _tree_busy(Aggregate agg, namespace=None):
+    """Whether a bulk write is changing `namespace`'s tree without the GIL
+    right now (without waiting for it), for tests."""
+    cdef _Tree tree = agg._tree(namespace)
+    return tree is not None and tree.busy != 0
+
+
 def _tree_info(Aggregate agg, namespace=None):
     """(kind, depth, len, nbytes) of one namespace's tree, for tests."""
     cdef _Tree tree = agg._tree(namespace)
     if tree is None:
         return None
     return ({K_FLOAT: "float", K_INT: "int", K_GENERAL: "general", K_NONE: "none"}[tree.kind],
-            agg_tree_depth(tree.t), agg_tree_len(tree.t), agg_tree_nbytes(tree.t))
+            agg_tree_depth(_tt(tree)), agg_tree_len(_tt(tree)), agg_tree_nbytes(_tt(tree)))
