@@ -1466,7 +1466,9 @@ cdef class Aggregate:
     def __len__(self):
         cdef uint64_t n = 0
         cdef _Tree tree
-        for tree in self._trees.values():
+        # (a copy: _tt may wait for a bulk write without the GIL, and another
+        # thread may add or drop a namespace meanwhile)
+        for tree in list(self._trees.values()):
             n += agg_tree_len(_tt(tree))
         return n
 
@@ -1487,7 +1489,7 @@ cdef class Aggregate:
         """Bytes of native memory held by the trees (nodes and key tails)."""
         cdef size_t n = 0
         cdef _Tree tree
-        for tree in self._trees.values():
+        for tree in list(self._trees.values()):     # (a copy, as in __len__)
             n += agg_tree_nbytes(_tt(tree))
         return n
 
@@ -1497,7 +1499,7 @@ cdef class Aggregate:
         cdef char msg[512]
         cdef _Tree tree
         cdef agg_status st
-        for ns, tree in self._trees.items():
+        for ns, tree in list(self._trees.items()):  # (a copy, as in __len__)
             if _tt(tree) == NULL:
                 raise AssertionError(f"namespace {ns!r}: no tree")
             if agg_tree_len(_tt(tree)) == 0:
@@ -1515,7 +1517,7 @@ cdef class Aggregate:
     def __reduce__(self):
         cdef _Tree tree
         state = []
-        for ns, tree in self._trees.items():
+        for ns, tree in list(self._trees.items()):  # (a copy, as in __len__)
             state.append((ns, _read_items(tree, 0, agg_tree_len(_tt(tree)), False)))
         return (_restore, (self._node_size, state))
 
