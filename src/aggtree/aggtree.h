@@ -163,8 +163,10 @@ agg_keymode agg_tree_mode(const agg_tree *t);
 uint32_t agg_tree_node_size(const agg_tree *t);
 uint32_t agg_tree_depth(const agg_tree *t);   /* 0 when empty, 1 = root is a leaf */
 
-/* Bytes allocated by the tree: nodes and tails (not the agg_tree header's
- * caller). O(1): maintained as a counter. */
+/* Bytes allocated by the tree: live nodes and tails (not the agg_tree
+ * header).  O(1): maintained as a counter.  Nodes come from pools the tree
+ * owns (aggtree.c, section 10): the nodes it has freed stay with it for
+ * reuse, not counted here, until agg_tree_clear or agg_tree_free. */
 size_t agg_tree_nbytes(const agg_tree *t);
 
 /* -------------------------------------------------------------- writes -- */
@@ -197,7 +199,8 @@ agg_status agg_tree_delete(agg_tree *t, agg_key key, double *old_value);
 agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
                                   uint64_t *bad_index);
 
-/* Remove every item (the tree stays usable, empty). */
+/* Remove every item (the tree stays usable, empty) and give all its
+ * memory back, pools included. */
 void agg_tree_clear(agg_tree *t);
 
 /* Bulk-build into an EMPTY tree from n keys in strictly increasing order
