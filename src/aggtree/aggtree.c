@@ -892,7 +892,7 @@ static void *raw_alloc(size_t size)
 #define POOL_POISON(p, n) ((void)(p), (void)(n))
 #define POOL_UNPOISON(p, n) ((void)(p), (void)(n))
 #endif
-#define POOL_HEADER 64                    /* chunk header, keeps blocks 64-byte aligned */
+#define POOL_HEADER 64                    /* room for the pool_chunk header (blocks stay 16-byte aligned) */
 #define POOL_CHUNK_MAX ((size_t)1 << 21)  /* a chunk grows to at most ~2 MB of blocks */
 
 /* The pool of t's blocks of `size` bytes, or NULL (tails of other sizes). */
