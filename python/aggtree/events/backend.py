@@ -8,7 +8,7 @@ once, against this class; a backend supplies only
 * its connection and transactions (:meth:`Backend.transaction`, with the
   guarantees stated there),
 * its way of noticing other writers (:meth:`Backend.change_token`,
-  :meth:`Backend.write_token`, :meth:`Backend.attach`, :meth:`Backend.log_needed`).
+  :attr:`Backend.token_sql`, :meth:`Backend.attach`, :meth:`Backend.log_needed`).
 
 :class:`~aggtree.events.sqlite.SQLiteBackend` is the implementation today.
 
@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import abc
 import itertools
-from typing import Any, ContextManager
+from typing import Any
 
 import numpy as np
 
@@ -63,37 +63,39 @@ __all__ = ["Backend", "Transaction"]
 
 class Transaction:
     """The one transaction helper: a reusable context manager that runs the
-    ``begin`` statements on entry and returns the connection, commits on a
+    ``begin`` statement on entry and returns the connection, commits on a
     clean exit, and rolls back (:meth:`Backend.rollback`) when the block
     raises or the commit fails; the exception propagates.
 
     A backend keeps one instance per kind (read, write) and hands it out from
-    :meth:`Backend.transaction`: entering costs one ``execute`` per begin
-    statement, no allocation.  Not re-entrant: the store never nests
-    transactions (it holds its lock around each)."""
+    :meth:`Backend.transaction`: entering costs one ``execute``, no
+    allocation.  Not re-entrant: the store never nests transactions (it
+    holds its lock around each)."""
 
-    __slots__ = ("_backend", "_begin")
+    __slots__ = ("_backend", "begin")
 
-    def __init__(self, backend: "Backend", begin: tuple) -> None:
+    def __init__(self, backend: "Backend", begin: str) -> None:
         self._backend = backend
-        self._begin = begin
+        #: What opens the transaction, run in one ``execute``.  The store's
+        #: write path runs it directly (see ``EventStore._write``), so a
+        #: backend that needs more than one statement puts them in this one
+        #: string if its driver allows (psycopg does, without parameters).
+        self.begin = begin
 
     def __enter__(self) -> Any:
         conn = self._backend.conn
-        for stmt in self._begin:
-            conn.execute(stmt)
+        conn.execute(self.begin)
         return conn
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        backend = self._backend
         if exc_type is None:
             try:
-                backend.conn.execute("COMMIT")
+                self._backend.conn.execute("COMMIT")
             except BaseException:
-                backend.rollback()
+                self._backend.rollback()
                 raise
         else:
-            backend.rollback()
+            self._backend.rollback()
         return False
 
 
@@ -126,9 +128,10 @@ class Backend(abc.ABC):
     # -- connections and transactions ----------------------------------------
 
     @abc.abstractmethod
-    def transaction(self, write: bool = False) -> ContextManager[Any]:
-        """A context manager around one transaction (usually a
-        :class:`Transaction`) that yields the connection.  ``write=True``: a
+    def transaction(self, write: bool = False) -> Transaction:
+        """The :class:`Transaction` (a context manager yielding the
+        connection) for one transaction; the store's write path runs the
+        write one's ``begin`` itself, then ``COMMIT``, or :meth:`rollback`.  ``write=True``: a
         write transaction, serialised with every other writer of the database
         as the module docstring says; ``write=False``: a read transaction
         over one snapshot.  On a clean exit it commits; if the block raises
@@ -197,22 +200,25 @@ class Backend(abc.ABC):
         ``conn.notifies()`` without blocking).  A backend that cannot tell
         returns a new ``object()`` each time (always poll the log)."""
 
-    @abc.abstractmethod
-    def write_token(self, conn: Any) -> Any:
-        """The same check inside a write transaction, after its lock is
-        held, and with no lag: the value must differ from every value
-        returned before any commit of another writer that precedes this
-        transaction.  The store then catches up from the log and remembers
-        the value as both its write and its read token (a backend whose two
-        tokens differ in kind pays one extra poll on the next read).
-        SQLite: ``PRAGMA data_version`` again; PostgreSQL: the log head
-        (``sql.log_head``), since a notification from a writer that
-        committed just before our lock may not have arrived yet."""
+    #: The write token: ``token_cursor.execute(token_sql).fetchone()[0]``,
+    #: run inside a write transaction once its lock is held.  It must have
+    #: no lag: its value differs from every value it returned before any
+    #: commit of another writer that precedes this transaction.  When it
+    #: moved, the store catches up from the log and remembers the value as
+    #: both its write and its read token (a backend whose two tokens differ
+    #: in kind pays one extra poll on the next read).  A statement rather
+    #: than a method because it runs in every write, where one more Python
+    #: call costs as much as the check itself.  SQLite: a cursor of its own
+    #: and ``PRAGMA data_version``; PostgreSQL: a cursor and ``sql.log_head``
+    #: (a notification from a writer that committed just before our lock may
+    #: not have arrived yet).
+    token_cursor: Any = None
+    token_sql: str = ""
 
     @abc.abstractmethod
     def log_needed(self, conn: Any) -> bool:
         """Inside a write transaction: whether writes must append their ops
-        to the change log.  Asked again whenever :meth:`write_token` changes.
+        to the change log.  Asked again whenever the write token changes.
         SQLite: only while another store is registered (a store alone pays
         nothing for the log, and a store that attaches later loads every
         unlogged write from the tables); PostgreSQL: always."""
