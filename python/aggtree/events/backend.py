@@ -87,7 +87,7 @@ class Transaction:
         conn.execute(self.begin)
         return conn
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             try:
                 self._backend.conn.execute("COMMIT")
@@ -96,7 +96,6 @@ class Transaction:
                 raise
         else:
             self._backend.rollback()
-        return False
 
 
 class Backend(abc.ABC):

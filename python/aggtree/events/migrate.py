@@ -21,6 +21,7 @@ from typing import Optional
 
 from .. import DuplicateItemError
 from .schema import BY_CREATION, BY_START, FOLLOWED_BY_START, FOLLOWS
+from .state import StoreState
 
 __all__ = ["MigrationReport", "MigrationMixin"]
 
@@ -91,7 +92,7 @@ class _Progress:
 _FIRST = (-(2**63), -(2**63))  # the keyset before every (user_id, id)
 
 
-class MigrationMixin:
+class MigrationMixin(StoreState):
     """The migration half of :class:`~aggtree.events.EventStore`.  Uses the
     store's ``_lock``, ``_sync``, ``_reload``, ``_caught_up``, ``_stale``,
     ``reloads``, ``_tables``, ``_starts`` and ``_sql``; keeps its progress in
@@ -121,11 +122,11 @@ class MigrationMixin:
         q = self._sql
         with self._lock:
             self._sync()
-            resumed = self._migration is not None and not restart
-            if not resumed:
-                self._migration = {"phase": "events", "after": _FIRST,
-                                   "events": 0, "follows": 0, "inserted": 0, "batches": 0}
             state = self._migration
+            resumed = state is not None and not restart
+            if state is None or not resumed:
+                state = self._migration = {"phase": "events", "after": _FIRST,
+                                           "events": 0, "follows": 0, "inserted": 0, "batches": 0}
             conn = self._backend.conn
             n_events = conn.execute(q.count_events).fetchone()[0]
             n_follows = conn.execute(q.count_follows).fetchone()[0]
@@ -192,8 +193,8 @@ class MigrationMixin:
         per namespace when none of its items exists yet, item by item
         otherwise.  Returns the number of items inserted."""
         inserted = 0
-        for _ns, group in itertools.groupby(rows, key=lambda r: r[0]):
-            group = list(group)
+        for _ns, rows_of_ns in itertools.groupby(rows, key=lambda r: r[0]):
+            group = list(rows_of_ns)
             ns = group[0][0]
             ids = [r[1] for r in group]
             for a, col in targets:

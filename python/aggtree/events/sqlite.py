@@ -152,6 +152,7 @@ class SQLiteBackend(Backend):
     :class:`~aggtree.events.EventStore`.  See the module docstring."""
 
     integrity_error = sqlite3.IntegrityError
+    sql: SQLiteDialect
 
     def __init__(self, path: str, *, create: bool = True, timeout: float = 30.0,
                  synchronous: str = "NORMAL") -> None:

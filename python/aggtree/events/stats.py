@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Optional
 
 from .. import Bound
+from .state import StoreState
 from .schema import BY_CREATION, BY_START, FOLLOWED_BY_START, FOLLOWS, WEEK_MS, check_text, to_ms
 
 __all__ = ["UserStats", "StatsMixin", "WEEKLY_GOAL"]
@@ -84,7 +85,7 @@ def _exclusive(key: int) -> Bound:
     return Bound(key, inclusive=False)
 
 
-class StatsMixin:
+class StatsMixin(StoreState):
     """The stats half of :class:`~aggtree.events.EventStore`.  Uses the
     store's ``_lock``, ``_clock``, ``_sync``, ``_lookup_user``, ``_tables``
     and ``_backend``."""

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from .oplog import decode
+from .state import StoreState
 
 __all__ = ["SyncMixin", "NeedReload"]
 
@@ -41,7 +42,7 @@ class NeedReload(Exception):
     log went back): only a bulk load brings the aggregates up to date."""
 
 
-class SyncMixin:
+class SyncMixin(StoreState):
     """The sync half of :class:`~aggtree.events.EventStore`.  Uses the
     store's ``_backend``, ``_sql``, ``_aggs`` / ``_set_aggregates``,
     ``_starts``, ``_apply``, ``_cls``, ``_node_size`` and the state below;

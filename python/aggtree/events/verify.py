@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from .schema import AGGREGATE_NAMES, FOLLOWS
+from .state import StoreState
 
 __all__ = ["Difference", "VerifyReport", "VerifyMixin"]
 
@@ -86,7 +87,7 @@ class VerifyReport:
         return self.summary()
 
 
-class VerifyMixin:
+class VerifyMixin(StoreState):
     """The verify half of :class:`~aggtree.events.EventStore`.  Uses the
     store's ``_lock``, ``_sync``, ``_caught_up``, ``_backend``, ``_sql``,
     ``_tables`` and ``_starts``."""
