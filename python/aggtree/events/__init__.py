@@ -70,7 +70,7 @@ from typing import Optional
 from .migrate import MigrationReport
 from .oplog import StartCache as _StartCache  # noqa: F401  (tests)
 from .schema import AGGREGATE_NAMES, from_ms, to_ms  # noqa: F401
-from .sqlite import _connect, create_schema  # noqa: F401  (benchmarks)
+from .sqlite import _connect  # noqa: F401  (benchmarks)
 from .stats import WEEKLY_GOAL, UserStats
 from .store import EventStore
 from .synthetic import DatasetInfo, generate_dataset

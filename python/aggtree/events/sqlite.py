@@ -32,7 +32,7 @@ from typing import Any, Optional
 from .backend import Backend, Transaction
 from .schema import SCHEMA_VERSION, Dialect, to_ms, utcnow
 
-__all__ = ["SQLiteBackend", "SQLiteDialect", "create_schema", "_connect"]
+__all__ = ["SQLiteBackend", "SQLiteDialect", "_connect"]
 
 
 class SQLiteDialect(Dialect):
@@ -132,21 +132,6 @@ def _connect(path: str, timeout: float, synchronous: str) -> sqlite3.Connection:
 _SQL = SQLiteDialect()
 
 
-def create_schema(conn: sqlite3.Connection) -> None:
-    """Create the tables, indexes and change log if they are missing
-    (idempotent; one transaction)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for stmt in _SQL.schema:
-            conn.execute(stmt)
-        conn.execute(_SQL.schema_version, (str(SCHEMA_VERSION),))
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
 class SQLiteBackend(Backend):
     """A SQLite file (or ``:memory:``, private to the store) behind an
     :class:`~aggtree.events.EventStore`.  See the module docstring."""
@@ -201,7 +186,11 @@ class SQLiteBackend(Backend):
     inserted_id = staticmethod(operator.attrgetter("lastrowid"))  # type: ignore[assignment]
 
     def create_schema(self) -> None:
-        create_schema(self.conn)
+        q = self.sql
+        with self.transaction(write=True) as conn:
+            for stmt in q.schema:
+                conn.execute(stmt)
+            conn.execute(q.schema_version, (str(SCHEMA_VERSION),))
 
     # -- noticing other writers ----------------------------------------------
 

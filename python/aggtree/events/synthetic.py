@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from .schema import to_ms, utcnow
-from .sqlite import SQLiteDialect, _connect, create_schema
+from .sqlite import SQLiteBackend
 
 __all__ = ["DatasetInfo", "generate_dataset"]
 
@@ -116,43 +116,37 @@ def generate_dataset(
     f_users, f_events = f_users[keep], f_events[keep]  # sorted by (user, event)
     f_created = np.maximum(created[f_events - 1], now_ms - 365 * day) + rng.integers(0, 7 * day, size=len(f_users))
 
-    conn = _connect(path, 30.0, "OFF")
+    backend = SQLiteBackend(path, synchronous="OFF")  # (creates the tables)
     try:
-        conn.execute("PRAGMA cache_size = -262144")  # 256 MiB: no thrashing on big loads
-        create_schema(conn)
-        if conn.execute("SELECT count(*) FROM users").fetchone()[0]:
+        backend.conn.execute("PRAGMA cache_size = -262144")  # 256 MiB: no thrashing on big loads
+        if backend.conn.execute("SELECT count(*) FROM users").fetchone()[0]:
             raise ValueError(f"{path} already holds data")
-        conn.execute("BEGIN")
-        # Secondary indexes are cheaper to build once, sorted, after the load.
-        conn.execute("DROP INDEX events_user")
-        conn.execute("DROP INDEX event_follows_event")
-        conn.executemany(
-            "INSERT INTO users (id, username, created_at) VALUES (?, ?, ?)",
-            zip(range(1, users + 1), names, itertools.repeat(user_created)),
-        )
-        conn.executemany(
-            "INSERT INTO events (id, user_id, name, start_time, end_time, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            zip(
-                range(1, events + 1),
-                owners.tolist(),
-                itertools.repeat("event"),
-                starts.tolist(),
-                ends.tolist(),
-                created.tolist(),
-            ),
-        )
-        conn.executemany(
-            "INSERT INTO event_follows (user_id, event_id, created_at) VALUES (?, ?, ?)",
-            zip(f_users.tolist(), f_events.tolist(), f_created.tolist()),
-        )
-        for stmt in SQLiteDialect.schema:  # the indexes again
-            conn.execute(stmt)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+        with backend.transaction(write=True) as conn:
+            # Secondary indexes are cheaper to build once, sorted, after the load.
+            conn.execute("DROP INDEX events_user")
+            conn.execute("DROP INDEX event_follows_event")
+            conn.executemany(
+                "INSERT INTO users (id, username, created_at) VALUES (?, ?, ?)",
+                zip(range(1, users + 1), names, itertools.repeat(user_created)),
+            )
+            conn.executemany(
+                "INSERT INTO events (id, user_id, name, start_time, end_time, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                zip(
+                    range(1, events + 1),
+                    owners.tolist(),
+                    itertools.repeat("event"),
+                    starts.tolist(),
+                    ends.tolist(),
+                    created.tolist(),
+                ),
+            )
+            conn.executemany(
+                "INSERT INTO event_follows (user_id, event_id, created_at) VALUES (?, ?, ?)",
+                zip(f_users.tolist(), f_events.tolist(), f_created.tolist()),
+            )
+            for stmt in backend.sql.schema:  # the indexes again
+                conn.execute(stmt)
     finally:
-        conn.close()
+        backend.close()
     return DatasetInfo(users, events, len(f_users), names[:n_heavy], time.perf_counter() - started)
