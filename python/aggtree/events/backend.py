@@ -24,9 +24,9 @@ of the last row its aggregates reflect (``change_id``), replays rows
 or a head below ``change_id`` (a replaced database) as "reload from the
 tables".
 
-Write transactions are **serialised**: between the start of one (the end of
-``__enter__``) and its commit no other write transaction on the database
-commits.  The store relies on that three ways: the catch-up it does at the
+Write transactions are **serialised**: between the start of one (once its
+``begin`` statement has run) and its commit no other write transaction on
+the database commits.  The store relies on that three ways: the catch-up it does at the
 start of a write is exact (the tables the write reads are those the
 aggregates then reflect, so the ops it derives are right); the start-time
 cache it reads instead of ``SELECT start_time`` is current; and the id it
@@ -129,12 +129,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def transaction(self, write: bool = False) -> Transaction:
         """The :class:`Transaction` (a context manager yielding the
-        connection) for one transaction; the store's write path runs the
-        write one's ``begin`` itself, then ``COMMIT``, or :meth:`rollback`.  ``write=True``: a
-        write transaction, serialised with every other writer of the database
-        as the module docstring says; ``write=False``: a read transaction
-        over one snapshot.  On a clean exit it commits; if the block raises
-        (or the commit fails) it rolls back and the exception propagates."""
+        connection) for one transaction.  ``write=True``: a write
+        transaction, serialised with every other writer of the database as
+        the module docstring says; ``write=False``: a read transaction over
+        one snapshot.  On a clean exit it commits; if the block raises (or
+        the commit fails) it rolls back and the exception propagates.  The
+        store's write path runs the write one's ``begin`` itself, then
+        ``COMMIT`` or :meth:`rollback`, so both must be all it takes."""
 
     @abc.abstractmethod
     def rollback(self) -> None:
@@ -196,7 +197,9 @@ class Backend(abc.ABC):
         bounded delay (the read then sees the state before that commit; this
         delay is the instances' lag).  SQLite: ``PRAGMA data_version``;
         PostgreSQL: a count of the notifications received (drain
-        ``conn.notifies()`` without blocking).  A backend that cannot tell
+        ``conn.notifies()`` without blocking; a trigger on
+        ``aggtree_changes`` can send them, delivered only at commit, and
+        since NOTIFY is not durable the log stays the source of truth).  A backend that cannot tell
         returns a new ``object()`` each time (always poll the log)."""
 
     #: The write token: ``token_cursor.execute(token_sql).fetchone()[0]``,

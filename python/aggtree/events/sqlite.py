@@ -129,8 +129,6 @@ def _connect(path: str, timeout: float, synchronous: str) -> sqlite3.Connection:
     return conn
 
 
-_SQL = SQLiteDialect()
-
 
 class SQLiteBackend(Backend):
     """A SQLite file (or ``:memory:``, private to the store) behind an
@@ -147,7 +145,7 @@ class SQLiteBackend(Backend):
         ``create=True`` missing tables are created)."""
         self.path = path
         self.private = _is_memory(path)
-        self.sql = _SQL
+        self.sql = SQLiteDialect()
         if not create and not self.private and not os.path.exists(path):
             raise FileNotFoundError(f"no database at {path}")
         self.conn = _connect(path, timeout, synchronous)
