@@ -667,6 +667,27 @@ def test_verify_finds_and_repairs_drift(world):
     assert_consistent(store)
 
 
+def test_module_level_forms_pass_every_option(dataset, world):
+    """initialize_aggregates(store, ..., restart=) and verify_aggregates(store,
+    ..., max_listed=) reach the methods (they used to be dropped)."""
+    path, info = dataset
+    store = EventStore.open(path, load=False)
+    real = make_flaky(store, 9)
+    with pytest.raises(Injected):
+        initialize_aggregates(store, batch_size=40, progress=False)
+    restore(store, real)
+    report = initialize_aggregates(store, 40, False, restart=True)
+    assert not report.resumed and report.events == 600  # started over
+    assert_consistent(store, nows=(T0,))
+    wstore, (alice, bob, carol), (e1, e2, e3) = world
+    for i in range(5):
+        wstore.events_by_start.aggregate.insert(i, 1000 + i, namespace=bob)  # extra items
+    capped = verify_aggregates(wstore, max_listed=2)
+    assert len(capped.differences) == 2 and capped.total == 5
+    assert verify_aggregates(wstore, True, max_listed=0).repaired
+    assert verify_aggregates(wstore).ok
+
+
 # ---------------------------------------------------------------------------
 # The start cache (follow / unfollow find the event's start without a SELECT)
 # ---------------------------------------------------------------------------
