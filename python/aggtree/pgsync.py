@@ -755,8 +755,12 @@ class ChangeFeed:
                 self.listening.set()
                 backoff = 0.05
                 ok = self._wake()  # commits before LISTEN took effect sent us nothing
+                due = time.monotonic() + self.poll_interval
                 while not self._stop.is_set():
-                    timeout = self.poll_interval if ok else backoff
+                    if not ok:
+                        due = min(due, time.monotonic() + backoff)
+                    # wait in slices so that close() never waits long
+                    timeout = max(0.0, min(due - time.monotonic(), 0.2))
                     got = 0
                     for _ in conn.notifies(timeout=timeout, stop_after=1):
                         got += 1
@@ -764,8 +768,11 @@ class ChangeFeed:
                         for _ in conn.notifies(timeout=0):
                             got += 1
                         self.notifications += got
+                    elif time.monotonic() < due:
+                        continue
                     ok = self._wake()
                     backoff = 0.05 if ok else min(2.0, backoff * 2)
+                    due = time.monotonic() + self.poll_interval
             except psycopg.OperationalError:
                 log.info("change feed: connection lost; reconnecting in %.2f s", backoff)
             finally:
