@@ -11,7 +11,10 @@ difference, plus the same from just before COMMIT was sent (an upper
 bound that includes the commit itself).
 
     python bench/pg_lag.py                       # 4 writers, 600 appends/s, 10 s
-    python bench/pg_lag.py --rate 1000 --seconds 20 --durable
+    python bench/pg_lag.py --rate 1000 --seconds 20 --durable --mode twostep
+
+In pipeline mode "COMMIT sent" is when the append was sent (the append and
+COMMIT travel together).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
 WRITER = r"""
 import json, os, sys, time, uuid, psycopg
 from aggtree import pgsync as ps
-uri, rate, seconds, start_at = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+uri, rate, seconds, start_at, mode = (sys.argv[1], float(sys.argv[2]), float(sys.argv[3]),
+                                      float(sys.argv[4]), sys.argv[5])
 out = []
 with psycopg.connect(uri, autocommit=True) as c:
     cur = c.cursor()
@@ -46,9 +50,13 @@ with psycopg.connect(uri, autocommit=True) as c:
         if due > now:
             time.sleep(due - now)
         ps.begin_write(c)
-        a = ps.append(cur, os.urandom(96), uuid.uuid4(), after)
-        before = time.time()
-        c.execute("COMMIT")
+        if mode == "pipeline":  # append, COMMIT and gap rows in one round trip
+            before = time.time()
+            a = ps.append_commit(c, os.urandom(96), uuid.uuid4(), after)
+        else:  # append, then COMMIT: the head row is held for a client round trip
+            a = ps.append(cur, os.urandom(96), uuid.uuid4(), after)
+            before = time.time()
+            c.execute("COMMIT")
         out.append((a.pos, before, time.time()))
         after = a.pos
         i += 1
@@ -67,6 +75,8 @@ def main() -> None:
     ap.add_argument("--writers", type=int, default=4)
     ap.add_argument("--rate", type=float, default=600.0, help="total appends per second")
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--mode", choices=("pipeline", "twostep"), default="pipeline",
+                    help="append_commit (one round trip) or append then COMMIT")
     ap.add_argument("--durable", action="store_true",
                     help="throwaway server with fsync and synchronous_commit on")
     args = ap.parse_args()
@@ -107,7 +117,7 @@ def main() -> None:
             env.get("PYTHONPATH", "")
         start_at = time.time() + 1.0 + 0.3 * args.writers
         procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, str(args.rate / args.writers),
-                                   str(args.seconds), str(start_at)],
+                                   str(args.seconds), str(start_at), args.mode],
                                   stdout=subprocess.PIPE, env=env, text=True)
                  for _ in range(args.writers)]
         commits = []
@@ -131,7 +141,7 @@ def main() -> None:
         missing = sum(1 for pos, _, _ in commits if pos not in applied)
         print(f"server: {'given URI' if args.uri else 'TempPostgres, unix socket'}"
               f"{', durable (fsync, synchronous_commit on)' if args.durable else ', fsync off'}")
-        print(f"{args.writers} writer processes, {len(commits)} appends in {span:.1f} s "
+        print(f"mode {args.mode}: {args.writers} writer processes, {len(commits)} appends in {span:.1f} s "
               f"= {len(commits) / span:.0f}/s (target {args.rate:.0f}/s); "
               f"follower applied {consumer.applied}, missing {missing}, "
               f"{feed.notifications} notifications in {feed.wakes} wakes")

@@ -160,9 +160,16 @@ with psycopg.connect(uri, autocommit=True) as c:
         ps.begin_write(c)
         token = uuid.uuid4()
         ops = rng.randbytes(8 * rng.randint(1, 8))
+        kind = rng.random()
+        if kind < 0.4:  # one round trip: append, COMMIT, gap rows
+            a = ps.append_commit(c, ops, token, cons.pos)
+            committed.append(token.hex)
+            cons.apply_rows(a.missed)
+            cons.apply_rows([ps.LogRow(a.pos, token, a.chain, ops)])
+            continue
         a = ps.append(cur, ops, token, cons.pos)
         cons.apply_rows(a.missed)
-        if rng.random() < 0.2:
+        if kind < 0.6:
             c.execute("ROLLBACK")
             rolled.append(token.hex)
         else:
@@ -278,6 +285,25 @@ def test_gap_rows_are_returned_to_the_writer(uri):
         cons = ps.LogConsumer(lambda row: None)
         cons.catch_up(lambda x, n: ps.fetch_since(a, x, n))
         assert cons.chain == got.chain
+
+
+def test_append_commit_in_one_round_trip(uri):
+    with connect(uri) as a, connect(uri) as b:
+        raw_append(a, b"one")
+        raw_append(b, b"two")
+        ps.begin_write(a)
+        token = uuid.uuid4()
+        got = ps.append_commit(a, b"three", token, 1)
+        assert a.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert got.pos == 3 and [r.ops for r in got.missed] == [b"two"]
+        assert ps.resolve(b, token) == 3 and ps.chain_at(b, 3) == got.chain
+        ps.begin_write(a)
+        assert ps.append_commit(a, b"four", uuid.uuid4(), 3).missed == []
+        ps.compact(b, 0)
+        ps.begin_write(a)
+        late = ps.append_commit(a, b"five", uuid.uuid4(), 1)
+        assert late.pos == 5 and late.missed is None   # committed, but reload needed
+        assert ps.read_head(b)[0] == 5
 
 
 def test_a_rolled_back_append_leaves_no_hole(uri):
