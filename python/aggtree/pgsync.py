@@ -68,10 +68,18 @@ ends.  Hence:
   synchronous_commit on, plain one-row transactions 840-1460/s, appends
   130-270/s; with fsync off, plain 3800-4400/s, append then COMMIT
   720-870/s, :func:`append_commit` ~1250/s.  A server whose WAL flush takes
-  0.1 ms (NVMe, battery-backed cache) allows ~10^4 appends/s.  (Positions
-  taken from a sequence without the lock would allow group commit, but
-  then the log has holes and no single position or chain; see the report
-  of issue 17 for that alternative.)
+  0.1 ms (NVMe, battery-backed cache) allows ~10^4 appends/s.
+
+*Not taken: a log without the lock.*  Log rows numbered by a sequence at
+the end of each write (no head row) keep group commit.  Two writes whose
+ops touch one aggregate item also conflict on a row lock (see below), so
+the later one takes its number after the earlier one committed: if row x
+is visible while a smaller y is not, x and y commute, and a consumer may
+apply visible rows in id order and the late ones when they appear.  But the
+consumer must then keep the set of holes (a rolled-back write leaves one
+forever; telling it from a slow one takes the snapshots' in-progress
+transaction ids), its state is no longer one position, and there is no
+chain.  Worth it only where durable commits must exceed one per flush.
 
 **The gap check.**  The append returns the position P.  If the writer's
 instance has applied up to L and P != L + 1, the rows L+1 .. P-1 were
@@ -558,7 +566,9 @@ def resolve(conn: psycopg.Connection, token: uuid.UUID, *, old_backend: Optional
     for first, since a process still finishing our COMMIT could otherwise
     commit just after we looked.  Without it, call this only when the
     server restarted.  A write whose row was compacted away reads as not
-    committed: resolve before compacting past the writer's position."""
+    committed: resolve before compacting past the writer's position.
+    Terminating needs the same role as the old connection (or
+    ``pg_signal_backend``)."""
     if old_backend is not None:
         pid, started = old_backend
         deadline = time.monotonic() + timeout
@@ -598,8 +608,8 @@ def fetch_since(conn: psycopg.Connection, after: int, limit: int = 1000) -> Batc
     head, head_chain, floor = rows[0][0], bytes(rows[0][1]), rows[0][2]
     out = [LogRow(r[3], r[4], bytes(r[5]), bytes(r[6])) for r in rows if r[3] is not None]
     for i, row in enumerate(out):
-        if row.pos != after + 1 + i and after >= floor:
-            raise RuntimeError(f"log gap: expected position {after + 1 + i}, read {row.pos}")
+        if row.pos != after + 1 + i and after >= floor:  # rows deleted by hand
+            raise ReloadNeeded(f"log gap: expected position {after + 1 + i}, read {row.pos}")
     return Batch(head, head_chain, floor, out)
 
 
