@@ -766,3 +766,121 @@ def test_op_layout_matches_the_event_store():
     ops = [(1, 3, 7, -5, 2**40, 9), (0, 2, 1, 0, 3, 4)]
     assert ps.encode_ops(ops) == events._encode(ops)
     assert ps.decode_ops(ps.encode_ops(ops)) == [tuple(o) for o in ops]
+
+
+# ---------------------------------------------------------------------------
+# Loading and snapshots
+# ---------------------------------------------------------------------------
+
+
+def populate(conn, users=5, events=40, seed=3):
+    import random
+    rng = random.Random(seed)
+    for i in range(users):
+        write(conn, lambda cur: ps.create_user(cur, f"user{i}", i) and [], 0)
+    uids = [r[0] for r in conn.execute("SELECT id FROM users ORDER BY id")]
+    eids = []
+    for i in range(events):
+        box = {}
+
+        def mk(cur):
+            box["id"], ops = ps.create_event(cur, rng.choice(uids), f"e{i}",
+                                             rng.randint(-2**40, 2**40), None, rng.randint(0, 10**12))
+            return ops
+        write(conn, mk, 0)
+        eids.append(box["id"])
+    for u in uids:
+        for e in rng.sample(eids, min(9, len(eids))):
+            write(conn, lambda cur: ps.follow_event(cur, u, e, 1)[1], 0)
+    return uids, eids
+
+
+def test_load_tables_reads_every_row_at_one_position(uri):
+    with connect(uri) as c:
+        populate(c)
+        c.execute("UPDATE events SET user_id = user_id")  # drift, for the record
+        ev = c.execute("SELECT id, user_id, created_at, start_time FROM events ORDER BY id").fetchall()
+        fo = c.execute("SELECT user_id, event_id FROM event_follows ORDER BY 1, 2").fetchall()
+        loaded = ps.load_tables(c)
+        assert loaded.events.tolist() == [list(r) for r in ev]
+        assert loaded.follows.tolist() == [list(r) for r in fo]
+        assert loaded.events.dtype == loaded.follows.dtype == "int64"
+        assert loaded.info.head == ps.read_head(c)[0] == 40 + 5 * 9
+        assert loaded.info.drift == 1
+        for chunk in (1, 7, 45):  # keyset pagination, single and composite keys
+            assert (ps.read_int_matrix(c, "events", ("id", "user_id", "created_at", "start_time"),
+                                       ("id",), chunk=chunk) == loaded.events).all()
+            assert (ps.read_int_matrix(c, "event_follows", ("user_id", "event_id"),
+                                       ("user_id", "event_id"), chunk=chunk) == loaded.follows).all()
+        with pytest.raises(ValueError, match="NULL"):
+            ps.read_int_matrix(c, "events", ("id", "end_time"), ("id",))
+        with pytest.raises(ValueError, match="prefix"):
+            ps.read_int_matrix(c, "events", ("user_id", "id"), ("id",))
+        c.execute("TRUNCATE event_follows")
+        assert ps.read_int_matrix(c, "event_follows", ("user_id", "event_id"),
+                                  ("user_id",)).shape == (0, 2)
+    with psycopg.connect(uri) as c:
+        with pytest.raises(ValueError, match="autocommit"):
+            ps.load_tables(c)
+
+
+def test_load_tables_and_its_position_agree_under_concurrent_writes(uri):
+    """While writers add events, each load's rows match its head: replaying
+    the log up to info.head gives exactly the loaded events."""
+    with connect(uri) as c:
+        populate(c, users=2, events=2)
+        stop = threading.Event()
+        owner = c.execute("SELECT min(id) FROM users").fetchone()[0]
+
+        def writer():
+            with connect(uri) as w:
+                i = 0
+                while not stop.is_set():
+                    write(w, lambda cur: ps.create_event(cur, owner, "x", i, None, i)[1], 0)
+                    i += 1
+        threads = [threading.Thread(target=writer) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(15):
+                loaded = ps.load_tables(c)
+                ids = set()
+                for (blob,) in c.execute("SELECT ops FROM aggtree_log WHERE pos <= %s ORDER BY pos",
+                                         (loaded.info.head,)):
+                    for agg, code, ns, old, new, id_ in ps.decode_ops(blob):
+                        if agg == ps.BY_CREATION:
+                            (ids.add if code & ps.ADD else ids.discard)(id_)
+                assert ids == set(loaded.events[:, 0].tolist())
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+
+
+def test_check_snapshot(uri, pg):
+    with connect(uri) as c:
+        for i in range(6):
+            raw_append(c, b"r%d" % i)
+        info = ps.store_info(c)
+        ok = ps.check_snapshot(c, info.store_id, info.head, info.head_chain, info.drift)
+        assert ok.usable and not ok.drifted and ok.reason == "ok"
+        mid = ps.check_snapshot(c, info.store_id, 3, ps.chain_at(c, 3), info.drift)
+        assert mid.usable
+        assert not ps.check_snapshot(c, uuid.uuid4(), 3, ps.chain_at(c, 3), 0).usable
+        bad = ps.check_snapshot(c, info.store_id, 3, b"\0" * 32, info.drift)
+        assert not bad.usable and "differs" in bad.reason
+        assert "past the log's head" in ps.check_snapshot(
+            c, info.store_id, 9, info.head_chain, info.drift).reason
+        c.execute("INSERT INTO users (username, created_at) VALUES ('raw', 1)")
+        drifted = ps.check_snapshot(c, info.store_id, 3, ps.chain_at(c, 3), info.drift)
+        assert drifted.usable and drifted.drifted and "verify" in drifted.reason
+        ps.compact(c, 2)
+        gone = ps.check_snapshot(c, info.store_id, 3, ps.chain_at(c, 3) or b"", info.drift)
+        assert not gone.usable and "compacted" in gone.reason
+        at_floor = ps.check_snapshot(c, info.store_id, 4, ps.chain_at(c, 4), info.drift)
+        assert at_floor.usable
+    # another database on the same server: another store id
+    other = pg.uri("t_other_store")
+    with connect(other) as c2:
+        ps.create_schema(c2)
+        assert not ps.check_snapshot(c2, info.store_id, 0, ps.ZERO_CHAIN, 0).usable

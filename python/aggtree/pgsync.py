@@ -191,6 +191,7 @@ import time
 import uuid
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
+import numpy as np
 import psycopg
 from psycopg import sql
 
@@ -216,6 +217,11 @@ __all__ = [
     "read_head",
     "compact",
     "drift",
+    "read_int_matrix",
+    "Loaded",
+    "load_tables",
+    "SnapshotCheck",
+    "check_snapshot",
     "LogConsumer",
     "ChangeFeed",
     "encode_ops",
@@ -641,6 +647,116 @@ def compact(conn: psycopg.Connection, keep: int) -> int:
         conn.execute("UPDATE aggtree_meta SET value = %s WHERE key = 'log_floor_chain'",
                      (chain.hex(),))
     return deleted
+
+
+# ---------------------------------------------------------------------------
+# Loading: the tables at one log position; checking a snapshot
+# ---------------------------------------------------------------------------
+
+def read_int_matrix(conn: psycopg.Connection, table: str, columns: Sequence[str],
+                    key: Sequence[str], chunk: int = 250_000) -> np.ndarray:
+    """The bigint NOT NULL ``columns`` of ``table`` in ``key`` order (a
+    unique key, a prefix of ``columns``) as an ``(n, len(columns))`` int64
+    array.  The server packs each chunk of rows into one bytea
+    (``string_agg(int8send(...))``) that numpy reads as big-endian int64s:
+    no Python object per value, whichever psycopg implementation runs (a
+    million rows: ~1.2 s on this machine, against ~1.5 s for ``fetchall``
+    with psycopg's C implementation and ~25 s with its pure-Python one).
+    Keyset pagination by ``key`` keeps each bytea at ``chunk`` rows.
+    ``ValueError`` for a NULL (the packed length would not match)."""
+    if list(columns[: len(key)]) != list(key):
+        raise ValueError("key must be a prefix of columns")
+    width = len(columns)
+    ident = sql.Identifier
+    cols = sql.SQL(", ").join(map(ident, columns))
+    keys = sql.SQL(", ").join(map(ident, key))
+    packed = sql.SQL(" || ").join(sql.SQL("int8send({})").format(ident(c)) for c in columns)
+    marks = sql.SQL(", ").join(sql.Placeholder() * len(key))
+    first = sql.SQL(
+        "SELECT count(*), string_agg({packed}, ''::bytea ORDER BY {keys})"
+        " FROM (SELECT {cols} FROM {table} ORDER BY {keys} LIMIT %s) s"
+    ).format(packed=packed, keys=keys, cols=cols, table=ident(table))
+    more = sql.SQL(
+        "SELECT count(*), string_agg({packed}, ''::bytea ORDER BY {keys})"
+        " FROM (SELECT {cols} FROM {table} WHERE ({keys}) > ({marks}) ORDER BY {keys} LIMIT %s) s"
+    ).format(packed=packed, keys=keys, cols=cols, table=ident(table), marks=marks)
+    parts = []
+    last: Optional[tuple] = None
+    while True:
+        if last is None:
+            n, blob = conn.execute(first, (chunk,)).fetchone()
+        else:
+            n, blob = conn.execute(more, (*last, chunk)).fetchone()
+        if not n:
+            break
+        part = np.frombuffer(blob or b"", dtype=">i8")
+        if len(part) != n * width:
+            raise ValueError(f"{table}: NULL in {', '.join(columns)}")
+        part = part.reshape(n, width)
+        parts.append(part)
+        last = tuple(int(v) for v in part[-1, : len(key)])
+        if n < chunk:
+            break
+    if not parts:
+        return np.empty((0, width), dtype=np.int64)
+    return np.concatenate(parts).astype(np.int64)
+
+
+class Loaded(NamedTuple):
+    """The event tables at one log position (:func:`load_tables`)."""
+
+    info: StoreInfo      # head, chain, floor, drift counter: same snapshot
+    events: np.ndarray   # (n, 4): id, user_id, created_at, start_time, by id
+    follows: np.ndarray  # (m, 2): user_id, event_id, by (user_id, event_id)
+
+
+def load_tables(conn: psycopg.Connection) -> Loaded:
+    """Read what the aggregates are built from, with the log head and the
+    drift counter, in one REPEATABLE READ snapshot: the aggregates built
+    from it reflect exactly ``info.head``; continue from ``(info.head,
+    info.head_chain)``.  Needs an autocommit connection (it sends BEGIN)."""
+    if not conn.autocommit:
+        raise ValueError("load_tables needs an autocommit connection (it sends BEGIN)")
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    try:
+        info = store_info(conn)
+        events = read_int_matrix(conn, "events", ("id", "user_id", "created_at", "start_time"),
+                                 ("id",))
+        follows = read_int_matrix(conn, "event_follows", ("user_id", "event_id"),
+                                  ("user_id", "event_id"))
+    finally:
+        conn.execute("COMMIT")
+    return Loaded(info, events, follows)
+
+
+class SnapshotCheck(NamedTuple):
+    usable: bool     # catch up from the snapshot's position (else reload)
+    drifted: bool    # writes bypassed the store since: verify after catching up
+    reason: str
+
+
+def check_snapshot(conn: psycopg.Connection, store_id: uuid.UUID, pos: int, chain: bytes,
+                   drift_count: int) -> SnapshotCheck:
+    """Whether a snapshot recorded at ``(store_id, pos, chain, drift)``
+    (from :func:`store_info` or :class:`Loaded`) can warm-start an instance
+    on this database: the same store id, and the database's chain at
+    ``pos`` equal to the recorded one (so it has the snapshot's history and
+    still has the log after it)."""
+    info = store_info(conn)
+    drifted = info.drift != drift_count
+    if info.store_id != store_id:
+        return SnapshotCheck(False, drifted, f"the snapshot is of store {store_id}, "
+                             f"the database is store {info.store_id}")
+    if pos > info.head:
+        return SnapshotCheck(False, drifted, f"the snapshot is at position {pos}, "
+                             f"past the log's head {info.head} (the history went back)")
+    if pos < info.floor:
+        return SnapshotCheck(False, drifted, f"the log was compacted to {info.floor}, "
+                             f"past the snapshot's position {pos}")
+    if chain_at(conn, pos) != bytes(chain):
+        return SnapshotCheck(False, drifted, f"the log's history at position {pos} "
+                             "differs from the snapshot's")
+    return SnapshotCheck(True, drifted, "drift since the snapshot: verify" if drifted else "ok")
 
 
 class LogConsumer:
