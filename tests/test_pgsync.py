@@ -356,6 +356,21 @@ def test_listener_that_was_down_catches_up_from_the_log(uri):
     assert cons.applied == 9
 
 
+def test_a_failing_on_wake_is_retried_with_backoff(uri):
+    calls = []
+
+    def on_wake():
+        calls.append(time.monotonic())
+        if len(calls) <= 3:
+            raise RuntimeError("transient")
+    with ps.ChangeFeed(uri, on_wake, poll_interval=30.0) as feed:
+        wait_until(lambda: len(calls) >= 4, what="retries")
+        time.sleep(0.3)
+        assert feed.wakes == len(calls) == 4  # then quiet: the next wake is the 30 s poll
+    gaps = [b - a for a, b in zip(calls, calls[1:4])]
+    assert all(0.03 < g < 1.0 for g in gaps), gaps  # backoff, not the 30 s poll
+
+
 def test_compaction_floor(uri):
     seen = []
     with connect(uri) as c:
@@ -434,9 +449,13 @@ def test_feed_survives_terminated_connections_and_a_server_restart(pg, uri):
                                what="reconnect")
                     n = len(seen)
                     wait_until(lambda: len(seen) > n + 10, what="rows after reconnect")
-                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                              " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                              " AND query LIKE %s", ("%aggtree_log%WHERE pos >%",))
+                cut = admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    " AND query LIKE %s", ("%FROM aggtree_head h%",)).fetchall()
+                assert cut  # the feed's query connection
+                n = len(seen)
+                wait_until(lambda: len(seen) > n + 10, what="rows after the query connection")
             connects = feed.connects
             pg.restart()
             wait_until(lambda: feed.connects > connects, timeout=30, what="reconnect after restart")
