@@ -549,10 +549,11 @@ def wait_blocked(admin, pid, timeout=10.0):
     ).fetchone()[0] == "Lock", timeout, f"backend {pid} to wait on a lock")
 
 
-def replay(conn):
+def replay(conn, upto=None):
     """The four aggregates rebuilt by replaying the log's ops in order."""
     items = [set() for _ in range(4)]
-    for (blob,) in conn.execute("SELECT ops FROM aggtree_log ORDER BY pos"):
+    for (blob,) in conn.execute("SELECT ops FROM aggtree_log WHERE pos <= %s ORDER BY pos",
+                                (2**62 if upto is None else upto,)):
         for agg, code, ns, old, new, id_ in ps.decode_ops(blob):
             if code & ps.REMOVE:
                 items[agg].discard((ns, old, id_))
@@ -905,3 +906,128 @@ def test_check_snapshot(uri, pg):
     with connect(other) as c2:
         ps.create_schema(c2)
         assert not ps.check_snapshot(c2, info.store_id, 0, ps.ZERO_CHAIN, 0).usable
+
+
+# ---------------------------------------------------------------------------
+# Everything together: random writes of every kind from several processes
+# ---------------------------------------------------------------------------
+
+MIXED_WRITER = r"""
+import json, random, sys, uuid, psycopg
+from aggtree import pgsync as ps
+uri, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(seed)
+items = [set() for _ in range(4)]
+
+def apply(row):
+    for agg, code, ns, old, new, id_ in ps.decode_ops(row.ops):
+        if code & ps.REMOVE:
+            items[agg].discard((ns, old, id_))
+        if code & ps.ADD:
+            items[agg].add((ns, new, id_))
+
+counts = {}
+with psycopg.connect(uri, autocommit=True) as c:
+    loaded = ps.load_tables(c)  # the other writers may have started: build from the tables
+    start = {}
+    for i, u, cr, st in loaded.events.tolist():
+        items[0].add((u, cr, i)); items[1].add((u, st, i)); start[i] = st
+    for u, e in loaded.follows.tolist():
+        items[2].add((u, 0, e)); items[3].add((u, start[e], e))
+    cons = ps.LogConsumer(apply, loaded.info.head, loaded.info.head_chain)
+    users = [r[0] for r in c.execute("SELECT id FROM users")]
+    for i in range(n):
+        kind = rng.choice(["create", "move", "move", "move", "delete", "follow", "follow",
+                           "unfollow"])
+        top = c.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+        event = rng.randint(max(1, top - 6), top + 1)
+        owner = c.execute("SELECT user_id FROM events WHERE id = %s", (event,)).fetchone()
+        owner = owner[0] if owner else rng.choice(users)
+        ps.begin_write(c)
+        cur = c.cursor()
+        try:
+            if kind == "create":
+                ops = ps.create_event(cur, rng.choice(users), "e", rng.randint(0, 50), None, i)[1]
+            elif kind == "move":
+                ops = ps.update_event(cur, owner, event, start_ms=rng.randint(0, 50))
+            elif kind == "delete":
+                ops = ps.delete_event(cur, owner, event)
+            elif kind == "follow":
+                ops = ps.follow_event(cur, rng.choice(users), event, i)[1]
+            else:
+                ops = ps.unfollow_event(cur, rng.choice(users), event)[1]
+        except (LookupError, PermissionError, psycopg.errors.DeadlockDetected) as exc:
+            c.execute("ROLLBACK")
+            counts[type(exc).__name__] = counts.get(type(exc).__name__, 0) + 1
+            continue
+        if not ops:
+            c.execute("COMMIT")
+            continue
+        blob, token = ps.encode_ops(ops), uuid.uuid4()
+        a = ps.append_commit(c, blob, token, cons.pos)
+        cons.apply_rows(a.missed)
+        cons.apply_rows([ps.LogRow(a.pos, token, a.chain, blob)])
+        counts[kind] = counts.get(kind, 0) + 1
+    cons.catch_up(lambda after, lim: ps.fetch_since(c, after, lim))
+print(json.dumps({"pos": cons.pos, "counts": counts,
+                  "items": [sorted(map(list, s)) for s in items]}))
+"""
+
+MIXED_READER = r"""
+import json, os, sys, time
+from aggtree import pgsync as ps
+uri, stop = sys.argv[1], sys.argv[2]
+items = [set() for _ in range(4)]
+
+def apply(row):
+    for agg, code, ns, old, new, id_ in ps.decode_ops(row.ops):
+        if code & ps.REMOVE:
+            items[agg].discard((ns, old, id_))
+        if code & ps.ADD:
+            items[agg].add((ns, new, id_))
+
+cons = ps.LogConsumer(apply)
+feed = ps.ChangeFeed(uri, poll_interval=1.0)
+feed.on_wake = lambda: cons.catch_up(feed.fetch_since)
+feed.start()
+feed.listening.wait(30)
+print("ready", flush=True)
+while not os.path.exists(stop):
+    time.sleep(0.02)
+feed.close()
+cons.catch_up(ps.ChangeFeed(uri).fetch_since)
+print(json.dumps({"pos": cons.pos, "items": [sorted(map(list, s)) for s in items]}))
+"""
+
+
+def test_random_writes_of_every_kind_keep_every_instance_equal_to_the_tables(uri, tmp_path):
+    with connect(uri) as c:
+        c.execute("INSERT INTO users (username, created_at) SELECT 'u' || g, 0"
+                  " FROM generate_series(1, 4) g")
+        c.execute("UPDATE aggtree_meta SET value = '0' WHERE key = 'drift'")
+    stop = tmp_path / "stop"
+    readers = [run_py(MIXED_READER, uri, stop) for _ in range(2)]
+    for r in readers:
+        assert r.stdout.readline().strip() == "ready", r.stderr.read()
+    writers = [run_py(MIXED_WRITER, uri, 150, seed) for seed in range(4)]
+    wouts = [w.communicate(timeout=120) for w in writers]
+    assert all(w.returncode == 0 for w in writers), [o[1][-3000:] for o in wouts]
+    stop.touch()
+    routs = [r.communicate(timeout=60) for r in readers]
+    assert all(r.returncode == 0 for r in readers), [o[1][-3000:] for o in routs]
+    with connect(uri) as c:
+        want = [sorted(map(list, s)) for s in from_tables(c)]
+        head = ps.read_head(c)[0]
+        assert ps.drift(c) == 0
+    results = [json.loads(o[0]) for o in wouts] + [json.loads(o[0]) for o in routs]
+    moves = sum(r["counts"].get("move", 0) for r in results[:4])
+    follows = sum(r["counts"].get("follow", 0) for r in results[:4])
+    assert moves > 50 and follows > 20 and want[ps.FOLLOWED_BY_START]
+    with connect(uri) as c:
+        assert [sorted(map(list, s)) for s in replay(c)] == want
+        for r in results[:4]:  # a writer: the log's state at its last position
+            assert r["items"] == [sorted(map(list, s)) for s in replay(c, upto=r["pos"])]
+    assert max(r["pos"] for r in results[:4]) == head
+    for r in results[4:]:  # a reader: the tables
+        assert r["pos"] == head
+        assert r["items"] == want

@@ -178,6 +178,32 @@ possible only with bypass writes; the store may retry it.  SERIALIZABLE was
 not chosen: it would abort and retry exactly the hot contended writes
 (moving a popular event's start) and still need the log's commit-order
 lock.
+
+How a store instance uses this
+------------------------------
+Open: ``create_schema``; ``load_tables`` (or a snapshot accepted by
+``check_snapshot``, then ``LogConsumer.catch_up``); a
+``LogConsumer(apply)`` at ``(info.head, info.head_chain)``; a
+``ChangeFeed`` whose ``on_wake`` takes the store lock and runs
+``consumer.catch_up(fetch)`` (:exc:`ReloadNeeded`: reload).  A write, under
+the store lock, on an autocommit connection::
+
+    begin_write(conn)
+    result, ops = follow_event(conn.cursor(), ...)      # or another helper
+    if not ops: COMMIT, return result
+    a = append_commit(conn, encode_ops(ops), token, consumer.pos)
+    if a.missed is None: reload (it includes this write), return result
+    consumer.apply_rows(a.missed)                       # others' rows first
+    consumer.apply_rows([LogRow(a.pos, token, a.chain, blob)])
+
+On an error before COMMIT: ROLLBACK, aggregates untouched (retry on
+``DeadlockDetected``).  On a connection error in ``append_commit`` (the
+COMMIT travels with the append, so the outcome is unknown): reconnect,
+``resolve(new, token, old_backend=backend_identity(old))`` (read right
+after connecting), then ``catch_up``: the write's own row, if it committed,
+is applied from the log like anyone's.  ``store.catch_up()`` is
+``consumer.catch_up(fetch)``.  The start-time cache of the SQLite store
+must not answer follow/unfollow here: the start is read FOR SHARE.
 """
 
 from __future__ import annotations
