@@ -306,7 +306,7 @@ class Appended(NamedTuple):
 
     pos: int
     chain: bytes
-    missed: list
+    missed: Optional[list]  # None: append_commit could not read them (reload)
 
 
 class StoreInfo(NamedTuple):
@@ -317,6 +317,15 @@ class StoreInfo(NamedTuple):
     floor: int
     floor_chain: bytes
     drift: int
+
+
+def _one(cur: Any) -> tuple:
+    """The row of a statement that always returns one (an aggregate, the
+    head row, a RETURNING of an UPDATE that matched)."""
+    row = cur.fetchone()
+    if row is None:  # pragma: no cover - the schema guarantees a row
+        raise RuntimeError("expected a row: is the aggtree schema complete?")
+    return tuple(row)
 
 
 # ---------------------------------------------------------------------------
@@ -399,7 +408,7 @@ def create_schema(conn: psycopg.Connection) -> uuid.UUID:
     lock).  ``ValueError`` for a database of another schema version."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-        if conn.execute("SELECT to_regclass('aggtree_meta')").fetchone()[0] is not None:
+        if _one(conn.execute("SELECT to_regclass('aggtree_meta')"))[0] is not None:
             row = conn.execute(
                 "SELECT value FROM aggtree_meta WHERE key = 'schema_version'").fetchone()
             if row is not None and int(row[0]) != SCHEMA_VERSION:
@@ -428,8 +437,8 @@ def create_schema(conn: psycopg.Connection) -> uuid.UUID:
                     "CREATE TRIGGER aggtree_drift AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE"
                     " ON {} FOR EACH STATEMENT EXECUTE FUNCTION aggtree_note_drift()"
                 ).format(sql.Identifier(table)))
-        store_id = conn.execute(
-            "SELECT value FROM aggtree_meta WHERE key = 'store_id'").fetchone()[0]
+        store_id = _one(conn.execute(
+            "SELECT value FROM aggtree_meta WHERE key = 'store_id'"))[0]
     return uuid.UUID(store_id)
 
 
@@ -448,7 +457,7 @@ GROUP BY h.pos, h.chain
 def store_info(conn: psycopg.Connection) -> StoreInfo:
     """Schema version, store id, head, floor and drift counter, from one
     snapshot (record it with a snapshot of the aggregates)."""
-    head, chain, version, sid, floor, floor_chain, drift_ = conn.execute(_INFO_SQL).fetchone()
+    head, chain, version, sid, floor, floor_chain, drift_ = _one(conn.execute(_INFO_SQL))
     return StoreInfo(int(version), uuid.UUID(sid), head, bytes(chain), int(floor),
                      bytes.fromhex(floor_chain), int(drift_))
 
@@ -456,7 +465,7 @@ def store_info(conn: psycopg.Connection) -> StoreInfo:
 def drift(conn: psycopg.Connection) -> int:
     """The drift counter: how many statements changed the event tables
     without going through the store (see the module docstring)."""
-    return int(conn.execute("SELECT value FROM aggtree_meta WHERE key = 'drift'").fetchone()[0])
+    return int(_one(conn.execute("SELECT value FROM aggtree_meta WHERE key = 'drift'"))[0])
 
 
 # ---------------------------------------------------------------------------
@@ -475,12 +484,12 @@ def chain_at(conn: psycopg.Connection, pos: int) -> Optional[bytes]:
     floor, or 32 zero bytes at 0), or None when the position is beyond the
     head or compacted away.  A snapshot taken at ``(pos, chain)`` is from
     this database's history iff ``chain_at(conn, pos) == chain``."""
-    row = conn.execute(
+    row = _one(conn.execute(
         "SELECT CASE WHEN %(p)s = 0 THEN %(zero)s"
         "            WHEN %(p)s = (SELECT value::bigint FROM aggtree_meta WHERE key = 'log_floor')"
         "            THEN decode((SELECT value FROM aggtree_meta WHERE key = 'log_floor_chain'), 'hex')"
         "            ELSE (SELECT chain FROM aggtree_log WHERE pos = %(p)s) END",
-        {"p": pos, "zero": ZERO_CHAIN}).fetchone()
+        {"p": pos, "zero": ZERO_CHAIN}))
     return None if row[0] is None else bytes(row[0])
 
 
@@ -528,7 +537,7 @@ def append(cur: Any, ops: bytes, token: uuid.UUID, after: int) -> Appended:
 
     ``ReloadNeeded`` when those rows were compacted away or the log went
     back behind ``after`` (roll back, reload, retry)."""
-    pos, chain, _ = cur.execute(APPEND_SQL, {"ops": ops, "token": token}).fetchone()
+    pos, chain, _ = _one(cur.execute(APPEND_SQL, {"ops": ops, "token": token}))
     chain = bytes(chain)
     if pos <= after:
         raise ReloadNeeded(f"the log's head went back to {pos - 1}, behind position {after}")
@@ -563,7 +572,7 @@ def append_commit(conn: psycopg.Connection, ops: bytes, token: uuid.UUID,
     params = {"ops": ops, "token": token}
     if not psycopg.Pipeline.is_supported():  # pragma: no cover - old libpq
         cur = conn.cursor()
-        pos, chain, _ = cur.execute(APPEND_SQL, params).fetchone()
+        pos, chain, _ = _one(cur.execute(APPEND_SQL, params))
         conn.execute("COMMIT")
         rows = cur.execute(_MISSED_SQL, (after, pos)).fetchall()
     else:
@@ -571,11 +580,11 @@ def append_commit(conn: psycopg.Connection, ops: bytes, token: uuid.UUID,
             c1 = conn.execute(APPEND_SQL, params)
             conn.execute("COMMIT")
             c3 = conn.execute(_OWN_AND_MISSED_SQL, (after, token))
-        pos, chain, _ = c1.fetchone()
+        pos, chain, _ = _one(c1)
         rows = c3.fetchall()
-    missed: Optional[list] = [LogRow(p, t, bytes(c), bytes(o)) for p, t, c, o in rows]
+    missed = [LogRow(p, t, bytes(c), bytes(o)) for p, t, c, o in rows]
     if pos <= after or len(missed) != pos - after - 1 or (missed and missed[0].pos != after + 1):
-        missed = None
+        return Appended(pos, bytes(chain), None)
     return Appended(pos, bytes(chain), missed)
 
 
@@ -583,9 +592,9 @@ def backend_identity(conn: psycopg.Connection) -> tuple:
     """``(pid, backend_start)`` of the connection's server process: what
     :func:`resolve` needs to wait for it after the connection broke.  Read
     it right after connecting."""
-    return tuple(conn.execute(
+    return tuple(_one(conn.execute(
         "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-    ).fetchone())
+    )))
 
 
 def resolve(conn: psycopg.Connection, token: uuid.UUID, *, old_backend: Optional[tuple] = None,
@@ -649,7 +658,7 @@ def read_head(conn: psycopg.Connection) -> tuple:
     """``(pos, chain)`` of the newest committed log row.  Read it in the
     same transaction (REPEATABLE READ) as a reload of the tables: the
     aggregates then reflect exactly that position."""
-    pos, chain = conn.execute("SELECT pos, chain FROM aggtree_head").fetchone()
+    pos, chain = _one(conn.execute("SELECT pos, chain FROM aggtree_head"))
     return pos, bytes(chain)
 
 
@@ -660,14 +669,14 @@ def compact(conn: psycopg.Connection, keep: int) -> int:
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
         raise ValueError("keep must be a non-negative int")
     with conn.transaction():
-        old = int(conn.execute("SELECT value FROM aggtree_meta WHERE key = 'log_floor'"
-                               " FOR UPDATE").fetchone()[0])
-        head = conn.execute("SELECT pos FROM aggtree_head").fetchone()[0]
+        old = int(_one(conn.execute("SELECT value FROM aggtree_meta WHERE key = 'log_floor'"
+                               " FOR UPDATE"))[0])
+        head = _one(conn.execute("SELECT pos FROM aggtree_head"))[0]
         floor = head - keep
         if floor <= old:
             return 0
-        chain = bytes(conn.execute("SELECT chain FROM aggtree_log WHERE pos = %s",
-                                   (floor,)).fetchone()[0])
+        chain = bytes(_one(conn.execute("SELECT chain FROM aggtree_log WHERE pos = %s",
+                                   (floor,)))[0])
         deleted = conn.execute("DELETE FROM aggtree_log WHERE pos <= %s", (floor,)).rowcount
         conn.execute("UPDATE aggtree_meta SET value = %s WHERE key = 'log_floor'", (str(floor),))
         conn.execute("UPDATE aggtree_meta SET value = %s WHERE key = 'log_floor_chain'",
@@ -706,20 +715,20 @@ def read_int_matrix(conn: psycopg.Connection, table: str, columns: Sequence[str]
     ranged = conn.info.server_version >= 140000
     nblocks = 0
     if ranged:
-        nblocks = conn.execute(
+        nblocks = _one(conn.execute(
             "SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int",
-            (table,)).fetchone()[0]
+            (table,)))[0]
     parts = []
     start = 0
     while True:
         if not ranged:
-            n, blob = conn.execute(head).fetchone()
+            n, blob = _one(conn.execute(head))
         elif start + blocks >= nblocks:  # open-ended: pages added since are covered
-            n, blob = conn.execute(head + sql.SQL(" WHERE ctid >= %s::tid"),
-                                   (f"({start},0)",)).fetchone()
+            n, blob = _one(conn.execute(head + sql.SQL(" WHERE ctid >= %s::tid"),
+                                   (f"({start},0)",)))
         else:
-            n, blob = conn.execute(head + sql.SQL(" WHERE ctid >= %s::tid AND ctid < %s::tid"),
-                                   (f"({start},0)", f"({start + blocks},0)")).fetchone()
+            n, blob = _one(conn.execute(head + sql.SQL(" WHERE ctid >= %s::tid AND ctid < %s::tid"),
+                                   (f"({start},0)", f"({start + blocks},0)")))
         if n:
             part = np.frombuffer(blob or b"", dtype=">i8")
             if len(part) != n * width:
