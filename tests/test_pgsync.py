@@ -30,6 +30,7 @@ from aggtree import pgserver
 psycopg = pytest.importorskip("psycopg") if os.environ.get("AGGTREE_REQUIRE_POSTGRES") != "1" \
     else __import__("psycopg")
 
+from psycopg import sql as pgsql  # noqa: E402
 from aggtree import pgsync as ps  # noqa: E402  (needs psycopg)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,13 +48,24 @@ def pg():
         yield server
 
 
+@pytest.fixture(scope="session")
+def testdb(pg):
+    return pg.uri("aggtree_tests")
+
+
 @pytest.fixture
-def uri(pg, request):
-    """A fresh database with the schema, for this test."""
+def uri(testdb, request):
+    """A fresh PostgreSQL schema (namespace) with the event schema in it,
+    for this test: a URI whose search_path is that namespace (cheaper than
+    a database per test)."""
     name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
-    u = pg.uri(name)
+    with psycopg.connect(testdb, autocommit=True) as c:
+        c.execute(pgsql.SQL("DROP SCHEMA IF EXISTS {0} CASCADE; CREATE SCHEMA {0}").format(
+            pgsql.Identifier(name)))
+    u = f"{testdb}&options=-c%20search_path%3D{name}"
     with psycopg.connect(u, autocommit=True) as c:
         ps.create_schema(c)
+        assert c.execute("SELECT current_schema()").fetchone()[0] == name
     return u
 
 
