@@ -318,6 +318,16 @@ def test_append_commit_in_one_round_trip(uri):
         assert ps.read_head(b)[0] == 5
 
 
+def test_committed_at_is_the_append_time_not_the_transaction_start(uri):
+    with connect(uri) as c:
+        ps.begin_write(c)
+        started = c.execute("SELECT now()").fetchone()[0]
+        time.sleep(0.3)
+        ps.append_commit(c, b"late", uuid.uuid4(), 0)
+        at = c.execute("SELECT committed_at FROM aggtree_log").fetchone()[0]
+        assert (at - started).total_seconds() >= 0.3
+
+
 def test_a_rolled_back_append_leaves_no_hole(uri):
     with connect(uri) as a, connect(uri) as b:
         raw_append(a, b"kept")

@@ -386,7 +386,9 @@ _TABLES = (
         token        uuid   NOT NULL UNIQUE,
         chain        bytea  NOT NULL,
         ops          bytea  NOT NULL,
-        committed_at timestamptz NOT NULL DEFAULT now()
+        -- the append's wall-clock time: the last statement, so about the
+        -- commit time (now() would be the transaction's start)
+        committed_at timestamptz NOT NULL DEFAULT clock_timestamp()
     )""",
     """CREATE OR REPLACE FUNCTION aggtree_note_drift() RETURNS trigger
        LANGUAGE plpgsql AS $$
@@ -536,7 +538,11 @@ def append(cur: Any, ops: bytes, token: uuid.UUID, after: int) -> Appended:
     right after; apply the write's ops once COMMIT succeeded.
 
     ``ReloadNeeded`` when those rows were compacted away or the log went
-    back behind ``after`` (roll back, reload, retry)."""
+    back behind ``after`` (roll back, reload, retry).
+
+    Every moment between this statement and the end of COMMIT holds the
+    head row, and so every other writer: prefer :func:`append_commit`,
+    which also lets the writer apply the missed rows after COMMIT."""
     pos, chain, _ = _one(cur.execute(APPEND_SQL, {"ops": ops, "token": token}))
     chain = bytes(chain)
     if pos <= after:
