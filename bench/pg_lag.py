@@ -15,6 +15,14 @@ bound that includes the commit itself).
 
 In pipeline mode "COMMIT sent" is when the append was sent (the append and
 COMMIT travel together).
+
+Measured on this machine (2 cores shared with other jobs, load ~8; psycopg
+C implementation; fsync off), 4 writer processes, 10 s:
+  600/s pipeline: COMMIT returned -> applied p50 0.24 ms, p99 2.5 ms, max 28 ms
+  600/s two-step: p50 0.40 ms, p99 11.5 ms, max 32 ms
+  1000/s target (851/s reached) pipeline: p50 0.48 ms, p99 19.8 ms, max 45 ms
+With --durable (fsync + synchronous_commit on, a virtual disk) the appends
+reach only ~180-270/s: the head row is held through each commit's flush.
 """
 
 from __future__ import annotations
