@@ -135,8 +135,10 @@ statement-level AFTER INSERT/UPDATE/DELETE/TRUNCATE triggers on ``users``,
 is a row, not a sequence, so it is transactional: a snapshot that records
 it cannot count a bypass write whose rows it did not see.  It lives in
 ``aggtree_meta``, not the head row: a bypassing transaction must not hold
-the lock that orders the log.  A statement that changed no row still counts
-(a false alarm only costs a verify).  A warm start compares the counter
+the lock that orders the log.  Bypassing transactions serialise on the
+counter row among themselves (they are expected to be rare; a long one
+makes the others wait until it ends).  A statement that changed no row
+still counts (a false alarm only costs a verify).  A warm start compares the counter
 with the one recorded in its snapshot; a difference means: verify.  We
 chose triggers as a marker and not as the capture itself: capturing ops in
 triggers would need the aggregate logic (namespaces, keys, follower fan-out)
