@@ -422,10 +422,7 @@ cdef class _Tree:
     does, so code holding the GIL reaches the C tree only through
     ``_tt(tree)``, which waits for such a write to end (module docstring,
     "Threads")."""
-    cdef agg_tree *t
-    cdef int kind
-    cdef int busy                        # a bulk write is changing t without the GIL
-    cdef PyThread_type_lock busy_lock    # held by that write; NULL until the first one
+    # (attributes: _core.pxd)
 
     def __dealloc__(self):
         if self.t != NULL:
@@ -828,6 +825,88 @@ cdef tuple _parse_cursor(object cursor):
     return res
 
 
+cdef int _find(_Tree tree, object key, object id, GKey *g,
+               agg_key *stored, bint probe=True) except -1:
+    """Nonzero if (key, id) is an item of `tree`, with a key that finds it
+    in *stored: 2 when that key is the caller's own (built in `g`, valid
+    while g lives), 1 when it is the tree's stored key (borrowed: valid
+    until the next write); else 0.  Validates key and id
+    either way (TypeError / ValueError).  `g` must be initialised; it is
+    used as scratch.
+
+    Items that compare equal are the same item whatever their types, so
+    (1, 5), (1.0, 5) and (True, 5) all find one another: FAST trees
+    translate the pair into their double domain, GENERAL trees search by
+    the ordered encoding (without the type signature that follows it).
+
+    With `probe` False the exact-key paths skip their lookup and return
+    the key the item would have (a caller that deletes by it learns
+    from the delete whether it was there: one descent instead of two)."""
+    cdef double d, v
+    cdef int64_t i
+    cdef int pk, pi
+    cdef agg_key k, sk
+    cdef uint64_t r
+    cdef Py_ssize_t olen, nsig
+    cdef KeyBuf sig
+    cdef uint8_t small[256]
+    cdef uint8_t *buf = small
+    cdef size_t n
+    cdef int found = 0
+    if tree is None:
+        kb_put_item(&g.kb, key, id)          # validate only
+        return 0
+    if tree.kind != K_GENERAL:
+        pk = _num_position(key, &d, tree.kind)
+        pi = _id_position(id, &i)
+        if pk != P_EXACT or pi != P_EXACT:
+            return 0
+        k = _fast_key(d, i)
+        if probe and not agg_tree_get(_tt(tree), k, NULL):
+            return 0
+        stored[0] = k
+        return 1
+    kb_init(&sig)
+    try:
+        kb_put_value(&g.kb, key, &sig)
+        kb_put_value(&g.kb, id, &sig)
+        nsig = sig.len
+        if nsig <= 255:
+            # The core ignores the type signature: an exact lookup by
+            # the full encoding finds the item however it was spelt.
+            _kb_append(&g.kb, sig.data, nsig)
+            k = gkey_finish(g, nsig)
+            if probe and not agg_tree_get(_tt(tree), k, NULL):
+                return 0
+            stored[0] = k
+            return 2
+    finally:
+        kb_free(&sig)
+    olen = g.kb.len
+    k = gkey_finish(g)
+    r = agg_tree_rank(_tt(tree), k, 0)
+    if r >= agg_tree_len(_tt(tree)):
+        return 0
+    agg_tree_select(_tt(tree), r, &sk, &v)
+    n = agg_key_to_bytes(sk, small, sizeof(small))
+    if n > sizeof(small):
+        buf = <uint8_t *>malloc(n)
+        if buf == NULL:
+            raise MemoryError()
+        agg_key_to_bytes(sk, buf, n)
+    # The stored E must be our ordered pair plus its type signature: the
+    # byte after it is a sig byte (0x01..0x03), head padding, or nothing.
+    # 0xFF there would mean a longer pair that merely extends ours (an
+    # escaped 0x00 inside a str / bytes id).
+    if (n >= <size_t>olen and memcmp(buf, g.kb.data, olen) == 0
+            and (n == <size_t>olen or buf[olen] != 0xFF)):
+        stored[0] = sk
+        found = 1
+    if buf != small:
+        free(buf)
+    return found
+
+
 # ---------------------------------------------------------- Aggregate --
 
 cdef class Aggregate:
@@ -843,12 +922,7 @@ cdef class Aggregate:
     (1, 15.0)
     """
 
-    cdef dict _trees
-    cdef uint32_t _node_size
-    cdef PyThread_type_lock _lock
-    cdef unsigned long _owner       # thread holding _lock (valid while _depth > 0)
-    cdef int _depth                 # re-entrant holds of _lock by _owner
-    cdef uint64_t _version          # bumped by every write (live iteration)
+    # (attributes and cdef method declarations: _core.pxd)
 
     def __cinit__(self):
         self._lock = PyThread_allocate_lock()
@@ -928,87 +1002,6 @@ cdef class Aggregate:
 
     # ------------------------------------------------------------ writes --
 
-    cdef int _find(self, _Tree tree, object key, object id, GKey *g,
-                   agg_key *stored, bint probe=True) except -1:
-        """Nonzero if (key, id) is an item of `tree`, with a key that finds it
-        in *stored: 2 when that key is the caller's own (built in `g`, valid
-        while g lives), 1 when it is the tree's stored key (borrowed: valid
-        until the next write); else 0.  Validates key and id
-        either way (TypeError / ValueError).  `g` must be initialised; it is
-        used as scratch.
-
-        Items that compare equal are the same item whatever their types, so
-        (1, 5), (1.0, 5) and (True, 5) all find one another: FAST trees
-        translate the pair into their double domain, GENERAL trees search by
-        the ordered encoding (without the type signature that follows it).
-
-        With `probe` False the exact-key paths skip their lookup and return
-        the key the item would have (a caller that deletes by it learns
-        from the delete whether it was there: one descent instead of two)."""
-        cdef double d, v
-        cdef int64_t i
-        cdef int pk, pi
-        cdef agg_key k, sk
-        cdef uint64_t r
-        cdef Py_ssize_t olen, nsig
-        cdef KeyBuf sig
-        cdef uint8_t small[256]
-        cdef uint8_t *buf = small
-        cdef size_t n
-        cdef int found = 0
-        if tree is None:
-            kb_put_item(&g.kb, key, id)          # validate only
-            return 0
-        if tree.kind != K_GENERAL:
-            pk = _num_position(key, &d, tree.kind)
-            pi = _id_position(id, &i)
-            if pk != P_EXACT or pi != P_EXACT:
-                return 0
-            k = _fast_key(d, i)
-            if probe and not agg_tree_get(_tt(tree), k, NULL):
-                return 0
-            stored[0] = k
-            return 1
-        kb_init(&sig)
-        try:
-            kb_put_value(&g.kb, key, &sig)
-            kb_put_value(&g.kb, id, &sig)
-            nsig = sig.len
-            if nsig <= 255:
-                # The core ignores the type signature: an exact lookup by
-                # the full encoding finds the item however it was spelt.
-                _kb_append(&g.kb, sig.data, nsig)
-                k = gkey_finish(g, nsig)
-                if probe and not agg_tree_get(_tt(tree), k, NULL):
-                    return 0
-                stored[0] = k
-                return 2
-        finally:
-            kb_free(&sig)
-        olen = g.kb.len
-        k = gkey_finish(g)
-        r = agg_tree_rank(_tt(tree), k, 0)
-        if r >= agg_tree_len(_tt(tree)):
-            return 0
-        agg_tree_select(_tt(tree), r, &sk, &v)
-        n = agg_key_to_bytes(sk, small, sizeof(small))
-        if n > sizeof(small):
-            buf = <uint8_t *>malloc(n)
-            if buf == NULL:
-                raise MemoryError()
-            agg_key_to_bytes(sk, buf, n)
-        # The stored E must be our ordered pair plus its type signature: the
-        # byte after it is a sig byte (0x01..0x03), head padding, or nothing.
-        # 0xFF there would mean a longer pair that merely extends ours (an
-        # escaped 0x00 inside a str / bytes id).
-        if (n >= <size_t>olen and memcmp(buf, g.kb.data, olen) == 0
-                and (n == <size_t>olen or buf[olen] != 0xFF)):
-            stored[0] = sk
-            found = 1
-        if buf != small:
-            free(buf)
-        return found
-
     cdef int _insert(self, object key, object id, double v, object namespace,
                      bint overwrite, bint *existed) except -1:
         """Insert or (overwrite) upsert one validated value; see insert()."""
@@ -1037,7 +1030,7 @@ cdef class Aggregate:
                 # The pair may already be present under another spelling
                 # (1 vs 1.0), which only a lookup by value can tell (GENERAL
                 # trees tell it themselves when the signature is ignorable).
-                if self._find(tree, key, id, &g, &sk):
+                if _find(tree, key, id, &g, &sk):
                     if not overwrite:
                         _raise_status(AGG_DUPLICATE, key, id, namespace)
                     st = agg_tree_insert(_tt(tree), sk, v, 1, &ex, NULL)
@@ -1076,7 +1069,7 @@ cdef class Aggregate:
         gkey_init(&g)
         gkey_init(&c)
         try:
-            found = self._find(tree, key, id, &g, &sk, False)
+            found = _find(tree, key, id, &g, &sk, False)
             if found:
                 if tree.kind == K_GENERAL and found == 1:
                     # Delete by a private copy of the stored key: the tree
@@ -1104,7 +1097,7 @@ cdef class Aggregate:
         cdef int found
         gkey_init(&g)
         try:
-            found = self._find(self._tree(namespace), key, id, &g, &sk)
+            found = _find(self._tree(namespace), key, id, &g, &sk)
         finally:
             gkey_free(&g)
         return found
@@ -1566,7 +1559,7 @@ cdef class Aggregate:
             names = uniq.tolist()
             karr = _fast_key_array(ks, iss)
             for a, b in zip(starts, ends):
-                agg._build_fast_run(karr, vs, ks, iss, a, b, kind, names[inv[order[a]]])
+                _build_fast_run(agg, karr, vs, ks, iss, a, b, kind, names[inv[order[a]]])
             return agg
         if nsa is not None:
             uniq, inv = np.unique(nsa, return_inverse=True)
@@ -1587,19 +1580,6 @@ cdef class Aggregate:
             idx = np.asarray(idx, dtype=np.intp)
             agg._load_arrays(ka[idx], ia[idx], va[idx], kind, ns)
         return agg
-
-    cdef _build_fast_run(self, cnp.ndarray karr, cnp.ndarray vs, cnp.ndarray ks,
-                         cnp.ndarray iss, Py_ssize_t a, Py_ssize_t b, int kind, namespace):
-        """Build one empty namespace from the FAST keys karr[a:b] (sorted here)."""
-        cdef _Tree tree = _new_tree(self._node_size, kind)
-        cdef uint64_t bad = 0
-        cdef agg_key *kp = (<agg_key *>cnp.PyArray_DATA(karr)) + a
-        cdef agg_status st = agg_tree_build_unsorted(
-            tree.t, kp, (<double *>cnp.PyArray_DATA(vs)) + a, <uint64_t>(b - a), &bad)
-        if st == AGG_DUPLICATE:
-            _raise_dup_fast(kind, kp[bad], namespace, f" in namespace {namespace!r}")
-        _raise_status(st, None, None, namespace)
-        self._trees[namespace] = tree
 
     def _load_arrays(self, cnp.ndarray ka, cnp.ndarray ia, cnp.ndarray va, int kind, namespace):
         """Bulk-load one empty namespace from validated arrays."""
@@ -1988,6 +1968,20 @@ cdef class Aggregate:
                                    [_meta_len(len(r[0]) - len(r[1])) for r in rows],
                                    <double *>cnp.PyArray_DATA(vals))
         self._trees[namespace] = tree
+
+
+cdef _build_fast_run(Aggregate agg, cnp.ndarray karr, cnp.ndarray vs, cnp.ndarray ks,
+                     cnp.ndarray iss, Py_ssize_t a, Py_ssize_t b, int kind, namespace):
+    """Build one empty namespace from the FAST keys karr[a:b] (sorted here)."""
+    cdef _Tree tree = _new_tree(agg._node_size, kind)
+    cdef uint64_t bad = 0
+    cdef agg_key *kp = (<agg_key *>cnp.PyArray_DATA(karr)) + a
+    cdef agg_status st = agg_tree_build_unsorted(
+        tree.t, kp, (<double *>cnp.PyArray_DATA(vs)) + a, <uint64_t>(b - a), &bad)
+    if st == AGG_DUPLICATE:
+        _raise_dup_fast(kind, kp[bad], namespace, f" in namespace {namespace!r}")
+    _raise_status(st, None, None, namespace)
+    agg._trees[namespace] = tree
 
 
 # ------------------------------------------------------ array helpers --
@@ -2409,27 +2403,4 @@ cdef _start_cache_step(starts, id_, new, list undo):
     starts.set(id_, new)
 
 
-# --------------------------------------------------------- test hooks --
-
-def _debug_fail_after(long n):
-    """Make every allocation after the next ``n`` fail (n < 0: stop).
-
-    Returns the number of allocations made since the previous call.  For
-    the failure-injection tests only; not thread-safe."""
-    return agg_debug_fail_after(n)
-
-
-def _tree_busy(Aggregate agg, namespace=None):
-    """Whether a bulk write is changing `namespace`'s tree without the GIL
-    right now (without waiting for it), for tests."""
-    cdef _Tree tree = agg._tree(namespace)
-    return tree is not None and tree.busy != 0
-
-
-def _tree_info(Aggregate agg, namespace=None):
-    """(kind, depth, len, nbytes) of one namespace's tree, for tests."""
-    cdef _Tree tree = agg._tree(namespace)
-    if tree is None:
-        return None
-    return ({K_FLOAT: "float", K_INT: "int", K_GENERAL: "general", K_NONE: "none"}[tree.kind],
-            agg_tree_depth(_tt(tree)), agg_tree_len(_tt(tree)), agg_tree_nbytes(_tt(tree)))
+include "_testing.pxi"
