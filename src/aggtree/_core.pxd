@@ -22,9 +22,9 @@ cdef class _Tree:
     The C tree is reached only through the two accessors of _trees.pxi:
     _tt(tree) with the GIL held, _bulk_begin / _bulk_end around a bulk
     write without the GIL.  The raw pointer's name says so."""
-    cdef agg_tree *t
+    cdef agg_tree *_t_raw_use_tt         # the C tree: use _tt / _bulk_begin, never this
     cdef int kind                        # K_FLOAT, K_INT, K_GENERAL or K_NONE
-    cdef int busy                        # a bulk write is changing t without the GIL
+    cdef int busy                        # a bulk write is changing the tree without the GIL
     cdef PyThread_type_lock busy_lock    # held by that write; NULL until the first one
 
 
@@ -37,6 +37,8 @@ cdef class Aggregate:
     cdef uint64_t _version          # bumped by every write (live iteration)
 
     # -- the lock --
+    # Take (release) the aggregate's lock without marking a write: what the
+    # vectorised readers hold while they run without the GIL.
     cdef inline void _acquire(self) noexcept
     cdef inline void _release(self) noexcept
     # CONTRACT: take (release) the aggregate's write lock.  Re-entrant for
@@ -48,6 +50,9 @@ cdef class Aggregate:
     cdef inline void _wunlock(self) noexcept
 
     # -- namespaces --
+    # The tree of `namespace` or None (TypeError if it is not hashable); the
+    # tree for an insert of `kind` (created, or widened to GENERAL); drop a
+    # namespace whose tree became empty (write lock held).
     cdef inline _Tree _tree(self, object namespace)
     cdef _Tree _tree_for_insert(self, object namespace, int kind)
     cdef inline void _drop_if_empty(self, object namespace, _Tree tree)
@@ -66,12 +71,8 @@ cdef class Aggregate:
     # when `must`, else False.  A namespace left empty is dropped.  Errors
     # as for _insert, with nothing changed.
     cdef bint _delete(self, object key, object id, object namespace, bint must) except -1
+    # Whether (key, id) is an item of `namespace` (validating key and id).
     cdef bint _exists(self, object key, object id, object namespace) except -1
+    # replace / replace_or_insert (the caller holds the write lock).
     cdef object _replace(self, object key, object id, object new_key, object value,
                          object namespace, object new_namespace, bint must)
-
-    cdef _insert_many_slow(self, list items, object namespace)
-    cdef tuple _bound_ranks(self, _Tree tree, lowers, uppers, object lower_inclusive,
-                            object upper_inclusive)
-    cdef inline void _rlock(self) noexcept
-    cdef inline void _runlock(self) noexcept
