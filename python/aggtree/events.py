@@ -96,7 +96,6 @@ import struct
 import sys
 import threading
 import time
-from array import array
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -105,9 +104,11 @@ import numpy as np
 from . import Aggregate, Bound, DuplicateItemError
 from .table import TableAggregate
 
+from ._event_ops import StartCache as _StartCache
+
 try:  # the write hooks' C loop, for native aggregates
     from ._core import Aggregate as _NativeAggregate
-    from ._core import apply_ops as _apply_ops_native
+    from ._event_ops import apply_ops as _apply_ops_native
 except ImportError:  # pragma: no cover - no compiled core
     _NativeAggregate = None
     _apply_ops_native = None
@@ -511,62 +512,6 @@ def _doc_none(doc: Any) -> None:
     return None
 
 
-class _StartCache:
-    """The start time of events, by event id (a mirror of
-    ``events.start_time`` for the ids it holds): what
-    ``follow_event`` and ``unfollow_event`` need for the follower's
-    ``followed_events_by_start`` item, without a SELECT (which would cost
-    the write ~1.4 us, a third of the store's overhead over plain SQLite).
-
-    An ``array('q')`` indexed by id, ``EMPTY`` where unknown.  It moves in
-    step with ``events_by_start``: every op on that aggregate sets it
-    (applied, replayed from another process, or undone after a failure), a
-    reload and the migration fill it from the same rows, and
-    ``verify_aggregates`` refills it from the tables.  An id it does not
-    hold (EMPTY, or beyond the array: ids far above the others are not
-    cached, so a sparse id cannot blow up memory) makes the write read the
-    table as before."""
-
-    EMPTY = -(2**63)  # no datetime maps to it: to_ms(datetime.min) ~ -6.2e13
-
-    __slots__ = ("a",)
-
-    def __init__(self) -> None:
-        self.a = array("q")
-
-    def get(self, event_id: int) -> Optional[int]:
-        a = self.a
-        if 0 <= event_id < len(a):
-            v = a[event_id]
-            if v != -(2**63):
-                return v
-        return None
-
-    def set(self, event_id: int, start: Optional[int]) -> None:
-        """Remember ``start`` (None: forget) for ``event_id``."""
-        a = self.a
-        v = self.EMPTY if start is None else start
-        if event_id < 0:
-            return
-        if event_id >= len(a):
-            if v == self.EMPTY or event_id >= 2 * len(a) + 65536:
-                return  # nothing to forget there / too sparse to cache
-            a.extend(array("q", [self.EMPTY]) * (max(event_id + 1, 2 * len(a)) - len(a)))
-        a[event_id] = v
-
-    def load(self, ids: np.ndarray, starts: np.ndarray) -> None:
-        """Replace the contents with these events (ids >= 0)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        starts = np.asarray(starts, dtype=np.int64)
-        keep = (ids >= 0) & (ids < 4 * len(ids) + 65536)
-        ids, starts = ids[keep], starts[keep]
-        table = np.full(int(ids.max()) + 1 if len(ids) else 0, self.EMPTY, dtype=np.int64)
-        table[ids] = starts
-        a = array("q")
-        a.frombytes(table.tobytes())
-        self.a = a
-
-
 def _table_aggregates(aggs: list) -> list:
     """The four TableAggregates over four Aggregates.  Event documents are
     dicts with ``id``, ``user_id``, ``created_at``, ``start_time`` (as
@@ -588,7 +533,7 @@ def _apply_ops_python(
     starts: Optional["_StartCache"] = None,
     start_agg: int = -1,
 ) -> None:
-    """:func:`aggtree._core.apply_ops` for any Aggregate class (the
+    """:func:`aggtree._event_ops.apply_ops` for any Aggregate class (the
     pure-Python reference included): the same ops, the same undo records,
     the same start cache steps."""
     for a, code, ns, old, new, id_ in ops:
@@ -1015,7 +960,7 @@ class EventStore:
     def _apply(self, ops: Sequence, undo: Optional[list]) -> None:
         """Apply ops with the idempotent forms (REMOVE: delete if present,
         ADD: upsert); with ``undo``, record what actually changed.  One C
-        loop (:func:`aggtree._core.apply_ops`) runs them and records
+        loop (:func:`aggtree._event_ops.apply_ops`) runs them and records
         ``(aggregate, done bits, old, new, id, namespace)`` per op that
         changed something, even when it raises halfway.  The start cache
         follows events_by_start: before each op on it, set (ADD) or
