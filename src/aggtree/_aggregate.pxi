@@ -48,7 +48,7 @@ cdef class Aggregate:
         if self._lock != NULL:
             PyThread_free_lock(self._lock)
 
-    # -- locking (see the module docstring) --
+    # -- locking (see "Threads" in _core.pyx) --
 
     cdef inline void _acquire(self) noexcept:
         """Take the aggregate's lock, re-entrantly for the thread that holds

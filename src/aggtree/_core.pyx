@@ -49,7 +49,9 @@ How a Python call becomes a tree walk
   For FAST trees a bound key of another type is placed by the cross-type
   order (None before all numbers, str / bytes / tuple after them), and
   integers that are not exact doubles fall in the gap between two doubles.
-* Errors: C statuses map to exceptions in ``_raise_status``.  Everything is
+* Errors: C statuses map to exceptions in ``_raise_status``, and every
+  DuplicateItemError / MissingItemError is worded by ``_item_error``
+  (_errors.pxi).  Everything is
   validated (keys encoded, values converted, targets looked up) before the
   first C call that mutates, and the C core itself never half-applies an
   operation, so a failed call leaves the aggregate unchanged.
@@ -61,7 +63,7 @@ respect to each other.  Every writer takes the aggregate's lock too.
 Vectorised read loops release the GIL; they hold the aggregate's lock while
 they run, so such a reader sees the state before or after a write, never a
 torn one.  The bulk writes of FAST keys (insert_many, delete_many) release
-the GIL for the C write, holding the lock; per-item calls do not take the
+the GIL for the C write, holding the lock; per-item reads do not take the
 lock, so the written namespace's _Tree is marked busy meanwhile, and every
 C call made with the GIL held reaches the tree through _tt(tree), which
 waits (without the GIL) until the write has ended.  Other namespaces, and

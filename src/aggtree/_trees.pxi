@@ -26,7 +26,7 @@ cdef class _Tree:
     A bulk write (insert_many / delete_many on FAST keys) changes the C tree
     with the GIL released.  It sets ``busy`` and holds ``busy_lock`` while it
     does, so code holding the GIL reaches the C tree only through
-    ``_tt(tree)``, which waits for such a write to end (module docstring,
+    ``_tt(tree)``, which waits for such a write to end (_core.pyx,
     "Threads").  Attributes: _core.pxd."""
 
     def __dealloc__(self):
