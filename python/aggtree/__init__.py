@@ -19,10 +19,10 @@ import os as _os
 
 from ._types import Bound, DuplicateItemError, Item, MissingItemError, Page
 
-if _os.environ.get("AGGTREE_PURE", "") not in ("", "0"):
-    from .reference import Aggregate
-else:
+if _os.environ.get("AGGTREE_PURE", "") in ("", "0"):
     from ._core import Aggregate
+else:  # the reference has the same API (type checkers see the native one)
+    from .reference import Aggregate  # type: ignore[assignment]
 
 __all__ = [
     "Aggregate",

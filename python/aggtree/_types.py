@@ -44,6 +44,9 @@ class Bound:
     """
 
     __slots__ = ("key", "inclusive", "id")
+    key: Any
+    inclusive: bool
+    id: Any
 
     def __init__(self, key: Any, inclusive: bool = True, id: Any = None) -> None:
         if not isinstance(inclusive, bool):

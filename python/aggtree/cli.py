@@ -190,6 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("\nLive writes (create, follow, move, delete) keep the aggregates in sync ...", file=out)
         top = store.user_id(info.heavy_users[0])
         other = store.user_id(info.heavy_users[-1])
+        assert top is not None and other is not None  # (the demo data made them)
         eid = store.create_event(top, name="demo", start=now + timedelta(days=2), created_at=now)
         store.follow_event(other, eid)
         store.update_event(top, eid, start=now - timedelta(days=1))

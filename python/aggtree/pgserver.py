@@ -104,6 +104,7 @@ class TempPostgres:
     # -- life cycle --------------------------------------------------------
 
     def _tool(self, name: str) -> str:
+        assert self.bindir is not None  # checked in __init__
         return os.path.join(self.bindir, name)
 
     def _run(self, argv: list, what: str) -> None:

@@ -708,6 +708,7 @@ class Aggregate:
         tree = self._trees.get(namespace)
         pos = self._find(tree, pair)
         if pos >= 0:
+            assert tree is not None  # (found in it)
             tree.items[pos] = tree.items[pos]._replace(value=v)
             return False
         self._add(namespace, pair, Item(k, i, v))
@@ -805,6 +806,7 @@ class Aggregate:
             if pos < 0 or pos in doomed:
                 raise self._missing(keys[j], ids[j], namespace)
             doomed.add(pos)
+        assert tree is not None  # (every pair was found in it)
         keep = [p for p in range(len(tree.items)) if p not in doomed]
         tree.sks = [tree.sks[p] for p in keep]
         tree.items = [tree.items[p] for p in keep]

@@ -102,9 +102,9 @@ class TableAggregate:
         for name, fn in (("sort_key", sort_key), ("id", id)):
             if not callable(fn):
                 raise TypeError(f"{name} must be callable, not {type(fn).__name__}")
-        for name, fn in (("namespace", namespace), ("sum_value", sum_value)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be callable or None, not {type(fn).__name__}")
+        for name, opt in (("namespace", namespace), ("sum_value", sum_value)):
+            if opt is not None and not callable(opt):
+                raise TypeError(f"{name} must be callable or None, not {type(opt).__name__}")
         self._sort_key = sort_key
         self._id = id
         self._namespace = namespace

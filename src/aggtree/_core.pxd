@@ -1,87 +1,78 @@
-# _core.pxd - Cython declarations of the aggtree C core (aggtree.h).
+# _core.pxd - the cdef classes of aggtree._core, for `cimport`.
 #
-# Kept apart from _core.pyx (the wrappers) so that the C contract is readable
-# in one place; see aggtree.h for the meaning of each function.
+# Another Cython module (aggtree._event_ops, say) writes
+#     from aggtree._core cimport Aggregate
+# and may then call the methods below marked CONTRACT: their meaning, the
+# lock they need and what they do on failure are stated here and kept.  The
+# other cdef methods are internals of _core (declared here only because
+# Cython needs every cdef method of a class declared in its .pxd).
+#
+# The C declarations of the core (aggtree.h) are in _aggtree.pxd; the code is
+# in _core.pyx and the .pxi files it includes (see _core.pyx for the map).
 
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint32_t, uint64_t
+from cpython.pythread cimport PyThread_type_lock
 
-cdef extern from "aggtree.h" nogil:
-    ctypedef enum agg_status:
-        AGG_OK
-        AGG_NOMEM
-        AGG_DUPLICATE
-        AGG_MISSING
-        AGG_RANGE
-        AGG_INVALID
-        AGG_CORRUPT
+from aggtree._aggtree cimport *
 
-    ctypedef enum agg_keymode:
-        AGG_KEYS_FAST
-        AGG_KEYS_GENERAL
 
-    ctypedef struct agg_tail:
-        uint32_t refs
-        uint32_t len
-        uint8_t bytes[1]
+cdef class _Tree:
+    """One namespace's C tree and its key kind (_trees.pxi).
 
-    ctypedef struct agg_key:
-        uint64_t head
-        uint64_t rest
+    The C tree is reached only through the two accessors of _trees.pxi:
+    _tt(tree) with the GIL held, _bulk_begin / _bulk_end around a bulk
+    write without the GIL.  The raw pointer's name says so."""
+    cdef agg_tree *_t_raw_use_tt         # the C tree: use _tt / _bulk_begin, never this
+    cdef int kind                        # K_FLOAT, K_INT, K_GENERAL or K_NONE
+    cdef int busy                        # a bulk write is changing the tree without the GIL
+    cdef PyThread_type_lock busy_lock    # held by that write; NULL until the first one
 
-    ctypedef struct agg_tree:
-        pass
 
-    int AGG_NODE_SIZE_MIN
-    int AGG_NODE_SIZE_MAX
-    unsigned int AGG_TAIL_MAX_LEN
+cdef class Aggregate:
+    cdef dict _trees                # namespace -> _Tree (no empty trees)
+    cdef uint32_t _node_size
+    cdef PyThread_type_lock _lock
+    cdef unsigned long _owner       # thread holding _lock (valid while _depth > 0)
+    cdef int _depth                 # re-entrant holds of _lock by _owner
+    cdef uint64_t _version          # bumped by every write (live iteration)
 
-    uint64_t agg_f64_to_key(double x)
-    double agg_key_to_f64(uint64_t k)
-    uint64_t agg_i64_to_key(int64_t x)
-    int64_t agg_key_to_i64(uint64_t k)
-    void agg_fast_keys(const double *keys, const int64_t *ids, agg_key *out, uint64_t n) nogil
-    int agg_key_cmp(agg_keymode mode, agg_key a, agg_key b)
-    agg_key agg_key_from_bytes(const uint8_t *e, size_t len, agg_tail *tail_buf)
-    agg_key agg_key_from_item_bytes(const uint8_t *e, size_t len, size_t meta,
-                                    agg_tail *tail_buf)
-    size_t agg_key_to_bytes(agg_key k, uint8_t *out, size_t cap)
+    # -- the lock --
+    # Take (release) the aggregate's lock without marking a write: what the
+    # vectorised readers hold while they run without the GIL.
+    cdef inline void _acquire(self) noexcept
+    cdef inline void _release(self) noexcept
+    # CONTRACT: take (release) the aggregate's write lock.  Re-entrant for
+    # the thread holding it; waits without the GIL; _wlock also bumps the
+    # version that live iteration watches.  Every change to the aggregate
+    # happens between _wlock() and _wunlock(), called in pairs
+    # (try / finally).
+    cdef inline void _wlock(self) noexcept
+    cdef inline void _wunlock(self) noexcept
 
-    agg_status agg_tree_new(agg_tree **out, uint32_t node_size, agg_keymode mode)
-    void agg_tree_free(agg_tree *t)
-    uint64_t agg_tree_len(const agg_tree *t)
-    agg_keymode agg_tree_mode(const agg_tree *t)
-    uint32_t agg_tree_node_size(const agg_tree *t)
-    uint32_t agg_tree_depth(const agg_tree *t)
-    size_t agg_tree_nbytes(const agg_tree *t)
+    # -- namespaces --
+    # The tree of `namespace` or None (TypeError if it is not hashable); the
+    # tree for an insert of `kind` (created, or widened to GENERAL); drop a
+    # namespace whose tree became empty (write lock held).
+    cdef inline _Tree _tree(self, object namespace)
+    cdef _Tree _tree_for_insert(self, object namespace, int kind)
+    cdef inline void _drop_if_empty(self, object namespace, _Tree tree)
 
-    agg_status agg_tree_insert(agg_tree *t, agg_key key, double value,
-                               int overwrite, int *existed, double *old_value)
-    agg_status agg_tree_delete(agg_tree *t, agg_key key, double *old_value)
-    agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
-                                      uint64_t *bad_index)
-    void agg_tree_clear(agg_tree *t)
-    agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
-                              const double *values, uint64_t n,
-                              uint64_t *bad_index)
-
-    agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys,
-                                      const double *values, uint64_t n,
-                                      uint64_t *bad_index)
-    agg_status agg_keys_sort(agg_key *keys, double *values, uint64_t n)
-    agg_status agg_tree_build_unsorted(agg_tree *t, agg_key *keys, double *values,
-                                       uint64_t n, uint64_t *bad_index)
-
-    int agg_tree_get(const agg_tree *t, agg_key key, double *value)
-    uint64_t agg_tree_rank(const agg_tree *t, agg_key key, int after)
-    void agg_tree_rank2(const agg_tree *t, agg_key k1, int after1, agg_key k2,
-                        int after2, uint64_t *r1, uint64_t *r2)
-    agg_status agg_tree_select(const agg_tree *t, uint64_t index,
-                               agg_key *key, double *value)
-    double agg_tree_sum(const agg_tree *t, uint64_t lo, uint64_t hi)
-    uint64_t agg_tree_read(const agg_tree *t, uint64_t index, uint64_t max,
-                           int descending, agg_key *keys, double *values)
-    void agg_tree_rank_many(const agg_tree *t, const agg_key *keys, uint64_t n,
-                            int after, uint64_t *out)
-
-    agg_status agg_tree_check(const agg_tree *t, char *msg, size_t msg_len)
-    long agg_debug_fail_after(long n)
+    # -- per-item writes --
+    # CONTRACT (caller holds the write lock, see _wlock): insert (key, id)
+    # with the finite value v into `namespace` (created if need be).  With
+    # overwrite, an existing item's value is replaced (upsert), else it is
+    # a DuplicateItemError.  *existed is set to whether the item was there.
+    # TypeError / ValueError for a bad key, id or namespace, MemoryError:
+    # the aggregate is unchanged then.
+    cdef int _insert(self, object key, object id, double v, object namespace,
+                     bint overwrite, bint *existed) except -1
+    # CONTRACT (caller holds the write lock): delete (key, id) from
+    # `namespace`; returns whether it was there.  If absent: MissingItemError
+    # when `must`, else False.  A namespace left empty is dropped.  Errors
+    # as for _insert, with nothing changed.
+    cdef bint _delete(self, object key, object id, object namespace, bint must) except -1
+    # Whether (key, id) is an item of `namespace` (validating key and id).
+    cdef bint _exists(self, object key, object id, object namespace) except -1
+    # replace / replace_or_insert (the caller holds the write lock).
+    cdef object _replace(self, object key, object id, object new_key, object value,
+                         object namespace, object new_namespace, bint must)

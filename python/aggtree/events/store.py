@@ -282,7 +282,7 @@ class EventStore(SyncMixin, StatsMixin, MigrationMixin, VerifyMixin):
     def _apply(self, ops: Sequence, undo: Optional[list]) -> None:
         """Apply ops with the idempotent forms (REMOVE: delete if present,
         ADD: upsert); with ``undo``, record what actually changed.  One C
-        loop (:func:`aggtree._core.apply_ops`) runs them and records
+        loop (:func:`aggtree._event_ops.apply_ops`) runs them and records
         ``(aggregate, done bits, old, new, id, namespace)`` per op that
         changed something, even when it raises halfway.  The start cache
         follows events_by_start: before each op on it, set (ADD) or

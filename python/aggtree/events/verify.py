@@ -201,7 +201,7 @@ def _int_columns(keys: Any, ids: Any, key_is_none: bool) -> tuple:
             return None, None
         keys_a = np.asarray(keys)
         if key_is_none:
-            if not (keys_a.dtype == object and np.equal(keys_a, None).all()):
+            if not (keys_a.dtype == object and all(k is None for k in keys_a.tolist())):
                 return None, None
             return np.zeros(len(ids_i), dtype=np.int64), ids_i
         keys_i = keys_a.astype(np.int64)
@@ -222,7 +222,7 @@ def _py_list(a: Any) -> list:
 def _is_int(x: Any) -> bool:
     """An int that fits in int64 (the type of every namespace, key and id the
     tables produce)."""
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and -(2**63) <= x < 2**63
+    return bool(isinstance(x, (int, np.integer)) and not isinstance(x, bool) and -(2**63) <= x < 2**63)
 
 
 def _diff_rows(expected: np.ndarray, actual: np.ndarray) -> tuple:
