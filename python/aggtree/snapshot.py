@@ -699,9 +699,14 @@ def _read_general(r: _Reader, count: int, data_len: int, ns: Any) -> list:
     return out
 
 
-def loads_items(data) -> tuple[int, list]:
-    """(node_size, [(namespace, [Item, ...]), ...]) of a snapshot, in file
-    order; SnapshotError for anything that is not a valid snapshot."""
+def parse(data, read_fast, read_general) -> tuple[int, list]:
+    """Walk a snapshot: check its envelope (header, length, checksum), then
+    each namespace header and encoding here, handing the item sections to
+    ``read_fast(r, kind, count, ns, node_size)`` and ``read_general(r, count,
+    data_len, ns, node_size)`` (which take their bytes from the _Reader ``r``
+    and return what a namespace becomes).  Returns (node_size, [(namespace,
+    what the reader returned), ...]) in file order.  The native loader passes
+    its own readers (src/aggtree/_snapshot.pxi)."""
     buf = memoryview(data).cast("B")
     node_size, nns = check_envelope(buf)
     r = _Reader(buf)
@@ -720,9 +725,9 @@ def loads_items(data) -> tuple[int, list]:
             )
         prev_ns = ordered
         if kind == K_GENERAL:
-            items = _read_general(r, count, data_len, ns)
+            items = read_general(r, count, data_len, ns, node_size)
         else:
-            items = _read_fast(r, kind, count, ns)
+            items = read_fast(r, kind, count, ns, node_size)
         out.append((ns, items))
         seen.add(ns)
     if r.pos != r.end:
@@ -732,6 +737,16 @@ def loads_items(data) -> tuple[int, list]:
     if len(seen) != nns:
         raise SnapshotError("two namespaces of the snapshot are the same namespace")
     return node_size, out
+
+
+def loads_items(data) -> tuple[int, list]:
+    """(node_size, [(namespace, [Item, ...]), ...]) of a snapshot, in file
+    order; SnapshotError for anything that is not a valid snapshot."""
+    return parse(
+        data,
+        lambda r, kind, count, ns, _: _read_fast(r, kind, count, ns),
+        lambda r, count, data_len, ns, _: _read_general(r, count, data_len, ns),
+    )
 
 
 def _sig_count(e: bytes) -> int:

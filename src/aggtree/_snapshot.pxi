@@ -1,0 +1,426 @@
+# _snapshot.pxi - the native snapshot writer and reader (docs/SNAPSHOT.md).
+#
+# Included at the end of _core.pyx (`include "_snapshot.pxi"`); the Aggregate
+# methods dumps / loads / save / load / __reduce__ / __copy__ are one-line
+# calls into the module-level functions here.  The pure-Python twin of this
+# file is python/aggtree/snapshot.py: it owns the parts that run once per
+# snapshot or per namespace (the header, the checksum, namespace encodings,
+# the file handling), and this file borrows them (snapshot.parse walks the
+# namespaces and calls back into _snap_read_fast / _snap_read_general).
+#
+# What is done here, per item, without Python objects:
+#   save, numeric trees  agg_tree_read straight into the output buffer (the
+#                        file layout is the agg_key array layout);
+#   save, general trees  the stored bytes of each key (head + tail) copied
+#                        out; only the first item is decoded (to learn the
+#                        namespace's kind, which depends on its contents);
+#   load, numeric kinds  one validating loop over the key images and values,
+#                        then agg_tree_build on pointers into the read buffer.
+# A general namespace is decoded item by item on load (each encoding must be
+# canonical: decoded and encoded again to the same bytes), then built from
+# the stored bytes.
+
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from libc.math cimport fabs
+from libc.stdint cimport uintptr_t
+
+import sys as _sys
+import zlib as _zlib
+
+import aggtree.snapshot as _snapmod
+from aggtree._types import SnapshotError
+
+cdef bint _SNAP_LE = _sys.byteorder == "little"
+cdef bytes _SNAP_MAGIC = _snapmod.MAGIC
+cdef uint64_t _SNAP_ZERO_HEAD = 0x8000000000000000ULL     # agg_f64_to_key(0.0)
+cdef uint64_t _SNAP_NEGZERO_HEAD = 0x7FFFFFFFFFFFFFFFULL  # agg_f64_to_key(-0.0) unmapped
+cdef uint32_t _SNAP_TAIL_LEN_MASK = 0x00FFFFFFu
+
+
+cdef inline Py_ssize_t _snap_pad8(Py_ssize_t n) noexcept nogil:
+    return (n + 7) & ~(<Py_ssize_t>7)
+
+
+cdef int _snap_host_check() except -1:
+    if not _SNAP_LE:
+        raise SnapshotError("snapshots are little-endian; the native implementation does "
+                            "not read or write them on a big-endian host")
+    return 0
+
+
+# ------------------------------------------------------------------ save --
+
+cdef Py_ssize_t _snap_key_len(agg_key k) except -1:
+    """Length of the item encoding E a GENERAL key holds (without the
+    core's zero padding of a head shorter than 8 bytes)."""
+    cdef uint8_t small[8]
+    cdef Py_ssize_t nnum = 0, end
+    if k.rest != 0:
+        return 8 + <Py_ssize_t>((<agg_tail *>k.rest).len & _SNAP_TAIL_LEN_MASK)
+    # E fits in the head: it holds no number (each takes 10 bytes), and the
+    # codec is self-delimiting, so skipping key and id finds its end.
+    agg_key_to_bytes(k, small, 8)
+    end = kc_skip(<const unsigned char *>small, 8, 0, 0, &nnum)
+    end = kc_skip(<const unsigned char *>small, 8, end, 0, &nnum)
+    return end + nnum
+
+
+cdef tuple _snap_plan_general(_Tree tree, uint64_t n):
+    """(kind, key array, lengths array, data length) of a GENERAL tree.
+
+    kind is the snapshot kind of its contents: K_GENERAL unless every item
+    is of one numeric kind (then the key array holds FAST images)."""
+    cdef cnp.ndarray karr = np.empty((n, 2), dtype=np.uint64)
+    cdef agg_key *kp = <agg_key *>cnp.PyArray_DATA(karr)
+    cdef cnp.ndarray fast
+    cdef agg_key *fp
+    cdef cnp.ndarray lens
+    cdef uint32_t *lp
+    cdef uint64_t j
+    cdef int kind = -1, k
+    cdef double d
+    cdef int64_t i
+    cdef Py_ssize_t total = 0, m
+    agg_tree_read(_tt(tree), 0, n, 0, kp, NULL)
+    # The kind depends on the contents: decode items while they all fit one
+    # numeric kind (a GENERAL tree almost always fails on its first item).
+    fast = None
+    for j in range(n):
+        key, ident = _decode_general(kp[j])
+        k = _item_kind(key, ident, &d, &i)
+        if k == K_GENERAL or (kind != -1 and k != kind):
+            kind = K_GENERAL
+            break
+        kind = k
+        if fast is None:
+            fast = np.empty((n, 2), dtype=np.uint64)
+            fp = <agg_key *>cnp.PyArray_DATA(fast)
+        fp[j] = _fast_key(d, i)
+    if kind != K_GENERAL:
+        return (kind, fast, None, 0)
+    lens = np.empty(n, dtype=np.uint32)
+    lp = <uint32_t *>cnp.PyArray_DATA(lens)
+    for j in range(n):
+        m = _snap_key_len(kp[j])
+        lp[j] = <uint32_t>m
+        total += m
+    return (K_GENERAL, karr, lens, total)
+
+
+cdef inline void _snap_put_u64(uint8_t *p, uint64_t v) noexcept nogil:
+    memcpy(p, &v, 8)          # little-endian host (checked)
+
+
+cdef inline void _snap_put_u32(uint8_t *p, uint32_t v) noexcept nogil:
+    memcpy(p, &v, 4)
+
+
+cdef Py_ssize_t _snap_fill(uint8_t *buf, Py_ssize_t total, uint32_t node_size,
+                           list plans) except -1:
+    """Write the whole snapshot but its trailer into buf (total bytes,
+    zeroed padding included); returns the offset of the trailer."""
+    cdef Py_ssize_t pos = 32, nslen, m
+    cdef uint64_t n, j
+    cdef int kind
+    cdef _Tree tree
+    cdef bytes nse
+    cdef agg_key *kp
+    cdef uint32_t *lp
+    cdef uint8_t *dst
+    cdef Py_ssize_t data_len
+    memcpy(buf, <const char *>_SNAP_MAGIC, 8)
+    buf[8] = 1
+    buf[9] = 0
+    buf[10] = 0x4C
+    buf[11] = 0
+    _snap_put_u32(buf + 12, node_size)
+    _snap_put_u64(buf + 16, <uint64_t>len(plans))
+    _snap_put_u64(buf + 24, <uint64_t>total)
+    for plan in plans:
+        nse, tree, kind, n, karr, lens, data_len = plan
+        nslen = len(nse)
+        buf[pos] = <uint8_t>kind
+        buf[pos + 1] = 0
+        buf[pos + 2] = 0
+        buf[pos + 3] = 0
+        _snap_put_u32(buf + pos + 4, <uint32_t>nslen)
+        _snap_put_u64(buf + pos + 8, n)
+        _snap_put_u64(buf + pos + 16, <uint64_t>data_len)
+        pos += 24
+        memcpy(buf + pos, <const char *>nse, nslen)
+        memset(buf + pos + nslen, 0, _snap_pad8(nslen) - nslen)
+        pos += _snap_pad8(nslen)
+        if kind != K_GENERAL and karr is None:
+            # a numeric tree: its keys and values straight into place
+            dst = buf + pos
+            with nogil:
+                agg_tree_read(tree.t, 0, n, 0, <agg_key *>dst, <double *>(dst + 16 * n))
+            pos += 24 * n
+        elif kind != K_GENERAL:
+            # a GENERAL tree of numeric items: their FAST images, its values
+            memcpy(buf + pos, cnp.PyArray_DATA(karr), 16 * n)
+            agg_tree_read(tree.t, 0, n, 0, NULL, <double *>(buf + pos + 16 * n))
+            pos += 24 * n
+        else:
+            kp = <agg_key *>cnp.PyArray_DATA(karr)
+            lp = <uint32_t *>cnp.PyArray_DATA(lens)
+            memcpy(buf + pos, lp, 4 * n)
+            memset(buf + pos + 4 * n, 0, _snap_pad8(4 * n) - 4 * n)
+            pos += _snap_pad8(4 * n)
+            dst = buf + pos
+            for j in range(n):
+                m = lp[j]
+                agg_key_to_bytes(kp[j], dst, <size_t>m)
+                dst += m
+            memset(dst, 0, _snap_pad8(data_len) - data_len)
+            pos += _snap_pad8(data_len)
+            agg_tree_read(tree.t, 0, n, 0, NULL, <double *>(buf + pos))
+            pos += 8 * n
+    return pos
+
+
+cdef object _snap_dumps(Aggregate agg):
+    """The snapshot of `agg` as bytes (docs/SNAPSHOT.md)."""
+    cdef _Tree tree
+    cdef Py_ssize_t total = 32 + 8, size, at
+    cdef uint64_t n
+    cdef uint8_t *buf
+    cdef object out
+    cdef cnp.ndarray arr
+    cdef uint32_t crc
+    _snap_host_check()
+    agg._rlock()           # no write runs while we read the trees
+    try:
+        plans = []
+        for ns, tree in list(agg._trees.items()):
+            plans.append((_snapmod.encode_namespace(ns), tree))
+        plans.sort(key=_operator.itemgetter(0))
+        rows = []
+        for nse, tree in plans:
+            n = agg_tree_len(_tt(tree))
+            if tree.kind == K_GENERAL:
+                kind, karr, lens, data_len = _snap_plan_general(tree, n)
+            else:
+                kind, karr, lens, data_len = tree.kind, None, None, 0
+            size = 24 + _snap_pad8(len(nse))
+            if kind == K_GENERAL:
+                size += _snap_pad8(4 * n) + _snap_pad8(data_len) + 8 * n
+            else:
+                size += 24 * n
+            total += size
+            rows.append((nse, tree, kind, n, karr, lens, data_len))
+        out = PyBytes_FromStringAndSize(NULL, total)
+        buf = <uint8_t *>PyBytes_AS_STRING(out)
+        arr = None
+        if (<uintptr_t>buf) & 7:
+            # (never seen: bytes data is 16-byte aligned in CPython) the
+            # keys are written as uint64s, so fill an aligned buffer instead
+            arr = np.empty(total, dtype=np.uint8)
+            buf = <uint8_t *>cnp.PyArray_DATA(arr)
+        at = _snap_fill(buf, total, agg._node_size, rows)
+        assert at == total - 8
+    finally:
+        agg._runlock()
+    crc = _zlib.crc32(memoryview(arr if arr is not None else out)[:total - 8])
+    _snap_put_u64(buf + total - 8, crc)
+    if arr is not None:
+        return arr.tobytes()
+    return out
+
+
+# ------------------------------------------------------------------ load --
+
+cdef Py_ssize_t _snap_check_fast(const agg_key *kp, const double *vp, uint64_t n,
+                                 int kind, int *what) noexcept nogil:
+    """Index of the first item whose value is not finite (what = 1) or whose
+    key image the kind cannot hold (what = 2); -1 if none."""
+    cdef uint64_t j, h
+    cdef double d
+    for j in range(n):
+        if not isfinite(vp[j]):
+            what[0] = 1
+            return <Py_ssize_t>j
+        h = kp[j].head
+        if kind == K_NONE:
+            if h != _SNAP_ZERO_HEAD:
+                what[0] = 2
+                return <Py_ssize_t>j
+            continue
+        d = agg_key_to_f64(h)
+        if isnan(d) or h == _SNAP_NEGZERO_HEAD:
+            what[0] = 2
+            return <Py_ssize_t>j
+        if kind == K_INT and not (floor(d) == d and fabs(d) <= 9007199254740992.0):
+            what[0] = 2
+            return <Py_ssize_t>j
+    return -1
+
+
+cdef const uint8_t *_snap_base(object r) except NULL:
+    cdef const uint8_t[::1] view = r.buf
+    return &view[0]
+
+
+def _snap_read_fast(r, int kind, uint64_t count, ns, uint32_t node_size):
+    """A _Tree of `kind` from the numeric section at the reader's position."""
+    cdef Py_ssize_t kat = r.take(16 * count, f"the keys of namespace {ns!r:.80}")
+    cdef Py_ssize_t vat = r.take(8 * count, f"the values of namespace {ns!r:.80}")
+    cdef const uint8_t *base = _snap_base(r)
+    cdef const agg_key *kp = <const agg_key *>(base + kat)
+    cdef const double *vp = <const double *>(base + vat)
+    cdef int what = 0
+    cdef Py_ssize_t j
+    cdef uint64_t bad = 0
+    cdef agg_status st
+    cdef _Tree tree
+    with nogil:
+        j = _snap_check_fast(kp, vp, count, kind, &what)
+    if j >= 0:
+        if what == 1:
+            raise SnapshotError(f"value {vp[j]!r} of item {j} (byte offset {vat + 8 * j}) "
+                                f"is not finite")
+        raise SnapshotError(f"item {j} (byte offset {kat + 16 * j}) has a key image that a "
+                            f"namespace of kind {_snapmod.KIND_NAMES[kind]} cannot hold")
+    tree = _new_tree(node_size, kind)
+    with nogil:
+        st = agg_tree_build(tree.t, kp, vp, count, &bad)
+    if st == AGG_DUPLICATE or st == AGG_INVALID:
+        raise SnapshotError(
+            f"item {bad} of namespace {ns!r:.80} (byte offset {kat + 16 * bad}) is "
+            f"{'a duplicate of the item before it' if st == AGG_DUPLICATE else 'out of order'}")
+    _raise_status(st, None, None, ns)
+    return tree
+
+
+def _snap_read_general(r, uint64_t count, uint64_t data_len, ns, uint32_t node_size):
+    """A GENERAL _Tree from the general section at the reader's position."""
+    cdef Py_ssize_t lat = r.take(4 * count, f"the key lengths of namespace {ns!r:.80}")
+    cdef Py_ssize_t dat, vat, off, L, prev_off = 0, prev_len = -1, olen, c, arena_size = 0
+    cdef const uint8_t *base
+    cdef const uint32_t *lp
+    cdef const double *vp
+    cdef const uint8_t *e
+    cdef uint64_t j, total = 0, bad = 0
+    cdef KeyBuf kb, sig
+    cdef int kind = -1, k
+    cdef double d
+    cdef int64_t i
+    cdef agg_key *keys = NULL
+    cdef uint8_t *arena = NULL
+    cdef Py_ssize_t aoff = 0
+    cdef agg_status st
+    cdef _Tree tree
+    r.pad("the key lengths")
+    base = _snap_base(r)
+    lp = <const uint32_t *>(base + lat)
+    for j in range(count):
+        L = lp[j]
+        if L < 2 or L > 8 + <Py_ssize_t>AGG_TAIL_MAX_LEN:
+            raise SnapshotError(f"key length {L} of item {j} (byte offset {lat + 4 * j}) "
+                                f"is impossible")
+        total += <uint64_t>L
+        if L > 8:
+            arena_size += (8 + L - 8 + 7) & ~7
+    if total != data_len:
+        raise SnapshotError(
+            f"the key lengths of namespace {ns!r:.80} (byte offset {lat}) add up to "
+            f"{total} bytes, not the {data_len} its header records")
+    dat = r.take(data_len, f"the keys of namespace {ns!r:.80}")
+    r.pad("the keys")
+    vat = r.take(8 * count, f"the values of namespace {ns!r:.80}")
+    vp = <const double *>(base + vat)
+    keys = <agg_key *>malloc(count * sizeof(agg_key))
+    arena = <uint8_t *>malloc(arena_size if arena_size > 0 else 8)
+    kb_init(&kb)
+    kb_init(&sig)
+    try:
+        if keys == NULL or arena == NULL:
+            raise MemoryError()
+        off = dat
+        for j in range(count):
+            L = lp[j]
+            e = base + off
+            try:
+                key, ident = kb_decode_item(<const unsigned char *>e, L)
+            except (ValueError, TypeError, OverflowError):
+                raise SnapshotError(f"item {j} of namespace {ns!r:.80} (byte offset {off}) "
+                                    f"does not decode") from None
+            # canonical: encoding what was decoded gives the same bytes
+            kb.len = 0
+            sig.len = 0
+            kb_put_value(&kb, key, &sig)
+            kb_put_value(&kb, ident, &sig)
+            olen = kb.len
+            if (olen + sig.len != L or memcmp(kb.data, e, olen) != 0
+                    or memcmp(sig.data, e + olen, sig.len) != 0):
+                raise SnapshotError(f"item {j} of namespace {ns!r:.80} (byte offset {off}) "
+                                    f"is not in the canonical encoding")
+            if prev_len >= 0:
+                c = memcmp(base + prev_off, e, prev_len if prev_len < olen else olen)
+                if c > 0 or (c == 0 and prev_len >= olen):
+                    raise SnapshotError(
+                        f"item {j} of namespace {ns!r:.80} (byte offset {off}) is "
+                        f"{'a duplicate of the item before it' if c == 0 and prev_len == olen else 'out of order'}")
+            prev_off = off
+            prev_len = olen
+            if not isfinite(vp[j]):
+                raise SnapshotError(f"value {vp[j]!r} of item {j} (byte offset "
+                                    f"{vat + 8 * j}) is not finite")
+            if kind != K_GENERAL:
+                k = _item_kind(key, ident, &d, &i)
+                kind = k if kind == -1 or k == kind else K_GENERAL
+            keys[j] = agg_key_from_item_bytes(e, <size_t>L, <size_t>_meta_len(sig.len),
+                                              <agg_tail *>(arena + aoff))
+            if L > 8:
+                aoff += (8 + L - 8 + 7) & ~7
+            off += L
+        if kind != K_GENERAL:
+            raise SnapshotError(
+                f"namespace {ns!r:.80} is stored as general but all its items are "
+                f"{_snapmod.KIND_NAMES[kind]}: not the canonical snapshot")
+        tree = _new_tree(node_size, K_GENERAL)
+        st = agg_tree_build(tree.t, keys, vp, count, &bad)
+        if st == AGG_DUPLICATE or st == AGG_INVALID:
+            # (the order check above finds these first)
+            raise SnapshotError(f"item {bad} of namespace {ns!r:.80} is out of order")
+        _raise_status(st, None, None, ns)
+    finally:
+        free(keys)
+        free(arena)
+        kb_free(&kb)
+        kb_free(&sig)
+    return tree
+
+
+cdef object _snap_loads(type cls, object data):
+    """An Aggregate of class `cls` from snapshot bytes."""
+    cdef Aggregate agg
+    _snap_host_check()
+    view = memoryview(data).cast("B")
+    if view.nbytes and (<uintptr_t>_snap_view_ptr(view)) & 7:
+        # keys are read as uint64s in place: an unaligned buffer is copied
+        view = memoryview(np.frombuffer(view, dtype=np.uint8).copy())
+    node_size, namespaces = _snapmod.parse(view, _snap_read_fast, _snap_read_general)
+    agg = cls(node_size)
+    for ns, tree in namespaces:
+        agg._trees[ns] = tree
+    return agg
+
+
+cdef const uint8_t *_snap_view_ptr(object view) except? NULL:
+    cdef const uint8_t[::1] v = view
+    return &v[0]
+
+
+cdef object _snap_save(Aggregate agg, object file, bint fsync):
+    data = _snap_dumps(agg)
+    _snapmod.save_to(file, data, fsync)
+
+
+cdef object _snap_load(type cls, object file):
+    return _snap_loads(cls, _snapmod.read_file(file))
+
+
+def _snap_restore(cls, data):
+    """Unpickle an Aggregate (``__reduce__`` carries a snapshot)."""
+    return _snap_loads(cls, data)
