@@ -19,6 +19,7 @@ The native ``aggtree.Aggregate`` does its encoding and decoding in C
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
@@ -842,6 +843,8 @@ def read_file(file):
     """The bytes of a snapshot from a path or a binary file object."""
     if is_path(file):
         return read_path(file)
+    if isinstance(file, io.TextIOBase):
+        raise TypeError("a snapshot is binary: open the file in binary mode ('rb')")
     data = file.read()
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"file.read() returned {type(data).__name__}, not bytes: open the "
@@ -853,4 +856,6 @@ def save_to(file, data, fsync: bool) -> None:
     if is_path(file):
         write_atomic(file, data, fsync=fsync)
         return
+    if isinstance(file, io.TextIOBase):
+        raise TypeError("a snapshot is binary: open the file in binary mode ('wb')")
     file.write(data)
