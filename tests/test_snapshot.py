@@ -683,3 +683,47 @@ def test_aggtree_exports():
     assert aggtree.SnapshotError is SnapshotError
     assert issubclass(SnapshotError, ValueError)
     assert pathlib.Path(snapshot.__file__).name == "snapshot.py"
+
+
+def test_checksum_on_a_second_thread(monkeypatch):
+    """Large snapshots are checksummed on another thread while the trees
+    are built: the same refusals, a checksum error first when both apply."""
+    monkeypatch.setattr(snapshot, "CRC_THREAD_MIN", 0)
+    data = small_snapshot()
+    want = content(Native.loads(data))
+    assert content(Ref.loads(data)) == want
+    for bit in range(len(data) * 8):
+        b = bytearray(data)
+        b[bit // 8] ^= 1 << (bit % 8)
+        for cls in (Native, Ref):
+            with pytest.raises(SnapshotError):
+                cls.loads(bytes(b))
+    at, _ = _fast_keys_at(data)
+    b = bytearray(data)
+    b[at + 16 + 7] ^= 0x80             # item 1 negative: out of order; the checksum wrong
+    with pytest.raises(SnapshotError, match="checksum") as info:
+        Native.loads(bytes(b))
+    assert isinstance(info.value.__cause__, SnapshotError)
+    with pytest.raises(SnapshotError, match="out of order|cannot hold"):
+        Native.loads(reseal(b))
+
+
+def test_large_snapshot_streamed_to_file(tmp_path):
+    """A save larger than the write chunk (1 MiB) and a load on the
+    threaded-checksum path: the file equals dumps(), loads the same."""
+    rng = np.random.default_rng(7)
+    n = 250_000
+    agg = Native.from_arrays(rng.random(n), np.arange(n), rng.random(n))
+    agg.insert_many([f"k{j}" for j in range(30000)], list(range(30000)), namespace="s")
+    p = tmp_path / "big.snap"
+    agg.save(p, fsync=False)
+    data = agg.dumps()
+    assert p.read_bytes() == data and len(data) > snapshot.CRC_THREAD_MIN
+    got = Native.load(p)
+    got.check()
+    assert got.dumps() == data
+    assert np.array_equal(got.to_arrays()[2], agg.to_arrays()[2])
+    b = bytearray(data)
+    b[len(b) // 2] ^= 4
+    with pytest.raises(SnapshotError, match="checksum"):
+        Native.loads(bytes(b))

@@ -24,6 +24,7 @@ import math
 import os
 import struct
 import sys
+import threading
 import zlib
 from typing import Any
 
@@ -60,6 +61,7 @@ HEADER_SIZE = HEADER.size  # 32
 NS_HEADER_SIZE = NS_HEADER.size  # 24
 TRAILER_SIZE = TRAILER.size  # 8
 MIN_SIZE = HEADER_SIZE + TRAILER_SIZE
+CRC_THREAD_MIN = 1 << 22  # from this size the checksum runs on a second thread
 
 # Namespace kinds: the numbers of _core.pyx's K_* constants.
 K_FLOAT, K_INT, K_GENERAL, K_NONE = 0, 1, 2, 3
@@ -514,9 +516,10 @@ def dumps_items(node_size: int, namespaces) -> bytes:
 # ---------------------------------------------------------------------------
 
 
-def check_envelope(buf) -> tuple[int, int]:
-    """Validate header, length and checksum of a snapshot in ``buf`` (a
-    buffer); return (node_size, namespace count).  SnapshotError otherwise."""
+def check_envelope(buf, check_crc: bool = True) -> tuple[int, int]:
+    """Validate header, length and (unless check_crc is false) checksum of a
+    snapshot in ``buf`` (a buffer); return (node_size, namespace count).
+    SnapshotError otherwise."""
     size = len(buf)
     if size == 0:
         raise SnapshotError("empty input: not an aggtree snapshot")
@@ -545,16 +548,22 @@ def check_envelope(buf) -> tuple[int, int]:
         raise SnapshotError(
             f"{size - total} bytes of trailing garbage after the {total}-byte snapshot"
         )
+    if check_crc:
+        check_crc32(buf, zlib.crc32(buf[: size - TRAILER_SIZE]))
+    if not NODE_SIZE_MIN <= node_size <= NODE_SIZE_MAX:
+        raise SnapshotError(f"node size {node_size} at byte offset 12 is out of range")
+    return node_size, nns
+
+
+def check_crc32(buf, got: int) -> None:
+    """SnapshotError unless ``got`` is the checksum the trailer records."""
+    size = len(buf)
     (crc,) = TRAILER.unpack_from(buf, size - TRAILER_SIZE)
-    got = zlib.crc32(buf[: size - TRAILER_SIZE])
     if crc != got:
         raise SnapshotError(
             f"checksum mismatch: the snapshot is damaged (crc32 0x{got:08x}, recorded "
             f"0x{crc:08x} at byte offset {size - TRAILER_SIZE})"
         )
-    if not NODE_SIZE_MIN <= node_size <= NODE_SIZE_MAX:
-        raise SnapshotError(f"node size {node_size} at byte offset 12 is out of range")
-    return node_size, nns
 
 
 class _Reader:
@@ -709,7 +718,36 @@ def parse(data, read_fast, read_general) -> tuple[int, list]:
     what the reader returned), ...]) in file order.  The native loader passes
     its own readers (src/aggtree/_snapshot.pxi)."""
     buf = memoryview(data).cast("B")
-    node_size, nns = check_envelope(buf)
+    if len(buf) < CRC_THREAD_MIN:
+        node_size, nns = check_envelope(buf)
+        return node_size, _walk(buf, nns, node_size, read_fast, read_general)
+    # A large snapshot: its checksum is computed on another thread (zlib
+    # releases the GIL) while the trees are built; the result counts only
+    # if the checksum matches, and a mismatch is the error reported even
+    # when the walk of the damaged bytes failed first.
+    node_size, nns = check_envelope(buf, check_crc=False)
+    got: list = []
+    body = buf[: len(buf) - TRAILER_SIZE]
+    worker = threading.Thread(target=lambda: got.append(zlib.crc32(body)), daemon=True)
+    worker.start()
+    try:
+        out = _walk(buf, nns, node_size, read_fast, read_general)
+    except BaseException as exc:
+        worker.join()
+        if got:
+            try:
+                check_crc32(buf, got[0])
+            except SnapshotError as bad:
+                raise bad from exc
+        raise
+    worker.join()
+    if not got:
+        raise MemoryError("the checksum of the snapshot could not be computed")
+    check_crc32(buf, got[0])
+    return node_size, out
+
+
+def _walk(buf, nns: int, node_size: int, read_fast, read_general) -> list:
     r = _Reader(buf)
     out = []
     prev_ns = None
@@ -737,7 +775,7 @@ def parse(data, read_fast, read_general) -> tuple[int, list]:
         )
     if len(seen) != nns:
         raise SnapshotError("two namespaces of the snapshot are the same namespace")
-    return node_size, out
+    return out
 
 
 def loads_items(data) -> tuple[int, list]:
@@ -766,8 +804,20 @@ def is_path(file) -> bool:
     return isinstance(file, (str, bytes, os.PathLike))
 
 
+def _write_to(f, data) -> None:
+    """Write data (a buffer, or a callable that writes to f) to f."""
+    if callable(data):
+        data(f)
+        return
+    view = memoryview(data).cast("B")
+    written = 0
+    while written < len(view):
+        written += f.write(view[written : written + (1 << 30)])
+
+
 def write_atomic(path, data, *, fsync: bool = True) -> None:
-    """Write ``data`` (a buffer) to ``path`` so that the path holds either its
+    """Write ``data`` (a buffer, or a callable ``data(f)`` that writes to the
+    binary file ``f``) to ``path`` so that the path holds either its
     old content or all of ``data``: a temporary file in the same directory,
     written, fsynced, renamed over ``path``, then the directory fsynced
     (``fsync=False`` skips both fsyncs).  The temporary file is removed on
@@ -793,10 +843,7 @@ def write_atomic(path, data, *, fsync: bool = True) -> None:
     try:
         with open(fd, "wb", closefd=True) as f:
             fd = -1
-            view = memoryview(data).cast("B")
-            written = 0
-            while written < len(view):
-                written += f.write(view[written : written + (1 << 30)])
+            _write_to(f, data)
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -858,4 +905,4 @@ def save_to(file, data, fsync: bool) -> None:
         return
     if isinstance(file, io.TextIOBase):
         raise TypeError("a snapshot is binary: open the file in binary mode ('wb')")
-    file.write(data)
+    _write_to(file, data)

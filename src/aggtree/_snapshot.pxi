@@ -115,12 +115,93 @@ cdef inline void _snap_put_u32(uint8_t *p, uint32_t v) noexcept nogil:
     memcpy(p, &v, 4)
 
 
-cdef Py_ssize_t _snap_fill(uint8_t *buf, Py_ssize_t total, uint32_t node_size,
-                           list plans) except -1:
-    """Write the whole snapshot but its trailer into buf (total bytes,
-    zeroed padding included); returns the offset of the trailer."""
-    cdef Py_ssize_t pos = 32, nslen, m
-    cdef uint64_t n, j
+# Bytes of a chunk when streaming to a file: small enough to stay in L2 while
+# it is checksummed and written, large enough that the per-chunk Python calls
+# (write, crc32) cost nothing.
+cdef Py_ssize_t _SNAP_CHUNK = 1 << 20
+
+
+cdef class _SnapSink:
+    """Where a snapshot is written: the whole output buffer (dumps), or a
+    chunk buffer flushed to a binary file object (save), whose crc32 is
+    accumulated chunk by chunk while the chunk is in cache."""
+    cdef uint8_t *buf          # the chunk (or whole output) being filled
+    cdef Py_ssize_t cap        # its size
+    cdef Py_ssize_t n          # bytes filled in it
+    cdef Py_ssize_t pos        # bytes emitted in total
+    cdef object arr            # owner of buf (numpy array; None in whole mode)
+    cdef object f              # file object, or None (whole mode)
+    cdef object crc            # crc32 of the flushed bytes (file mode)
+
+    cdef uint8_t *reserve(self, Py_ssize_t m) except NULL:
+        """Room for m more bytes (flushing first if needed)."""
+        if self.n + m > self.cap:
+            if self.f is None:
+                raise AssertionError("snapshot size miscomputed")
+            self.flush()
+            if m > self.cap:
+                self.arr = np.empty(m, dtype=np.uint8)
+                self.buf = <uint8_t *>cnp.PyArray_DATA(self.arr)
+                self.cap = m
+        return self.buf + self.n
+
+    cdef inline void commit(self, Py_ssize_t m) noexcept:
+        self.n += m
+        self.pos += m
+
+    cdef int put(self, const void *src, Py_ssize_t m) except -1:
+        cdef Py_ssize_t k
+        cdef const uint8_t *p = <const uint8_t *>src
+        while m > 0:
+            # a large block goes through the chunk in pieces
+            k = m if self.f is None or m <= self.cap - self.n else self.cap - self.n
+            if k == 0:
+                self.flush()
+                continue
+            memcpy(self.reserve(k), p, k)
+            self.commit(k)
+            p += k
+            m -= k
+        return 0
+
+    cdef int zeros(self, Py_ssize_t m) except -1:
+        if m > 0:
+            memset(self.reserve(m), 0, m)
+            self.commit(m)
+        return 0
+
+    cdef int flush(self) except -1:
+        if self.f is None or self.n == 0:
+            return 0
+        view = memoryview(self.arr)[:self.n]
+        self.crc = _zlib.crc32(view, self.crc)
+        self.f.write(view)
+        self.n = 0
+        return 0
+
+
+cdef _SnapSink _snap_sink_whole(uint8_t *buf, Py_ssize_t total):
+    cdef _SnapSink s = _SnapSink.__new__(_SnapSink)
+    s.buf = buf
+    s.cap = total
+    return s
+
+
+cdef _SnapSink _snap_sink_file(object f):
+    cdef _SnapSink s = _SnapSink.__new__(_SnapSink)
+    s.arr = np.empty(_SNAP_CHUNK, dtype=np.uint8)
+    s.buf = <uint8_t *>cnp.PyArray_DATA(s.arr)
+    s.cap = _SNAP_CHUNK
+    s.f = f
+    s.crc = 0
+    return s
+
+
+cdef int _snap_emit(_SnapSink out, Py_ssize_t total, uint32_t node_size,
+                    list plans) except -1:
+    """Write the whole snapshot but its trailer to `out`."""
+    cdef Py_ssize_t nslen, m, step
+    cdef uint64_t n, j, c
     cdef int kind
     cdef _Tree tree
     cdef bytes nse
@@ -128,104 +209,136 @@ cdef Py_ssize_t _snap_fill(uint8_t *buf, Py_ssize_t total, uint32_t node_size,
     cdef uint32_t *lp
     cdef uint8_t *dst
     cdef Py_ssize_t data_len
-    memcpy(buf, <const char *>_SNAP_MAGIC, 8)
-    buf[8] = 1
-    buf[9] = 0
-    buf[10] = 0x4C
-    buf[11] = 0
-    _snap_put_u32(buf + 12, node_size)
-    _snap_put_u64(buf + 16, <uint64_t>len(plans))
-    _snap_put_u64(buf + 24, <uint64_t>total)
+    cdef uint8_t head[32]
+    memcpy(head, <const char *>_SNAP_MAGIC, 8)
+    head[8] = 1
+    head[9] = 0
+    head[10] = 0x4C
+    head[11] = 0
+    _snap_put_u32(head + 12, node_size)
+    _snap_put_u64(head + 16, <uint64_t>len(plans))
+    _snap_put_u64(head + 24, <uint64_t>total)
+    out.put(head, 32)
+    step = out.cap // 16 if out.cap >= 16 else 1
     for plan in plans:
         nse, tree, kind, n, karr, lens, data_len = plan
         nslen = len(nse)
-        buf[pos] = <uint8_t>kind
-        buf[pos + 1] = 0
-        buf[pos + 2] = 0
-        buf[pos + 3] = 0
-        _snap_put_u32(buf + pos + 4, <uint32_t>nslen)
-        _snap_put_u64(buf + pos + 8, n)
-        _snap_put_u64(buf + pos + 16, <uint64_t>data_len)
-        pos += 24
-        memcpy(buf + pos, <const char *>nse, nslen)
-        memset(buf + pos + nslen, 0, _snap_pad8(nslen) - nslen)
-        pos += _snap_pad8(nslen)
+        memset(head, 0, 24)
+        head[0] = <uint8_t>kind
+        _snap_put_u32(head + 4, <uint32_t>nslen)
+        _snap_put_u64(head + 8, n)
+        _snap_put_u64(head + 16, <uint64_t>data_len)
+        out.put(head, 24)
+        out.put(<const char *>nse, nslen)
+        out.zeros(_snap_pad8(nslen) - nslen)
         if kind != K_GENERAL and karr is None:
-            # a numeric tree: its keys and values straight into place
-            dst = buf + pos
-            with nogil:
-                agg_tree_read(tree.t, 0, n, 0, <agg_key *>dst, <double *>(dst + 16 * n))
-            pos += 24 * n
+            # a numeric tree: its keys, then its values, read from the tree
+            # straight into place (the layout is agg_key's)
+            j = 0
+            while j < n:
+                c = min(<uint64_t>step, n - j)
+                dst = out.reserve(16 * c)
+                with nogil:
+                    agg_tree_read(tree.t, j, c, 0, <agg_key *>dst, NULL)
+                out.commit(16 * c)
+                j += c
         elif kind != K_GENERAL:
-            # a GENERAL tree of numeric items: their FAST images, its values
-            memcpy(buf + pos, cnp.PyArray_DATA(karr), 16 * n)
-            agg_tree_read(tree.t, 0, n, 0, NULL, <double *>(buf + pos + 16 * n))
-            pos += 24 * n
+            # a GENERAL tree of numeric items: their FAST images
+            out.put(cnp.PyArray_DATA(karr), 16 * n)
         else:
             kp = <agg_key *>cnp.PyArray_DATA(karr)
             lp = <uint32_t *>cnp.PyArray_DATA(lens)
-            memcpy(buf + pos, lp, 4 * n)
-            memset(buf + pos + 4 * n, 0, _snap_pad8(4 * n) - 4 * n)
-            pos += _snap_pad8(4 * n)
-            dst = buf + pos
+            out.put(lp, 4 * n)
+            out.zeros(_snap_pad8(4 * n) - 4 * n)
             for j in range(n):
                 m = lp[j]
-                agg_key_to_bytes(kp[j], dst, <size_t>m)
-                dst += m
-            memset(dst, 0, _snap_pad8(data_len) - data_len)
-            pos += _snap_pad8(data_len)
-            agg_tree_read(tree.t, 0, n, 0, NULL, <double *>(buf + pos))
-            pos += 8 * n
-    return pos
+                agg_key_to_bytes(kp[j], out.reserve(m), <size_t>m)
+                out.commit(m)
+            out.zeros(_snap_pad8(data_len) - data_len)
+        j = 0
+        while j < n:
+            c = min(<uint64_t>(2 * step), n - j)
+            dst = out.reserve(8 * c)
+            with nogil:
+                agg_tree_read(tree.t, j, c, 0, NULL, <double *>dst)
+            out.commit(8 * c)
+            j += c
+    return 0
+
+
+cdef tuple _snap_plan(Aggregate agg):
+    """(total size, per-namespace plans) of `agg`'s snapshot; the caller
+    holds the aggregate's lock until the plans are written."""
+    cdef _Tree tree
+    cdef Py_ssize_t total = 32 + 8, size
+    cdef uint64_t n
+    plans = []
+    for ns, tree in list(agg._trees.items()):
+        plans.append((_snapmod.encode_namespace(ns), tree))
+    plans.sort(key=_operator.itemgetter(0))
+    rows = []
+    for nse, tree in plans:
+        n = agg_tree_len(_tt(tree))
+        if tree.kind == K_GENERAL:
+            kind, karr, lens, data_len = _snap_plan_general(tree, n)
+        else:
+            kind, karr, lens, data_len = tree.kind, None, None, 0
+        size = 24 + _snap_pad8(len(nse))
+        if kind == K_GENERAL:
+            size += _snap_pad8(4 * n) + _snap_pad8(data_len) + 8 * n
+        else:
+            size += 24 * n
+        total += size
+        rows.append((nse, tree, kind, n, karr, lens, data_len))
+    return total, rows
 
 
 cdef object _snap_dumps(Aggregate agg):
     """The snapshot of `agg` as bytes (docs/SNAPSHOT.md)."""
-    cdef _Tree tree
-    cdef Py_ssize_t total = 32 + 8, size, at
-    cdef uint64_t n
+    cdef Py_ssize_t total
     cdef uint8_t *buf
     cdef object out
-    cdef cnp.ndarray arr
-    cdef uint32_t crc
+    cdef cnp.ndarray arr = None
+    cdef _SnapSink sink
     _snap_host_check()
     agg._rlock()           # no write runs while we read the trees
     try:
-        plans = []
-        for ns, tree in list(agg._trees.items()):
-            plans.append((_snapmod.encode_namespace(ns), tree))
-        plans.sort(key=_operator.itemgetter(0))
-        rows = []
-        for nse, tree in plans:
-            n = agg_tree_len(_tt(tree))
-            if tree.kind == K_GENERAL:
-                kind, karr, lens, data_len = _snap_plan_general(tree, n)
-            else:
-                kind, karr, lens, data_len = tree.kind, None, None, 0
-            size = 24 + _snap_pad8(len(nse))
-            if kind == K_GENERAL:
-                size += _snap_pad8(4 * n) + _snap_pad8(data_len) + 8 * n
-            else:
-                size += 24 * n
-            total += size
-            rows.append((nse, tree, kind, n, karr, lens, data_len))
+        total, rows = _snap_plan(agg)
         out = PyBytes_FromStringAndSize(NULL, total)
         buf = <uint8_t *>PyBytes_AS_STRING(out)
-        arr = None
         if (<uintptr_t>buf) & 7:
             # (never seen: bytes data is 16-byte aligned in CPython) the
             # keys are written as uint64s, so fill an aligned buffer instead
             arr = np.empty(total, dtype=np.uint8)
             buf = <uint8_t *>cnp.PyArray_DATA(arr)
-        at = _snap_fill(buf, total, agg._node_size, rows)
-        assert at == total - 8
+        sink = _snap_sink_whole(buf, total)
+        _snap_emit(sink, total, agg._node_size, rows)
+        assert sink.pos == total - 8
     finally:
         agg._runlock()
-    crc = _zlib.crc32(memoryview(arr if arr is not None else out)[:total - 8])
-    _snap_put_u64(buf + total - 8, crc)
+    _snap_put_u64(buf + total - 8, _zlib.crc32(memoryview(arr if arr is not None else out)[:total - 8]))
     if arr is not None:
         return arr.tobytes()
     return out
+
+
+cdef object _snap_write(Aggregate agg, object f):
+    """Stream the snapshot of `agg` to the binary file object `f`."""
+    cdef Py_ssize_t total
+    cdef _SnapSink sink
+    cdef uint8_t trailer[8]
+    _snap_host_check()
+    agg._rlock()
+    try:
+        total, rows = _snap_plan(agg)
+        sink = _snap_sink_file(f)
+        _snap_emit(sink, total, agg._node_size, rows)
+        sink.flush()
+    finally:
+        agg._runlock()
+    assert sink.pos == total - 8
+    _snap_put_u64(trailer, <uint64_t>sink.crc)
+    f.write(trailer[:8])
 
 
 # ------------------------------------------------------------------ load --
@@ -413,8 +526,12 @@ cdef const uint8_t *_snap_view_ptr(object view) except? NULL:
 
 
 cdef object _snap_save(Aggregate agg, object file, bint fsync):
-    data = _snap_dumps(agg)
-    _snapmod.save_to(file, data, fsync)
+    """save(): everything that can fail before the file is touched (the
+    namespace encodings) fails first; the snapshot is then streamed."""
+    _snap_host_check()
+    for ns in list(agg._trees):
+        _snapmod.encode_namespace(ns)
+    _snapmod.save_to(file, lambda f: _snap_write(agg, f), fsync)
 
 
 cdef object _snap_load(type cls, object file):
