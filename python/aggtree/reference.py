@@ -1218,10 +1218,13 @@ class Aggregate:
         snapshot.save_to(file, data, fsync)
 
     @classmethod
-    def load(cls, file) -> Aggregate:
-        """The aggregate saved in ``file`` (a path or a binary file object)."""
+    def load(cls, file, *, mmap: bool = False) -> Aggregate:
+        """The aggregate saved in ``file`` (a path or a binary file object);
+        ``mmap`` as in the native ``load`` (the reference always reads)."""
         from . import snapshot
 
+        if not isinstance(mmap, bool):
+            raise TypeError(f"mmap must be a bool, not {type(mmap).__name__}")
         return cls.loads(snapshot.read_file(file))
 
     # -- pickling ---------------------------------------------------------

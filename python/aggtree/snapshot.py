@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import io
 import math
+import mmap
 import os
+import stat
 import struct
 import sys
 import threading
@@ -886,9 +888,33 @@ def read_path(path) -> np.ndarray:
     return buf
 
 
-def read_file(file):
-    """The bytes of a snapshot from a path or a binary file object."""
+def map_path(path):
+    """The file at ``path`` mapped read-only (its pages populated up front),
+    or None when it cannot be mapped (empty, not a regular file, no mmap):
+    loading from the page cache without copying the bytes first.  A mapped
+    file that another program truncates while it is read raises SIGBUS;
+    aggtree never truncates a snapshot (save renames a new file over it)."""
+    if not hasattr(mmap, "MAP_POPULATE"):
+        return None
+    with open(path, "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return None
+        try:
+            return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE,
+                             prot=mmap.PROT_READ)
+        except (OSError, ValueError):
+            return None
+
+
+def read_file(file, use_mmap: bool = False):
+    """The bytes of a snapshot from a path (mapped with ``use_mmap``, else
+    read) or a binary file object."""
     if is_path(file):
+        if use_mmap:
+            m = map_path(file)
+            if m is not None:
+                return m
         return read_path(file)
     if isinstance(file, io.TextIOBase):
         raise TypeError("a snapshot is binary: open the file in binary mode ('rb')")

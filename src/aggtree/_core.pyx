@@ -1535,9 +1535,12 @@ cdef class Aggregate:
         _snap_save(self, file, fsync)
 
     @classmethod
-    def load(cls, file):
-        """The aggregate saved in ``file`` (a path or a binary file object)."""
-        return _snap_load(cls, file)
+    def load(cls, file, *, mmap=False):
+        """The aggregate saved in ``file`` (a path or a binary file object).
+        With ``mmap=True`` a path is mapped into memory rather than read
+        (no copy of the bytes first; but a mapped file that another program
+        truncates while it loads kills the process with SIGBUS)."""
+        return _snap_load(cls, file, mmap)
 
     def __reduce__(self):
         # pickles carry the snapshot format

@@ -34,6 +34,8 @@ cdef bint _SNAP_LE = _sys.byteorder == "little"
 cdef bytes _SNAP_MAGIC = _snapmod.MAGIC
 cdef uint64_t _SNAP_ZERO_HEAD = 0x8000000000000000ULL     # agg_f64_to_key(0.0)
 cdef uint64_t _SNAP_NEGZERO_HEAD = 0x7FFFFFFFFFFFFFFFULL  # agg_f64_to_key(-0.0) unmapped
+cdef uint64_t _SNAP_POSINF_HEAD = 0xFFF0000000000000ULL   # agg_f64_to_key(inf)
+cdef uint64_t _SNAP_NEGINF_HEAD = 0x000FFFFFFFFFFFFFULL   # agg_f64_to_key(-inf)
 cdef uint32_t _SNAP_TAIL_LEN_MASK = 0x00FFFFFFu
 
 
@@ -359,13 +361,15 @@ cdef Py_ssize_t _snap_check_fast(const agg_key *kp, const double *vp, uint64_t n
                 what[0] = 2
                 return <Py_ssize_t>j
             continue
-        d = agg_key_to_f64(h)
-        if isnan(d) or h == _SNAP_NEGZERO_HEAD:
+        # images of NaNs lie below that of -inf or above that of +inf
+        if h < _SNAP_NEGINF_HEAD or h > _SNAP_POSINF_HEAD or h == _SNAP_NEGZERO_HEAD:
             what[0] = 2
             return <Py_ssize_t>j
-        if kind == K_INT and not (floor(d) == d and fabs(d) <= 9007199254740992.0):
-            what[0] = 2
-            return <Py_ssize_t>j
+        if kind == K_INT:
+            d = agg_key_to_f64(h)
+            if not (floor(d) == d and fabs(d) <= 9007199254740992.0):
+                what[0] = 2
+                return <Py_ssize_t>j
     return -1
 
 
@@ -534,8 +538,8 @@ cdef object _snap_save(Aggregate agg, object file, bint fsync):
     _snapmod.save_to(file, lambda f: _snap_write(agg, f), fsync)
 
 
-cdef object _snap_load(type cls, object file):
-    return _snap_loads(cls, _snapmod.read_file(file))
+cdef object _snap_load(type cls, object file, bint use_mmap):
+    return _snap_loads(cls, _snapmod.read_file(file, use_mmap))
 
 
 def _snap_restore(cls, data):
