@@ -86,7 +86,14 @@ cdef tuple _snap_plan_general(_Tree tree, uint64_t n):
     agg_tree_read(_tt(tree), 0, n, 0, kp, NULL)
     # The kind depends on the contents: decode items while they all fit one
     # numeric kind (a GENERAL tree almost always fails on its first item).
+    # The last item first: str, bytes and tuple keys sort after None and
+    # numbers, so a tree that holds any has one there.
     fast = None
+    if n > 1:
+        key, ident = _decode_general(kp[n - 1])
+        if _item_kind(key, ident, &d, &i) == K_GENERAL:
+            kind = K_GENERAL
+            n = 0                                  # (skip the loop below)
     for j in range(n):
         key, ident = _decode_general(kp[j])
         k = _item_kind(key, ident, &d, &i)
@@ -100,6 +107,7 @@ cdef tuple _snap_plan_general(_Tree tree, uint64_t n):
         fp[j] = _fast_key(d, i)
     if kind != K_GENERAL:
         return (kind, fast, None, 0)
+    n = <uint64_t>karr.shape[0]
     lens = np.empty(n, dtype=np.uint32)
     lp = <uint32_t *>cnp.PyArray_DATA(lens)
     for j in range(n):
