@@ -486,6 +486,18 @@ def test_lying_fast_bodies():
     both_refuse(reseal(data[:-8] + b"\x01" + data[-8:]))
 
 
+@pytest.mark.parametrize("count", [2**60, 2**61, 2**62, 2**63, 2**64 - 1, 2**32 + 3])
+def test_huge_counts_refused(count):
+    """Counts whose byte sizes overflow 64 bits are refused before use."""
+    for rows in (_fast_rows(3), [(None, "a", 1, 1.0), (None, "b", 1, 1.0)]):
+        b = bytearray(build(Native, rows).dumps())
+        struct.pack_into("<Q", b, 32 + 8, count)
+        both_refuse(reseal(b), "cannot fit")
+        b = bytearray(build(Native, rows).dumps())
+        struct.pack_into("<Q", b, 32 + 16, count)
+        both_refuse(reseal(b))
+
+
 def test_lying_int_and_float_heads():
     data = build(Native, [(None, j, j, 1.0) for j in range(4)]).dumps()
     at, _ = _fast_keys_at(data)
@@ -529,7 +541,7 @@ def test_lying_general_bodies():
         both_refuse(reseal(b))
     b = bytearray(data)
     struct.pack_into("<Q", b, 32 + 16, 2**40)
-    both_refuse(reseal(b), "add up|past the end")
+    both_refuse(reseal(b), "add up|past the end|cannot fit")
     # an encoding that does not decode (bad tag), and a non-canonical one
     b = bytearray(data)
     b[dat] = 0x99

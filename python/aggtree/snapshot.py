@@ -605,6 +605,13 @@ def read_namespace_header(r: _Reader, index: int):
     if kind != K_GENERAL and data_len != 0:
         raise SnapshotError(f"namespace {index} of kind {KIND_NAMES[kind]} has a data "
                             f"length of {data_len} (byte offset {at + 16})")
+    # (before any reader multiplies the count: it must fit in what is left)
+    per_item = 24 if kind != K_GENERAL else 4 + 2 + 8
+    if count > (r.end - r.pos) // per_item or data_len > r.end - r.pos:
+        raise SnapshotError(
+            f"namespace {index} at byte offset {at} announces {count} items "
+            f"({data_len} bytes of keys), which cannot fit in the rest of the snapshot"
+        )
     nat = r.take(nslen, f"the encoding of namespace {index}")
     nse = bytes(r.buf[nat : nat + nslen])
     try:
