@@ -742,3 +742,38 @@ def test_large_snapshot_streamed_to_file(tmp_path):
     b[len(b) // 2] ^= 4
     with pytest.raises(SnapshotError, match="checksum"):
         Native.loads(bytes(b))
+
+
+def test_snapshots_see_whole_states_under_concurrent_writes(tmp_path):
+    """dumps / save hold the aggregate's lock: a snapshot taken while
+    another thread writes in batches holds a whole number of batches."""
+    import threading
+
+    batch = 20_000
+    agg = Native()
+    agg.insert_many(np.arange(batch, dtype=float), np.arange(batch))
+    stop = threading.Event()
+
+    def writer():
+        j = 1
+        while not stop.is_set() and j < 40:
+            agg.insert_many(np.arange(batch, dtype=float) + j * batch, np.arange(batch))
+            agg.insert(-1.0 - j, 0, namespace="single")
+            j += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        sizes = set()
+        for k in range(15):
+            got = Native.loads(agg.dumps())
+            got.check()
+            sizes.add(got.count() % batch)
+            agg.save(tmp_path / "c.snap", fsync=False)
+            got = Native.load(tmp_path / "c.snap")
+            got.check()
+            sizes.add(got.count() % batch)
+    finally:
+        stop.set()
+        t.join()
+    assert sizes == {0}
