@@ -63,7 +63,7 @@ HEADER_SIZE = HEADER.size  # 32
 NS_HEADER_SIZE = NS_HEADER.size  # 24
 TRAILER_SIZE = TRAILER.size  # 8
 MIN_SIZE = HEADER_SIZE + TRAILER_SIZE
-CRC_THREAD_MIN = 1 << 22  # from this size the checksum runs on a second thread
+CRC_THREAD_MIN = 1 << 20  # from this size the checksum runs on a second thread
 
 # Namespace kinds: the numbers of _core.pyx's K_* constants.
 K_FLOAT, K_INT, K_GENERAL, K_NONE = 0, 1, 2, 3
@@ -866,7 +866,7 @@ def write_atomic(path, data, *, fsync: bool = True) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
-    if fsync:
+    if fsync and os.name == "posix":  # (a directory cannot be opened for fsync elsewhere)
         dfd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dfd)
