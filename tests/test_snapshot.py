@@ -777,3 +777,16 @@ def test_snapshots_see_whole_states_under_concurrent_writes(tmp_path):
         stop.set()
         t.join()
     assert sizes == {0}
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(min_size=0, max_size=3000), offset=st.integers(0, 40))
+def test_native_crc32_is_zlibs(data, offset):
+    """snapshot.c's folded crc32 (PCLMULQDQ) gives zlib.crc32's value at
+    every length and alignment."""
+    from aggtree._core import _snap_crc32
+
+    padded = bytes(offset) + data
+    assert _snap_crc32(memoryview(padded)[offset:]) == zlib.crc32(data)
+    big = np.random.default_rng(len(data)).integers(0, 256, 100_003 + offset, dtype=np.uint8)
+    assert _snap_crc32(big[offset:]) == zlib.crc32(big[offset:].tobytes())
