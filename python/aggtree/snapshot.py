@@ -453,6 +453,17 @@ def encode_namespace(ns: Any) -> bytes:
         raise ValueError(f"cannot save the namespace {ns!r} in a snapshot: {exc}") from None
 
 
+def namespaces_encodable(namespaces) -> bool:
+    """Whether a snapshot can hold every one of these namespaces (pickling
+    and copying fall back to a list of items per namespace when not)."""
+    for ns in namespaces:
+        try:
+            encode_value(ns)
+        except (TypeError, ValueError):
+            return False
+    return True
+
+
 def _fast_section(kind: int, items: list) -> bytes:
     n = len(items)
     keys = np.empty((n, 2), dtype="<u8")

@@ -586,6 +586,30 @@ cdef object _snap_load(type cls, object file, bint use_mmap):
     return _snap_loads(cls, _snapmod.read_file(file, use_mmap))
 
 
+cdef list _snap_items_state(Aggregate agg):
+    """[(namespace, [Item, ...]), ...]: the pickle state of an aggregate
+    whose namespaces a snapshot cannot hold (any hashable is a namespace)."""
+    cdef _Tree tree
+    state = []
+    for ns, tree in list(agg._trees.items()):
+        state.append((ns, _read_items(tree, 0, agg_tree_len(_tt(tree)), False)))
+    return state
+
+
+cdef object _snap_reduce(Aggregate agg):
+    """__reduce__: the snapshot, or (a namespace that no snapshot can hold,
+    say a frozenset) the items of each namespace as before snapshots."""
+    if _snapmod.namespaces_encodable(list(agg._trees)):
+        return (_snap_restore, (type(agg), _snap_dumps(agg)))
+    return (_restore, (agg._node_size, _snap_items_state(agg)))
+
+
+cdef object _snap_copy(Aggregate agg):
+    if _snapmod.namespaces_encodable(list(agg._trees)):
+        return _snap_loads(type(agg), _snap_dumps(agg))
+    return _restore(agg._node_size, _snap_items_state(agg))
+
+
 def _snap_restore(cls, data):
     """Unpickle an Aggregate (``__reduce__`` carries a snapshot)."""
     return _snap_loads(cls, data)
