@@ -23,6 +23,9 @@ This file holds no code of its own: it imports and includes, in this order,
   _aggregate.pxi  the Aggregate class: every public method
   _numpy.pxi      the numpy paths: the cdef bodies of the array methods and
                   their helpers
+  _snapshot.pxi   snapshots: dumps / loads / save / load and pickling in the
+                  format of docs/SNAPSHOT.md (python/aggtree/snapshot.py is
+                  its pure-Python twin and parses the envelope)
   _testing.pxi    test-only helpers (failure injection, tree inspection)
 
 How a Python call becomes a tree walk
@@ -108,5 +111,6 @@ include "_trees.pxi"
 include "_bounds.pxi"
 include "_aggregate.pxi"
 include "_numpy.pxi"
+include "_snapshot.pxi"
 
 include "_testing.pxi"
