@@ -165,7 +165,7 @@ uint32_t agg_tree_depth(const agg_tree *t);   /* 0 when empty, 1 = root is a lea
 
 /* Bytes allocated by the tree: live nodes and tails (not the agg_tree
  * header).  O(1): maintained as a counter.  Nodes come from pools the tree
- * owns (aggtree.c, section 10): the nodes it has freed stay with it for
+ * owns (core/alloc.c, section 10): the nodes it has freed stay with it for
  * reuse, not counted here, until agg_tree_clear or agg_tree_free. */
 size_t agg_tree_nbytes(const agg_tree *t);
 
@@ -195,7 +195,7 @@ agg_status agg_tree_delete(agg_tree *t, agg_key key, double *old_value);
  * then merged with or evened out against a sibling, as a single delete
  * does).  The check runs on two threads for large batches, as
  * agg_tree_insert_sorted's does.  O(n + touched leaves * node_size)
- * (section 13 of aggtree.c). */
+ * (section 13, core/batch_insert.c). */
 agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
                                   uint64_t *bad_index);
 
@@ -230,7 +230,7 @@ agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
  * insert.  Into an empty tree this is agg_tree_build.  Walks the touched
  * leaves once in key order, merging each leaf's new items in one pass:
  * O(n + touched leaves * node_size) plus O(log) per touched parent
- * (section 13 of aggtree.c). */
+ * (section 13, core/batch_insert.c). */
 agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys,
                                   const double *values, uint64_t n,
                                   uint64_t *bad_index);
@@ -243,7 +243,7 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys,
  * ranges all keys share), with about n * 24 bytes of scratch (up to
  * 384 KB more for small inputs without values) plus fixed tables of
  * about 0.4 MB and 2 MB per thread; large inputs may use a second
- * thread (aggtree.c, section 14; AGGTREE_THREADS=1 in the environment
+ * thread (core/sort.c, section 14; AGGTREE_THREADS=1 in the environment
  * prevents it).  AGG_NOMEM if the allocation fails (keys and values are
  * then untouched).  Never touches a tree. */
 agg_status agg_keys_sort(agg_key *keys, double *values, uint64_t n);
@@ -295,7 +295,7 @@ void agg_tree_rank_many(const agg_tree *t, const agg_key *keys, uint64_t n,
 
 /* -------------------------------------------------------------- checks -- */
 
-/* Walk the whole tree and verify every invariant listed in aggtree.c
+/* Walk the whole tree and verify every invariant listed in core/internal.h
  * (ordering within and across nodes, fill bounds, uniform depth, per-child
  * counts and sums equal to what they summarise, separator bounds, leaf chain
  * complete and consistent in both directions, tail reference counts, the
@@ -311,7 +311,7 @@ agg_status agg_tree_check(const agg_tree *t, char *msg, size_t msg_len);
 long agg_debug_fail_after(long n);
 
 /* Test hook, global: how agg_tree_insert_sorted and the check pass of
- * agg_tree_delete_sorted run (section 13 of aggtree.c).  0 (the default):
+ * agg_tree_delete_sorted run (section 13, core/batch_insert.c).  0 (the default):
  * on two threads for large batches (unless the environment has
  * AGGTREE_THREADS=1); 1: always on one thread; 2: on two threads whenever
  * the batch can be cut in two (FAST keys for the insert's apply pass); 3:

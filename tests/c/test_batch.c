@@ -5,7 +5,7 @@
  * both key modes and node sizes 4, 5, 7, 16, 64.
  *
  * Batches come in several shapes, chosen to reach every leaf plan of the
- * batch insert (section 13 of aggtree.c): random keys over the whole key
+ * batch insert (section 13, core/batch_insert.c): random keys over the whole key
  * range, keys packed into one gap between two items (a huge group in one
  * leaf), appends after the last item and prepends before the first, one
  * key next to each of many items (every leaf touched), and batches larger
