@@ -84,4 +84,7 @@ cdef extern from "aggtree.h" nogil:
                             int after, uint64_t *out)
 
     agg_status agg_tree_check(const agg_tree *t, char *msg, size_t msg_len)
-    long agg_debug_fail_after(long n)
+
+cdef extern from "aggtree_test.h":
+    enum: AGG_TEST_FAIL_AFTER
+    long agg_test_control(int op, ...)

@@ -2416,7 +2416,7 @@ def _debug_fail_after(long n):
 
     Returns the number of allocations made since the previous call.  For
     the failure-injection tests only; not thread-safe."""
-    return agg_debug_fail_after(n)
+    return agg_test_control(AGG_TEST_FAIL_AFTER, n)
 
 
 def _tree_busy(Aggregate agg, namespace=None):

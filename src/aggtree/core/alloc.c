@@ -6,7 +6,7 @@
  * --------------
  * Every malloc/free goes through mem_alloc/mem_free: they keep t->nbytes
  * (the requested sizes) and honour the global failure injector
- * agg_debug_fail_after(n) (a countdown of successful allocations; atomic,
+ * AGG_TEST_FAIL_AFTER (aggtree_test.h; a countdown of successful allocations; atomic,
  * so threads working on different trees do not race on it).
  *
  * Nodes come from the tree's two pools (leaves, internal nodes): blocks
@@ -38,7 +38,7 @@
 
 /* Failure injector: < 0 off; else the number of allocations still allowed
  * to succeed.  alloc_count: successful allocations since the last
- * agg_debug_fail_after call. */
+ * AGG_TEST_FAIL_AFTER. */
 static AGG_ATOMIC(long) g_fail_countdown = -1;
 static AGG_ATOMIC(long) g_alloc_count = 0;
 
@@ -168,9 +168,9 @@ AGG_INTERN void mem_free(agg_tree *t, void *p, size_t size)
     }
 }
 
-/* See aggtree.h.  Resets the allocation counter and arms (n >= 0) or
- * disarms (n < 0) the countdown. */
-long agg_debug_fail_after(long n)
+/* AGG_TEST_FAIL_AFTER (aggtree_test.h): resets the allocation counter and
+ * arms (n >= 0) or disarms (n < 0) the countdown. */
+AGG_INTERN long alloc_fail_after(long n)
 {
     long made = atomic_exchange_relaxed(&g_alloc_count, 0);
     atomic_store_relaxed(&g_fail_countdown, n < 0 ? -1 : n);

@@ -1,8 +1,9 @@
 /*
- * core/batch.c - what the two batch operations of section 13 share: ordering
- * check, scratch memory, exact sums of value runs, entry updates, the
- * packing rule for cut levels, the forward-moving finger and the thread
- * switch (insert_sorted_mode).
+ * core/batch.c - what the two batch operations of section 13 share: the
+ * ordering check, scratch memory, exact sums of value runs, entry updates,
+ * the forward-moving finger and the thread switch (their thread runner is
+ * threads.c; the packing rule, pack_span, is with the bulk build in
+ * tree.c).
  */
 #include "internal.h"
 
@@ -18,18 +19,8 @@ AGG_INTERN ddsum vals_ddsum(const double *v, uint64_t n)
 {
     ddsum s;
     dds_zero(&s);
-    if (v && n) {
-        double h = 0.0, l = 0.0;
-        uint64_t i = 0;
-        int ex = 1;
-        for (; i < n && ex; i++)
-            ex = dd_step(&h, &l, v[i]);
-        if (ex)
-            ex = dd_finish(&h, &l, ex);
-        s.hi = h;
-        s.lo = l;
-        s.exact = ex;
-    }
+    if (v && n)
+        s.exact = vals_sum(v, n, 0, &s.hi, &s.lo);
     return s;
 }
 
@@ -51,37 +42,6 @@ AGG_INTERN void entry_apply(const agg_tree *t, node *p, uint32_t j, uint64_t cnt
         }
     }
     inner_refresh(t, p, j);
-}
-
-/* Size and first position of node i of the s nodes sharing e entries:
- * `full` (the last node of its level) packs cap each and the last takes
- * the rest (at least 2: an internal node on the rightmost path needs 2
- * children); otherwise the entries are shared evenly (each >= min). */
-AGG_INTERN void pack_span(uint64_t e, uint64_t s, uint64_t i, int full, uint32_t cap,
-                      uint64_t *base, uint32_t *size)
-{
-    if (s == 1) {
-        *base = 0;
-        *size = (uint32_t)e;
-    } else if (full) {
-        uint64_t last = e - (s - 1) * cap;
-        *base = i * cap;
-        *size = cap;
-        if (last == 1) {            /* [.., cap - 1, 2] */
-            if (i + 2 == s)
-                *size = cap - 1;
-            else if (i + 1 == s) {
-                *base = i * cap - 1;
-                *size = 2;
-            }
-        } else if (i + 1 == s) {
-            *size = (uint32_t)last;
-        }
-    } else {
-        uint64_t f = e / s, r = e % s;
-        *base = i * f + (i < r ? i : r);
-        *size = (uint32_t)(f + (i < r));
-    }
 }
 
 /* Re-descend from level d to the leaf for k.  resume: k is known to be >=
@@ -110,10 +70,12 @@ AGG_INTERN void finger_descend(const agg_tree *t, finger *f, int d, agg_key k, i
     }
 }
 
-/* Debug switch, see aggtree.h. */
+/* The thread mode of the batch operations (AGG_TEST_BATCH_THREAD_MODE in
+ * aggtree_test.h): 0 by default. */
 AGG_INTERN AGG_ATOMIC(long) g_batch_mode = 0;
 
-long agg_debug_insert_sorted_mode(long mode)
+/* Set the thread mode; returns the previous one. */
+AGG_INTERN long batch_thread_mode(long mode)
 {
     return atomic_exchange_relaxed(&g_batch_mode, mode);
 }

@@ -9,7 +9,7 @@
  * absent key before anything changes; from BATCH_THREAD_MIN keys it is cut
  * in two at the middle key and run on two threads (dels_check_split: it
  * only reads, so any cut will do; the parts are claimed from a counter
- * as in run_pieces, and the first part's absent key wins).  Then per
+ * as in run_parts, and the first part's absent key wins).  Then per
  * leaf: its keys are removed in one compaction pass (dels_compact).  If it
  * keeps its minimum fill, only the parent's entry is updated, the path
  * above accumulating as for inserts; a leaf that falls below it first
@@ -71,7 +71,7 @@ static int dgroup_present(const agg_tree *t, const agg_key *keys, const dgroup *
     if (t->mode == AGG_KEYS_FAST) {
         /* as search_group: independent branch-free searches */
         for (i = g->start; i < g->start + g->k; i++) {
-            uint32_t p = leaf_lower_bound_fast(lk, cnt, keys[i]);
+            uint32_t p = fast_count(lk, cnt, keys[i], 0, 1);
             if (p >= cnt || lk[p].head != keys[i].head || lk[p].rest != keys[i].rest) {
                 *missing = i;
                 return 0;
@@ -154,57 +154,6 @@ missing:
     return AGG_MISSING;
 }
 
-/* Parts 0..np-1 of a batch delete pass, claimed from a counter by the
- * calling thread and, with threads == 1, a helper thread (one that starts
- * late finds fewer parts or none; the caller waits at most for the part
- * the helper holds).  Parts write disjoint memory.  (The batch insert's
- * run_pieces is the same with a stop flag and a result.) */
-typedef void (*dpart_fn)(void *ctx, int p);
-
-typedef struct dparts {
-    void *ctx;
-    dpart_fn fn;
-    int np;
-    AGG_ATOMIC(long) next;
-} dparts;
-
-static void dparts_worker(dparts *j)
-{
-    long p;
-    while ((p = atomic_add_relaxed(&j->next, 1)) < j->np)
-        j->fn(j->ctx, (int)p);
-}
-
-#if AGG_THREADS
-static void *dparts_helper(void *arg)
-{
-    dparts_worker((dparts *)arg);
-    return NULL;
-}
-#endif
-
-static void run_dparts(void *ctx, dpart_fn fn, int np, int threads)
-{
-    dparts j;
-    j.ctx = ctx;
-    j.fn = fn;
-    j.np = np;
-    atomic_store_relaxed(&j.next, 0);
-#if AGG_THREADS
-    if (threads == 1 && np > 1) {
-        pthread_t th;
-        if (pthread_create(&th, NULL, dparts_helper, &j) == 0) {
-            dparts_worker(&j);
-            pthread_join(th, NULL);
-            return;
-        }
-    }
-#else
-    (void)threads;
-#endif
-    dparts_worker(&j);
-}
-
 /* The delete check cut in two at the middle key (any cut will do: it only
  * reads), for two threads: each part routes and searches its own keys and
  * writes its own groups' leaves (part 1 from leaves + cut on, moved down
@@ -219,13 +168,15 @@ typedef struct dcheck {
     agg_status st[2];
 } dcheck;
 
-static void dcheck_part(void *ctx, int p)
+static uint64_t dcheck_part(void *ctx, int p, int w)
 {
     dcheck *c = (dcheck *)ctx;
     uint64_t lo = p ? c->cut : 0, hi = p ? c->n : c->cut;
+    (void)w;
     c->st[p] = dels_check(c->t, c->keys + lo, hi - lo, &c->bad[p],
                           c->leaves ? c->leaves + lo : NULL,
                           c->leaves ? c->gfirst + lo : NULL, &c->ng[p]);
+    return UINT64_MAX;
 }
 
 /* dels_check of keys[0..n) in two parts, on a helper thread too if
@@ -244,7 +195,7 @@ static agg_status dels_check_split(const agg_tree *t, const agg_key *keys, uint6
     c.cut = n / 2;
     c.leaves = leaves;
     c.gfirst = gfirst;
-    run_dparts(&c, dcheck_part, 2, threads);
+    run_parts(&c, dcheck_part, 2, threads);
     for (p = 0; p < 2; p++)
         if (c.st[p] != AGG_OK) {
             if (bad_index)
@@ -288,7 +239,7 @@ static uint32_t dels_compact_fast(const agg_tree *t, node *lf, const agg_key *ke
     uint64_t q = i;
     ddsum gone;
     dds_zero(&gone);
-    r = leaf_lower_bound_fast(lk, cnt, keys[i]);
+    r = fast_count(lk, cnt, keys[i], 0, 1);
     for (w = r; r < cnt; r++) {
         if (q < j && lk[r].head == keys[q].head && lk[r].rest == keys[q].rest) {
             dds_add(&gone, lv[r], 0.0, 1, 0);
@@ -358,7 +309,6 @@ static uint32_t dels_compact(agg_tree *t, node *lf, const agg_key *keys, uint64_
 static void dels_repair_path(agg_tree *t, finger *f, int D, uint64_t kk, const ddsum *neg)
 {
     int d;
-    node *n;
     for (d = D - 2; d >= 0; d--) {
         node *p = f->path[d];
         uint32_t ci = f->idx[d];
@@ -367,12 +317,7 @@ static void dels_repair_path(agg_tree *t, finger *f, int D, uint64_t kk, const d
         else
             node_repair(t, p, ci);
     }
-    n = t->root;
-    if (!n->leaf && n->count == 1) {
-        t->root = inner_child(t, n)[0];
-        mem_free(t, n, t->inner_bytes);
-        t->depth--;
-    }
+    root_collapse(t);
 }
 
 /* The compaction pass of a FAST delete batch in pieces for two threads
@@ -385,25 +330,25 @@ static void dels_repair_path(agg_tree *t, finger *f, int D, uint64_t kk, const d
  * unchanged until then). */
 #define DEL_PIECES 16
 
-typedef struct dlp {
+typedef struct parent_loss {
     uint64_t key;                /* index of a batch key under the leaf parent */
     uint64_t cnt;                /* items its leaves lost */
     ddsum sum;                   /* minus their values' sum */
-} dlp;
+} parent_loss;
 
-typedef struct dpieces {
+typedef struct delete_pieces {
     agg_tree *t;
     const agg_key *keys;
     node **leaves;               /* groups' leaves, for prefetching (NULL: none) */
     const uint64_t *gfirst;      /* groups' first key indexes */
     uint64_t ng;
     uint64_t cut[DEL_PIECES + 1];
-    dlp *lp[DEL_PIECES];         /* each piece's leaf parent records ... */
+    parent_loss *lp[DEL_PIECES]; /* each piece's leaf parent records ... */
     uint64_t nlp[DEL_PIECES];
     uint64_t *rep[DEL_PIECES];   /* ... and repair keys */
     uint64_t nrep[DEL_PIECES];
     uint64_t gone[DEL_PIECES];   /* items removed */
-} dpieces;
+} delete_pieces;
 
 /* First key index in [from, n) past the leaf parent of keys[from] (n if
  * that is the last leaf parent). */
@@ -432,9 +377,9 @@ static uint64_t dels_lp_end(const agg_tree *t, const agg_key *keys, uint64_t fro
 
 /* Piece p: compact every leaf of its keys (dels_compact), update its entry
  * in the leaf parent, record leaf parents and underfull leaves. */
-static void dels_piece(void *ctx, int p)
+static uint64_t dels_piece(void *ctx, int p, int w)
 {
-    dpieces *c = (dpieces *)ctx;
+    delete_pieces *c = (delete_pieces *)ctx;
     agg_tree *t = c->t;
     const agg_key *keys = c->keys;
     int D = (int)t->depth;
@@ -466,7 +411,7 @@ static void dels_piece(void *ctx, int p)
         if (i > lo) {
             int d = finger_level(t, &f, D - 1, keys[i]);
             if (d < D - 2) {        /* leaving the leaf parent */
-                dlp *r = &c->lp[p][c->nlp[p]++];
+                parent_loss *r = &c->lp[p][c->nlp[p]++];
                 r->key = lpkey;
                 r->cnt = lpcnt;
                 r->sum = lpsum;
@@ -494,11 +439,13 @@ static void dels_piece(void *ctx, int p)
             c->rep[p][c->nrep[p]++] = i;
     }
     {
-        dlp *r = &c->lp[p][c->nlp[p]++];
+        parent_loss *r = &c->lp[p][c->nlp[p]++];
         r->key = lpkey;
         r->cnt = lpcnt;
         r->sum = lpsum;
     }
+    (void)w;
+    return UINT64_MAX;
 }
 
 /* The compaction pass of a FAST batch (every key present, depth >= 3) in
@@ -509,7 +456,7 @@ static void dels_piece(void *ctx, int p)
 static int dels_apply_pieces(agg_tree *t, const agg_key *keys, uint64_t n, node **leaves,
                              const uint64_t *gfirst, uint64_t ng, int threads)
 {
-    dpieces c;
+    delete_pieces c;
     uint64_t leavesb = t->nbytes / t->leaf_bytes + 1, lpb = leavesb / t->min + 2;
     uint64_t q, reptotal = 0, k;
     int p, np = 0;
@@ -537,11 +484,11 @@ static int dels_apply_pieces(agg_tree *t, const agg_key *keys, uint64_t n, node 
         lpsz += (size_t)(nk < lpb ? nk : lpb);
         repsz += (size_t)(nk < leavesb ? nk : leavesb);
     }
-    mem = (char *)raw_alloc(lpsz * sizeof(dlp) + repsz * sizeof(uint64_t));
+    mem = (char *)raw_alloc(lpsz * sizeof(parent_loss) + repsz * sizeof(uint64_t));
     if (!mem)
         return 0;
     {
-        dlp *lp = (dlp *)(void *)mem;
+        parent_loss *lp = (parent_loss *)(void *)mem;
         uint64_t *rp = (uint64_t *)(void *)(lp + lpsz);
         for (p = 0; p < np; p++) {
             uint64_t nk = c.cut[p + 1] - c.cut[p];
@@ -556,13 +503,13 @@ static int dels_apply_pieces(agg_tree *t, const agg_key *keys, uint64_t n, node 
     c.leaves = leaves;
     c.gfirst = gfirst;
     c.ng = ng;
-    run_dparts(&c, dels_piece, np, threads);
+    run_parts(&c, dels_piece, np, threads);
     /* the levels above the leaf parents: each record's change, on the
      * path down to its leaf parent (the structure has not changed yet) */
     for (p = 0; p < np; p++) {
         t->len -= c.gone[p];
         for (q = 0; q < c.nlp[p]; q++) {
-            const dlp *r = &c.lp[p][q];
+            const parent_loss *r = &c.lp[p][q];
             finger f;
             int d;
             f.path[0] = t->root;
@@ -590,11 +537,7 @@ static int dels_apply_pieces(agg_tree *t, const agg_key *keys, uint64_t n, node 
             finger_descend(t, &f, 0, keys[c.rep[p][q]], 0);
             dels_repair_path(t, &f, (int)t->depth, 0, &none);
         }
-    if (t->root->leaf && t->root->count == 0) {
-        mem_free(t, t->root, t->leaf_bytes);
-        t->root = NULL;
-        t->depth = 0;
-    }
+    root_collapse(t);
     free(mem);
     return 1;
 }

@@ -45,7 +45,7 @@
  * Two threads.  A batch of >= 16,384 keys (BATCH_THREAD_MIN) runs the
  * route + search + plan of step b and the leaf ops of step d on two
  * threads (pthreads; AGG_NO_THREADS builds without them; AGGTREE_THREADS=1
- * in the environment, or agg_debug_insert_sorted_mode(1), forces one).
+ * in the environment, or AGG_TEST_BATCH_THREAD_MODE 1, forces one).
  * The keys are cut at a leaf parent boundary: the first key past the leaf
  * parent of the middle key (found by one descent and a binary search of
  * the keys; a depth-2 tree has one leaf parent and is not cut).  Each half
@@ -62,7 +62,7 @@
  * (APPLY_PIECES), each ending after the leaf parent at which the ops
  * reach the next 1/16 share; the two threads take pieces in order from a
  * shared counter, each with its own carry buffers, and leave in each leaf
- * parent's event the count and exact sum of its new keys and (in lpend,
+ * parent's event the count and exact sum of its new keys and (in new_leaf_entry,
  * at indexes the plan assigned) the entries of its new leaves;
  * everything above the leaf parents (section "Internal nodes" below) then
  * runs on one thread, in order - ~250 nodes for 100,000 keys into
@@ -78,7 +78,7 @@
  * The check pass stays cut in two: cut into 16 parts it measured ~5%
  * slower on a quiet machine (joining copies 15/16 of the groups and ops
  * instead of half) and no better with core 1 taken away.  Both passes go
- * through one runner (run_pieces).  The threads write disjoint memory:
+ * through one runner (run_parts).  The threads write disjoint memory:
  * different leaf parents, their leaves, their ops and events (a leaf's
  * next->prev may be another piece's leaf, a field that piece never
  * touches).  GENERAL batches apply on one thread: a separator replaced
@@ -131,7 +131,7 @@
  * leaf, so its floor is rewriting every leaf (with the fused search, the
  * one read of it is the one the rewrite needs anyway; before it, the
  * check read every leaf once more): ~1.8 ms on one core of the
- * development VM (tests/c/bench_floor.c does just that memory work on
+ * development VM (bench/c/bench_floor.c does just that memory work on
  * scattered leaf-sized blocks).  With the fused search (below), later
  * batches of 100,000 random keys into a packed 1,000,000 measured ~53-60
  * ns per key on one thread and ~32-48 on two, the first batch no slower
@@ -175,11 +175,11 @@
  * front of the leaf it was meant for - is the old stream plus the new
  * keys its ops inserted, in order; taking those out and cutting the rest
  * by the copy's counts refills every child exactly as it was, the new
- * leaves are unlinked (the pool frees them), and the copy is written
+ * leaves are unlinked (insert_free gives them back), and the copy is written
  * back.
  * Nothing above the leaf parents has changed yet.  The result is the tree
  * before the call, node for node and bit for bit (the tests compare
- * agg_debug_shape_hash, not just the items).  The price: the copies and
+ * AGG_TEST_SHAPE_HASH, not just the items).  The price: the copies and
  * the undo buffer (one leaf parent's items) are allocated with the
  * reservation, so a batch holding a present key may now report AGG_NOMEM
  * before it would have reported AGG_DUPLICATE.  Measured (bench_core as
@@ -209,7 +209,7 @@
  * The smallest `spill` stream items go to the end of the left neighbour,
  * the next `keep` stay, the rest go to `nnew` new leaves after it (xnew
  * items) or, as a carry of `cout` items, to the front of leaf j + 1. */
-typedef struct lop {
+typedef struct leaf_op {
     node *leaf;                  /* the leaf: child j of its parent */
     node *parent;                /* its parent (NULL: the leaf is the root) */
     uint64_t start;              /* index of its first new key */
@@ -221,60 +221,62 @@ typedef struct lop {
     uint32_t spill;              /* items moved to the left neighbour */
     uint32_t cout;               /* items carried into the right neighbour */
     uint8_t full;                /* new leaves packed full (rightmost) */
-    uint64_t nl0;                /* its first new leaf in the pool (and in lpend) */
+    uint64_t nl0;                /* its first new leaf in the reserve (and in new_leaf_entry) */
     ddsum gsum;                  /* apply: exact sum of its new values */
-} lop;
+} leaf_op;
 
 /* The new keys of one leaf, found by the check pass. */
-typedef struct bgroup {
+typedef struct key_group {
     node *leaf;                  /* the leaf */
     uint64_t start;              /* first key */
     uint64_t k;                  /* how many */
     uint32_t j;                  /* the leaf's index in its parent */
     uint32_t L;                  /* its item count (from the parent's entry) */
-} bgroup;
+} key_group;
 
 /* Check pass: the route phase left path node x at level lev after the
  * first `gend` groups. */
-typedef struct bevent {
+typedef struct path_event {
     node *x;                     /* the node */
     node *parent;                /* its parent (NULL for the root) */
     uint64_t gend;               /* groups created before */
     uint64_t opend;              /* plan: leaf ops planned before it is finalized */
     uint64_t grown;              /* plan, leaf parents: new leaves under it */
-    uint64_t nl0;                /* apply, leaf parents: its new leaves' entries in lpend */
+    uint64_t nl0;                /* apply, leaf parents: its new leaves' entries
+                                    in new_leaf_entry */
     uint64_t dk;                 /* apply, leaf parents: new keys under it */
     ddsum dsum;                  /* apply, leaf parents: their values' sum */
     uint32_t pj;                 /* its index in the parent */
     int32_t lev;                 /* its level */
     uint8_t rm;                  /* it is the last node of its level */
-} bevent;
+} path_event;
 
 /* A new node waiting to enter its parent: after the child that had index
  * `pos` before the batch. */
-typedef struct pend {
+typedef struct pending_entry {
     entry e;                     /* its entry (the separator's reference included) */
     uint32_t pos;                /* original index of the child it follows */
-} pend;
+} pending_entry;
 
-/* Pre-allocated nodes. */
-typedef struct pool {
+/* Nodes reserved (allocated) before the apply pass, handed out in order
+ * (not the allocator's node_pool). */
+typedef struct node_reserve {
     node **a;                    /* the nodes */
     uint64_t n;                  /* how many */
     uint64_t used;               /* handed out */
-} pool;
+} node_reserve;
 
 /* The route, search and plan of a contiguous part of the keys (one, or
  * two on two threads): arrays sized before it starts, so it never
  * allocates. */
 typedef struct part {
-    bgroup *grp;                 /* per touched leaf, in key order */
+    key_group *grp;              /* per touched leaf, in key order */
     uint64_t ngrp;
     uint64_t capgrp;
-    bevent *ev;                  /* path nodes left by the route, in order */
+    path_event *ev;              /* path nodes left by the route, in order */
     uint64_t nev;
     uint64_t capev;
-    lop *ops;                    /* per leaf to rewrite, in key order */
+    leaf_op *ops;                /* per leaf to rewrite, in key order */
     uint64_t nops;
     uint64_t capops;
     uint64_t new_leaves;         /* new leaves its ops take */
@@ -296,7 +298,7 @@ typedef struct carry {
 #define APPLY_PIECES 16
 
 /* State of one agg_tree_insert_sorted. */
-typedef struct bins {
+typedef struct insert_batch {
     agg_tree *t;
     const agg_key *keys;         /* the caller's keys */
     agg_key *own;                /* GENERAL: the tree's copies (tails owned), else NULL */
@@ -307,11 +309,11 @@ typedef struct bins {
     part pt[2];                  /* check: the parts; pt[0] ends up holding all */
     int nparts;                  /* check part p is keys [ccut[p], ccut[p + 1]) */
     uint64_t ccut[3];
-    bgroup *grp;                 /* = pt[0]'s arrays once the parts are joined */
+    key_group *grp;              /* = pt[0]'s arrays once the parts are joined */
     uint64_t ngrp;
-    bevent *ev;
+    path_event *ev;
     uint64_t nev;
-    lop *ops;
+    leaf_op *ops;
     uint64_t nops;
     uint64_t grow[MAX_DEPTH];    /* plan: new children of the current node per level */
     uint64_t maxpend[MAX_DEPTH]; /* most new nodes at level d under one parent */
@@ -319,13 +321,13 @@ typedef struct bins {
     uint64_t rootgrow;           /* new siblings of the root */
     uint64_t new_leaves;         /* nodes the apply pass will take */
     uint64_t new_inner;
-    pool leaves;                 /* apply pass: reserved nodes */
-    pool inner;
-    pend *pending[MAX_DEPTH];    /* new nodes at level d waiting for their parent */
+    node_reserve leaves;         /* apply pass: reserved nodes */
+    node_reserve inner;
+    pending_entry *pending[MAX_DEPTH]; /* new nodes at level d waiting for their parent */
     uint64_t npending[MAX_DEPTH];
     entry *tmp;                  /* entry list of a splitting node */
     uint64_t ntmp;
-    pend *lpend;                 /* per new leaf: its entry for the parent */
+    pending_entry *new_leaf_entry; /* per new leaf: its entry for the parent */
     carry cs[2];                 /* carry state of the (up to two) apply workers */
     uint64_t dcnt[MAX_DEPTH];    /* new items under the path node per level */
     ddsum dsum[MAX_DEPTH];       /* their values' sum */
@@ -335,27 +337,23 @@ typedef struct bins {
     agg_key *uk;                 /* undo: a leaf parent's items */
     double *uv;
     /* apply pieces (FAST, two threads: see "Pieces" in section 13) */
-    int npieces;                 /* piece p is events [pcut[p], pcut[p + 1]) */
-    uint64_t pcut[APPLY_PIECES + 1];
+    int npieces;                 /* piece p is events [piece_cut[p], piece_cut[p + 1]) */
+    uint64_t piece_cut[APPLY_PIECES + 1];
     int ran[APPLY_PIECES];       /* piece p ran (to its end or its halt) */
-    int pw[APPLY_PIECES];        /* ... with the carry state of worker pw[p] */
-    uint64_t halt_e[APPLY_PIECES]; /* piece p stopped at this event (or its end) */
-    uint64_t halt_r[APPLY_PIECES]; /* ... before this op */
-    /* the pass being run in pieces (run_pieces) */
-    int nrun;                    /* its pieces */
-    AGG_ATOMIC(long) next_piece; /* the next piece to take */
-    AGG_ATOMIC(long) stop;       /* a piece found a present key: take no more */
-} bins;
+    int piece_worker[APPLY_PIECES]; /* ... with the carry state of worker piece_worker[p] */
+    uint64_t halt_event[APPLY_PIECES]; /* piece p stopped at this event (or its end) */
+    uint64_t halt_op[APPLY_PIECES]; /* ... before this op */
+} insert_batch;
 
 /* The i-th key of the run as the tree compares it. */
-AGG_INLINE agg_key bins_key(const bins *b, uint64_t i)
+AGG_INLINE agg_key batch_key(const insert_batch *b, uint64_t i)
 {
     return key_normalize(b->t, b->keys[i]);
 }
 
 /* Append a leaf op (the array is sized for the worst case: one op per
  * group plus one absorbing op per group). */
-AGG_INLINE void ops_push(part *pt, const lop *op)
+AGG_INLINE void ops_push(part *pt, const leaf_op *op)
 {
     pt->ops[pt->nops++] = *op;
 }
@@ -364,8 +362,8 @@ AGG_INLINE void ops_push(part *pt, const lop *op)
  * g[0..ng) (section 13: fit, carry right, spill left, absorb into an
  * untouched right neighbour, or new leaves) into pt's ops.  Returns the
  * number of new leaves under P. */
-static uint64_t plan_leaf_ops(bins *b, part *pt, node *P, int rm_parent, const bgroup *grp,
-                              uint64_t ng)
+static uint64_t plan_leaf_ops(insert_batch *b, part *pt, node *P, int rm_parent,
+                              const key_group *grp, uint64_t ng)
 {
     const agg_tree *t = b->t;
     uint32_t cap = t->cap, min = t->min, c = 0, prev_keep = 0;
@@ -373,11 +371,11 @@ static uint64_t plan_leaf_ops(bins *b, part *pt, node *P, int rm_parent, const b
     int prev_emit = 0;
     uint64_t total = 0, r;
     for (r = 0; r < ng; r++) {
-        const bgroup *g = &grp[r];
+        const key_group *g = &grp[r];
         uint32_t j = g->j;
         uint64_t T = (uint64_t)c + g->L + g->k;
         int last = !P || j + 1 == P->count;
-        lop op;
+        leaf_op op;
         memset(&op, 0, sizeof op);
         op.leaf = g->leaf;
         op.parent = P;
@@ -411,7 +409,7 @@ static uint64_t plan_leaf_ops(bins *b, part *pt, node *P, int rm_parent, const b
                 if (room >= X) {    /* spill into the left neighbour */
                     op.spill = (uint32_t)X;
                 } else if (!last && inner_cnt(t, P)[j + 1] + X <= cap) {
-                    lop ab;         /* the untouched right neighbour absorbs it */
+                    leaf_op ab;         /* the untouched right neighbour absorbs it */
                     node *nb = inner_child(t, P)[j + 1];
                     op.cout = (uint32_t)X;
                     op.nl0 = pt->new_leaves + total;
@@ -454,7 +452,7 @@ static uint64_t plan_leaf_ops(bins *b, part *pt, node *P, int rm_parent, const b
  * far. */
 static void route_event(part *pt, int lev)
 {
-    bevent *e = &pt->ev[pt->nev++];
+    path_event *e = &pt->ev[pt->nev++];
     e->x = pt->f.path[lev];
     e->parent = lev > 0 ? pt->f.path[lev - 1] : NULL;
     e->pj = lev > 0 ? pt->f.idx[lev - 1] : 0;
@@ -469,7 +467,7 @@ static void route_event(part *pt, int lev)
  * comes from its parent's entry (the parent is in cache, the leaf not). */
 AGG_INLINE void route_group(const agg_tree *t, part *pt, int D, uint64_t start, uint64_t i)
 {
-    bgroup *g = &pt->grp[pt->ngrp++];
+    key_group *g = &pt->grp[pt->ngrp++];
     g->leaf = pt->f.path[D - 1];
     g->start = start;
     g->k = i - start;
@@ -477,80 +475,9 @@ AGG_INLINE void route_group(const agg_tree *t, part *pt, int D, uint64_t start, 
     g->L = D >= 2 ? (uint32_t)inner_cnt(t, pt->f.path[D - 2])[g->j] : g->leaf->count;
 }
 
-/* Piece p of a batch pass, run by worker w (0: the calling thread, 1: the
- * helper); returns the first key it found present (UINT64_MAX: none). */
-typedef uint64_t (*piece_fn)(bins *b, int p, int w);
-
-/* Worker w of run_pieces: takes pieces in order from the shared counter
- * until none is left or a piece has reported a key, and returns the key
- * it found.  A piece before the one that reported was taken earlier, so
- * it runs to its end or to its own first key: the first present key in
- * key order is always among those reported. */
-static uint64_t pieces_worker(bins *b, piece_fn fn, int w)
-{
-    for (;;) {
-        long p;
-        uint64_t dup;
-        if (atomic_load_relaxed(&b->stop))
-            return UINT64_MAX;
-        p = atomic_add_relaxed(&b->next_piece, 1);
-        if (p >= b->nrun)
-            return UINT64_MAX;
-        if ((dup = fn(b, (int)p, w)) != UINT64_MAX) {
-            atomic_store_relaxed(&b->stop, 1);
-            return dup;
-        }
-    }
-}
-
-#if AGG_THREADS
-typedef struct pieces_job {
-    bins *b;
-    piece_fn fn;
-    uint64_t res;
-} pieces_job;
-
-static void *pieces_helper(void *arg)
-{
-    pieces_job *j = (pieces_job *)arg;
-    j->res = pieces_worker(j->b, j->fn, 1);
-    return NULL;
-}
-#endif
-
-/* Run pieces 0..np-1 of a pass: on the calling thread, and with
- * `threads` == 1 on a helper thread too (one that starts late finds fewer
- * pieces or none: with two pieces, the caller takes the second itself if
- * the helper has not started when the first is done; at the end the
- * caller waits at most for the piece the helper holds).  Returns the
- * first present key in key order, or UINT64_MAX. */
-static uint64_t run_pieces(bins *b, piece_fn fn, int np, int threads)
-{
-    b->nrun = np;
-    atomic_store_relaxed(&b->next_piece, 0);
-    atomic_store_relaxed(&b->stop, 0);
-#if AGG_THREADS
-    if (threads == 1 && np > 1) {
-        pthread_t th;
-        pieces_job job;
-        job.b = b;
-        job.fn = fn;
-        job.res = UINT64_MAX;
-        if (pthread_create(&th, NULL, pieces_helper, &job) == 0) {
-            uint64_t r0 = pieces_worker(b, fn, 0);
-            pthread_join(th, NULL);
-            return r0 < job.res ? r0 : job.res;
-        }
-    }
-#else
-    (void)threads;
-#endif
-    return pieces_worker(b, fn, 0);
-}
-
 /* Search phase for one group: each key's position in the leaf; the first
  * key already present is reported (groups are searched in key order). */
-static uint64_t search_group(bins *b, bgroup *gr)
+static uint64_t search_group(insert_batch *b, key_group *gr)
 {
     const agg_tree *t = b->t;
     node *lf = gr->leaf;
@@ -564,7 +491,7 @@ static uint64_t search_group(bins *b, bgroup *gr)
          * on each other, so the CPU overlaps them; then the equality
          * checks, in key order */
         for (i = gr->start; i < end; i++)
-            b->pos[i] = leaf_lower_bound_fast(lk, cnt, b->keys[i]);
+            b->pos[i] = fast_count(lk, cnt, b->keys[i], 0, 1);
         for (i = gr->start; i < end; i++) {
             uint32_t p = b->pos[i];
             if (p < cnt && lk[p].head == b->keys[i].head && lk[p].rest == b->keys[i].rest)
@@ -572,7 +499,7 @@ static uint64_t search_group(bins *b, bgroup *gr)
         }
     } else {
         for (i = gr->start; i < end; i++) {
-            agg_key k = bins_key(b, i);
+            agg_key k = batch_key(b, i);
             uint32_t p = lo + general_count_lt(lk + lo, cnt - lo, k);
             if (p < cnt && key_cmp_general(lk[p], k) == 0) {
                 return i;
@@ -586,7 +513,7 @@ static uint64_t search_group(bins *b, bgroup *gr)
 
 /* Plan: path node ev->x gets gr new children; count the nodes it becomes
  * (new internal nodes, new root levels) and the buffer sizes. */
-static void plan_event(bins *b, bevent *ev, uint64_t gr)
+static void plan_event(insert_batch *b, path_event *ev, uint64_t gr)
 {
     uint64_t sz = ev->x->count + gr, cnt = pack_count(sz, b->t->cap);
     b->grow[ev->lev] = 0;
@@ -604,7 +531,7 @@ static void plan_event(bins *b, bevent *ev, uint64_t gr)
 }
 
 /* Plan: new root levels above a root that got b->rootgrow siblings. */
-static void plan_root(bins *b)
+static void plan_root(insert_batch *b)
 {
     if (b->rootgrow > b->maxpend[0])
         b->maxpend[0] = b->rootgrow;
@@ -632,8 +559,9 @@ static void plan_root(bins *b)
  * Returns the first new key already present, or UINT64_MAX.  Writes only
  * pt, its groups' keys' pos[] and its ops: parts share nothing they
  * write, and nothing here allocates. */
-static uint64_t check_part(bins *b, int p, int w)
+static uint64_t check_part(void *ctx, int p, int w)
 {
+    insert_batch *b = (insert_batch *)ctx;
     const agg_tree *t = b->t;
     part *pt = &b->pt[p];
     uint64_t lo = b->ccut[p], hi = b->ccut[p + 1];
@@ -645,14 +573,14 @@ static uint64_t check_part(bins *b, int p, int w)
     f->path[0] = t->root;
     f->hn[0] = NULL;
     f->hs[0] = 0;
-    finger_descend(t, f, 0, bins_key(b, lo), 0);
+    finger_descend(t, f, 0, batch_key(b, lo), 0);
     if (D == 1) {
         route_group(t, pt, D, lo, hi);
     } else {
         node *hn = f->hn[D - 1];
         uint32_t hs = f->hs[D - 1];
         for (i = lo + 1; i < hi; i++) {
-            agg_key k = bins_key(b, i);
+            agg_key k = batch_key(b, i);
             int d;
             if (!hn || key_lt(t, k, node_keys(hn)[hs]))
                 continue;           /* same leaf */
@@ -684,7 +612,7 @@ static uint64_t check_part(bins *b, int p, int w)
         return UINT64_MAX;
     }
     for (e = 0; e < pt->nev; e++) {
-        bevent *ev = &pt->ev[e];
+        path_event *ev = &pt->ev[e];
         if (ev->lev == D - 2) {
             ev->grown = plan_leaf_ops(b, pt, ev->x, ev->rm, pt->grp + gi, ev->gend - gi);
             gi = ev->gend;
@@ -700,7 +628,7 @@ static uint64_t check_part(bins *b, int p, int w)
 /* Where to cut the batch for two threads: the first key past the leaf
  * parent of the middle key (so that no leaf parent has keys in both
  * parts), or 0 for no cut. */
-static uint64_t check_split(const bins *b)
+static uint64_t check_split(const insert_batch *b)
 {
     const agg_tree *t = b->t;
     int D = (int)t->depth;
@@ -712,13 +640,13 @@ static uint64_t check_split(const bins *b)
     f.path[0] = t->root;
     f.hn[0] = NULL;
     f.hs[0] = 0;
-    finger_descend(t, &f, 0, bins_key(b, lo), 0);
+    finger_descend(t, &f, 0, batch_key(b, lo), 0);
     if (!f.hn[D - 2])
         return 0;                   /* the middle key is in the last leaf parent */
     bound = node_keys(f.hn[D - 2])[f.hs[D - 2]];
     while (lo < hi) {
         uint64_t mid = lo + (hi - lo) / 2;
-        if (key_lt(t, bins_key(b, mid), bound))
+        if (key_lt(t, batch_key(b, mid), bound))
             lo = mid + 1;
         else
             hi = mid;
@@ -730,7 +658,7 @@ static uint64_t check_split(const bins *b)
  * when `all`): groups <= keys and <= leaves, events <= internal nodes
  * (each is left once) and <= groups * levels, ops <= 2 per group.  0 on
  * allocation failure. */
-static int part_alloc(bins *b, part *pt, uint64_t nk)
+static int part_alloc(insert_batch *b, part *pt, uint64_t nk)
 {
     const agg_tree *t = b->t;
     uint64_t D = t->depth, leaves = t->nbytes / t->leaf_bytes + 1;
@@ -741,21 +669,21 @@ static int part_alloc(bins *b, part *pt, uint64_t nk)
     pt->capgrp = g;
     pt->capev = e;
     pt->capops = 2 * g;
-    pt->grp = (bgroup *)scratch_alloc((size_t)g * sizeof(bgroup));
-    pt->ev = (bevent *)scratch_alloc((size_t)e * sizeof(bevent));
-    pt->ops = (lop *)scratch_alloc((size_t)(2 * g) * sizeof(lop));
+    pt->grp = (key_group *)scratch_alloc((size_t)g * sizeof(key_group));
+    pt->ev = (path_event *)scratch_alloc((size_t)e * sizeof(path_event));
+    pt->ops = (leaf_op *)scratch_alloc((size_t)(2 * g) * sizeof(leaf_op));
     return pt->grp && pt->ev && pt->ops;
 }
 
 /* Join part 1 to part 0: the events closing part 0's open path (up to the
  * node it shares with part 1's first key), then part 1's groups, events
  * and ops, renumbered. */
-static void parts_join(bins *b)
+static void parts_join(insert_batch *b)
 {
     const agg_tree *t = b->t;
     part *p0 = &b->pt[0], *p1 = &b->pt[1];
     int D = (int)t->depth, lev;
-    int d = finger_level(t, &p0->f, D - 2, bins_key(b, b->ccut[1]));
+    int d = finger_level(t, &p0->f, D - 2, batch_key(b, b->ccut[1]));
     uint64_t i;
     for (lev = D - 2; lev > d; lev--) {
         route_event(p0, lev);
@@ -763,15 +691,15 @@ static void parts_join(bins *b)
             p0->ev[p0->nev - 1].grown = p0->tail_grown;
     }
     for (i = 0; i < p1->nev; i++) {
-        bevent *ev = &p0->ev[p0->nev++];
+        path_event *ev = &p0->ev[p0->nev++];
         *ev = p1->ev[i];
         ev->gend += p0->ngrp;
         ev->opend += p0->nops;
     }
-    memcpy(p0->grp + p0->ngrp, p1->grp, (size_t)p1->ngrp * sizeof(bgroup));
+    memcpy(p0->grp + p0->ngrp, p1->grp, (size_t)p1->ngrp * sizeof(key_group));
     p0->ngrp += p1->ngrp;
     for (i = 0; i < p1->nops; i++) {
-        lop *op = &p0->ops[p0->nops++];
+        leaf_op *op = &p0->ops[p0->nops++];
         *op = p1->ops[i];
         op->nl0 += p0->new_leaves;
     }
@@ -781,7 +709,7 @@ static void parts_join(bins *b)
 /* Check and plan: the parts (two threads for a large batch), then, in the
  * route's order, every path node's new children give the number of nodes
  * it becomes: new leaves and internal nodes, new root levels. */
-static agg_status bins_check(bins *b, uint64_t *bad_index, int threads)
+static agg_status insert_check(insert_batch *b, uint64_t *bad_index, int threads)
 {
     int D = (int)b->t->depth;
     uint64_t e, dup;
@@ -795,7 +723,7 @@ static agg_status bins_check(bins *b, uint64_t *bad_index, int threads)
     if (!part_alloc(b, p0, b->n) ||
         (split && !part_alloc(b, &b->pt[1], b->n - split)))
         return AGG_NOMEM;
-    dup = run_pieces(b, check_part, b->nparts, threads);
+    dup = run_parts(b, check_part, b->nparts, threads);
     if (dup != UINT64_MAX) {
         if (bad_index)
             *bad_index = dup;
@@ -811,7 +739,7 @@ static agg_status bins_check(bins *b, uint64_t *bad_index, int threads)
     b->nops = p0->nops;
     b->new_leaves = p0->new_leaves;
     for (e = 0; e < b->nev; e++) {
-        bevent *ev = &b->ev[e];
+        path_event *ev = &b->ev[e];
         plan_event(b, ev, ev->lev == D - 2 ? ev->grown : b->grow[ev->lev]);
     }
     plan_root(b);
@@ -821,7 +749,7 @@ static agg_status bins_check(bins *b, uint64_t *bad_index, int threads)
 /* Size and first rank (within the op's xnew items) of new leaf i: packed
  * full with the rest in the last one (the tree's last leaf may hold
  * fewer than min), or shared evenly. */
-AGG_INLINE void newleaf_span(const lop *op, uint32_t cap, uint64_t i, uint64_t *base,
+AGG_INLINE void newleaf_span(const leaf_op *op, uint32_t cap, uint64_t i, uint64_t *base,
                              uint32_t *size)
 {
     if (op->full) {
@@ -856,7 +784,7 @@ typedef struct topw {
     uint64_t base;               /* top rank of its slot 0 */
     uint64_t i;                  /* current new leaf */
     node **nl;                   /* the op's new leaves, NULL for the carry buffer */
-    const lop *op;
+    const leaf_op *op;
 } topw;
 
 /* Write cnt items at top ranks [r, r + cnt); writes come in decreasing
@@ -902,16 +830,16 @@ AGG_INLINE void stream_put(const agg_tree *t, topw *w, agg_key *lk, double *lv, 
 }
 
 /* Queue a new node's entry for its parent. */
-AGG_INLINE void pend_push(bins *b, int lev, const entry *e, uint32_t pos)
+AGG_INLINE void pending_push(insert_batch *b, int lev, const entry *e, uint32_t pos)
 {
-    pend *p = &b->pending[lev][b->npending[lev]++];
+    pending_entry *p = &b->pending[lev][b->npending[lev]++];
     p->e = *e;
     p->pos = pos;
 }
 
 /* Apply pass: execute one leaf op (parent P, NULL when the root is a
  * leaf).  Nothing here can fail. */
-static void exec_leaf_op(bins *b, carry *cs, lop *op, node *P)
+static void exec_leaf_op(insert_batch *b, carry *cs, leaf_op *op, node *P)
 {
     agg_tree *t = b->t;
     node *lf = op->leaf;
@@ -1052,8 +980,8 @@ static void exec_leaf_op(bins *b, carry *cs, lop *op, node *P)
             tail_ref(t, s);
             e = entry_make(t, nl[i], s);
             dds_add(&delta, e.hi, e.lo, e.exact, 1);
-            b->lpend[op->nl0 + i].e = e;
-            b->lpend[op->nl0 + i].pos = op->j;
+            b->new_leaf_entry[op->nl0 + i].e = e;
+            b->new_leaf_entry[op->nl0 + i].pos = op->j;
         }
     }
     if (op->cout) {
@@ -1076,16 +1004,16 @@ static void exec_leaf_op(bins *b, carry *cs, lop *op, node *P)
 /* Apply pass: the path node at level lev is left.  Its new children enter
  * it (in place if they fit, else it is cut into packed nodes whose
  * entries wait for its parent); its entry in the parent is updated. */
-static void apply_finalize(bins *b, const bevent *ev)
+static void apply_finalize(insert_batch *b, const path_event *ev)
 {
     agg_tree *t = b->t;
     int lev = ev->lev;
     node *x = ev->x, *parent = ev->parent;
     uint32_t pj = ev->pj, cap = t->cap;
-    pend *pl = b->pending[lev + 1];
+    pending_entry *pl = b->pending[lev + 1];
     uint64_t np = b->npending[lev + 1], e;
-    if (lev == (int)t->depth - 2) {     /* the leaf ops left its new leaves in lpend */
-        pl = b->lpend + ev->nl0;
+    if (lev == (int)t->depth - 2) {     /* the leaf ops left its new leaves in new_leaf_entry */
+        pl = b->new_leaf_entry + ev->nl0;
         np = ev->grown;
         b->dcnt[lev] = ev->dk;
         b->dsum[lev] = ev->dsum;
@@ -1096,7 +1024,7 @@ static void apply_finalize(bins *b, const bevent *ev)
             uint32_t i = x->count, w = (uint32_t)e;
             uint64_t pi = np;
             while (pi > 0) {
-                const pend *pe = &pl[pi - 1];
+                const pending_entry *pe = &pl[pi - 1];
                 uint32_t m = i - (pe->pos + 1);
                 inner_shift(t, x, pe->pos + 1, w - m, m);
                 w -= m;
@@ -1139,7 +1067,7 @@ static void apply_finalize(bins *b, const bevent *ev)
                 node_keys(nd)[0].head = 0;
                 node_keys(nd)[0].rest = 0;
                 ne = entry_make(t, nd, up);
-                pend_push(b, lev, &ne, pj);
+                pending_push(b, lev, &ne, pj);
             }
         }
         if (parent)
@@ -1156,7 +1084,7 @@ static void apply_finalize(bins *b, const bevent *ev)
 
 /* Apply pass: the root got new siblings; stack new levels on top (packed
  * full, as the last node of a level). */
-static void grow_root(bins *b)
+static void grow_root(insert_batch *b)
 {
     agg_tree *t = b->t;
     entry *r = b->tmp;
@@ -1188,26 +1116,27 @@ static void grow_root(bins *b)
     t->root = r[0].child;
 }
 
-/* Apply pass, leaf level, piece p (events [pcut[p], pcut[p + 1])) run by
+/* Apply pass, leaf level, piece p (events [piece_cut[p], piece_cut[p + 1])) run by
  * worker w (its carry state): the leaf ops of the piece's leaf parents;
  * each leaf parent's event gets the count and sum of its new keys.
  * Writes only these parents, their leaves, their events, their ops and
  * their new leaves' entries: pieces cut at a leaf parent share nothing
  * they write (FAST keys: no tail reference counts). */
-static uint64_t apply_piece(bins *b, int p, int w)
+static uint64_t apply_piece(void *ctx, int p, int w)
 {
+    insert_batch *b = (insert_batch *)ctx;
     const agg_tree *t = b->t;
     int D = (int)t->depth;
-    uint64_t e0 = b->pcut[p], e1 = b->pcut[p + 1];
+    uint64_t e0 = b->piece_cut[p], e1 = b->piece_cut[p + 1];
     carry *cs = &b->cs[w];
     uint64_t e, r = e0 > 0 ? b->ev[e0 - 1].opend : 0;
     cs->cur = 0;
     cs->cn = 0;
     dds_zero(&cs->csum);
     b->ran[p] = 1;
-    b->pw[p] = w;
+    b->piece_worker[p] = w;
     for (e = e0; e < e1; e++) {
-        bevent *ev = &b->ev[e];
+        path_event *ev = &b->ev[e];
         uint64_t end = ev->opend;
         if (ev->lev != D - 2)
             continue;
@@ -1217,13 +1146,13 @@ static uint64_t apply_piece(bins *b, int p, int w)
         if (b->fused)
             memcpy(b->snap + e * t->inner_bytes, ev->x, t->inner_bytes);
         for (; r < end; r++) {
-            lop *op = &b->ops[r];
+            leaf_op *op = &b->ops[r];
             if (r + PF_DIST < b->nops)
                 leaf_prefetch_all(t, b->ops[r + PF_DIST].leaf, 1);
             if (b->fused && op->k) {
                 /* the leaf is still as it was: earlier ops write only
                  * leaves to its left, new leaves and the carry buffer */
-                bgroup g;
+                key_group g;
                 uint64_t dup;
                 g.leaf = op->leaf;
                 g.start = op->start;
@@ -1231,8 +1160,8 @@ static uint64_t apply_piece(bins *b, int p, int w)
                 g.j = op->j;
                 g.L = 0;
                 if ((dup = search_group(b, &g)) != UINT64_MAX) {
-                    b->halt_e[p] = e;
-                    b->halt_r[p] = r;
+                    b->halt_event[p] = e;
+                    b->halt_op[p] = r;
                     return dup;
                 }
             }
@@ -1241,18 +1170,18 @@ static uint64_t apply_piece(bins *b, int p, int w)
             dds_add(&ev->dsum, op->gsum.hi, op->gsum.lo, op->gsum.exact, 0);
         }
     }
-    b->halt_e[p] = e1;
-    b->halt_r[p] = r;
+    b->halt_event[p] = e1;
+    b->halt_op[p] = r;
     return UINT64_MAX;
 }
 
 /* Cut the apply pass into pieces: after the leaf parent's event at which
  * the ops reach each 1/APPLY_PIECES share (for two threads, FAST keys),
  * else one piece. */
-static void apply_cut(bins *b, int threads)
+static void apply_cut(insert_batch *b, int threads)
 {
     int np = 0, k;
-    b->pcut[0] = 0;
+    b->piece_cut[0] = 0;
     if (threads && b->t->mode == AGG_KEYS_FAST)
         for (k = 1; k < APPLY_PIECES; k++) {
             uint64_t target = b->nops * (uint64_t)k / APPLY_PIECES, lo = 0, hi = b->nev;
@@ -1263,10 +1192,10 @@ static void apply_cut(bins *b, int threads)
                 else
                     hi = mid;
             }
-            if (lo + 1 < b->nev && lo + 1 > b->pcut[np])
-                b->pcut[++np] = lo + 1;
+            if (lo + 1 < b->nev && lo + 1 > b->piece_cut[np])
+                b->piece_cut[++np] = lo + 1;
         }
-    b->pcut[++np] = b->nev;
+    b->piece_cut[++np] = b->nev;
     b->npieces = np;
     for (k = 0; k < np; k++)
         b->ran[k] = 0;
@@ -1280,9 +1209,9 @@ static void apply_cut(bins *b, int threads)
  * new leaves its op made, the pending carry before the leaf it was meant
  * for - is the old stream plus the new keys of ops [ra, rb).  Taking
  * those out and cutting the rest by the snapshot's counts gives back
- * every leaf exactly; the new leaves are unlinked (the pool frees them);
+ * every leaf exactly; the new leaves are unlinked (insert_free gives them back);
  * the parent is copied back whole. */
-static void undo_parent(bins *b, bevent *ev, uint64_t e, uint64_t ra, uint64_t rb,
+static void undo_parent(insert_batch *b, path_event *ev, uint64_t e, uint64_t ra, uint64_t rb,
                         const carry *cs)
 {
     agg_tree *t = b->t;
@@ -1307,7 +1236,7 @@ static void undo_parent(bins *b, bevent *ev, uint64_t e, uint64_t ra, uint64_t r
         while (r < rb && b->ops[r].j < i)
             r++;
         if (r < rb && b->ops[r].j == i) {
-            const lop *op = &b->ops[r];
+            const leaf_op *op = &b->ops[r];
             for (q = 0; q < op->nnew; q++) {
                 node *m = b->leaves.a[op->nl0 + q];
                 memcpy(K + n, node_keys(m), m->count * sizeof *K);
@@ -1350,19 +1279,19 @@ static void undo_parent(bins *b, bevent *ev, uint64_t e, uint64_t ra, uint64_t r
 }
 
 /* Fused search found a present key: undo what apply piece p did. */
-static void undo_piece(bins *b, int p)
+static void undo_piece(insert_batch *b, int p)
 {
     int D = (int)b->t->depth;
-    uint64_t e0 = b->pcut[p], e1 = b->pcut[p + 1];
+    uint64_t e0 = b->piece_cut[p], e1 = b->piece_cut[p + 1];
     uint64_t e, r = e0 > 0 ? b->ev[e0 - 1].opend : 0;
     if (!b->ran[p])
         return;
-    for (e = e0; e < e1 && e <= b->halt_e[p]; e++) {
-        bevent *ev = &b->ev[e];
+    for (e = e0; e < e1 && e <= b->halt_event[p]; e++) {
+        path_event *ev = &b->ev[e];
         if (ev->lev != D - 2)
             continue;
-        if (e == b->halt_e[p])
-            undo_parent(b, ev, e, r, b->halt_r[p], &b->cs[b->pw[p]]);
+        if (e == b->halt_event[p])
+            undo_parent(b, ev, e, r, b->halt_op[p], &b->cs[b->piece_worker[p]]);
         else
             undo_parent(b, ev, e, r, ev->opend, NULL);
         r = ev->opend;
@@ -1375,7 +1304,7 @@ static void undo_piece(bins *b, int p)
  * entries above are updated); new root levels.  Returns UINT64_MAX, or
  * (fused search) the first new key found present, after putting every
  * leaf parent back as it was. */
-static uint64_t bins_apply(bins *b, int threads)
+static uint64_t insert_apply(insert_batch *b, int threads)
 {
     agg_tree *t = b->t;
     int D = (int)t->depth, lev, p;
@@ -1391,14 +1320,14 @@ static uint64_t bins_apply(bins *b, int threads)
         cs->cn = 0;
         dds_zero(&cs->csum);
         for (r = 0; r < b->nops; r++) {
-            lop *op = &b->ops[r];
+            leaf_op *op = &b->ops[r];
             exec_leaf_op(b, cs, op, NULL);
         }
         for (r = 0; r < b->new_leaves; r++)
-            pend_push(b, 0, &b->lpend[r].e, 0);
+            pending_push(b, 0, &b->new_leaf_entry[r].e, 0);
     } else {
         apply_cut(b, threads);
-        dup = run_pieces(b, apply_piece, b->npieces, threads);
+        dup = run_parts(b, apply_piece, b->npieces, threads);
         if (dup != UINT64_MAX) {
             for (p = 0; p < b->npieces; p++)
                 undo_piece(b, p);
@@ -1416,7 +1345,7 @@ static uint64_t bins_apply(bins *b, int threads)
 
 /* Free everything a batch insert holds; with `unreserve` also the
  * reserved nodes not handed out and the tail copies (failure paths). */
-static void bins_free(bins *b, int unreserve)
+static void insert_free(insert_batch *b, int unreserve)
 {
     agg_tree *t = b->t;
     int d;
@@ -1442,7 +1371,7 @@ static void bins_free(bins *b, int unreserve)
     for (d = 0; d < MAX_DEPTH; d++)
         free(b->pending[d]);
     free(b->tmp);
-    free(b->lpend);
+    free(b->new_leaf_entry);
     free(b->snap);
     free(b->uk);
     free(b->uv);
@@ -1451,13 +1380,13 @@ static void bins_free(bins *b, int unreserve)
 }
 
 /* Reserve everything the plan needs: nodes, tail copies, buffers.  0 if
- * an allocation failed (the caller unwinds with bins_free(b, 1)). */
-static int bins_reserve(bins *b)
+ * an allocation failed (the caller unwinds with insert_free(b, 1)). */
+static int insert_reserve(insert_batch *b)
 {
     agg_tree *t = b->t;
     uint64_t i;
     int d;
-    /* the pool arrays first, so that unwinding knows what exists */
+    /* the reserve arrays first, so that unwinding knows what exists */
     b->leaves.a = (node **)scratch_alloc((size_t)b->new_leaves * sizeof(node *));
     b->inner.a = (node **)scratch_alloc((size_t)b->new_inner * sizeof(node *));
     if (!b->leaves.a || !b->inner.a)
@@ -1474,12 +1403,14 @@ static int bins_reserve(bins *b)
     }
     for (d = 0; d < (int)t->depth; d++)
         if (b->maxpend[d] &&
-            !(b->pending[d] = (pend *)scratch_alloc((size_t)b->maxpend[d] * sizeof(pend))))
+            !(b->pending[d] = (pending_entry *)scratch_alloc((size_t)b->maxpend[d] *
+                                                             sizeof(pending_entry))))
             return 0;
     b->ntmp = b->maxsplit > b->rootgrow + 1 ? b->maxsplit : b->rootgrow + 1;
     if (!(b->tmp = (entry *)scratch_alloc((size_t)b->ntmp * sizeof(entry))))
         return 0;
-    if (!(b->lpend = (pend *)scratch_alloc((size_t)b->new_leaves * sizeof(pend))))
+    if (!(b->new_leaf_entry = (pending_entry *)scratch_alloc((size_t)b->new_leaves *
+                                                             sizeof(pending_entry))))
         return 0;
     b->cs[0].ck[0] = (agg_key *)scratch_alloc(4 * (size_t)t->cap * sizeof(agg_key));
     b->cs[0].cv[0] = (double *)scratch_alloc(4 * (size_t)t->cap * sizeof(double));
@@ -1513,7 +1444,7 @@ static int bins_reserve(bins *b)
         if (!b->own)
             return 0;
         for (i = 0; i < b->n; i++) {
-            if (!tail_copy(t, bins_key(b, i), &b->own[i])) {
+            if (!tail_copy(t, batch_key(b, i), &b->own[i])) {
                 uint64_t j;
                 for (j = 0; j < i; j++)
                     tail_release(t, b->own[j]);
@@ -1531,7 +1462,7 @@ static int bins_reserve(bins *b)
 agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double *values,
                                   uint64_t n, uint64_t *bad_index)
 {
-    bins b;
+    insert_batch b;
     agg_status st;
     long mode;
     int threads;
@@ -1555,28 +1486,28 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys, const double
     /* 2. check and plan (reads only) */
     b.pos = (uint32_t *)scratch_alloc((size_t)n * sizeof(uint32_t));
     if (!b.pos) {
-        bins_free(&b, 1);
+        insert_free(&b, 1);
         return AGG_NOMEM;
     }
-    st = bins_check(&b, bad_index, threads);
+    st = insert_check(&b, bad_index, threads);
     if (st != AGG_OK) {
-        bins_free(&b, 1);
+        insert_free(&b, 1);
         return st;
     }
     /* 3. reserve */
-    if (!bins_reserve(&b)) {
-        bins_free(&b, 1);
+    if (!insert_reserve(&b)) {
+        insert_free(&b, 1);
         return AGG_NOMEM;
     }
     /* 4. apply: fails only on a present key found by the fused search,
      * and then has put everything back */
-    dup = bins_apply(&b, threads);
+    dup = insert_apply(&b, threads);
     if (dup != UINT64_MAX) {
         if (bad_index)
             *bad_index = dup;
-        bins_free(&b, 1);
+        insert_free(&b, 1);
         return AGG_DUPLICATE;
     }
-    bins_free(&b, 0);
+    insert_free(&b, 0);
     return AGG_OK;
 }

@@ -14,11 +14,12 @@
  *  DESIGN
  * ==========================================================================
  * The design is told in numbered sections, each at the top of the unit
- * holding its code: 1-5, 8 and 12 here; 3 keys.c; 6, 7, 9 tree.c; 10
+ * holding its code: 1, 2, 4, 5, 8 and 12 here; 3 keys.c; 6, 7, 9 tree.c; 10
  * alloc.c; 11 check.c; 13 batch_insert.c (insert) and batch_delete.c
- * (delete), with what both share in batch.c; 14 sort.c.  Dated
- * measurements behind the choices are in bench/README.md ("Core design
- * measurements").
+ * (delete), with what both share in batch.c and their thread runner in
+ * threads.c; 14 sort.c.  The test hooks (aggtree_test.h) are in
+ * test_control.c.  Dated measurements behind the choices are in
+ * bench/README.md ("Core design measurements").
  *
  * 1. What the tree is
  * -------------------
@@ -373,6 +374,7 @@ typedef struct finger {
 /* ====================================================================== */
 
 /* alloc.c */
+AGG_INTERN long alloc_fail_after(long n);
 AGG_INTERN void *raw_alloc(size_t size);
 AGG_INTERN void pool_release(node_pool *pl);
 AGG_INTERN void *mem_alloc(agg_tree *t, size_t size);
@@ -414,6 +416,9 @@ AGG_INTERN void inner_move_left(const agg_tree *t, node *p, uint32_t j, uint32_t
 AGG_INTERN void node_free_rec(agg_tree *t, node *n);
 
 /* tree.c */
+AGG_INTERN void pack_span(uint64_t e, uint64_t s, uint64_t i, int full, uint32_t cap,
+                          uint64_t *base, uint32_t *size);
+AGG_INTERN void root_collapse(agg_tree *t);
 AGG_INTERN agg_key node_min_key(const agg_tree *t, node *n);
 AGG_INTERN void node_repair(agg_tree *t, node *p, uint32_t i);
 
@@ -421,13 +426,12 @@ AGG_INTERN void node_repair(agg_tree *t, node *p, uint32_t i);
 AGG_INTERN void *scratch_alloc(size_t size);
 AGG_INTERN ddsum vals_ddsum(const double *v, uint64_t n);
 AGG_INTERN void entry_apply(const agg_tree *t, node *p, uint32_t j, uint64_t cnt, const ddsum *d);
-AGG_INTERN void pack_span(uint64_t e, uint64_t s, uint64_t i, int full, uint32_t cap,
-                          uint64_t *base, uint32_t *size);
 AGG_INTERN void finger_descend(const agg_tree *t, finger *f, int d, agg_key k, int resume);
 AGG_INTERN int batch_threads(uint64_t n, long mode);
 AGG_INTERN int keys_increasing(const agg_tree *t, const agg_key *keys, uint64_t n,
                                uint64_t *bad_index);
 AGG_INTERN_DATA AGG_ATOMIC(long) g_batch_mode;
+AGG_INTERN long batch_thread_mode(long mode);
 
 /* Exact fixed-point accumulator: digit i (32 bits' worth, kept in an int64
  * so carries can wait) has weight 2^(32 i - 1074); 72 digits cover every
@@ -450,6 +454,18 @@ AGG_INTERN void xacc_zero(xacc *a);
 AGG_INTERN void xacc_add(xacc *a, double x);
 AGG_INTERN void xacc_merge(xacc *a, xacc *b);
 AGG_INTERN int xacc_is_zero(xacc *a);
+
+/* threads.c: part p of a pass cut into parts, run by worker w (0: the
+ * calling thread, 1: the helper); returns UINT64_MAX, or a result that
+ * stops the pass. */
+typedef uint64_t (*part_fn)(void *ctx, int p, int w);
+/* Run parts 0..np-1 of a pass on the calling thread and, with threads ==
+ * 1, on a helper thread too (threads == 2: every part on the caller, a
+ * test mode).  Returns the smallest result, or UINT64_MAX. */
+AGG_INTERN uint64_t run_parts(void *ctx, part_fn fn, int np, int threads);
+
+/* test_control.c */
+AGG_INTERN uint64_t shape_hash(const agg_tree *t);
 
 /* ====================================================================== */
 /*  Inline helpers: key order, in-node search, prefetch, tails, sums      */
@@ -595,34 +611,43 @@ AGG_INLINE int key_cmp(const agg_tree *t, agg_key a, agg_key b)
  * always holds the answer; each step halves n with a conditional move;
  * the last <= 8 candidates are counted with independent compares rather
  * than three more dependent steps. */
-/* FAST lower bound: number of a[0..n) < k. */
-AGG_INLINE uint32_t fast_count_lt(const agg_key *a, uint32_t n, agg_key k)
+/* FAST bound: number of a[0..n) < k (le == 0: lower bound) or <= k
+ * (le == 1: upper bound).  Halves down to `tail` candidates, then counts
+ * them with independent compares: 8 for single searches (three dependent
+ * steps fewer); 1 for the batch passes, which run many searches at once
+ * and overlap them anyway (a conditional move per halving, the same
+ * number of steps for every key). */
+AGG_INLINE uint32_t fast_count(const agg_key *a, uint32_t n, agg_key k, int le, uint32_t tail)
 {
     const agg_key *base = a;
     uint32_t i, c = 0;
-    while (n > 8) {
+    if (tail <= 1) {
+        if (n == 0)
+            return 0;
+        tail = 1;
+    }
+    while (n > tail) {
         uint32_t half = n >> 1;
-        base = key_lt_fast(base[half], k) ? base + half : base;
+        base = (le ? key_le_fast(base[half], k) : key_lt_fast(base[half], k)) ? base + half : base;
         n -= half;
     }
-    for (i = 0; i < n; i++)     /* <= 8 independent compares */
-        c += (uint32_t)key_lt_fast(base[i], k);
+    if (tail == 1)
+        return (uint32_t)(base - a) + (uint32_t)(le ? key_le_fast(*base, k) : key_lt_fast(*base, k));
+    for (i = 0; i < n; i++)     /* <= tail independent compares */
+        c += (uint32_t)(le ? key_le_fast(base[i], k) : key_lt_fast(base[i], k));
     return (uint32_t)(base - a) + c;
+}
+
+/* FAST lower bound: number of a[0..n) < k. */
+AGG_INLINE uint32_t fast_count_lt(const agg_key *a, uint32_t n, agg_key k)
+{
+    return fast_count(a, n, k, 0, 8);
 }
 
 /* FAST upper bound: number of a[0..n) <= k. */
 AGG_INLINE uint32_t fast_count_le(const agg_key *a, uint32_t n, agg_key k)
 {
-    const agg_key *base = a;
-    uint32_t i, c = 0;
-    while (n > 8) {
-        uint32_t half = n >> 1;
-        base = key_le_fast(base[half], k) ? base + half : base;
-        n -= half;
-    }
-    for (i = 0; i < n; i++)
-        c += (uint32_t)key_le_fast(base[i], k);
-    return (uint32_t)(base - a) + c;
+    return fast_count(a, n, k, 1, 8);
 }
 
 /* Number of a[0..n) whose head is < h (lt) or <= h (le): the FAST
@@ -803,6 +828,27 @@ AGG_INLINE int dd_finish(double *hi, double *lo, int exact)
     return exact && (s - s == 0.0) && (e - e == 0.0);
 }
 
+/* Compensated (double-double) sum of v[0..n), as node_summary sums a
+ * leaf: exact steps while every addition is exact, then fast ones; returns
+ * the exact flag (I6).  full == 0: stop at the first inexact step (the
+ * caller only wants an exact sum; hi and lo are then meaningless). */
+static inline int vals_sum(const double *v, uint64_t n, int full, double *hi, double *lo)
+{
+    double h = 0.0, l = 0.0;
+    uint64_t i = 0;
+    int ex = 1;
+    for (; i < n && ex; i++)
+        ex = dd_step(&h, &l, v[i]);
+    if (!ex && !full)
+        return 0;
+    for (; i < n; i++)
+        dd_step_fast(&h, &l, v[i]);
+    ex = dd_finish(&h, &l, ex);
+    *hi = h;
+    *lo = l;
+    return ex;
+}
+
 /* Exact update of a canonical exact double-double (hi, lo) by x: if the
  * real hi + lo + x is again (detectably) a double-double, store it in
  * canonical form and return 1; otherwise return 0 and leave (hi, lo). */
@@ -834,12 +880,6 @@ AGG_INLINE void inner_bump1(const agg_tree *t, node *p, uint32_t j, int dcnt, do
 AGG_INLINE int key_lt(const agg_tree *t, agg_key a, agg_key b)
 {
     return t->mode == AGG_KEYS_FAST ? key_lt_fast(a, b) : key_cmp_general(a, b) < 0;
-}
-
-/* Number of a[0..n) < k under the tree's mode. */
-AGG_INLINE uint32_t keys_count_lt(const agg_tree *t, const agg_key *a, uint32_t n, agg_key k)
-{
-    return t->mode == AGG_KEYS_FAST ? fast_count_lt(a, n, k) : general_count_lt(a, n, k);
 }
 
 /* Number of a[0..n) <= k under the tree's mode. */
@@ -918,22 +958,6 @@ AGG_INLINE void leaf_prefetch_all(const agg_tree *t, node *n, int values)
     int lines = PF_LINES;
     for (; p < end && lines-- > 0; p += 64)
         AGG_PREFETCH(p);
-}
-
-/* Index of the first of lk[0..cnt) not below k (FAST order), branch-free:
- * every step halves the range with a conditional move. */
-AGG_INLINE uint32_t leaf_lower_bound_fast(const agg_key *lk, uint32_t cnt, agg_key k)
-{
-    const agg_key *base = lk;
-    uint32_t len = cnt;
-    if (cnt == 0)
-        return 0;
-    while (len > 1) {
-        uint32_t half = len >> 1;
-        base = key_lt_fast(base[half], k) ? base + half : base;
-        len -= half;
-    }
-    return (uint32_t)(base - lk) + (uint32_t)key_lt_fast(*base, k);
 }
 
 /* Batches of at least this many keys use two threads (section 13). */

@@ -17,12 +17,8 @@ AGG_INTERN int node_summary(const agg_tree *t, node *c, uint64_t *cnt, double *h
     uint32_t i = 0, n = c->count;
     int ex = 1;
     if (c->leaf) {
-        const double *v = leaf_vals(t, c);
-        for (; i < n && ex; i++)
-            ex = dd_step(&h, &l, v[i]);
-        for (; i < n; i++)
-            dd_step_fast(&h, &l, v[i]);
         *cnt = n;
+        return vals_sum(leaf_vals(t, c), n, 1, hi, lo);
     } else {
         const uint64_t *cn = inner_cnt(t, c);
         const double *ch = inner_hi(t, c), *cl = inner_lo(t, c);
@@ -124,23 +120,6 @@ AGG_INTERN void leaf_link_after(agg_tree *t, node *a, node *m)
     a->next = m;
 }
 
-/* Compensated sum of v[0..n) as node_summary computes it; returns the
- * exact flag. */
-static int vals_sum(const double *v, uint32_t n, double *hi, double *lo)
-{
-    double h = 0.0, l = 0.0;
-    uint32_t i = 0;
-    int ex = 1;
-    for (; i < n && ex; i++)
-        ex = dd_step(&h, &l, v[i]);
-    for (; i < n; i++)
-        dd_step_fast(&h, &l, v[i]);
-    ex = dd_finish(&h, &l, ex);
-    *hi = h;
-    *lo = l;
-    return ex;
-}
-
 /* Redistribute the items of m (2 or 3) consecutive sibling leaves g[0..m),
  * plus a new item (k, v) at position q of their concatenation, so that
  * leaf i ends up with tg[i] items (sum tg == items + 1, each <= cap).  A
@@ -155,6 +134,11 @@ AGG_INTERN uint32_t leaves_rebalance_insert(const agg_tree *t, node **g, uint32_
                                         double v, moved *mv)
 {
     uint32_t j = 0, pre = 0, b, ot[3], done = 0, want = 0;
+    if (mv) {                   /* nothing crossed (m == 1, or equal counts) */
+        mv->dir = 0;
+        mv->exact = 1;
+        mv->hi = mv->lo = 0.0;
+    }
     while (q >= pre + tg[j]) {  /* leaf receiving the new item */
         pre += tg[j];
         j++;
@@ -168,19 +152,15 @@ AGG_INTERN uint32_t leaves_rebalance_insert(const agg_tree *t, node **g, uint32_
             if (b == 0 && mv) {
                 mv->dir = 1;
                 mv->exact = vals_sum(leaf_vals(t, g[0]) + g[0]->count - (have - want),
-                                     have - want, &mv->hi, &mv->lo);
+                                     have - want, 1, &mv->hi, &mv->lo);
             }
             leaf_move_tail(t, g[b], g[b + 1], have - want);
         } else if (have < want) {
             if (b == 0 && mv) {
                 mv->dir = -1;
-                mv->exact = vals_sum(leaf_vals(t, g[1]), want - have, &mv->hi, &mv->lo);
+                mv->exact = vals_sum(leaf_vals(t, g[1]), want - have, 1, &mv->hi, &mv->lo);
             }
             leaf_move_head(t, g[b + 1], g[b], want - have);
-        } else if (b == 0 && mv) {
-            mv->dir = 0;
-            mv->exact = 1;
-            mv->hi = mv->lo = 0.0;
         }
         done = want;
     }

@@ -66,12 +66,17 @@
  * with the index of the offending key) before allocating anything; then
  * allocates every node of every level and every tail copy; if any fails
  * it frees all of them and the tree stays empty.  Only then it fills:
- * leaves packed full, internal levels likewise, in each level the last two
- * nodes sharing the remainder when the last one would fall below min.
- * O(n), ~25 bytes per FAST item at cap 64.
+ * leaves packed full, internal levels likewise, the last node of each
+ * level (on the rightmost path, exempt from min by I4) taking the rest, at
+ * least 2 (pack_span, the rule batch inserts use for the tree's last
+ * nodes too).  O(n), ~25 bytes per FAST item at cap 64.
  *
  */
 #include "internal.h"
+
+/* ====================================================================== */
+/*  Life cycle                                                          */
+/* ====================================================================== */
 
 /* See aggtree.h.  Computes the node layout (array offsets and sizes) for
  * this capacity once; the tree header is allocated through the failure
@@ -141,6 +146,10 @@ agg_keymode agg_tree_mode(const agg_tree *t) { return t->mode; }
 uint32_t agg_tree_node_size(const agg_tree *t) { return t->cap; }
 uint32_t agg_tree_depth(const agg_tree *t) { return t->depth; }
 size_t agg_tree_nbytes(const agg_tree *t) { return t->nbytes; }
+
+/* ====================================================================== */
+/*  Insert (section 6)                                                  */
+/* ====================================================================== */
 
 /* What the leaf level of an insert does (section 6b). */
 enum { INS_PLAIN, INS_SHIFT, INS_SPLIT };
@@ -443,6 +452,10 @@ nomem:
     return AGG_NOMEM;
 }
 
+/* ====================================================================== */
+/*  Delete (section 7)                                                  */
+/* ====================================================================== */
+
 /* Child i of p has fallen below min: merge it with a sibling under p (the
  * left one, or the right one for child 0) if both fit in one node, else
  * share their entries evenly.  Recomputes the entries concerned. */
@@ -480,6 +493,24 @@ AGG_INTERN void node_repair(agg_tree *t, node *p, uint32_t i)
         }
         inner_refresh(t, p, j - 1);
         inner_refresh(t, p, j);
+    }
+}
+
+/* After a delete: a root left with one child is replaced by it (depth - 1);
+ * an empty root leaf is freed (depth 0).  Frees, never allocates. */
+AGG_INTERN void root_collapse(agg_tree *t)
+{
+    node *n = t->root;
+    if (!n)
+        return;
+    if (!n->leaf && n->count == 1) {
+        t->root = inner_child(t, n)[0];
+        mem_free(t, n, t->inner_bytes);
+        t->depth--;
+    } else if (n->leaf && n->count == 0) {
+        mem_free(t, n, t->leaf_bytes);
+        t->root = NULL;
+        t->depth = 0;
     }
 }
 
@@ -529,18 +560,13 @@ agg_status agg_tree_delete(agg_tree *t, agg_key key, double *old_value)
         else
             node_repair(t, p, idx[d]);
     }
-    n = t->root;
-    if (!n->leaf && n->count == 1) {
-        t->root = inner_child(t, n)[0];
-        mem_free(t, n, t->inner_bytes);
-        t->depth--;
-    } else if (n->leaf && n->count == 0) {
-        mem_free(t, n, t->leaf_bytes);
-        t->root = NULL;
-        t->depth = 0;
-    }
+    root_collapse(t);
     return AGG_OK;
 }
+
+/* ====================================================================== */
+/*  Reads (section 5)                                                   */
+/* ====================================================================== */
 
 int agg_tree_get(const agg_tree *t, agg_key key, double *value)
 {
@@ -907,22 +933,41 @@ double agg_tree_sum(const agg_tree *t, uint64_t lo, uint64_t hi)
     return a.hi + a.lo;
 }
 
-/* Size of node i of the `nodes` nodes packing `total` entries of a level:
- * full, except that when the last one would fall below min the last two
- * share what is left after the full ones. */
-static uint32_t pack_size(uint64_t total, uint64_t nodes, uint64_t i,
-                          uint32_t cap, uint32_t min)
+/* ====================================================================== */
+/*  Bulk build (section 9)                                              */
+/* ====================================================================== */
+
+/* The packing rule of a level cut into nodes (the bulk build, and batch
+ * inserts where a node overflows): size and first position of node i of
+ * the s nodes sharing e entries.  `full` (the nodes end their level, as in
+ * a bulk build): cap each, the last taking the rest, at least 2 (an
+ * internal node on the rightmost path needs 2 children: [.., cap - 1, 2]);
+ * otherwise the entries are shared evenly (each >= min). */
+AGG_INTERN void pack_span(uint64_t e, uint64_t s, uint64_t i, int full, uint32_t cap,
+                          uint64_t *base, uint32_t *size)
 {
-    uint64_t r, share;
-    if (nodes == 1)
-        return (uint32_t)total;
-    r = total - (nodes - 1) * (uint64_t)cap;
-    if (r >= min)
-        return i + 1 < nodes ? cap : (uint32_t)r;
-    share = cap + r;
-    if (i + 2 < nodes)
-        return cap;
-    return i + 2 == nodes ? (uint32_t)(share - share / 2) : (uint32_t)(share / 2);
+    if (s == 1) {
+        *base = 0;
+        *size = (uint32_t)e;
+    } else if (full) {
+        uint64_t last = e - (s - 1) * cap;
+        *base = i * cap;
+        *size = cap;
+        if (last == 1) {            /* [.., cap - 1, 2] */
+            if (i + 2 == s)
+                *size = cap - 1;
+            else if (i + 1 == s) {
+                *base = i * cap - 1;
+                *size = 2;
+            }
+        } else if (i + 1 == s) {
+            *size = (uint32_t)last;
+        }
+    } else {
+        uint64_t f = e / s, r = e % s;
+        *base = i * f + (i < r ? i : r);
+        *size = (uint32_t)(f + (i < r));
+    }
 }
 
 /* Smallest key of subtree n. */
@@ -1011,7 +1056,9 @@ agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
     at = 0;
     i = 0;
     for (x = heads[0]; x; x = x->next, i++) {
-        uint32_t k, sz = pack_size(n, sizes[0], i, cap, t->min);
+        uint64_t base;
+        uint32_t k, sz;
+        pack_span(n, sizes[0], i, 1, cap, &base, &sz);
         agg_key *nk = node_keys(x);
         double *nv = leaf_vals(t, x);
         for (k = 0; k < sz; k++, at++) {
@@ -1029,7 +1076,9 @@ agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
         node *c = heads[l - 1];
         i = 0;
         for (x = heads[l]; x; x = x->next, i++) {
-            uint32_t k, sz = pack_size(sizes[l - 1], sizes[l], i, cap, t->min);
+            uint64_t base;
+            uint32_t k, sz;
+            pack_span(sizes[l - 1], sizes[l], i, 1, cap, &base, &sz);
             for (k = 0; k < sz; k++, c = c->next) {
                 agg_key s = {0, 0};
                 entry e;
