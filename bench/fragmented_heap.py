@@ -14,7 +14,7 @@ insert_many of 10^5 new random items followed by delete_many of the same
 items, and prints the fastest and median round per item.  Each variant runs
 in a child process of its own, so that the two heaps do not mix.
 
-Before the C core took its nodes from per-tree pools (aggtree.c, section
+Before the C core took its nodes from per-tree pools (core/alloc.c, section
 10), the new leaves of a batch went into the holes and the fragmented run
 was ~1.4x slower than the fresh one.
 """

@@ -2,7 +2,7 @@
 raises MemoryError and leaves the aggregate exactly as it was.
 
 The C core routes every allocation through one injector
-(``agg_debug_fail_after``, exposed as ``aggtree._core._debug_fail_after``):
+(``agg_test_control``, exposed as ``aggtree._core._debug_fail_after``):
 after ``n`` more successful allocations every allocation fails until the
 injector is reset with a negative ``n``.  For each kind of write the tests
 below retry the same call with ``n = 0, 1, 2, ...`` until it succeeds; every

@@ -3,7 +3,7 @@
 The C core runs the check and the leaf rewrite of a batch on two threads
 from 16,384 keys (and the sort from 65,536), and cuts a batch delete's
 compaction into pieces when the tree has at least three levels
-(``aggtree.c`` section 13).  The other Python tests use small batches, so
+(``core/batch_insert.c`` section 13).  The other Python tests use small batches, so
 this file is where the extension - including the AddressSanitizer build that
 CI runs the suite against - goes through those paths: batches of 20,000 to
 70,000 items into trees of up to 200,000 at node sizes 16 and 64, on two

@@ -3,7 +3,7 @@
 An :class:`Aggregate` keeps items ``(key, id, value)`` in ``(key, id)`` order,
 partitioned into namespaces, and answers count, sum, rank (``index_of``),
 select (``at``), min/max, random and keyset pagination over any key range in
-O(log n).  The work is done by a C counted B+tree (``src/aggtree/aggtree.c``)
+O(log n).  The work is done by a C counted B+tree (``src/aggtree/core/``)
 wrapped by Cython (``src/aggtree/_core.pyx``); this package adds the public
 names, the pure-Python reference implementation (:mod:`aggtree.reference`)
 and the event-stats application built on top (:mod:`aggtree.events`).

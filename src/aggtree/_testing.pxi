@@ -2,12 +2,12 @@
 #
 # Nothing here is public API: the tests import these names from
 # aggtree._core to inject allocation failures and to look inside a
-# namespace's tree.  Every use of the C core's test hooks is in this file and
-# nowhere else, so that when the hooks move behind a test-control entry
-# point only this file changes.
+# namespace's tree.  Every use of the C core's test hooks (aggtree_test.h:
+# one entry point, agg_test_control) is in this file and nowhere else.
 
-cdef extern from "aggtree.h":
-    long agg_debug_fail_after(long n)
+cdef extern from "aggtree_test.h":
+    enum: AGG_TEST_FAIL_AFTER
+    long agg_test_control(int op, ...)
 
 
 def _debug_fail_after(long n):
@@ -15,7 +15,7 @@ def _debug_fail_after(long n):
 
     Returns the number of allocations made since the previous call.  For
     the failure-injection tests only; not thread-safe."""
-    return agg_debug_fail_after(n)
+    return agg_test_control(AGG_TEST_FAIL_AFTER, n)
 
 
 def _tree_busy(Aggregate agg, namespace=None):

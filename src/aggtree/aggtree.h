@@ -165,7 +165,7 @@ uint32_t agg_tree_depth(const agg_tree *t);   /* 0 when empty, 1 = root is a lea
 
 /* Bytes allocated by the tree: live nodes and tails (not the agg_tree
  * header).  O(1): maintained as a counter.  Nodes come from pools the tree
- * owns (aggtree.c, section 10): the nodes it has freed stay with it for
+ * owns (core/alloc.c, section 10): the nodes it has freed stay with it for
  * reuse, not counted here, until agg_tree_clear or agg_tree_free. */
 size_t agg_tree_nbytes(const agg_tree *t);
 
@@ -195,7 +195,7 @@ agg_status agg_tree_delete(agg_tree *t, agg_key key, double *old_value);
  * then merged with or evened out against a sibling, as a single delete
  * does).  The check runs on two threads for large batches, as
  * agg_tree_insert_sorted's does.  O(n + touched leaves * node_size)
- * (section 13 of aggtree.c). */
+ * (section 13, core/batch_insert.c). */
 agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
                                   uint64_t *bad_index);
 
@@ -225,12 +225,12 @@ agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
  *   AGG_NOMEM      an allocation failed (possibly before the duplicate
  *                  check finished).
  * On any of them the tree is exactly as before (same items, nbytes,
- * depth, and the same nodes: agg_debug_shape_hash); *bad_index (may be NULL) is written only with INVALID and
+ * depth, and the same nodes: AGG_TEST_SHAPE_HASH in aggtree_test.h); *bad_index (may be NULL) is written only with INVALID and
  * DUPLICATE.  values NULL = all 0.0.  GENERAL tails are copied, as by
  * insert.  Into an empty tree this is agg_tree_build.  Walks the touched
  * leaves once in key order, merging each leaf's new items in one pass:
  * O(n + touched leaves * node_size) plus O(log) per touched parent
- * (section 13 of aggtree.c). */
+ * (section 13, core/batch_insert.c). */
 agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys,
                                   const double *values, uint64_t n,
                                   uint64_t *bad_index);
@@ -243,7 +243,7 @@ agg_status agg_tree_insert_sorted(agg_tree *t, const agg_key *keys,
  * ranges all keys share), with about n * 24 bytes of scratch (up to
  * 384 KB more for small inputs without values) plus fixed tables of
  * about 0.4 MB and 2 MB per thread; large inputs may use a second
- * thread (aggtree.c, section 14; AGGTREE_THREADS=1 in the environment
+ * thread (core/sort.c, section 14; AGGTREE_THREADS=1 in the environment
  * prevents it).  AGG_NOMEM if the allocation fails (keys and values are
  * then untouched).  Never touches a tree. */
 agg_status agg_keys_sort(agg_key *keys, double *values, uint64_t n);
@@ -295,7 +295,7 @@ void agg_tree_rank_many(const agg_tree *t, const agg_key *keys, uint64_t n,
 
 /* -------------------------------------------------------------- checks -- */
 
-/* Walk the whole tree and verify every invariant listed in aggtree.c
+/* Walk the whole tree and verify every invariant listed in core/internal.h
  * (ordering within and across nodes, fill bounds, uniform depth, per-child
  * counts and sums equal to what they summarise, separator bounds, leaf chain
  * complete and consistent in both directions, tail reference counts, the
@@ -303,31 +303,8 @@ void agg_tree_rank_many(const agg_tree *t, const agg_key *keys, uint64_t n,
  * description written into msg (NUL-terminated, truncated to msg_len). */
 agg_status agg_tree_check(const agg_tree *t, char *msg, size_t msg_len);
 
-/* ------------------------------------------------- allocation failures -- */
-
-/* Test hook, global: after `n` more successful allocations every allocation
- * fails (returns NULL) until reset; n < 0 disables injection (the default).
- * Returns the number of allocations made since the last call. */
-long agg_debug_fail_after(long n);
-
-/* Test hook, global: how agg_tree_insert_sorted and the check pass of
- * agg_tree_delete_sorted run (section 13 of aggtree.c).  0 (the default):
- * on two threads for large batches (unless the environment has
- * AGGTREE_THREADS=1); 1: always on one thread; 2: on two threads whenever
- * the batch can be cut in two (FAST keys for the insert's apply pass); 3:
- * cut as for 2 but both halves on the calling thread.  Returns the
- * previous mode.  The result is the same in every mode. */
-long agg_debug_insert_sorted_mode(long mode);
-
-/* Test hook: a hash of the tree's shape and content - every node's count,
- * and per internal node its separators, children's counts and sums (bits,
- * exact flags), per leaf its keys and value bits - in depth-first order.
- * Two trees with equal hashes are, for all practical purposes, built of
- * the same nodes holding the same things: the tests use it to show that a
- * failed operation left the tree exactly as it was, not merely holding
- * the same items.  FAST keys' bits; GENERAL separators and keys by their
- * head and tail bytes. */
-uint64_t agg_debug_shape_hash(const agg_tree *t);
+/* Test hooks (allocation-failure injection, the batch thread mode, the
+ * shape hash): aggtree_test.h, agg_test_control. */
 
 #ifdef __cplusplus
 }

@@ -220,9 +220,6 @@ cdef inline void kb_init(KeyBuf *b) noexcept:
     b.len = 0
     b.cap = KC_SMALL
 
-cdef inline void kb_reset(KeyBuf *b) noexcept:
-    b.len = 0
-
 cdef inline void kb_free(KeyBuf *b) noexcept:
     if b.data != b.small and b.data != NULL:
         kc_free(b.data)

@@ -4,7 +4,7 @@
  * For every write that can allocate (agg_tree_new, insert of a new key -
  * including the inserts that split a whole path and grow a new root, the
  * append / prepend patterns, GENERAL tail copies - and agg_tree_build) the
- * operation is retried with agg_debug_fail_after(n) for n = 0, 1, 2, ...
+ * operation is retried with test_fail_after(n) for n = 0, 1, 2, ...
  * until it succeeds.  Every failing attempt must return AGG_NOMEM and leave
  * the tree exactly as it was: same items (keys as bytes, values as bits),
  * same nbytes and depth, and agg_tree_check passing.  Writes that must
@@ -44,9 +44,9 @@ static void insert_until_ok(agg_tree *t, model *m, const mitem *x, double v, int
     snap_take(t, &before);
     for (n = 0;; n++) {
         agg_key k = mkey(m, x, &kb);
-        agg_debug_fail_after(n);
+        test_fail_after(n);
         st = agg_tree_insert(t, k, v, overwrite, &existed, NULL);
-        made = agg_debug_fail_after(-1);
+        made = test_fail_after(-1);
         memset(&kb, 0x5A, sizeof kb);
         if (st != AGG_NOMEM)
             break;
@@ -89,9 +89,9 @@ static void build_until_ok(const agg_tree *like, const model *m)
     }
     REQUIRE(agg_tree_new(&nt, agg_tree_node_size(like), agg_tree_mode(like)) == AGG_OK, "new");
     for (n = 0;; n++) {
-        agg_debug_fail_after(n);
+        test_fail_after(n);
         st = agg_tree_build(nt, k, v, m->n, NULL);
-        agg_debug_fail_after(-1);
+        test_fail_after(-1);
         if (st != AGG_NOMEM)
             break;
         REQUIRE(agg_tree_len(nt) == 0 && agg_tree_nbytes(nt) == 0 && agg_tree_depth(nt) == 0,
@@ -121,9 +121,9 @@ static void run_alloc(agg_keymode mode, uint32_t ns, uint64_t iters)
     memset(&m, 0, sizeof m);
     m.mode = mode;
 
-    agg_debug_fail_after(0);
+    test_fail_after(0);
     REQUIRE(agg_tree_new(&t, ns, mode) == AGG_NOMEM, "agg_tree_new with failing malloc");
-    agg_debug_fail_after(-1);
+    test_fail_after(-1);
     REQUIRE(agg_tree_new(&t, ns, mode) == AGG_OK, "new");
 
     for (it = 0; it < iters; it++) {
@@ -151,9 +151,9 @@ static void run_alloc(agg_keymode mode, uint32_t ns, uint64_t iters)
             else
                 rnd_key(mode, &x, 100000);
             pos = model_lower(&m, &x, &found);
-            agg_debug_fail_after(0);
+            test_fail_after(0);
             st = agg_tree_delete(t, mkey(&m, &x, &kb), NULL);
-            REQUIRE(agg_debug_fail_after(-1) == 0, "delete allocated");
+            REQUIRE(test_fail_after(-1) == 0, "delete allocated");
             REQUIRE(st == (found ? AGG_OK : AGG_MISSING), "delete: status %d", (int)st);
             if (found)
                 model_remove_at(&m, pos);
@@ -162,9 +162,9 @@ static void run_alloc(agg_keymode mode, uint32_t ns, uint64_t iters)
             if (rnd_chance(0.3))
                 build_until_ok(t, &m);
         } else if (rnd_chance(0.05)) {
-            agg_debug_fail_after(0);
+            test_fail_after(0);
             agg_tree_clear(t);
-            agg_debug_fail_after(-1);
+            test_fail_after(-1);
             m.n = 0;
             check_tree(t, "clear");
         }

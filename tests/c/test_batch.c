@@ -5,7 +5,7 @@
  * both key modes and node sizes 4, 5, 7, 16, 64.
  *
  * Batches come in several shapes, chosen to reach every leaf plan of the
- * batch insert (section 13 of aggtree.c): random keys over the whole key
+ * batch insert (section 13, core/batch_insert.c): random keys over the whole key
  * range, keys packed into one gap between two items (a huge group in one
  * leaf), appends after the last item and prepends before the first, one
  * key next to each of many items (every leaf touched), and batches larger
@@ -384,9 +384,9 @@ static void op_insert_sorted(agg_tree **tp, model *m, bufs *B, int pat, size_t w
     if (inject && n) {                      /* allocation failures */
         long f, step = 1, made;
         for (f = 0;; f += step) {
-            agg_debug_fail_after(f);
+            test_fail_after(f);
             st = agg_tree_insert_sorted(t, B->keys, B->vals, n, &bad);
-            made = agg_debug_fail_after(-1);
+            made = test_fail_after(-1);
             if (st != AGG_NOMEM)
                 break;
             REQUIRE(made == f, "failing batch made %ld allocations with %ld allowed", made, f);
@@ -481,9 +481,9 @@ static void op_delete_sorted(agg_tree *t, model *m, bufs *B, int shape)
      * memory (its temporaries - the prefetch list, the two-thread pass's
      * records - are optional); else it may take them (at most two) */
     starve = rnd_chance(0.5);
-    agg_debug_fail_after(starve ? 0 : -1);
+    test_fail_after(starve ? 0 : -1);
     st = agg_tree_delete_sorted(t, B->keys, n, &bad);
-    made = agg_debug_fail_after(-1);
+    made = test_fail_after(-1);
     REQUIRE(st == AGG_OK, "delete batch of %zu: status %d", n, (int)st);
     REQUIRE(made <= (starve ? 0 : 2), "delete batch allocated %ld times", made);
     check_tree(t, "batch delete");
@@ -713,9 +713,9 @@ static void test_sort(uint64_t iters)
         memcpy(k0, k, n * sizeof *k);
         memcpy(v0, v, n * sizeof *v);
         if (n > 32 && rnd_chance(0.2)) {    /* scratch allocation fails */
-            agg_debug_fail_after(0);
+            test_fail_after(0);
             st = agg_keys_sort(k, with_values ? v : NULL, n);
-            agg_debug_fail_after(-1);
+            test_fail_after(-1);
             REQUIRE(st == AGG_NOMEM || d == 6 || d == 4, "sort with failing malloc: status %d", (int)st);
             if (st == AGG_NOMEM)
                 REQUIRE(memcmp(k, k0, n * sizeof *k) == 0 && memcmp(v, v0, n * sizeof *v) == 0,
@@ -795,9 +795,9 @@ static void test_build_unsorted(uint64_t iters)
         }
         REQUIRE(agg_tree_new(&t, ns, AGG_KEYS_FAST) == AGG_OK, "new");
         for (f = 0; n > 32; f++) {          /* allocation failures: tree stays empty */
-            agg_debug_fail_after(f);
+            test_fail_after(f);
             st = agg_tree_build_unsorted(t, k, v, n, &bad);
-            agg_debug_fail_after(-1);
+            test_fail_after(-1);
             if (st != AGG_NOMEM)
                 break;
             REQUIRE(agg_tree_len(t) == 0 && agg_tree_nbytes(t) == 0, "failed build left items");
@@ -869,7 +869,7 @@ static void unit_edges(void)
     agg_tree_free(t);
 }
 
-/* Two-thread batch inserts (agg_debug_insert_sorted_mode(md): 2 on two
+/* Two-thread batch inserts (test_batch_thread_mode(md): 2 on two
  * threads, 3 the same parts on one) into deep trees: the check is cut at
  * a leaf-parent boundary near the batch's middle, the apply pass into up
  * to 16 pieces.  Present keys at the first or last position, on either
@@ -884,7 +884,7 @@ static void unit_split(long md)
     size_t si;
     int gen;
     g_phase = "unit split";
-    agg_debug_insert_sorted_mode(md);
+    test_batch_thread_mode(md);
     for (gen = 0; gen < 2; gen++)
         for (si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
             agg_keymode mode = gen ? AGG_KEYS_GENERAL : AGG_KEYS_FAST;
@@ -953,7 +953,7 @@ static void unit_split(long md)
                     agg_key *b2 = (agg_key *)malloc((nb + 4) * sizeof *b2);
                     uint64_t pos[4], n2 = 0, first = UINT64_MAX, q = 0, w, np = 0;
                     size_t before = agg_tree_nbytes(t);
-                    uint64_t shape = agg_debug_shape_hash(t);
+                    uint64_t shape = test_shape_hash(t);
                     REQUIRE(b2, "out of memory");
                     for (w = 0; w < 4; w++) {   /* ascending in the table */
                         int x = where[c][w];
@@ -981,7 +981,7 @@ static void unit_split(long md)
                             "split dup case %d: bad %llu want %llu", c, (unsigned long long)bad,
                             (unsigned long long)first);
                     REQUIRE(agg_tree_len(t) == N && agg_tree_nbytes(t) == before &&
-                                agg_debug_shape_hash(t) == shape,
+                                test_shape_hash(t) == shape,
                             "dup case %d changed the tree", c);
                     check_tree(t, "split: after a duplicate");
                     free(b2);
@@ -1005,7 +1005,7 @@ static void unit_split(long md)
             free(tv);
             free(bv);
         }
-    agg_debug_insert_sorted_mode(0);
+    test_batch_thread_mode(0);
 }
 
 int main(int argc, char **argv)
@@ -1026,9 +1026,9 @@ int main(int argc, char **argv)
     printf("  %-40s ok\n", "build_unsorted");
     per = iters / 10 + 1;
     /* batch inserts on one thread, on two, and cut in two halves run on
-     * one thread (agg_debug_insert_sorted_mode) */
+     * one thread (AGG_TEST_BATCH_THREAD_MODE) */
     for (md = 1; md <= 3; md++) {
-        agg_debug_insert_sorted_mode(md);
+        test_batch_thread_mode(md);
         for (mi = 0; mi < 2; mi++)
             for (si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
                 run_batch(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, sizes[si], per);
@@ -1038,7 +1038,7 @@ int main(int argc, char **argv)
     }
     /* large batches: the automatic choice, and two threads */
     for (md = 0; md <= 2; md += 2) {
-        agg_debug_insert_sorted_mode(md);
+        test_batch_thread_mode(md);
         for (mi = 0; mi < 2; mi++) {
             run_large(mi ? AGG_KEYS_GENERAL : AGG_KEYS_FAST, 16, TEST_SANITIZED ? 20000 : 60000, 12);
             printf("  %-40s ok (path %ld)\n", g_phase, md);
@@ -1047,7 +1047,7 @@ int main(int argc, char **argv)
             fflush(stdout);
         }
     }
-    agg_debug_insert_sorted_mode(0);
+    test_batch_thread_mode(0);
     printf("test_batch: all passed\n");
     return 0;
 }

@@ -1,13 +1,14 @@
 /*
- * test_check.c - does agg_tree_check notice damage?  This program compiles
- * its own copy of aggtree.c (#include) to reach the node internals, builds
- * healthy trees, breaks one invariant at a time (I1..I9 of aggtree.c),
+ * test_check.c - does agg_tree_check notice damage?  This program reaches
+ * the node internals through the core's private header (core/internal.h;
+ * it links the core's units compiled one by one), builds healthy trees,
+ * breaks one invariant at a time (I1..I9, section 4 of core/internal.h),
  * requires AGG_CORRUPT with a message, repairs the damage and requires
  * AGG_OK again.
  *
  *   test_check [seed [iterations]]
  */
-#include "../../src/aggtree/aggtree.c"
+#include "core/internal.h"
 
 #include "test_util.h"
 

@@ -177,9 +177,9 @@ static void check_nomem(uint64_t n, int shape, int with_values, long after)
     memcpy(k, k0, n * sizeof *k);
     for (i = 0; i < n; i++)
         v[i] = v0[i] = (double)i;
-    agg_debug_fail_after(after);
+    test_fail_after(after);
     st = agg_keys_sort(k, with_values ? v : NULL, n);
-    agg_debug_fail_after(-1);
+    test_fail_after(-1);
     if (st == AGG_NOMEM) {
         REQUIRE(memcmp(k, k0, n * sizeof *k) == 0 && memcmp(v, v0, n * sizeof *v) == 0,
                 "%s n=%llu: failed sort changed its input", shape_name[shape],

@@ -12,6 +12,7 @@
 #define AGGTREE_TEST_UTIL_H
 
 #include "aggtree.h"
+#include "aggtree_test.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -33,6 +34,22 @@
 #endif
 
 /* ------------------------------------------------------------ context -- */
+
+/* The core's test hooks (aggtree_test.h), typed. */
+static inline long test_fail_after(long n)
+{
+    return agg_test_control(AGG_TEST_FAIL_AFTER, n);
+}
+static inline long test_batch_thread_mode(long mode)
+{
+    return agg_test_control(AGG_TEST_BATCH_THREAD_MODE, mode);
+}
+static inline uint64_t test_shape_hash(const agg_tree *t)
+{
+    uint64_t h = 0;
+    agg_test_control(AGG_TEST_SHAPE_HASH, t, &h);
+    return h;
+}
 
 static uint64_t g_seed;            /* the run's seed, printed on failure */
 static const char *g_phase = "";   /* what is being tested (for messages) */
@@ -412,7 +429,7 @@ typedef struct snap {
     uint64_t *vbits;               /* value bits */
     size_t nbytes;                 /* agg_tree_nbytes */
     uint32_t depth;                /* agg_tree_depth */
-    uint64_t shape;                /* agg_debug_shape_hash: the nodes, not just the items */
+    uint64_t shape;                /* test_shape_hash: the nodes, not just the items */
 } snap;
 
 #define SNAP_KEY (8 + KEY_MAX)
@@ -443,7 +460,7 @@ static inline void snap_take(const agg_tree *t, snap *s)
     }
     s->nbytes = agg_tree_nbytes(t);
     s->depth = agg_tree_depth(t);
-    s->shape = agg_debug_shape_hash(t);
+    s->shape = test_shape_hash(t);
     free(k);
     free(v);
 }

@@ -7,7 +7,7 @@
  * A batch of 100,000 random keys into a 1,000,000-item tree (node size 64:
  * 15,625 leaves of 1,560 bytes) touches every leaf.  However it is
  * organised, an all-or-nothing batch insert that first checks every key
- * (section 13 of aggtree.c) reads the keys of every leaf once (check) and
+ * (section 13, core/batch_insert.c) reads the keys of every leaf once (check) and
  * then moves most of every leaf's keys and values up to make room (apply).
  * This program does exactly that much memory work and nothing else, on
  * blocks of a leaf's size allocated one by one and visited in an order
