@@ -256,15 +256,17 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
             raise
         return store
 
-    def close(self) -> None:
-        """Write the snapshot (unless the state is that of the last one, the
-        aggregates are incomplete or snapshots are off; a failure to write
-        it is logged, not raised), unregister and close the database
-        connection (the aggregates stay readable).  Idempotent."""
+    def close(self, *, snapshot: bool = True) -> None:
+        """Write the snapshot (unless ``snapshot=False``, the state is that
+        of the last one, the aggregates are incomplete or snapshots are off;
+        a failure to write it is logged, not raised), unregister and close
+        the database connection (the aggregates stay readable).
+        Idempotent."""
         with self._lock:
             if not self._closed:
                 self._closed = True
-                self._close_snapshot()
+                if snapshot:
+                    self._close_snapshot()
             self._backend.detach()
             self._backend.close()
 

@@ -144,6 +144,38 @@ def read_file(path: str) -> tuple:
     return header, sections
 
 
+def _remove_dead_temporaries(path: str) -> None:
+    """Remove the temporary files that writers of this snapshot killed
+    mid-write left (``.<name>.<pid>.<hex>.tmp``, see
+    :func:`aggtree.snapshot.write_atomic`) whose process is gone."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = "." + os.path.basename(path) + "."
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        parts = name[len(prefix):-4].split(".")
+        if len(parts) != 2 or not parts[0].isdigit():
+            continue
+        pid = int(parts[0])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # alive (or not ours to judge)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+
+
 def default_path(db_path: str) -> str:
     return db_path + SUFFIX
 
@@ -183,6 +215,7 @@ class WarmMixin(StoreState):
             sections.append(self._starts.a.tobytes())
             started = time.perf_counter()
             size = write_file(self.snapshot_path, header, sections, fsync=fsync)
+            _remove_dead_temporaries(self.snapshot_path)
             log.debug("snapshot of %s: %d bytes in %.3f s", self.path, size,
                       time.perf_counter() - started)
             return self.snapshot_path
