@@ -90,6 +90,8 @@ def sample_rows():
         (b"", None, None, 1.0), (b"", "", b"", 1.0), (2.5, "\ud800", 1, 1.0),
         (True, 10**30, 7, -0.0), (True, -(10**400), 1.0, 4.0), (False, 2**53 + 1, 1, 1.0),
         ("mixed", 1.0, 7, 1.0), ("mixed", 2, 7, 1.0), ("bools", True, 1, 1.0),
+        ("boolfirst", True, 1, 1.0), ("boolfirst", 2.0, 1, 1.0), ("boolfirst", 3.0, 1, 1.0),
+        ("strlast", 1.0, 1, 1.0), ("strlast", 2.0, 1, 1.0), ("strlast", "z", 1, 1.0),
         ("bigid", 1.0, 2**63, 1.0), ("boolid", 1.0, True, 1.0),
         (-(2**70), 1.0, 1, 1.0), ((), 1.0, 1, 1.0), (("n", (None,)), 1.0, 1, 1.0),
         ("many", tuple(range(300)), 1, 1.0), ("many", tuple(range(301)), 1, 1.0),
@@ -484,6 +486,18 @@ def test_lying_fast_bodies():
     both_refuse(reseal(data[:-8] + b"\x01" + data[-8:]))
 
 
+@pytest.mark.parametrize("count", [2**60, 2**61, 2**62, 2**63, 2**64 - 1, 2**32 + 3])
+def test_huge_counts_refused(count):
+    """Counts whose byte sizes overflow 64 bits are refused before use."""
+    for rows in (_fast_rows(3), [(None, "a", 1, 1.0), (None, "b", 1, 1.0)]):
+        b = bytearray(build(Native, rows).dumps())
+        struct.pack_into("<Q", b, 32 + 8, count)
+        both_refuse(reseal(b), "cannot fit")
+        b = bytearray(build(Native, rows).dumps())
+        struct.pack_into("<Q", b, 32 + 16, count)
+        both_refuse(reseal(b))
+
+
 def test_lying_int_and_float_heads():
     data = build(Native, [(None, j, j, 1.0) for j in range(4)]).dumps()
     at, _ = _fast_keys_at(data)
@@ -527,7 +541,7 @@ def test_lying_general_bodies():
         both_refuse(reseal(b))
     b = bytearray(data)
     struct.pack_into("<Q", b, 32 + 16, 2**40)
-    both_refuse(reseal(b), "add up|past the end")
+    both_refuse(reseal(b), "add up|past the end|cannot fit")
     # an encoding that does not decode (bad tag), and a non-canonical one
     b = bytearray(data)
     b[dat] = 0x99
@@ -728,3 +742,38 @@ def test_large_snapshot_streamed_to_file(tmp_path):
     b[len(b) // 2] ^= 4
     with pytest.raises(SnapshotError, match="checksum"):
         Native.loads(bytes(b))
+
+
+def test_snapshots_see_whole_states_under_concurrent_writes(tmp_path):
+    """dumps / save hold the aggregate's lock: a snapshot taken while
+    another thread writes in batches holds a whole number of batches."""
+    import threading
+
+    batch = 20_000
+    agg = Native()
+    agg.insert_many(np.arange(batch, dtype=float), np.arange(batch))
+    stop = threading.Event()
+
+    def writer():
+        j = 1
+        while not stop.is_set() and j < 40:
+            agg.insert_many(np.arange(batch, dtype=float) + j * batch, np.arange(batch))
+            agg.insert(-1.0 - j, 0, namespace="single")
+            j += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        sizes = set()
+        for k in range(15):
+            got = Native.loads(agg.dumps())
+            got.check()
+            sizes.add(got.count() % batch)
+            agg.save(tmp_path / "c.snap", fsync=False)
+            got = Native.load(tmp_path / "c.snap")
+            got.check()
+            sizes.add(got.count() % batch)
+    finally:
+        stop.set()
+        t.join()
+    assert sizes == {0}

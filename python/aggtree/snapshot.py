@@ -63,7 +63,7 @@ HEADER_SIZE = HEADER.size  # 32
 NS_HEADER_SIZE = NS_HEADER.size  # 24
 TRAILER_SIZE = TRAILER.size  # 8
 MIN_SIZE = HEADER_SIZE + TRAILER_SIZE
-CRC_THREAD_MIN = 1 << 22  # from this size the checksum runs on a second thread
+CRC_THREAD_MIN = 1 << 20  # from this size the checksum runs on a second thread
 
 # Namespace kinds: the numbers of _core.pyx's K_* constants.
 K_FLOAT, K_INT, K_GENERAL, K_NONE = 0, 1, 2, 3
@@ -605,6 +605,13 @@ def read_namespace_header(r: _Reader, index: int):
     if kind != K_GENERAL and data_len != 0:
         raise SnapshotError(f"namespace {index} of kind {KIND_NAMES[kind]} has a data "
                             f"length of {data_len} (byte offset {at + 16})")
+    # (before any reader multiplies the count: it must fit in what is left)
+    per_item = 24 if kind != K_GENERAL else 4 + 2 + 8
+    if count > (r.end - r.pos) // per_item or data_len > r.end - r.pos:
+        raise SnapshotError(
+            f"namespace {index} at byte offset {at} announces {count} items "
+            f"({data_len} bytes of keys), which cannot fit in the rest of the snapshot"
+        )
     nat = r.take(nslen, f"the encoding of namespace {index}")
     nse = bytes(r.buf[nat : nat + nslen])
     try:
@@ -859,7 +866,7 @@ def write_atomic(path, data, *, fsync: bool = True) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
-    if fsync:
+    if fsync and os.name == "posix":  # (a directory cannot be opened for fsync elsewhere)
         dfd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dfd)

@@ -86,7 +86,14 @@ cdef tuple _snap_plan_general(_Tree tree, uint64_t n):
     agg_tree_read(_tt(tree), 0, n, 0, kp, NULL)
     # The kind depends on the contents: decode items while they all fit one
     # numeric kind (a GENERAL tree almost always fails on its first item).
+    # The last item first: str, bytes and tuple keys sort after None and
+    # numbers, so a tree that holds any has one there.
     fast = None
+    if n > 1:
+        key, ident = _decode_general(kp[n - 1])
+        if _item_kind(key, ident, &d, &i) == K_GENERAL:
+            kind = K_GENERAL
+            n = 0                                  # (skip the loop below)
     for j in range(n):
         key, ident = _decode_general(kp[j])
         k = _item_kind(key, ident, &d, &i)
@@ -100,6 +107,7 @@ cdef tuple _snap_plan_general(_Tree tree, uint64_t n):
         fp[j] = _fast_key(d, i)
     if kind != K_GENERAL:
         return (kind, fast, None, 0)
+    n = <uint64_t>karr.shape[0]
     lens = np.empty(n, dtype=np.uint32)
     lp = <uint32_t *>cnp.PyArray_DATA(lens)
     for j in range(n):
@@ -373,6 +381,14 @@ cdef Py_ssize_t _snap_check_fast(const agg_key *kp, const double *vp, uint64_t n
     return -1
 
 
+cdef int _snap_check_count(object r, uint64_t count, uint64_t per_item) except -1:
+    """(snapshot.parse checks this first; again here, before any C
+    arithmetic on the count can overflow)"""
+    if count > <uint64_t>(r.end - r.pos) // per_item:
+        raise SnapshotError(f"{count} items cannot fit in the rest of the snapshot")
+    return 0
+
+
 cdef const uint8_t *_snap_base(object r) except NULL:
     cdef const uint8_t[::1] view = r.buf
     return &view[0]
@@ -380,6 +396,7 @@ cdef const uint8_t *_snap_base(object r) except NULL:
 
 def _snap_read_fast(r, int kind, uint64_t count, ns, uint32_t node_size):
     """A _Tree of `kind` from the numeric section at the reader's position."""
+    _snap_check_count(r, count, 24)
     cdef Py_ssize_t kat = r.take(16 * count, f"the keys of namespace {ns!r:.80}")
     cdef Py_ssize_t vat = r.take(8 * count, f"the values of namespace {ns!r:.80}")
     cdef const uint8_t *base = _snap_base(r)
@@ -411,6 +428,7 @@ def _snap_read_fast(r, int kind, uint64_t count, ns, uint32_t node_size):
 
 def _snap_read_general(r, uint64_t count, uint64_t data_len, ns, uint32_t node_size):
     """A GENERAL _Tree from the general section at the reader's position."""
+    _snap_check_count(r, count, 14)
     cdef Py_ssize_t lat = r.take(4 * count, f"the key lengths of namespace {ns!r:.80}")
     cdef Py_ssize_t dat, vat, off, L, prev_off = 0, prev_len = -1, olen, c, arena_size = 0
     cdef const uint8_t *base
