@@ -110,7 +110,7 @@ def read_file(path: str) -> tuple:
     missing, ``SnapshotError`` if it is not a whole, intact file of this
     format."""
     buf = _snapfile.read_path(path)
-    view = memoryview(buf).cast("B")
+    view = memoryview(buf).cast("B")  # type: ignore[arg-type]
     n = len(view)
     if n < _HEAD.size + _CRC.size:
         raise SnapshotError(f"{path}: truncated ({n} bytes)")
