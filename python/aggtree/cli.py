@@ -225,7 +225,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             all_agree &= again.verify_aggregates(max_listed=10).ok
             again.close()
         cold, warm = min(cold_t), min(warm_t)
-        print(f"  {'cold (tables)':<22} {'warm (' + warm_from + ')':<22} {'speed-up':>9}", file=out)
+        print(f"  {'cold (tables)':<22} {f'warm ({warm_from})':<22} {'speed-up':>9}", file=out)
         print(f"  {_fmt_seconds(cold):<22} {_fmt_seconds(warm):<22} {cold / warm:>8.1f}x", file=out)
         print(f"\nStats agree: {'yes' if all_agree else 'NO'}", file=out)
         return 0 if all_agree else 1
