@@ -4,7 +4,7 @@ Each mutant is a dict:
   id          short name (M01, ...), used by --only
   section     the section of the core's design essay (aggtree.c, top) it hits
   bug         one line: what the planted bug does
-  find        exact text that must occur exactly once across src/aggtree/*.c and
+  find        exact text that must occur exactly once across src/aggtree/**/*.c and
               *.h (a logic line, not a comment or a function name, so that it
               survives the core being split into several files)
   replace     the text put in its place

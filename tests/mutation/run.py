@@ -3,7 +3,7 @@
 
 Not a test module (pytest never collects it, see conftest.py here) and not part
 of CI: it rebuilds the core once per mutant.  Each mutant (tests/mutation/mutants.py)
-names a snippet of src/aggtree/*.c / *.h by its exact text (``find``, which must
+names a snippet of the core (src/aggtree/**/*.c, *.h) by its exact text (``find``, which must
 occur exactly once across those files) and the text that replaces it.  For each
 mutant the script:
 
@@ -68,6 +68,13 @@ PY_TIMEOUT = 900         # seconds for the whole pytest run of one mutant
 BUILD_TIMEOUT = 900
 
 
+SITECUSTOMIZE = '''"""Written by tests/mutation/run.py: drop editable-install finders of aggtree."""
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path
+                    if not type(f).__module__.startswith("_editable_skbc_")]
+'''
+
+
 class MutantError(Exception):
     """A mutant that cannot be applied (stale or ambiguous anchor)."""
 
@@ -96,9 +103,10 @@ def run(cmd, cwd=None, env=None, timeout=None, logfile=None):
 
 
 def core_files(repo: str) -> list[str]:
-    files = sorted(glob.glob(os.path.join(repo, "src/aggtree/*.c")) +
-                   glob.glob(os.path.join(repo, "src/aggtree/*.h")))
-    return files
+    """The C core's sources: every .c / .h under src/aggtree (subdirectories too,
+    so that a split of the core into several files needs no change here)."""
+    return sorted(glob.glob(os.path.join(repo, "src/aggtree/**/*.c"), recursive=True) +
+                  glob.glob(os.path.join(repo, "src/aggtree/**/*.h"), recursive=True))
 
 
 def locate(m: dict, pristine: dict[str, str]) -> str:
@@ -107,7 +115,7 @@ def locate(m: dict, pristine: dict[str, str]) -> str:
     hits = [(f, c) for f, c in hits if c]
     total = sum(c for _, c in hits)
     if total == 0:
-        raise MutantError(f"{m['id']}: anchor not found in src/aggtree/*.c|*.h: {m['find']!r}")
+        raise MutantError(f"{m['id']}: anchor not found in src/aggtree/**/*.c|*.h: {m['find']!r}")
     if total > 1:
         where = ", ".join(f"{os.path.basename(f)} x{c}" for f, c in hits)
         raise MutantError(f"{m['id']}: anchor ambiguous ({where}): {m['find']!r}")
@@ -145,6 +153,13 @@ class Runner:
         self.build_ext = os.path.join(self.scratch, "build-ext")
         self.site = os.path.join(self.scratch, "site")
         self.logs = os.path.join(self.scratch, "logs")
+        # An editable install of aggtree (scikit-build-core) imports through a
+        # finder in sys.meta_path, ahead of PYTHONPATH: a sitecustomize on
+        # PYTHONPATH removes such finders so that <scratch>/site is what loads.
+        self.boot = os.path.join(self.scratch, "boot")
+        os.makedirs(self.boot, exist_ok=True)
+        with open(os.path.join(self.boot, "sitecustomize.py"), "w") as fh:
+            fh.write(SITECUSTOMIZE)
         os.makedirs(self.repo, exist_ok=True)
         os.makedirs(self.logs, exist_ok=True)
         sync_tree(ROOT, self.repo)
@@ -229,7 +244,7 @@ class Runner:
             return {"status": "build error",
                     "log": os.path.join(self.logs, f"{tag}-ext-build.log")}
         env = dict(os.environ)
-        env["PYTHONPATH"] = self.site
+        env["PYTHONPATH"] = os.pathsep.join([self.boot, self.site])
         env.pop("AGGTREE_PURE", None)
         # the extension must come from <scratch>/site, nowhere else
         chk = subprocess.run([sys.executable, "-c", "import aggtree._core as c; print(c.__file__)"],
