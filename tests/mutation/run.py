@@ -26,7 +26,9 @@ venv active; ~1-2 minutes per mutant on 2 cores):
     python tests/mutation/run.py --only M03,M11   # some of them
     python tests/mutation/run.py --json out.json  # also write the results
 
-Options: --keep-going runs both stages and the whole Python suite (not -x) and
+Options: --tests FILE,... runs only those pytest files / node ids (does a new
+test catch mutant X?: --py-only --only X --tests tests/test_new.py);
+--keep-going runs both stages and the whole Python suite (not -x) and
 lists every failing test; --c-only / --py-only run one stage; --scratch DIR
 (default build/mutation, ignored by git) keeps the copy and build dirs between
 runs; --no-baseline skips the pristine run that first proves the suite passes.
@@ -234,6 +236,8 @@ class Runner:
         return True
 
     def py_files(self) -> list[str]:
+        if self.args.tests:
+            return [t.strip() for t in self.args.tests.split(",") if t.strip()]
         first = [f for f in PY_FIRST if os.path.isfile(os.path.join(self.repo, f))]
         rest = sorted(os.path.relpath(f, self.repo)
                       for f in glob.glob(os.path.join(self.repo, "tests/test_*.py")))
@@ -325,6 +329,8 @@ def main() -> int:
     ap.add_argument("--c-only", action="store_true", help="ctest only")
     ap.add_argument("--py-only", action="store_true", help="Python suite only")
     ap.add_argument("--json", help="write the results to this file")
+    ap.add_argument("--tests", help="comma-separated pytest files or node ids to run instead of "
+                    "the whole suite (e.g. to see whether a new test catches a mutant)")
     ap.add_argument("--scratch", default=os.path.join(ROOT, "build", "mutation"),
                     help="scratch directory (copy of the repo and build dirs)")
     ap.add_argument("--no-baseline", action="store_true",
