@@ -196,6 +196,7 @@ static void compare_reads(const agg_tree *t, const smodel *m, uint64_t q, const 
     double *rv = malloc(600 * sizeof *rv), v;
     REQUIRE(qk && out && rk && rv, "out of memory");
     g_phase = stage;
+    g_iter = 0;
     check_tree(t, stage);
     REQUIRE(agg_tree_len(t) == n, "len %llu, model %llu", (unsigned long long)agg_tree_len(t),
             (unsigned long long)n);
