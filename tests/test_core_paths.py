@@ -230,3 +230,37 @@ def test_large_delete_batch_names_the_absent_item(where, monkeypatch):
     assert f"key={float(dk[j])!r}" in msg and "id=-5" in msg, msg
     assert len(agg) == n
     agg.check()
+
+
+@pytest.mark.parametrize("node_size", [8, 16])
+def test_concentrated_batch_into_half_full_nodes(node_size, monkeypatch):
+    """A batch insert that puts thousands of items under one path node whose
+    parent has room: the path node's gain is passed up as a count delta (no
+    recomputation), and check() verifies every count.
+
+    Catches M22 (a path node that gained more than 4096 items passed one
+    fewer up): after a batch delete of half the items the nodes have room,
+    so the gains reach the entries above through that delta.
+    """
+    monkeypatch.delenv("AGGTREE_THREADS", raising=False)
+    Agg = load_impl("native")
+    rng = np.random.default_rng(300 + node_size)
+    n = 120_000
+    keys = np.arange(n, dtype=np.float64)
+    ids = np.zeros(n, dtype=np.int64)
+    agg = Agg.from_arrays(keys, ids, np.ones(n), node_size=node_size)
+    gone = rng.choice(n, n // 2, replace=False)
+    agg.delete_many(keys[gone], ids[gone])
+    agg.check()
+    total = n - n // 2
+    for start in (1000.0, 60_000.0, 110_000.0):
+        m = 9000
+        nk = start + (np.arange(m, dtype=np.float64) + 0.5) / m * 40.0   # 9000 keys in 40 slots
+        ni = np.arange(m, dtype=np.int64) + int(start)
+        agg.insert_many(nk, ni, np.ones(m))
+        total += m
+        agg.check()
+        assert len(agg) == total
+        assert agg.count() == total
+        assert agg.count(lower=start, upper=start + 40.0) == m + int(
+            np.count_nonzero(np.isin(np.arange(int(start), int(start) + 41), keys[np.setdiff1d(np.arange(n), gone)])))
