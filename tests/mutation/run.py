@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Mutation check of the C core: plant small bugs one at a time, see what catches them.
 
-Not a test module (pytest never collects it, see conftest.py here) and not part
-of CI: it rebuilds the core once per mutant.  Each mutant (tests/mutation/mutants.py)
+Not a test module (pytest collects only test_*.py files, so it never imports
+this one or mutants.py) and not part of CI: it rebuilds the core once per mutant.  Each mutant (tests/mutation/mutants.py)
 names a snippet of the core (src/aggtree/**/*.c, *.h) by its exact text (``find``, which must
 occur exactly once across those files) and the text that replaces it.  For each
 mutant the script:
