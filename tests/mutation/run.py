@@ -2,9 +2,10 @@
 """Mutation check of the C core: plant small bugs one at a time, see what catches them.
 
 Not a test module (pytest collects only test_*.py files, so it never imports
-this one or mutants.py) and not part of CI: it rebuilds the core once per mutant.  Each mutant (tests/mutation/mutants.py)
-names a snippet of the core (src/aggtree/**/*.c, *.h) by its exact text (``find``, which must
-occur exactly once across those files) and the text that replaces it.  For each
+this one or mutants.py) and not part of CI: it rebuilds the core once per
+mutant.  Each mutant (tests/mutation/mutants.py) names a snippet of the core
+(src/aggtree/**/*.c, *.h) by its exact text (``find``, which must occur
+exactly once across those files) and the text that replaces it.  For each
 mutant the script:
 
 1. restores the pristine sources in a scratch copy of the repository and applies
@@ -19,7 +20,8 @@ mutant the script:
 A build failure is reported as "build error" (a bad mutant: fix it); a stage
 that exceeds its timeout counts as caught (an infinite loop is a detected bug)
 and is reported as a timeout.  Usage (from the repository root, with the dev
-venv active; ~1-2 minutes per mutant on 2 cores):
+venv active; 20 s to 7 min per mutant on a loaded 2-core machine, ~50 min for
+the whole list):
 
     python tests/mutation/run.py                  # every mutant
     python tests/mutation/run.py --list           # list them
