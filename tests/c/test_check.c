@@ -98,6 +98,13 @@ static void damage_once(void)
             expect_corrupt("separator above the right child's min");
             sep[i] = node_min_key(g_t, ch[i - 1]);
             expect_corrupt("separator not above the left child's max");
+            {   /* the boundary: equal to the left child's max (mutant M19) */
+                node *m = ch[i - 1];
+                while (!m->leaf)
+                    m = inner_child(g_t, m)[m->count - 1];
+                sep[i] = node_keys(m)[m->count - 1];
+                expect_corrupt("separator equal to the left child's max");
+            }
             sep[i] = save;
             expect_ok("repaired separator");
         }

@@ -1,0 +1,219 @@
+"""The mutants of the mutation check (tests/mutation/run.py): small planted bugs in the C core.
+
+Each mutant is a dict:
+  id          short name (M01, ...), used by --only
+  section     the section of the core's design essay (aggtree.c, top) it hits
+  bug         one line: what the planted bug does
+  find        exact text that must occur exactly once across src/aggtree/**/*.c and
+              *.h (a logic line, not a comment or a function name, so that it
+              survives the core being split into several files)
+  replace     the text put in its place
+  equivalent  (optional) why the mutant changes no observable behaviour; such a
+              mutant is expected to survive, and run.py flags it if it is caught
+
+Several bugs are guarded by a size (``> 4096``) so that they fire only in
+subtrees larger than the small trees most tests build: the kind of bug the
+exact reads at scale (tests/test_scale.py, tests/c/test_scale.c) exist for.
+"""
+
+MUTANTS = [
+    # ---- 3. keys -----------------------------------------------------------
+    {
+        "id": "M01",
+        "section": "3 keys",
+        "bug": "FAST key_lt is <= (the 128-bit compare is inclusive): lower bounds count equal keys",
+        "find": "    return x < y;\n}",
+        "replace": "    return x <= y;\n}",
+    },
+    {
+        "id": "M02",
+        "section": "3 keys",
+        "bug": "float key image: negative floats keep their magnitude order (sign bit cleared instead of all bits flipped)",
+        "find": "return (b >> 63) ? ~b : (b | (UINT64_C(1) << 63));",
+        "replace": "return (b >> 63) ? (b & ~(UINT64_C(1) << 63)) : (b | (UINT64_C(1) << 63));",
+    },
+    {
+        "id": "M03",
+        "section": "3 keys",
+        "bug": "GENERAL upper bound among keys whose 8-byte heads tie uses < instead of <=",
+        "find": "if (le ? c <= 0 : c < 0)",
+        "replace": "if (le ? c < 0 : c < 0)",
+    },
+    # ---- 2/5. node primitives -----------------------------------------------
+    {
+        "id": "M04",
+        "section": "2 node primitives",
+        "bug": "inner_shift moves every entry array but the exact flags",
+        "find": "    memmove(inner_ex(t, n) + to, inner_ex(t, n) + from, (size_t)k);\n",
+        "replace": "",
+    },
+    # ---- 6. insert -----------------------------------------------------------
+    {
+        "id": "M05",
+        "section": "6 insert",
+        "bug": "skipped summary refresh: after a 2-to-3 leaf split the third leaf's entry is not recomputed",
+        "find": "inner_set_sep(t, p, b + 1, node_keys(grp[2])[0]);\n                inner_refresh(t, p, b + 1);",
+        "replace": "inner_set_sep(t, p, b + 1, node_keys(grp[2])[0]);",
+    },
+    {
+        "id": "M06",
+        "section": "6 insert",
+        "bug": "overflow into a sibling moves the moved values' high parts but drops their low parts (dropped sum term)",
+        "find": "x1[n1++] = mv.dir * mv.lo;",
+        "replace": "(void)0;",
+    },
+    {
+        "id": "M07",
+        "section": "6 insert",
+        "bug": "plain insert adds 1 to the path sums of subtrees holding more than 4096 items (guarded)",
+        "find": "inner_bump1(t, path[d], idx[d], 1, value);",
+        "replace": "inner_bump1(t, path[d], idx[d], 1, value + (inner_cnt(t, path[d])[idx[d]] > 4096 ? 1.0 : 0.0));",
+    },
+    # ---- 7. delete -----------------------------------------------------------
+    {
+        "id": "M08",
+        "section": "7 delete",
+        "bug": "merging two leaves does not fix the prev pointer of the leaf after them",
+        "find": "            if (r->next)\n                r->next->prev = l;\n",
+        "replace": "",
+    },
+    {
+        "id": "M09",
+        "section": "7 delete",
+        "bug": "two siblings holding exactly cap entries are evened out instead of merged (< for <=)",
+        "find": "if (total <= t->cap) {",
+        "replace": "if (total < t->cap) {",
+        "equivalent": "both outcomes are valid trees (each sibling keeps >= cap/2 = min entries, I4): every read, "
+                      "sum and the checker agree; only the shape and nbytes (one node more stays live) differ, "
+                      "and neither is specified",
+    },
+    # ---- 5/8. counts and sums: rank, rank2, select, sum, read -----------------
+    {
+        "id": "M10",
+        "section": "8 rank",
+        "bug": "count prefix summed from the far end is one short in nodes holding more than 4096 items (guarded)",
+        "find": "    return total - s;\n",
+        "replace": "    return total - s - (total > 4096);\n",
+    },
+    {
+        "id": "M11",
+        "section": "8 rank2 lockstep",
+        "bug": "rank2: the second path takes its node total from the first path's node",
+        "find": "tb = inner_cnt(t, b)[j];",
+        "replace": "tb = inner_cnt(t, a)[j < a->count ? j : 0];",
+    },
+    {
+        "id": "M12",
+        "section": "8 rank2 lockstep",
+        "bug": "rank2: the second bound uses the first bound's inclusive/after flag",
+        "find": "*r2 = rb + (after2 ? leaf_count_le(t, b, k2) : leaf_count_lt(t, b, k2));",
+        "replace": "*r2 = rb + (after1 ? leaf_count_le(t, b, k2) : leaf_count_lt(t, b, k2));",
+    },
+    {
+        "id": "M13",
+        "section": "8 select",
+        "bug": "select scans from the front up to the middle inclusive (<= for <) - both scans are correct",
+        "find": "if (2 * index < total) {",
+        "replace": "if (2 * index <= total) {",
+        "equivalent": "leaf_at picks the same child from either end (the front scan is valid for every index, "
+                      "the back scan for every index < total); only which end is scanned changes at the exact middle",
+    },
+    {
+        "id": "M14",
+        "section": "8 sum",
+        "bug": "sum of a range: the children right of the left boundary's path are skipped once (dropped sum term)",
+        "find": "for (k = j + 1; k < n->count; k++)",
+        "replace": "for (k = j + 2; k < n->count; k++)",
+    },
+    {
+        "id": "M15",
+        "section": "8 sum",
+        "bug": "sum of a range adds whole children's high parts only, not their low parts",
+        "find": "    a->lo += inner_lo(t, n)[j];\n",
+        "replace": "",
+    },
+    {
+        "id": "M16",
+        "section": "5 rank_many",
+        "bug": "rank_many: moving on to the next leaf does not add the previous leaf's count to the base",
+        "find": "            base += leaf->count;\n",
+        "replace": "",
+    },
+    # ---- 9. bulk build -------------------------------------------------------
+    {
+        "id": "M17",
+        "section": "9 bulk build",
+        "bug": "pack_size: the last two nodes of a level share the remainder as share/2 + share/2 (one lost when odd)",
+        "find": "return i + 2 == nodes ? (uint32_t)(share - share / 2) : (uint32_t)(share / 2);",
+        "replace": "return (uint32_t)(share / 2);",
+    },
+    # ---- 10. allocation ------------------------------------------------------
+    {
+        "id": "M18",
+        "section": "10 allocation",
+        "bug": "node pool allocations ignore the failure injector",
+        "find": "    if (injected_failure())\n        return NULL;\n    if (pl->free) {",
+        "replace": "    if (pl->free) {",
+    },
+    # ---- 11. checker ---------------------------------------------------------
+    {
+        "id": "M19",
+        "section": "11 checker",
+        "bug": "checker accepts a separator equal to the largest key of the child on its left (I2, < made <=)",
+        "find": "if (!(key_cmp(t, prev_max, sep[i]) < 0))",
+        "replace": "if (!(key_cmp(t, prev_max, sep[i]) <= 0))",
+    },
+    # ---- 13. batch insert ----------------------------------------------------
+    {
+        "id": "M20",
+        "section": "13 batch insert",
+        "bug": "missed carry: the items carried in from the left neighbour are left out of the leaf's sum delta",
+        "find": "if (c)\n        dds_add(&delta, cs->csum.hi, cs->csum.lo, cs->csum.exact, 0);",
+        "replace": "if (0)\n        dds_add(&delta, cs->csum.hi, cs->csum.lo, cs->csum.exact, 0);",
+    },
+    {
+        "id": "M21",
+        "section": "13 batch insert",
+        "bug": "skipped separator update: a leaf that received a carry keeps its old separator",
+        "find": "if ((c || op->spill) && op->j > 0)",
+        "replace": "if (op->spill && op->j > 0)",
+    },
+    {
+        "id": "M22",
+        "section": "13 batch insert",
+        "bug": "apply pass: a path node that gained more than 4096 items passes one fewer up (guarded missed carry)",
+        "find": "b->dcnt[lev - 1] += b->dcnt[lev];",
+        "replace": "b->dcnt[lev - 1] += b->dcnt[lev] - (b->dcnt[lev] > 4096);",
+    },
+    # ---- 13. batch delete ----------------------------------------------------
+    {
+        "id": "M23",
+        "section": "13 batch delete",
+        "bug": "FAST batch delete: the first key removed from each leaf is left out of the removed sum",
+        "find": "dds_add(&gone, lv[r], 0.0, 1, 0);\n            q++;",
+        "replace": "if (q != i)\n                dds_add(&gone, lv[r], 0.0, 1, 0);\n            q++;",
+    },
+    # ---- 14. sort ------------------------------------------------------------
+    {
+        "id": "M24",
+        "section": "14 sort",
+        "bug": "insertion sort of small inputs never moves a key (and value) to position 0",
+        "find": "for (j = i; j > 0 && ksort_lt(x, k[j - 1]); j--) {",
+        "replace": "for (j = i; j > 1 && ksort_lt(x, k[j - 1]); j--) {",
+    },
+    # ---- threads (sections 13, 14) -------------------------------------------
+    {
+        "id": "M25",
+        "section": "threads",
+        "bug": "two-thread batch insert check: the helper thread's duplicate report is dropped",
+        "find": "return r0 < job.res ? r0 : job.res;",
+        "replace": "return r0;",
+    },
+    {
+        "id": "M26",
+        "section": "threads",
+        "bug": "two-part batch delete check reports a missing key of the second half at its index within the half",
+        "find": "*bad_index = c.bad[p] + (p ? c.cut : 0);",
+        "replace": "*bad_index = c.bad[p];",
+    },
+]
