@@ -13,7 +13,7 @@ Each mutant is a dict:
 
 Several bugs are guarded by a size (``> 4096``) so that they fire only in
 subtrees larger than the small trees most tests build: the kind of bug the
-exact reads at scale (tests/test_scale.py, tests/c/test_scale.c) exist for.
+exact reads at scale (tests/api/test_scale.py, tests/c/test_scale.c) exist for.
 """
 
 MUTANTS = [

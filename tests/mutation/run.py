@@ -59,12 +59,12 @@ from mutants import MUTANTS  # noqa: E402
 # Python test files in the order they run: fast files that exercise the core's
 # reads and writes at size first, so that -x stops early on most mutants.
 PY_FIRST = [
-    "tests/test_scale.py",
-    "tests/test_core_paths.py",
-    "tests/test_api.py",
-    "tests/test_bulk_large.py",
-    "tests/test_fuzz.py",
-    "tests/test_stateful.py",
+    "tests/api/test_scale.py",
+    "tests/api/test_core_paths.py",
+    "tests/api/test_api.py",
+    "tests/api/test_bulk_large.py",
+    "tests/reliability/test_fuzz.py",
+    "tests/api/test_stateful.py",
 ]
 
 C_TIMEOUT = 300          # seconds per ctest test
@@ -242,7 +242,7 @@ class Runner:
             return [t.strip() for t in self.args.tests.split(",") if t.strip()]
         first = [f for f in PY_FIRST if os.path.isfile(os.path.join(self.repo, f))]
         rest = sorted(os.path.relpath(f, self.repo)
-                      for f in glob.glob(os.path.join(self.repo, "tests/test_*.py")))
+                      for f in glob.glob(os.path.join(self.repo, "tests/**/test_*.py"), recursive=True))
         return first + [f for f in rest if f not in first]
 
     def py_stage(self, tag: str) -> dict:

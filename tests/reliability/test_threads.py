@@ -385,7 +385,7 @@ def stress(config: dict) -> dict:
     from aggtree import reference
     from aggtree._core import Aggregate
 
-    sys.path.insert(0, HERE)
+    sys.path.insert(0, os.path.dirname(HERE))  # tests/, for conftest
     from conftest import snapshot
 
     sys.setswitchinterval(config.get("switch", 0.0005))  # many more thread switches

@@ -15,7 +15,7 @@ import pytest
 core = pytest.importorskip("aggtree._core")
 event_ops = pytest.importorskip("aggtree._event_ops")
 
-PKG = Path(__file__).resolve().parent.parent / "python" / "aggtree"
+PKG = Path(__file__).resolve().parents[2] / "python" / "aggtree"
 DUNDERS = ("__init__", "__iter__", "__len__", "__bool__", "__copy__", "__reduce__")
 KINDS = {
     "posonly": inspect.Parameter.POSITIONAL_ONLY,

@@ -33,7 +33,7 @@ psycopg = pytest.importorskip("psycopg") if os.environ.get("AGGTREE_REQUIRE_POST
 from psycopg import sql as pgsql  # noqa: E402
 from aggtree import pgsync as ps  # noqa: E402  (needs psycopg)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="session")
