@@ -113,6 +113,13 @@ class SyncMixin(StoreState):
                 raise NeedReload()
         elif last and conn.execute(self._sql.log_head).fetchone()[0] < last:
             raise NeedReload()
+        self._replay(rows)
+
+    def _replay(self, rows: Any) -> None:
+        """Apply change-log rows ``(change_id, ops blob)``, which follow on
+        from ``change_id``, in order: the one replay loop of the store (catch
+        up, warm start).  If applying fails halfway the store is marked stale
+        (rebuilt on the next access) and the error propagates."""
         try:
             for change_id, blob in rows:
                 self._apply(decode(blob), None)

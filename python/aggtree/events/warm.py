@@ -64,7 +64,6 @@ from typing import Any, Optional
 
 from .. import SnapshotError
 from .. import snapshot as _snapfile
-from .oplog import decode
 from .state import StoreState
 
 __all__ = ["WarmMixin", "write_file", "read_file", "SUFFIX"]
@@ -324,14 +323,7 @@ class WarmMixin(StoreState):
         self._set_aggregates(aggs)
         self._starts.a = starts
         self.change_id = position
-        try:
-            for change_id, blob in rows:
-                self._apply(decode(blob), None)
-                self.change_id = change_id
-                self.changes_replayed += 1
-        except BaseException:
-            self._stale = True
-            raise
+        self._replay(rows)
         self._data_version = version
         self._write_version = None
         self._stale = False
