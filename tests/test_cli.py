@@ -48,7 +48,7 @@ def db(tmp_path_factory):
 
 def test_help():
     proc = run("--help", check_ok=True)
-    for command in ("demo", "init", "stats", "verify"):
+    for command in ("demo", "init", "stats", "verify", "snapshot"):
         assert command in proc.stdout
     proc = run()
     assert proc.returncode == 2  # argparse: a command is required
@@ -115,3 +115,20 @@ def test_user_errors(db, tmp_path):
     assert_user_error(run("init", "--db", str(tmp_path / "no" / "such" / "dir.db")), "directory not found")
     proc = run("demo", "--events", "x")
     assert proc.returncode == 2 and "not an integer" in proc.stderr
+
+
+def test_snapshot_command(tmp_path):
+    path = str(tmp_path / "snap.db")
+    generate_dataset(path, users=10, events=200, follows=100, seed=3, now=T0)
+    out = run("snapshot", "--db", path, check_ok=True).stdout
+    assert "from the tables" in out and path + ".aggtree-snapshot" in out
+    assert os.path.getsize(path + ".aggtree-snapshot") > 0
+    out = run("snapshot", "--db", path, check_ok=True).stdout
+    assert "from the snapshot" in out
+    other = str(tmp_path / "else.snap")
+    out = run("snapshot", "--db", path, "--out", other, check_ok=True).stdout
+    assert other in out and os.path.exists(other)
+    with EventStore.open(path) as store:
+        assert store.loaded_from == "snapshot"
+        assert store.verify_aggregates().ok
+    assert_user_error(run("snapshot", "--db", str(tmp_path / "nope.db")), "database not found")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os as _os
 
-from ._types import Bound, DuplicateItemError, Item, MissingItemError, Page
+from ._types import Bound, DuplicateItemError, Item, MissingItemError, Page, SnapshotError
 
 if _os.environ.get("AGGTREE_PURE", "") not in ("", "0"):
     from .reference import Aggregate
@@ -31,6 +31,7 @@ __all__ = [
     "Page",
     "DuplicateItemError",
     "MissingItemError",
+    "SnapshotError",
     "TableAggregate",
 ]
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ __all__ = [
     "Page",
     "DuplicateItemError",
     "MissingItemError",
+    "SnapshotError",
 ]
 
 
@@ -96,3 +97,8 @@ class DuplicateItemError(KeyError):
 
 class MissingItemError(KeyError):
     """No item with this ``(key, id)`` exists in the namespace."""
+
+
+class SnapshotError(ValueError):
+    """A snapshot (``Aggregate.load`` / ``loads``) is damaged, truncated, of
+    an unknown format version, or not a snapshot at all; docs/SNAPSHOT.md."""

@@ -1180,17 +1180,61 @@ class Aggregate:
                 size += sys.getsizeof(item.key) + sys.getsizeof(item.id) + sys.getsizeof(item.value)
         return size
 
+    # -- snapshots (docs/SNAPSHOT.md) ---------------------------------------
+
+    def dumps(self) -> bytes:
+        """The snapshot of this aggregate as bytes (docs/SNAPSHOT.md): the
+        same bytes the native implementation writes for the same contents.
+        TypeError for a namespace that a snapshot cannot hold.  O(n)."""
+        from . import snapshot
+
+        return snapshot.dumps_items(
+            self._node_size, [(ns, tree.items) for ns, tree in self._trees.items()]
+        )
+
+    @classmethod
+    def loads(cls, data) -> Aggregate:
+        """An aggregate from snapshot bytes (any bytes-like object);
+        SnapshotError if they are not a valid snapshot.  O(n)."""
+        from . import snapshot
+
+        node_size, namespaces = snapshot.loads_items(data)
+        agg = cls(node_size)
+        for ns, items in namespaces:
+            tree = _Tree()
+            tree.items = items
+            tree.sks = [(sort_key(it.key), sort_key(it.id)) for it in items]
+            agg._trees[ns] = tree
+            agg._len += len(items)
+        return agg
+
+    def save(self, file, *, fsync: bool = True) -> None:
+        """Write the snapshot to ``file``: a path (str / os.PathLike), written
+        atomically (temporary file, fsync, rename, directory fsync; ``fsync=
+        False`` skips the fsyncs), or a binary file object."""
+        from . import snapshot
+
+        data = self.dumps()
+        snapshot.save_to(file, data, fsync)
+
+    @classmethod
+    def load(cls, file, *, mmap: bool = False) -> Aggregate:
+        """The aggregate saved in ``file`` (a path or a binary file object);
+        ``mmap`` as in the native ``load`` (the reference always reads)."""
+        from . import snapshot
+
+        if not isinstance(mmap, bool):
+            raise TypeError(f"mmap must be a bool, not {type(mmap).__name__}")
+        return cls.loads(snapshot.read_file(file))
+
     # -- pickling ---------------------------------------------------------
 
-    def __getstate__(self):
-        return {
-            "node_size": self._node_size,
-            "namespaces": [
-                (ns, [tuple(it) for it in tree.items]) for ns, tree in self._trees.items()
-            ],
-        }
+    def __reduce__(self):
+        # Pickles carry the snapshot format (docs/SNAPSHOT.md).
+        return (_from_snapshot, (type(self), self.dumps()))
 
     def __setstate__(self, state) -> None:
+        # Pickles written before snapshots existed (``__getstate__`` dicts).
         self._node_size = _node_size(state["node_size"])
         self._trees = {}
         self._len = 0
@@ -1206,3 +1250,8 @@ class Aggregate:
                 self._trees[ns] = tree
                 self._len += len(tree.items)
         self.check()
+
+
+def _from_snapshot(cls, data):
+    """Unpickle: ``cls.loads(data)``."""
+    return cls.loads(data)

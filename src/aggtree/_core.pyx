@@ -1514,15 +1514,40 @@ cdef class Aggregate:
                     if not (-_TWO53 <= it[0] <= _TWO53):
                         raise AssertionError(f"namespace {ns!r}: int key out of range")
 
+    # -- snapshots (docs/SNAPSHOT.md; the work is in _snapshot.pxi) --
+
+    def dumps(self):
+        """The snapshot of this aggregate as bytes (docs/SNAPSHOT.md).
+        TypeError for a namespace a snapshot cannot hold.  O(n)."""
+        return _snap_dumps(self)
+
+    @classmethod
+    def loads(cls, data):
+        """An aggregate from snapshot bytes (any bytes-like object), each
+        namespace built bottom-up from the stored order; SnapshotError if
+        they are not a valid snapshot.  O(n)."""
+        return _snap_loads(cls, data)
+
+    def save(self, file, *, fsync=True):
+        """Write the snapshot to ``file``: a path (str / os.PathLike), written
+        atomically (temporary file, fsync, rename, directory fsync;
+        ``fsync=False`` skips the fsyncs), or a binary file object."""
+        _snap_save(self, file, fsync)
+
+    @classmethod
+    def load(cls, file, *, mmap=False):
+        """The aggregate saved in ``file`` (a path or a binary file object).
+        With ``mmap=True`` a path is mapped into memory rather than read
+        (no copy of the bytes first; but a mapped file that another program
+        truncates while it loads kills the process with SIGBUS)."""
+        return _snap_load(cls, file, mmap)
+
     def __reduce__(self):
-        cdef _Tree tree
-        state = []
-        for ns, tree in list(self._trees.items()):  # (a copy, as in __len__)
-            state.append((ns, _read_items(tree, 0, agg_tree_len(_tt(tree)), False)))
-        return (_restore, (self._node_size, state))
+        # pickles carry the snapshot format
+        return (_snap_restore, (type(self), _snap_dumps(self)))
 
     def __copy__(self):
-        return _restore(self._node_size, self.__reduce__()[1][1])
+        return _snap_loads(type(self), _snap_dumps(self))
 
     # -------------------------------------------------------- vectorised --
 
@@ -2324,7 +2349,8 @@ cdef int _check_query(object q, frozenset allowed) except -1:
 
 
 def _restore(node_size, state):
-    """Rebuild an Aggregate from ``__reduce__`` state."""
+    """Rebuild an Aggregate from the ``__reduce__`` state of pickles written
+    before snapshots (lists of items per namespace)."""
     agg = Aggregate(node_size)
     for ns, items in state:
         agg._load_items(items, ns)
@@ -2433,3 +2459,8 @@ def _tree_info(Aggregate agg, namespace=None):
         return None
     return ({K_FLOAT: "float", K_INT: "int", K_GENERAL: "general", K_NONE: "none"}[tree.kind],
             agg_tree_depth(_tt(tree)), agg_tree_len(_tt(tree)), agg_tree_nbytes(_tt(tree)))
+
+
+# ------------------------------------------------------------ snapshots --
+
+include "_snapshot.pxi"

@@ -8,7 +8,10 @@ once, against this class; a backend supplies only
 * its connection and transactions (:meth:`Backend.transaction`, with the
   guarantees stated there),
 * its way of noticing other writers (:meth:`Backend.change_token`,
-  :attr:`Backend.token_sql`, :meth:`Backend.attach`, :meth:`Backend.log_needed`).
+  :attr:`Backend.token_sql`, :meth:`Backend.attach`, :meth:`Backend.log_needed`),
+* the warm-start state (:meth:`Backend.warm_state`,
+  :meth:`Backend.mark_snapshot`, :meth:`Backend.log_clean` and the dialect's
+  ``warm_vouch``), see below.
 
 :class:`~aggtree.events.sqlite.SQLiteBackend` is the implementation today.
 
@@ -41,6 +44,33 @@ values are handed out at insert, not at commit, so a reader polling
 UPDATE`` on the event a follow reads) are then not needed for correctness
 between stores; a backend that wants concurrent writers instead must keep
 every guarantee above by other means.
+
+Warm start
+----------
+The snapshot container and the decision at open are backend-neutral
+(:mod:`aggtree.events.warm`).  A backend keeps, in the database:
+
+* a **store id**, a random uuid set once when the schema is created (an
+  older database gets one at its first open);
+* a **token** (a 63-bit int) that :meth:`Backend.mark_snapshot` sets to a
+  fresh random value, and a **dirty flag** it clears, in the snapshot's
+  write transaction;
+* **triggers** that set the dirty flag on every write to ``events`` or
+  ``event_follows`` that could change an aggregate (insert, delete, an
+  update of ``id``, ``user_id``, ``start_time``, ``created_at``; cascaded
+  deletes included), whoever writes.  They must cost the write path next
+  to nothing: set the flag only when it is clear (SQLite: ``FOR EACH ROW
+  ... WHEN (SELECT dirty ...) = 0``; PostgreSQL: ``FOR EACH STATEMENT``
+  triggers doing ``UPDATE aggtree_state SET dirty = true WHERE NOT dirty``,
+  which writes no row version when the flag is already set);
+* the dialect statement ``warm_vouch`` (clear the flag), which a store runs
+  after appending its write to the change log when the flag was clear
+  before the write (:meth:`Backend.log_clean`, asked under the write lock
+  whenever the write token moved): the log then holds every write since the
+  snapshot, and the next open replays it.
+
+A backend without these returns None from :meth:`Backend.warm_state`: its
+stores always load from the tables.
 
 Read transactions see **one snapshot** of every table: SQLite's deferred
 ``BEGIN`` in WAL mode; PostgreSQL ``BEGIN ISOLATION LEVEL REPEATABLE READ``
@@ -224,3 +254,20 @@ class Backend(abc.ABC):
         SQLite: only while another store is registered (a store alone pays
         nothing for the log, and a store that attaches later loads every
         unlogged write from the tables); PostgreSQL: always."""
+
+    # -- warm start (aggtree.events.warm; see the module docstring) ----------
+
+    def warm_state(self, conn: Any) -> Any:
+        """Inside a transaction: ``(store_id, token, dirty)`` of the
+        database, or None if this backend keeps no warm-start state (then
+        every open loads from the tables)."""
+        return None
+
+    def mark_snapshot(self, conn: Any) -> tuple:
+        """Inside a write transaction: set a fresh random token and clear
+        the dirty flag; returns ``(store_id, token)``."""
+        raise NotImplementedError("this backend keeps no warm-start state")
+
+    def log_clean(self, conn: Any) -> bool:
+        """Inside a write transaction: whether the dirty flag is clear."""
+        return False

@@ -145,6 +145,8 @@ class MigrationMixin(StoreState):
         with self._lock:
             if self._migration is state:
                 self._migration = None
+                if state["phase"] == "done":
+                    self._complete = True  # every row is in: a snapshot may be taken
         return MigrationReport(
             events=state["events"],
             follows=state["follows"],

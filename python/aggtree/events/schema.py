@@ -15,7 +15,10 @@ UTC):
 * ``aggtree_changes(id, kind, ops)``: the change log (one row per write
   that changed an aggregate; see :mod:`aggtree.events.backend` for what its
   ids guarantee)
-* ``aggtree_meta(name, value)``: the schema version
+* ``aggtree_meta(name, value)``: the schema version and the store id (a
+  random uuid, set once)
+* the warm-start state (:mod:`aggtree.events.warm`): a token and a dirty
+  flag, set by triggers on ``events`` and ``event_follows``
 
 A backend writes the DDL in its own dialect (types, ``WITHOUT ROWID``...)
 and may keep tables of its own (SQLite: ``aggtree_stores``, the registry).
@@ -41,7 +44,7 @@ __all__ = [
     "from_ms",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the warm-start state (aggtree_state, its triggers, a store id)
 
 # The four aggregates, by index (the index is what the change log stores).
 BY_CREATION, BY_START, FOLLOWS, FOLLOWED_BY_START = range(4)
@@ -167,6 +170,9 @@ class Dialect:
     log_append = "INSERT INTO aggtree_changes (kind, ops) VALUES (?, ?)"
     log_prune = "DELETE FROM aggtree_changes WHERE id <= ?"
     log_compact = "DELETE FROM aggtree_changes WHERE id <= ? AND id < ?"  # (up to, head)
+
+    # -- warm start (warm.py, backend.py): clear the dirty flag ---------------
+    warm_vouch = ""
 
     def __init__(self) -> None:
         # Every statement becomes an instance attribute, in this dialect's

@@ -53,6 +53,7 @@ from .sqlite import SQLiteBackend
 from .stats import StatsMixin
 from .sync import NeedReload, SyncMixin
 from .verify import VerifyMixin
+from .warm import WarmMixin, default_path
 
 __all__ = ["EventStore"]
 
@@ -96,7 +97,7 @@ def _table_aggregates(aggs: list) -> list:
     ]
 
 
-class EventStore(SyncMixin, StatsMixin, MigrationMixin, VerifyMixin):
+class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
     """Users, events and follows in a database (SQLite today), with the four
     per-user aggregates in memory (see :mod:`aggtree.events`).  Create one
     with :meth:`open`.
@@ -110,6 +111,13 @@ class EventStore(SyncMixin, StatsMixin, MigrationMixin, VerifyMixin):
     :attr:`events_by_creation`, :attr:`events_by_start`,
     :attr:`event_follows` and :attr:`followed_events_by_start`.  Read them;
     write only through the store.
+
+    Warm start: :meth:`close` (and :meth:`snapshot`) write a snapshot of
+    the aggregates next to the database (:attr:`snapshot_path`), and
+    :meth:`open` loads it when it reflects the database's state;
+    :attr:`loaded_from` says how the store opened (``"snapshot"``,
+    ``"snapshot+log"``, ``"tables"``, or None for ``load=False``).  See
+    :mod:`aggtree.events.warm`.
 
     Diagnostics: :attr:`reloads` counts full reloads from the tables,
     :attr:`changes_replayed` the change-log rows replayed from other
@@ -142,6 +150,12 @@ class EventStore(SyncMixin, StatsMixin, MigrationMixin, VerifyMixin):
         self.change_id = 0
         self.reloads = 0
         self.changes_replayed = 0
+        self.snapshot_path: Optional[str] = None
+        self.loaded_from: Optional[str] = None
+        self._complete = False  # the aggregates hold every row (a snapshot may be taken)
+        self._vouch = False  # logged writes clear the dirty flag (warm.py)
+        self._snapshot_token = None
+        self._closed = False
 
     # -- opening and closing --------------------------------------------
 
@@ -158,6 +172,8 @@ class EventStore(SyncMixin, StatsMixin, MigrationMixin, VerifyMixin):
         timeout: float = 30.0,
         synchronous: str = "NORMAL",
         aggregate_class: Any = None,
+        snapshot: bool = True,
+        snapshot_path: Optional[str] = None,
     ) -> "EventStore":
         """Open (or create) the database at ``path`` (``":memory:"`` works)
         and load the aggregates from its tables in bulk.
@@ -178,8 +194,18 @@ class EventStore(SyncMixin, StatsMixin, MigrationMixin, VerifyMixin):
         loss); ``aggregate_class`` replaces :class:`aggtree.Aggregate` (for
         instance with ``aggtree.reference.Aggregate``).
 
-        Loading reads each table once and builds every aggregate with
-        ``Aggregate.from_arrays``: O(n log n), no per-row inserts.
+        Warm start: with ``snapshot=True`` (default) and a file database,
+        the store loads the snapshot at ``snapshot_path`` (default
+        ``path + ".aggtree-snapshot"``) when it reflects the database's
+        current state, replaying the change log after it when that covers
+        the gap, and :meth:`close` writes it; :attr:`loaded_from` tells
+        which way the store opened, and a log line (logger
+        ``aggtree.events``) why not warm.  ``snapshot=False``: no snapshot
+        read or written.
+
+        Loading from the tables reads each table once and builds every
+        aggregate with ``Aggregate.from_arrays``: O(n log n), no per-row
+        inserts.
         """
         if not isinstance(path, str):
             path = os.fspath(path)
@@ -189,13 +215,22 @@ class EventStore(SyncMixin, StatsMixin, MigrationMixin, VerifyMixin):
             raise ValueError("change_log_keep must be a positive int")
         # (Another backend plugs in here, chosen by the form of ``path``.)
         backend = SQLiteBackend(path, create=create, timeout=timeout, synchronous=synchronous)
+        if snapshot_path is not None:
+            snapshot_path = os.fspath(snapshot_path)
+            if not isinstance(snapshot_path, str):
+                raise TypeError("snapshot_path must be a str or os.PathLike of str")
+        if snapshot and not backend.private:
+            snapshot_path = snapshot_path if snapshot_path is not None else default_path(path)
+        else:
+            snapshot_path = None
         return cls._open_backend(backend, load=load, node_size=node_size,
                                  change_log_keep=change_log_keep, clock=clock,
-                                 aggregate_class=aggregate_class)
+                                 aggregate_class=aggregate_class, snapshot_path=snapshot_path)
 
     @classmethod
     def _open_backend(cls, backend: Backend, *, load: bool, node_size: int, change_log_keep: int,
-                      clock: Optional[Callable[[], datetime]], aggregate_class: Any) -> "EventStore":
+                      clock: Optional[Callable[[], datetime]], aggregate_class: Any,
+                      snapshot_path: Optional[str] = None) -> "EventStore":
         """A store on an open backend whose schema exists: attach it to the
         other stores (before loading: later writers log for it), then load
         (or, with ``load=False``, start at the log's head).  Closes the
@@ -204,10 +239,11 @@ class EventStore(SyncMixin, StatsMixin, MigrationMixin, VerifyMixin):
         try:
             store = cls(backend, node_size=node_size, change_log_keep=change_log_keep,
                         clock=clock or utcnow, aggregate_class=aggregate_class)
+            store.snapshot_path = snapshot_path
             backend.attach()
             store._write_version = None
             if load:
-                store._reload()
+                store._load_warm()
             else:
                 store._data_version = backend.change_token()
                 with backend.transaction() as conn:
@@ -220,10 +256,17 @@ class EventStore(SyncMixin, StatsMixin, MigrationMixin, VerifyMixin):
             raise
         return store
 
-    def close(self) -> None:
-        """Unregister and close the database connection (the aggregates stay
-        readable).  Idempotent."""
+    def close(self, *, snapshot: bool = True) -> None:
+        """Write the snapshot (unless ``snapshot=False``, the state is that
+        of the last one, the aggregates are incomplete or snapshots are off;
+        a failure to write it is logged, not raised), unregister and close
+        the database connection (the aggregates stay readable).
+        Idempotent."""
         with self._lock:
+            if not self._closed:
+                self._closed = True
+                if snapshot:
+                    self._close_snapshot()
             self._backend.detach()
             self._backend.close()
 
@@ -325,6 +368,7 @@ class EventStore(SyncMixin, StatsMixin, MigrationMixin, VerifyMixin):
                         if version != self._write_version:
                             self._catch_up(conn)
                             self._shared = backend.log_needed(conn)
+                            self._vouch = self._shared and backend.log_clean(conn)
                             self._write_version = self._data_version = version
                     result, ops = body(conn)
                     if ops:
@@ -354,6 +398,8 @@ class EventStore(SyncMixin, StatsMixin, MigrationMixin, VerifyMixin):
         change_id = self._backend.inserted_id(conn.execute(self._sql.log_append, (kind, encode(ops))))
         if change_id != self.change_id + 1:
             raise NeedReload()  # (cannot happen: we are caught up)
+        if self._vouch:  # the log holds every write since the snapshot: say so
+            conn.execute(self._sql.warm_vouch)
         if change_id % self._prune_every == 0:
             conn.execute(self._sql.log_prune, (change_id - self._keep,))
         return change_id

@@ -94,6 +94,7 @@ class SyncMixin(StoreState):
         self._write_version = None
         self._stale = False
         self._migration = None
+        self._complete = True
         self.reloads += 1
 
     # -- catching up -------------------------------------------------------------
