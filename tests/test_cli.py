@@ -128,7 +128,8 @@ def test_snapshot_command(tmp_path):
     other = str(tmp_path / "else.snap")
     out = run("snapshot", "--db", path, "--out", other, check_ok=True).stdout
     assert other in out and os.path.exists(other)
-    with EventStore.open(path) as store:
-        assert store.loaded_from == "snapshot"
-        assert store.verify_aggregates().ok
+    for snap in (None, other):  # one state, two files: both usable
+        with EventStore.open(path, snapshot_path=snap) as store:
+            assert store.loaded_from == "snapshot"
+            assert store.verify_aggregates().ok
     assert_user_error(run("snapshot", "--db", str(tmp_path / "nope.db")), "database not found")

@@ -221,12 +221,39 @@ def test_older_snapshot(db, tmp_path, caplog):
     expect_cold(db, caplog, "not in the snapshot's state").close()
 
 
-def test_an_unchanged_older_snapshot_is_still_right(db, tmp_path):
-    # explicit snapshots of one state: both describe it
+def test_snapshots_of_one_state_share_its_token(db, tmp_path):
+    other = str(tmp_path / "other.snap")
     with reopen(db) as store:
         store.snapshot()
-    with reopen(db) as store:
-        assert store.loaded_from == "snapshot"
+        store.snapshot_path = other
+        store.snapshot()
+    for path in (None, other):
+        with reopen(db, snapshot_path=path) as store:
+            assert store.loaded_from == "snapshot"
+
+
+def test_restored_backup_between_two_snapshots_then_written(db, tmp_path, caplog):
+    """Snapshot S1 at p, logged writes, snapshot S2 at p + k: a backup taken
+    between them, restored and written to (logged), must not match S2."""
+    a = EventStore.open(db)
+    b = EventStore.open(db, snapshot=False)  # a's and b's writes are logged
+    try:
+        a.snapshot()
+        churn(b, random.Random(30), 5)
+        bak = str(tmp_path / "bak.db")
+        backup(db, bak)
+        churn(b, random.Random(31), 10)
+        a.snapshot()  # S2
+    finally:
+        a.close(snapshot=False)
+        b.close(snapshot=False)
+    restore(bak, db)
+    x = EventStore.open(db, snapshot=False)
+    y = EventStore.open(db, snapshot=False)
+    churn(y, random.Random(32), 15)  # logged (x is open), other writes
+    x.close(snapshot=False)
+    y.close(snapshot=False)
+    expect_cold(db, caplog, "not in the snapshot's state").close()
 
 
 @pytest.mark.parametrize("sql", [

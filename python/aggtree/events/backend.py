@@ -54,7 +54,7 @@ The snapshot container and the decision at open are backend-neutral
   older database gets one at its first open);
 * a **token** (a 63-bit int) that :meth:`Backend.mark_snapshot` sets to a
   fresh random value, and a **dirty flag** it clears, in the snapshot's
-  write transaction;
+  write transaction, with the change-log position they were set at;
 * **triggers** that set the dirty flag on every write to ``events`` or
   ``event_follows`` that could change an aggregate (insert, delete, an
   update of ``id``, ``user_id``, ``start_time``, ``created_at``; cascaded
@@ -263,9 +263,15 @@ class Backend(abc.ABC):
         every open loads from the tables)."""
         return None
 
-    def mark_snapshot(self, conn: Any) -> tuple:
-        """Inside a write transaction: set a fresh random token and clear
-        the dirty flag; returns ``(store_id, token)``."""
+    def mark_snapshot(self, conn: Any, position: int) -> tuple:
+        """Inside a write transaction, caught up to change-log ``position``:
+        set a fresh random token, clear the dirty flag and record
+        ``position`` with them; returns ``(store_id, token)``.  When the
+        flag is clear and the recorded position is ``position`` (nothing
+        changed since the token was set), keep the token instead: snapshots
+        of one state (say, two paths) then both stay usable.  Never keep it
+        after a log row was appended: a backup restored from between two
+        snapshots and then written to would match the later one."""
         raise NotImplementedError("this backend keeps no warm-start state")
 
     def log_clean(self, conn: Any) -> bool:

@@ -91,9 +91,10 @@ class SQLiteDialect(Dialect):
         """CREATE TABLE IF NOT EXISTS aggtree_state (
             id          INTEGER PRIMARY KEY CHECK (id = 0),
             token       INTEGER NOT NULL,
-            dirty       INTEGER NOT NULL
+            dirty       INTEGER NOT NULL,
+            position    INTEGER NOT NULL
         )""",
-        "INSERT OR IGNORE INTO aggtree_state (id, token, dirty) VALUES (0, random(), 1)",
+        "INSERT OR IGNORE INTO aggtree_state (id, token, dirty, position) VALUES (0, random(), 1, -1)",
     )
     # Any write that could change an aggregate sets aggtree_state.dirty,
     # whoever makes it.  The WHEN clause reads the (cached) page and writes
@@ -122,7 +123,8 @@ class SQLiteDialect(Dialect):
         "SELECT (SELECT value FROM aggtree_meta WHERE name = 'store_id'), token, dirty"
         " FROM aggtree_state WHERE id = 0"
     )
-    warm_mark = "UPDATE aggtree_state SET token = ?, dirty = 0 WHERE id = 0"
+    warm_mark = "UPDATE aggtree_state SET token = ?, dirty = 0, position = ? WHERE id = 0"
+    warm_mark_state = "SELECT token, dirty, position FROM aggtree_state WHERE id = 0"
     warm_dirty = "UPDATE aggtree_state SET dirty = 1 WHERE id = 0"
     warm_vouch = "UPDATE aggtree_state SET dirty = 0 WHERE id = 0"
     warm_is_clean = "SELECT dirty = 0 FROM aggtree_state WHERE id = 0"
@@ -252,9 +254,11 @@ class SQLiteBackend(Backend):
         store_id, token, dirty = conn.execute(self.sql.warm_state).fetchone()
         return store_id, token, bool(dirty)
 
-    def mark_snapshot(self, conn: Any) -> tuple:
-        token = secrets.randbits(63)
-        conn.execute(self.sql.warm_mark, (token,))
+    def mark_snapshot(self, conn: Any, position: int) -> tuple:
+        token, dirty, at = conn.execute(self.sql.warm_mark_state).fetchone()
+        if dirty or at != position:
+            token = secrets.randbits(63)
+            conn.execute(self.sql.warm_mark, (token, position))
         store_id = conn.execute(self.sql.warm_state).fetchone()[0]
         return store_id, token
 

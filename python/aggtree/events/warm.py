@@ -28,8 +28,9 @@ Which state a snapshot reflects
 The database keeps (backend.py, :meth:`Backend.warm_state`) a random
 ``store_id`` (set once, with the schema), a ``token`` and a ``dirty`` flag.
 Taking a snapshot sets a fresh random token and clears ``dirty`` in one
-write transaction, at a known change-log position, under the store's lock;
-the snapshot records that token and position.  Triggers on ``events`` and
+write transaction, at a known change-log position, under the store's lock
+(or keeps the token when nothing at all changed since it was set at that
+same position); the snapshot records that token and position.  Triggers on ``events`` and
 ``event_follows`` set ``dirty`` on any write that could change an aggregate,
 whoever makes it (raw SQL, another program, an older aggtree, a store opened
 with ``snapshot=False``); a store that appends its write to the change log
@@ -250,8 +251,8 @@ class WarmMixin(StoreState):
                 except NeedReload:
                     conn = None
                 if conn is not None:
-                    store_id, token = backend.mark_snapshot(conn)
                     position = self.change_id
+                    store_id, token = backend.mark_snapshot(conn, position)
             if conn is None:
                 self._reload()
                 continue
