@@ -153,6 +153,23 @@ class Backend(abc.ABC):
     integrity_error: type = Exception
     private: bool = False
     path: str = ""
+    #: False: writers are serialised (the store's write path of SQLite,
+    #: ``EventStore._write``).  True: writers run at once under row locks
+    #: and append to the log at commit (PostgreSQL,
+    #: ``EventStore._write_concurrent``); such a backend also provides
+    #: ``failure_kind``, ``append_commit``, ``resolve``, ``lost`` and
+    #: ``feed_query`` (see :mod:`aggtree.events.postgres`).
+    concurrent_writers: bool = False
+    #: Exceptions that mean "the connection was lost" (none for SQLite).
+    connection_errors: tuple = ()
+    #: The drift counter as of the tables the aggregates were last built or
+    #: verified from (:meth:`read_drift`; None where there is none).
+    drift_seen: Any = None
+    #: ``check_warm(conn, header) -> Optional[str]``: a backend whose
+    #: snapshots are per instance (PostgreSQL) decides there whether a
+    #: snapshot may be loaded (None) or why not; None here: the token and
+    #: dirty flag of :meth:`warm_state` decide.
+    check_warm: Any = None
 
     # -- connections and transactions ----------------------------------------
 
@@ -192,6 +209,20 @@ class Backend(abc.ABC):
         ``COPY``) may override it."""
         flat = np.fromiter(itertools.chain.from_iterable(conn.execute(sql, params)), dtype=np.int64)
         return flat.reshape(-1, width)
+
+    def compact_log(self, keep: int) -> int:
+        """Delete all but the newest ``keep`` change-log rows (never the
+        newest), in one write transaction; the number deleted."""
+        q = self.sql
+        with self.transaction(write=True) as conn:
+            top = conn.execute(q.log_head).fetchone()[0]
+            cur = conn.execute(q.log_compact, (top - keep, top))
+        return cur.rowcount
+
+    def read_drift(self, conn: Any) -> Any:
+        """Inside a read transaction: the drift counter (writes that bypassed
+        the store), or None if the backend keeps none."""
+        return None
 
     # -- the schema ------------------------------------------------------------
 
