@@ -1230,11 +1230,25 @@ class Aggregate:
     # -- pickling ---------------------------------------------------------
 
     def __reduce__(self):
-        # Pickles carry the snapshot format (docs/SNAPSHOT.md).
-        return (_from_snapshot, (type(self), self.dumps()))
+        # Pickles carry the snapshot format (docs/SNAPSHOT.md), unless a
+        # namespace is of a type no snapshot can hold (any hashable is a
+        # namespace): then the items of each namespace, as before snapshots.
+        from . import snapshot
+
+        if snapshot.namespaces_encodable(self._trees):
+            return (_from_snapshot, (type(self), self.dumps()))
+        return (_from_state, (type(self), self.__getstate__()))
+
+    def __getstate__(self):
+        return {
+            "node_size": self._node_size,
+            "namespaces": [
+                (ns, [tuple(it) for it in tree.items]) for ns, tree in self._trees.items()
+            ],
+        }
 
     def __setstate__(self, state) -> None:
-        # Pickles written before snapshots existed (``__getstate__`` dicts).
+        # The items-per-namespace state (also pickles written before snapshots).
         self._node_size = _node_size(state["node_size"])
         self._trees = {}
         self._len = 0
@@ -1255,3 +1269,10 @@ class Aggregate:
 def _from_snapshot(cls, data):
     """Unpickle: ``cls.loads(data)``."""
     return cls.loads(data)
+
+
+def _from_state(cls, state):
+    """Unpickle an aggregate pickled as items per namespace."""
+    agg = cls.__new__(cls)
+    agg.__setstate__(state)
+    return agg

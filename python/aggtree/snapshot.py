@@ -453,6 +453,17 @@ def encode_namespace(ns: Any) -> bytes:
         raise ValueError(f"cannot save the namespace {ns!r} in a snapshot: {exc}") from None
 
 
+def namespaces_encodable(namespaces) -> bool:
+    """Whether a snapshot can hold every one of these namespaces (pickling
+    and copying fall back to a list of items per namespace when not)."""
+    for ns in namespaces:
+        try:
+            encode_value(ns)
+        except (TypeError, ValueError):
+            return False
+    return True
+
+
 def _fast_section(kind: int, items: list) -> bytes:
     n = len(items)
     keys = np.empty((n, 2), dtype="<u8")
@@ -518,7 +529,7 @@ def dumps_items(node_size: int, namespaces) -> bytes:
 # ---------------------------------------------------------------------------
 
 
-def check_envelope(buf, check_crc: bool = True) -> tuple[int, int]:
+def check_envelope(buf, check_crc: bool = True, crc32=zlib.crc32) -> tuple[int, int]:
     """Validate header, length and (unless check_crc is false) checksum of a
     snapshot in ``buf`` (a buffer); return (node_size, namespace count).
     SnapshotError otherwise."""
@@ -551,7 +562,7 @@ def check_envelope(buf, check_crc: bool = True) -> tuple[int, int]:
             f"{size - total} bytes of trailing garbage after the {total}-byte snapshot"
         )
     if check_crc:
-        check_crc32(buf, zlib.crc32(buf[: size - TRAILER_SIZE]))
+        check_crc32(buf, crc32(buf[: size - TRAILER_SIZE]))
     if not NODE_SIZE_MIN <= node_size <= NODE_SIZE_MAX:
         raise SnapshotError(f"node size {node_size} at byte offset 12 is out of range")
     return node_size, nns
@@ -743,19 +754,21 @@ def _read_general(r: _Reader, count: int, data_len: int, ns: Any) -> list:
     return out
 
 
-def parse(data, read_fast, read_general, walk_fast=None) -> tuple[int, list]:
+def parse(data, read_fast, read_general, crc32=zlib.crc32, walk_fast=None) -> tuple[int, list]:
     """Walk a snapshot: check its envelope (header, length, checksum), then
     each namespace header and encoding here, handing the item sections to
     ``read_fast(r, kind, count, ns, node_size)`` and ``read_general(r, count,
     data_len, ns, node_size)`` (which take their bytes from the _Reader ``r``
     and return what a namespace becomes).  Returns (node_size, [(namespace,
     what the reader returned), ...]) in file order.  The native loader passes
-    its own readers (src/aggtree/_snapshot.pxi), and ``walk_fast(buf, nns,
-    node_size)``, a walk of the common shape that returns None for any
-    other (this walk then runs and reports what is wrong)."""
+    its own readers (src/aggtree/_snapshot.pxi), its own ``crc32(buffer)``
+    (the same value as zlib's, faster; it must release the GIL), and
+    ``walk_fast(buf, nns, node_size)``, a walk of the common shape that
+    returns None for any other (this walk then runs and reports what is
+    wrong)."""
     buf = memoryview(data).cast("B")
     if len(buf) < CRC_THREAD_MIN:
-        node_size, nns = check_envelope(buf)
+        node_size, nns = check_envelope(buf, True, crc32)
         return node_size, _walk_either(buf, nns, node_size, read_fast, read_general, walk_fast)
     # A large snapshot: its checksum is computed on another thread (zlib
     # releases the GIL) while the trees are built; the result counts only
@@ -764,7 +777,7 @@ def parse(data, read_fast, read_general, walk_fast=None) -> tuple[int, list]:
     node_size, nns = check_envelope(buf, check_crc=False)
     got: list = []
     body = buf[: len(buf) - TRAILER_SIZE]
-    worker = threading.Thread(target=lambda: got.append(zlib.crc32(body)), daemon=True)
+    worker = threading.Thread(target=lambda: got.append(crc32(body)), daemon=True)
     worker.start()
     try:
         out = _walk_either(buf, nns, node_size, read_fast, read_general, walk_fast)

@@ -1543,11 +1543,11 @@ cdef class Aggregate:
         return _snap_load(cls, file, mmap)
 
     def __reduce__(self):
-        # pickles carry the snapshot format
-        return (_snap_restore, (type(self), _snap_dumps(self)))
+        # pickles carry the snapshot format (_snapshot.pxi)
+        return _snap_reduce(self)
 
     def __copy__(self):
-        return _snap_loads(type(self), _snap_dumps(self))
+        return _snap_copy(self)
 
     # -------------------------------------------------------- vectorised --
 

@@ -30,7 +30,32 @@ import zlib as _zlib
 import aggtree.snapshot as _snapmod
 from aggtree._types import SnapshotError
 
+cdef extern from "snapshot.h" nogil:
+    uint32_t agg_snapshot_crc32(uint32_t crc, const uint8_t *p, size_t n)
+    int agg_snapshot_crc32_fast()
+
 cdef bint _SNAP_LE = _sys.byteorder == "little"
+cdef bint _SNAP_FAST_CRC = agg_snapshot_crc32_fast() != 0
+
+
+cdef uint32_t _snap_crc(uint32_t crc, const uint8_t *p, size_t n, object view) except? 0xFFFFFFFF:
+    """zlib.crc32 of p[0:n] (view: the same bytes as a buffer, for zlib),
+    continuing from crc; snapshot.c's folded crc32 without the GIL where
+    the CPU has carry-less multiplication."""
+    cdef uint32_t r
+    if not _SNAP_FAST_CRC:
+        return _zlib.crc32(view, crc)
+    with nogil:
+        r = agg_snapshot_crc32(crc, p, n)
+    return r
+
+
+def _snap_crc32(buf):
+    """crc32(buffer) for snapshot.parse: zlib's value, without the GIL."""
+    cdef const uint8_t[::1] v = buf
+    if v.shape[0] == 0:
+        return _zlib.crc32(b"")
+    return _snap_crc(0, &v[0], <size_t>v.shape[0], buf)
 cdef bytes _SNAP_MAGIC = _snapmod.MAGIC
 cdef uint64_t _SNAP_ZERO_HEAD = 0x8000000000000000ULL     # agg_f64_to_key(0.0)
 cdef uint64_t _SNAP_NEGZERO_HEAD = 0x7FFFFFFFFFFFFFFFULL  # agg_f64_to_key(-0.0) unmapped
@@ -184,7 +209,7 @@ cdef class _SnapSink:
         if self.f is None or self.n == 0:
             return 0
         view = memoryview(self.arr)[:self.n]
-        self.crc = _zlib.crc32(view, self.crc)
+        self.crc = _snap_crc(<uint32_t>self.crc, self.buf, <size_t>self.n, view)
         self.f.write(view)
         self.n = 0
         return 0
@@ -326,7 +351,8 @@ cdef object _snap_dumps(Aggregate agg):
         assert sink.pos == total - 8
     finally:
         agg._runlock()
-    _snap_put_u64(buf + total - 8, _zlib.crc32(memoryview(arr if arr is not None else out)[:total - 8]))
+    _snap_put_u64(buf + total - 8,
+                  _snap_crc(0, buf, total - 8, memoryview(arr if arr is not None else out)[:total - 8]))
     if arr is not None:
         return arr.tobytes()
     return out
@@ -623,7 +649,7 @@ cdef object _snap_loads(type cls, object data):
     if view.nbytes and (<uintptr_t>_snap_view_ptr(view)) & 7:
         # keys are read as uint64s in place: an unaligned buffer is copied
         view = memoryview(np.frombuffer(view, dtype=np.uint8).copy())
-    node_size, namespaces = _snapmod.parse(view, _snap_read_fast, _snap_read_general,
+    node_size, namespaces = _snapmod.parse(view, _snap_read_fast, _snap_read_general, _snap_crc32,
                                            _snap_walk_ints)
     agg = cls(node_size)
     for ns, tree in namespaces:
@@ -647,6 +673,30 @@ cdef object _snap_save(Aggregate agg, object file, bint fsync):
 
 cdef object _snap_load(type cls, object file, bint use_mmap):
     return _snap_loads(cls, _snapmod.read_file(file, use_mmap))
+
+
+cdef list _snap_items_state(Aggregate agg):
+    """[(namespace, [Item, ...]), ...]: the pickle state of an aggregate
+    whose namespaces a snapshot cannot hold (any hashable is a namespace)."""
+    cdef _Tree tree
+    state = []
+    for ns, tree in list(agg._trees.items()):
+        state.append((ns, _read_items(tree, 0, agg_tree_len(_tt(tree)), False)))
+    return state
+
+
+cdef object _snap_reduce(Aggregate agg):
+    """__reduce__: the snapshot, or (a namespace that no snapshot can hold,
+    say a frozenset) the items of each namespace as before snapshots."""
+    if _snapmod.namespaces_encodable(list(agg._trees)):
+        return (_snap_restore, (type(agg), _snap_dumps(agg)))
+    return (_restore, (agg._node_size, _snap_items_state(agg)))
+
+
+cdef object _snap_copy(Aggregate agg):
+    if _snapmod.namespaces_encodable(list(agg._trees)):
+        return _snap_loads(type(agg), _snap_dumps(agg))
+    return _restore(agg._node_size, _snap_items_state(agg))
 
 
 def _snap_restore(cls, data):

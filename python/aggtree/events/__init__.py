@@ -42,6 +42,8 @@ The package, one module per concern
   writes and the write hooks;
 * :mod:`~aggtree.events.sync`: bulk load and catch-up from the change log
   (several processes on one database);
+* :mod:`~aggtree.events.warm`: the warm start (the snapshot written at
+  close, loaded at open when it reflects the database's state);
 * :mod:`~aggtree.events.migrate`: the batched, resumable backfill;
 * :mod:`~aggtree.events.verify`: compare the aggregates with the tables,
   repair;
@@ -49,7 +51,8 @@ The package, one module per concern
   naive oracle;
 * :mod:`~aggtree.events.synthetic`: :func:`generate_dataset`;
 * :mod:`~aggtree.events.backend`: the :class:`~aggtree.events.backend.Backend`
-  seam (dialect, transactions, noticing other writers), implemented by
+  seam (dialect, transactions, noticing other writers, the warm-start
+  state), implemented by
   :mod:`~aggtree.events.sqlite`.
 
 >>> from datetime import datetime, timedelta, timezone
