@@ -11,6 +11,5 @@ from .events import pglog as _pglog
 from .events.pglog import *  # noqa: F401,F403
 from .events.pglog import __all__  # noqa: F401
 
-# The module's private names some callers (tests, benchmarks) use.
-globals().update({k: v for k, v in vars(_pglog).items()
-                  if k.startswith("_") and not k.startswith("__")})
+# Every other name too (the op constants, the private helpers tests use).
+globals().update({k: v for k, v in vars(_pglog).items() if not k.startswith("__")})

@@ -98,6 +98,8 @@ class PostgresDialect(Dialect):
     # The change log (pglog): positions dense and in commit order.
     log_head = "SELECT pos FROM aggtree_head"
     log_after = "SELECT pos, ops FROM aggtree_log WHERE pos > ? ORDER BY pos"
+    # Appends and compaction are pglog's (append_commit, compact): unused here.
+    log_append = log_prune = log_compact = ""
 
 
 _READ_BEGIN = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
