@@ -440,3 +440,28 @@ def test_many_processes_with_kills_and_a_restart(uri, pg_server, tmp_path):
         assert s.verify_aggregates().ok
         kinds = dict(s._conn.execute("SELECT 1, count(*) FROM aggtree_log").fetchall())
         assert kinds[1] > 100
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+
+def test_cli_on_postgres(uri):
+    """``aggtree demo / stats / verify / snapshot --db postgresql://...``."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "aggtree", *argv], capture_output=True,
+                              text=True, env=env, timeout=300)
+
+    r = run("demo", "--db", uri, "--users", "50", "--events", "2000", "--follows", "1000",
+            "--no-progress", "--runs", "20", "--naive-runs", "2")
+    assert r.returncode == 0, r.stderr
+    assert "Stats agree: yes" in r.stdout and "warm (snapshot)" in r.stdout
+    r = run("stats", "heavy-1", "--db", uri, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["all_time_own"] == 500
+    r = run("verify", "--db", uri)
+    assert r.returncode == 0 and "no differences" in r.stdout
+    r = run("snapshot", "--db", uri)
+    assert r.returncode == 1 and "--out is required" in r.stderr
