@@ -234,7 +234,9 @@ class PostgresBackend(Backend):
     # -- writes -----------------------------------------------------------------
 
     def append_commit(self, conn: Any, ops: bytes, token: uuid.UUID, after: int) -> pglog.Appended:
-        return pglog.append_commit(conn, ops, token, after)
+        """The append and COMMIT in one round trip
+        (:func:`pglog.append_commit_simple`)."""
+        return pglog.append_commit_simple(conn, ops, token, after)
 
     def resolve(self, token: uuid.UUID) -> Optional[int]:
         """After a connection error during COMMIT: reconnect and tell
