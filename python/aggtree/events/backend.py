@@ -13,7 +13,13 @@ once, against this class; a backend supplies only
   :meth:`Backend.mark_snapshot`, :meth:`Backend.log_clean` and the dialect's
   ``warm_vouch``), see below.
 
-:class:`~aggtree.events.sqlite.SQLiteBackend` is the implementation today.
+:class:`~aggtree.events.sqlite.SQLiteBackend` and
+:class:`~aggtree.events.postgres.PostgresBackend` implement it.  The rules
+below are those of a backend with serialised writers (SQLite); a backend
+with ``concurrent_writers = True`` (PostgreSQL) keeps the log's ids dense
+and in commit order by other means (:mod:`aggtree.events.pglog`), and the
+store then takes its concurrent write path (``EventStore._write_concurrent``:
+row locks in the hooks, log append with COMMIT, apply after COMMIT).
 
 What the store relies on
 ------------------------
@@ -40,10 +46,8 @@ that every writer of the database takes first (for instance
 ``SELECT ... FOR UPDATE`` of a one-row head table), and must assign log ids
 itself under that lock (``head + 1``), never from a sequence: sequence
 values are handed out at insert, not at commit, so a reader polling
-``id > last`` could skip a row that commits late.  Row locks (``FOR
-UPDATE`` on the event a follow reads) are then not needed for correctness
-between stores; a backend that wants concurrent writers instead must keep
-every guarantee above by other means.
+``id > last`` could skip a row that commits late.  (The PostgreSQL backend
+does not serialise whole writes: see above.)
 
 Warm start
 ----------
