@@ -598,8 +598,13 @@ def test_failed_commit_undoes_aggregates(sqlite_store, write):
 
 
 @pytest.fixture
-def dataset(tmp_path):
-    path = str(tmp_path / "data.db")
+def dataset(tmp_path, backend_name, request):
+    """A generated dataset in a SQLite file or a fresh PostgreSQL database."""
+    if backend_name == "postgres":  # a database of its own (``world`` has pg_uri's)
+        path = request.getfixturevalue("pg_uri").replace("?", "_data?", 1)
+        request.getfixturevalue("pg_server").create_database(path.split("?")[0].rsplit("/", 1)[1])
+    else:
+        path = str(tmp_path / "data.db")
     info = generate_dataset(path, users=30, events=600, follows=400, seed=3, now=T0)
     return path, info
 

@@ -948,6 +948,12 @@ class ChangeFeed:
         self.notifications = 0
         self.connects = 0
         self.listen_pid: Optional[int] = None
+        #: Why the current ``on_wake`` runs: ``"notify"`` (notifications
+        #: only), ``"poll"`` or ``"connect"``; with ``"notify"``,
+        #: :attr:`notified_max` is the highest position their payloads
+        #: named (a consumer already past it may skip the fetch).
+        self.wake_reason = "connect"
+        self.notified_max = 0
         self.listening = threading.Event()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -1023,6 +1029,7 @@ class ChangeFeed:
                 self.connects += 1
                 self.listening.set()
                 backoff = 0.05
+                self.wake_reason = "connect"
                 ok = self._wake()  # commits before LISTEN took effect sent us nothing
                 due = time.monotonic() + self.poll_interval
                 while not self._stop.is_set():
@@ -1031,14 +1038,20 @@ class ChangeFeed:
                     # wait in slices so that close() never waits long
                     timeout = max(0.0, min(due - time.monotonic(), 0.2))
                     got = 0
-                    for _ in conn.notifies(timeout=timeout, stop_after=1):
+                    top = 0
+                    for n in conn.notifies(timeout=timeout, stop_after=1):
                         got += 1
+                        top = max(top, _payload_pos(n.payload))
                     if got:  # take the rest that already arrived, in one wake
-                        for _ in conn.notifies(timeout=0):
+                        for n in conn.notifies(timeout=0):
                             got += 1
+                            top = max(top, _payload_pos(n.payload))
                         self.notifications += got
                     elif time.monotonic() < due:
                         continue
+                    # (a failed wake is retried as a poll: it must fetch)
+                    self.wake_reason = "notify" if got and ok else "poll"
+                    self.notified_max = top
                     ok = self._wake()
                     backoff = 0.05 if ok else min(2.0, backoff * 2)
                     due = time.monotonic() + self.poll_interval
@@ -1053,6 +1066,16 @@ class ChangeFeed:
                         pass
             self._stop.wait(backoff)
             backoff = min(2.0, backoff * 2)
+
+
+def _payload_pos(payload: str) -> int:
+    """The position a notification names (the append sends ``pos::text``);
+    a payload that is not one (another sender) names none we can trust: a
+    huge value, so the consumer fetches."""
+    try:
+        return int(payload)
+    except ValueError:
+        return 2**62
 
 
 # ---------------------------------------------------------------------------

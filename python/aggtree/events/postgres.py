@@ -262,6 +262,13 @@ class PostgresBackend(Backend):
         if self.on_wake is not None:
             self.on_wake()
 
+    def feed_news(self, position: int) -> bool:
+        """Whether the feed's current wake may bring rows after
+        ``position``: False only when it was woken by notifications alone,
+        all of positions at or before it (the writer's own commits)."""
+        feed = self._feed
+        return feed is None or feed.wake_reason != "notify" or feed.notified_max > position
+
     def feed_query(self, fn: Callable[[Any], Any]) -> Any:
         """Run ``fn(conn)`` on the feed's query connection (reconnected
         when broken), or on the main one without a feed."""

@@ -578,8 +578,11 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
             if self._stale:
                 self._reload()
                 return
+            backend: Any = self._backend
+            if not backend.feed_news(self.change_id):
+                return  # notifications of rows this store applied (its own writes)
             try:
-                self._backend.feed_query(self._catch_up)  # type: ignore[attr-defined]
+                backend.feed_query(self._catch_up)
             except NeedReload:
                 self._reload()
         finally:
