@@ -129,7 +129,7 @@ class PostgresBackend(Backend):
                 raise ValueError("the connection is inside a transaction: commit or roll back first")
             conn.autocommit = True
             self.conninfo = conn.info.dsn
-        self.path = _redact(self.conninfo) if isinstance(target, str) else f"psycopg:{conn.info.dsn}"
+        self.path = _redact(self.conninfo) if isinstance(target, str) else f"psycopg:{self.conninfo}"
         self.sql = PostgresDialect()
         self.poll_interval = poll_interval
         self.reconnect_timeout = reconnect_timeout
@@ -309,7 +309,7 @@ class PostgresBackend(Backend):
         """Inside a read transaction: None if the snapshot with this header
         reflects this database's history (then the log after its position
         is replayed), else why not."""
-        token = header.get("token")
+        token: Any = header.get("token")
         try:
             sid = uuid.UUID(str(header["store_id"]))
             chain = bytes.fromhex(token["chain"])
