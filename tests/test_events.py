@@ -808,6 +808,22 @@ def test_catch_up_replays_only_new_rows(pair):
     assert a.change_id == b.change_id
 
 
+def test_catch_up_brings_a_store_to_the_head(pair):
+    """store.catch_up() (public, both backends; PostgreSQL: test_events_postgres)
+    replays what others committed, without waiting for a read."""
+    a, b = pair
+    alice = a.create_user("alice")
+    assert b.catch_up() == 0  # creating a user changes no aggregate
+    for i in range(3):
+        a.create_event(alice, name="x", start=at(i), created_at=at(-i))
+    assert b.change_id < a.change_id
+    assert b.catch_up() == 3 and b.change_id == a.change_id
+    assert b.catch_up() == 0
+    assert_consistent(b, nows=(T0,))
+    with EventStore.open(":memory:") as alone:
+        assert alone.catch_up() == 0
+
+
 def test_pruned_log_falls_back_to_reload(tmp_path):
     path = str(tmp_path / "shared.db")
     a = EventStore.open(path, change_log_keep=3)
