@@ -141,8 +141,13 @@ def bench_writes(uri: str, args, out: dict) -> None:
 
     from aggtree.events import EventStore
 
+    import uuid
+
+    from aggtree.events import pglog
+
     store = EventStore.open(uri, snapshot=False)
     plain = psycopg.connect(uri)  # a plain client: implicit BEGIN, commit()
+    logged = psycopg.connect(uri, autocommit=True)  # the same, plus the store's log SQL
     owner = store.user_id("heavy-1")
     fan = store.user_id("heavy-2")
     n = args.write_runs
@@ -166,6 +171,25 @@ def bench_writes(uri: str, args, out: dict) -> None:
             plain.execute(sql, params)
         plain.commit()
 
+    def plain_log_write(kind: str, eid: int, i: int) -> None:
+        # The store's SQL without the store: BEGIN with the writer mark, the
+        # hook's statements, then the log append (empty ops: a no-op for
+        # the instances that replay it) with COMMIT in one round trip.
+        logged.execute(pglog.BEGIN_WRITE_SQL)
+        for sql, what in PLAIN[kind]:
+            if what == "event":
+                params = (owner, "b", start_ms, None, start_ms, None, None)
+            elif what == "id":
+                params = (eid,)
+            elif what == "update":
+                params = ("b", start_ms + 1000 * (i + 1), None, None, None, eid)
+            elif what == "follow":
+                params = (eid, start_ms, fan)
+            else:
+                params = (fan, eid)
+            logged.execute(sql, params)
+        pglog.append_commit_simple(logged, b"", uuid.uuid4(), 2**62)
+
     def store_write(kind: str, eid: int, i: int) -> None:
         if kind == "create_event":
             store.create_event(owner, name="b", start=NOW, created_at=NOW)
@@ -181,10 +205,14 @@ def bench_writes(uri: str, args, out: dict) -> None:
     res = {}
     print(f"writes: store vs plain psycopg, the same statements ({args.rounds} alternating rounds"
           f" of {n}; median of the rounds' per-write times)")
+    print("  (plain: the statements alone; plain+log: plus the store's log append, i.e. the"
+          " store's SQL without the store)")
+    sides = (store_write, plain_write, plain_log_write)
     for kind in ("create_event", "update_event", "follow_event", "unfollow_event", "delete_event"):
-        t_store, t_plain = [], []
+        times: list = [[], [], []]
         for r in range(args.rounds):
-            for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+            order = (0, 1, 2) if r % 2 == 0 else (2, 1, 0)
+            for side in order:
                 # targets: fresh events; follows need the follow made first
                 targets = make_events(n) if kind != "create_event" else [0] * n
                 if kind == "unfollow_event":
@@ -192,13 +220,14 @@ def bench_writes(uri: str, args, out: dict) -> None:
                         store.follow_event(fan, e)
                 t0 = time.perf_counter()
                 for i, e in enumerate(targets):
-                    (store_write if side == 0 else plain_write)(kind, e, i)
-                dt = (time.perf_counter() - t0) / n
-                (t_store if side == 0 else t_plain).append(dt)
-        s, p = statistics.median(t_store), statistics.median(t_plain)
-        res[kind] = {"store": s, "plain": p, "ratio": s / p}
-        print(f"  {kind:<15} store {fmt(s):>9}   plain {fmt(p):>9}   {s / p:.2f}x")
+                    sides[side](kind, e, i)
+                times[side].append((time.perf_counter() - t0) / n)
+        s, p, pl = (statistics.median(t) for t in times)
+        res[kind] = {"store": s, "plain": p, "plain_log": pl, "ratio": s / p, "ratio_log": s / pl}
+        print(f"  {kind:<15} store {fmt(s):>9}   plain {fmt(p):>9} ({s / p:.2f}x)"
+              f"   plain+log {fmt(pl):>9} ({s / pl:.2f}x)")
     plain.close()
+    logged.close()
     store.close()  # (the plain client's writes are drift to it, by design)
     out["writes"] = res
 
