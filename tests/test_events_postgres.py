@@ -234,6 +234,11 @@ def test_server_restart_under_open_stores(uri, pg_server):
         alice, bob, e = small_world(a)
         pg_server.restart()
         # Both reconnect on their next use; b's feed reconnects by itself.
+        # Reads of rows reconnect too (a's connection is one the restart cut).
+        assert a.get_event(e)["start_time"] is not None
+        assert a.get_user_stats_naive("bob", now=T0) == a.get_user_stats("bob", now=T0)
+        pg_server.restart()
+        assert b.user_id("carol") is None and b.get_user_stats_naive("bob", now=T0).total_follows == 1
         a.update_event(alice, e, start=at(-3))
         e2 = b.create_event(bob, name="after", start=at(8), created_at=at(-1))
         a.follow_event(alice, e2)

@@ -861,10 +861,21 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
         with self._lock:
             return self._lookup_user(username)
 
+    def _execute(self, sql: str, params: Any) -> Any:
+        """One statement outside a transaction, on the backend's connection;
+        run once more on a new connection if that one was lost (PostgreSQL:
+        a server restart; SQLite has no such errors)."""
+        backend = self._backend
+        try:
+            return backend.conn.execute(sql, params)
+        except backend.connection_errors:
+            backend.lost()  # type: ignore[attr-defined]
+            return backend.conn.execute(sql, params)
+
     def _lookup_user(self, username: str) -> Optional[int]:
         user_id = self._user_ids.get(username)
         if user_id is None:
-            row = self._backend.conn.execute(self._sql.user_by_name, (username,)).fetchone()
+            row = self._execute(self._sql.user_by_name, (username,)).fetchone()
             if row is None:
                 return None  # not cached: another process may create it
             user_id = self._user_ids[username] = row[0]
@@ -874,7 +885,7 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
         """The event's row as a dict (times in ms), or None."""
         event_id = check_id(event_id, "event_id")
         with self._lock:
-            cur = self._backend.conn.execute(self._sql.event_by_id, (event_id,))
+            cur = self._execute(self._sql.event_by_id, (event_id,))
             row = cur.fetchone()
             if row is None:
                 return None
