@@ -125,3 +125,67 @@ def take_snapshot():
 def load_impl_fixture():
     """``load_impl(name)``: the Aggregate class of "native" or "reference"."""
     return load_impl
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL: one throwaway server per session, a fresh database per test
+# ---------------------------------------------------------------------------
+
+#: Set to 1 (CI does) to make a missing PostgreSQL server a failure, not a skip.
+REQUIRE_POSTGRES = os.environ.get("AGGTREE_REQUIRE_POSTGRES") == "1"
+
+
+def _postgres_unavailable() -> "str | None":
+    """Why the PostgreSQL tests cannot run here, or None."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return "psycopg is not installed (pip install 'aggtree[postgres]')"
+    from aggtree.pgserver import find_binaries
+
+    if find_binaries() is None:
+        return ("no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in "
+                "/usr/lib/postgresql/*/bin: apt-get install -y postgresql, or set AGGTREE_PG_BIN")
+    return None
+
+
+def need_postgres() -> None:
+    """Skip the calling test (fail under AGGTREE_REQUIRE_POSTGRES=1) when no
+    server can run."""
+    why = _postgres_unavailable()
+    if why is not None:
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"AGGTREE_REQUIRE_POSTGRES=1 but {why}")
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A TempPostgres for the whole session (started on first use)."""
+    need_postgres()
+    from aggtree.pgserver import TempPostgres
+
+    with TempPostgres() as pg:
+        yield pg
+
+
+_pg_databases = [0]
+
+
+@pytest.fixture
+def pg_uri(pg_server):
+    """The URI of a new, empty database on the session's server."""
+    _pg_databases[0] += 1
+    return pg_server.uri(f"t{os.getpid()}_{_pg_databases[0]}")
+
+
+#: The two backends of the event store, for ``backend`` parametrisations.
+BACKENDS = ("sqlite", "postgres")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request):
+    """``"sqlite"`` or ``"postgres"`` (the latter skips without a server)."""
+    if request.param == "postgres":
+        need_postgres()
+    return request.param

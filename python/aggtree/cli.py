@@ -13,6 +13,10 @@ Commands:
 * ``aggtree verify --db PATH [--repair] [--json]``: compare the aggregates
   with the tables item by item.
 
+``--db`` also takes a PostgreSQL URI (``postgresql://user@host/dbname``;
+needs the ``aggtree[postgres]`` extra): ``demo`` then fills that (empty)
+database, and ``snapshot`` needs ``--out``.
+
 User errors (missing file, unknown user, bad date...) print one line on
 stderr and exit with status 1, without a traceback; ``verify`` exits with 1
 when it finds differences it did not repair.
@@ -24,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import statistics
@@ -63,9 +68,19 @@ def _parse_now(text: Optional[str]) -> Optional[datetime]:
     return dt
 
 
+def _is_pg(path: str) -> bool:
+    """A PostgreSQL URI (``--db postgresql://...``) rather than a file."""
+    return path.startswith(("postgresql://", "postgres://"))
+
+
 def _open_existing(path: str, **kw):
     from .events import EventStore
 
+    if _is_pg(path):
+        try:
+            return EventStore.open(path, create=False, **kw)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
     if not os.path.exists(path):
         raise CLIError(f"database not found: {path}")
     if os.path.isdir(path):
@@ -107,7 +122,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         path = os.path.join(tmpdir, "events.db")
     else:
         path = args.db
-        if os.path.exists(path):
+        if _is_pg(path):
+            # A PostgreSQL instance keeps its snapshot in a file of its own.
+            tmpdir = tempfile.mkdtemp(prefix="aggtree-demo-")
+        elif os.path.exists(path):
             raise CLIError(f"{path} already exists: demo writes a fresh database, pick a new path")
     heavy = min(args.heavy, max(args.users - 1, 0))
     heavy_events = [int(args.events * f) for f in (0.25, 0.125, 0.0625, 0.03)][:heavy]
@@ -115,6 +133,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if heavy > 4:
         heavy_events += [max(args.events // 100, 1)] * (heavy - 4)
         heavy_follows += [max(args.follows // 100, 1)] * (heavy - 4)
+    snap: dict = {}
+    if _is_pg(path):
+        assert tmpdir is not None  # made above for a PostgreSQL instance
+        snap = {"snapshot_path": os.path.join(tmpdir, "instance.aggtree-snapshot")}
     try:
         now = datetime.now(timezone.utc).replace(microsecond=0)
         print(
@@ -139,7 +161,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  {info.events:,} events, {info.follows:,} follows in {info.seconds:.2f} s", file=out)
 
         print("Migrating: filling the four aggregates from the tables ...", file=out, flush=True)
-        store = EventStore.open(path, load=False)
+        store = EventStore.open(path, load=False, **snap)
         report = store.initialize_aggregates(progress=not args.no_progress)
         print(
             f"  {report.events:,} events and {report.follows:,} follows -> "
@@ -219,7 +241,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             EventStore.open(path, snapshot=False).close()
             cold_t.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            again = EventStore.open(path)
+            again = EventStore.open(path, **snap)
             warm_t.append(time.perf_counter() - t0)
             warm_from = again.loaded_from
             all_agree &= again.verify_aggregates(max_listed=10).ok
@@ -238,9 +260,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     """Create the tables if needed and run the migration."""
     from .events import EventStore
 
-    if os.path.isdir(args.db):
+    if _is_pg(args.db):
+        pass
+    elif os.path.isdir(args.db):
         raise CLIError(f"database path is a directory: {args.db}")
-    parent = os.path.dirname(os.path.abspath(args.db))
+    parent = os.path.dirname(os.path.abspath(args.db)) if not _is_pg(args.db) else "/"
     if not os.path.isdir(parent):
         raise CLIError(f"directory not found: {parent}")
     store = EventStore.open(args.db, load=False)
@@ -259,6 +283,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     """Open a database (warm if it can) and write its snapshot."""
+    if _is_pg(args.db) and args.out is None:
+        raise CLIError("--out is required with a PostgreSQL database (each instance keeps its own snapshot)")
     t0 = time.perf_counter()
     store = _open_existing(args.db, snapshot_path=args.out)
     opened = time.perf_counter() - t0
@@ -340,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("demo", help="generate a skewed dataset, migrate, compare both stats paths")
-    p.add_argument("--db", metavar="PATH", help="write the database here (default: a temporary file)")
+    p.add_argument("--db", metavar="PATH", help="write the database here: a new SQLite file or an empty PostgreSQL database (postgresql://...); default: a temporary file")
     p.add_argument("--users", type=_positive, default=5000, help="number of users (default 5000)")
     p.add_argument("--events", type=_positive, default=400_000,
                    help="number of events (default 400000; the heaviest user owns a quarter)")
@@ -353,26 +379,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("init", help="create the tables if needed and run the aggregate migration")
-    p.add_argument("--db", metavar="PATH", required=True, help="the SQLite database")
+    p.add_argument("--db", metavar="PATH", required=True, help="the SQLite database, or a postgresql:// URI")
     p.add_argument("--batch-size", type=_positive, default=5000, help="rows per batch (default 5000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("stats", help="print a user's stats")
     p.add_argument("username")
-    p.add_argument("--db", metavar="PATH", required=True, help="the SQLite database")
+    p.add_argument("--db", metavar="PATH", required=True, help="the SQLite database, or a postgresql:// URI")
     p.add_argument("--now", metavar="ISO", help="the instant to compute at (default: now; naive = UTC)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--naive", action="store_true", help="use the naive O(n) path")
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("snapshot", help="write the warm-start snapshot of a database's aggregates")
-    p.add_argument("--db", metavar="PATH", required=True, help="the SQLite database")
+    p.add_argument("--db", metavar="PATH", required=True, help="the SQLite database, or a postgresql:// URI")
     p.add_argument("--out", metavar="PATH", help="write it here (default: PATH.aggtree-snapshot)")
     p.set_defaults(func=cmd_snapshot)
 
     p = sub.add_parser("verify", help="compare the aggregates with the tables item by item")
-    p.add_argument("--db", metavar="PATH", required=True, help="the SQLite database")
+    p.add_argument("--db", metavar="PATH", required=True, help="the SQLite database, or a postgresql:// URI")
     p.add_argument("--repair", action="store_true", help="fix the differences found")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--limit", type=_positive, default=50, help="list at most this many differences")
@@ -401,6 +427,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     except sqlite3.DatabaseError as exc:
         print(f"aggtree: error: {getattr(args, 'db', None) or 'database'}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # psycopg's errors (not imported unless a URI was given)
+        if not type(exc).__module__.startswith("psycopg"):
+            raise
+        db = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", getattr(args, "db", None) or "database")
+        print(f"aggtree: error: {db}: {str(exc).strip()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("aggtree: interrupted", file=sys.stderr)

@@ -113,15 +113,43 @@ def clock():
 
 
 @pytest.fixture
-def store(clock):
+def store(backend_name, clock, request):
+    """A store on each backend: SQLite ``:memory:`` and a fresh PostgreSQL
+    database (skipped without a server, see conftest.py)."""
+    if backend_name == "postgres":
+        s = EventStore.open(request.getfixturevalue("pg_uri"), clock=clock)
+    else:
+        s = EventStore.open(":memory:", clock=clock)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(clock):
+    """For what only the SQLite store does (undo on a failed commit, the
+    start cache answering follow / unfollow, sqlite3 errors)."""
     s = EventStore.open(":memory:", clock=clock)
     yield s
     s.close()
 
 
 @pytest.fixture
+def sqlite_world(sqlite_store):
+    return _world(sqlite_store)
+
+
+def q(store: EventStore, sql: str) -> str:
+    """``sql`` written with ``?`` in the store's placeholders."""
+    return sql.replace("?", store._sql.placeholder)
+
+
+@pytest.fixture
 def world(store):
     """Three users, a few events, some follows."""
+    return _world(store)
+
+
+def _world(store):
     alice = store.create_user("alice")
     bob = store.create_user("bob")
     carol = store.create_user("carol")
@@ -266,7 +294,7 @@ def test_delete_cascades_to_follows(world):
     store, (alice, bob, carol), (e1, e2, e3) = world
     store.delete_event(alice, e1)
     assert store.get_event(e1) is None
-    assert store._conn.execute("SELECT count(*) FROM event_follows WHERE event_id = ?", (e1,)).fetchone()[0] == 0
+    assert store._conn.execute(q(store, "SELECT count(*) FROM event_follows WHERE event_id = ?"), (e1,)).fetchone()[0] == 0
     assert store.get_user_stats("carol", now=T0).total_follows == 1
     assert store.get_user_stats("bob", now=T0).all_time_events == 1
     assert_consistent(store)
@@ -473,7 +501,8 @@ WRITES = {
 
 @pytest.mark.parametrize("exc", [Injected, KeyboardInterrupt])
 @pytest.mark.parametrize("write", sorted(WRITES))
-def test_failure_midway_leaves_no_drift(store, write, exc):
+def test_failure_midway_leaves_no_drift(sqlite_store, write, exc):
+    store = sqlite_store  # (PostgreSQL applies only after COMMIT: test_events_postgres.py)
     owner, fans, eid = popular_world(store)
     fail_at = 0
     while True:
@@ -502,10 +531,11 @@ ALLOCATING_WRITES = {
 
 
 @pytest.mark.parametrize("write", sorted(ALLOCATING_WRITES))
-def test_allocation_failure_in_the_native_apply_leaves_no_drift(store, write):
+def test_allocation_failure_in_the_native_apply_leaves_no_drift(sqlite_store, write):
     """The C loop (aggtree._event_ops.apply_ops) under allocation failures:
     every failing write raises MemoryError and leaves tables, aggregates and
     the start cache as they were."""
+    store = sqlite_store
     core = pytest.importorskip("aggtree._core")
     event_ops = pytest.importorskip("aggtree._event_ops")
     if store._apply_ops is not event_ops.apply_ops:
@@ -548,7 +578,8 @@ class FailingCommit:
 
 
 @pytest.mark.parametrize("write", sorted(WRITES))
-def test_failed_commit_undoes_aggregates(store, write):
+def test_failed_commit_undoes_aggregates(sqlite_store, write):
+    store = sqlite_store
     owner, fans, eid = popular_world(store)
     before = (table_dump(store), aggregate_dump(store), starts_dump(store))
     real = store._conn
@@ -568,8 +599,13 @@ def test_failed_commit_undoes_aggregates(store, write):
 
 
 @pytest.fixture
-def dataset(tmp_path):
-    path = str(tmp_path / "data.db")
+def dataset(tmp_path, backend_name, request):
+    """A generated dataset in a SQLite file or a fresh PostgreSQL database."""
+    if backend_name == "postgres":  # a database of its own (``world`` has pg_uri's)
+        path = request.getfixturevalue("pg_uri").replace("?", "_data?", 1)
+        request.getfixturevalue("pg_server").create_database(path.split("?")[0].rsplit("/", 1)[1])
+    else:
+        path = str(tmp_path / "data.db")
     info = generate_dataset(path, users=30, events=600, follows=400, seed=3, now=T0)
     return path, info
 
@@ -713,8 +749,8 @@ def test_start_cache_basics():
     assert len(c.a) == 0
 
 
-def test_follow_without_cached_start_reads_the_table(world):
-    store, (alice, bob, carol), (e1, e2, e3) = world
+def test_follow_without_cached_start_reads_the_table(sqlite_world):
+    store, (alice, bob, carol), (e1, e2, e3) = sqlite_world
     store._starts = _StartCache()  # as after a migration that has not reached e1
     assert store.follow_event(alice, e1)
     assert store._starts.get(e1) == to_ms(at(10))  # read, then remembered
@@ -725,8 +761,8 @@ def test_follow_without_cached_start_reads_the_table(world):
 
 def test_start_edited_behind_the_stores_back_is_repaired(world):
     store, (alice, bob, carol), (e1, e2, e3) = world
-    with store._conn:
-        store._conn.execute("UPDATE events SET start_time = ? WHERE id = ?", (to_ms(at(-50)), e1))
+    # (both connections are in autocommit mode: the statement commits)
+    store._conn.execute(q(store, "UPDATE events SET start_time = ? WHERE id = ?"), (to_ms(at(-50)), e1))
     report = store.verify_aggregates(repair=True)  # events_by_start and the followers' copies
     assert not report.ok and report.repaired
     assert store._starts.get(e1) == to_ms(at(-50))  # the cache follows the table again
@@ -771,6 +807,22 @@ def test_catch_up_replays_only_new_rows(pair):
     for s in (a, b):
         assert_consistent(s, nows=(T0,))
     assert a.change_id == b.change_id
+
+
+def test_catch_up_brings_a_store_to_the_head(pair):
+    """store.catch_up() (public, both backends; PostgreSQL: test_events_postgres)
+    replays what others committed, without waiting for a read."""
+    a, b = pair
+    alice = a.create_user("alice")
+    assert b.catch_up() == 0  # creating a user changes no aggregate
+    for i in range(3):
+        a.create_event(alice, name="x", start=at(i), created_at=at(-i))
+    assert b.change_id < a.change_id
+    assert b.catch_up() == 3 and b.change_id == a.change_id
+    assert b.catch_up() == 0
+    assert_consistent(b, nows=(T0,))
+    with EventStore.open(":memory:") as alone:
+        assert alone.catch_up() == 0
 
 
 def test_pruned_log_falls_back_to_reload(tmp_path):

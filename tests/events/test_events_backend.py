@@ -40,6 +40,8 @@ def test_sqlite_dialect_runs_every_portable_statement():
         for name, sql in statements(SQLiteDialect()).items():
             if name == "schema_version" or name.startswith(("store", "others", "event_tables")):
                 continue
+            if not sql:  # a statement this dialect does without (the row locks)
+                continue
             backend.conn.execute("EXPLAIN " + sql, (0,) * sql.count("?"))
     finally:
         backend.close()

@@ -125,6 +125,48 @@ def test_close_writes_and_open_loads(db):
         assert store.loaded_from == "tables"
 
 
+@pytest.fixture
+def any_db(backend_name, tmp_path, request):
+    """``(target, open options)`` of a database with data on either backend
+    (PostgreSQL: the snapshot is per instance, at the path given), closed
+    so that its snapshot is current."""
+    snap = str(tmp_path / "instance.aggtree-snapshot")
+    if backend_name == "postgres":
+        target, kw = request.getfixturevalue("pg_uri"), {"snapshot_path": snap}
+    else:
+        target, kw = str(tmp_path / "ev.db"), {"snapshot_path": snap}
+    with EventStore.open(target, **kw) as store:
+        populate(store, random.Random(1))
+    return target, kw
+
+
+def test_warm_start_on_both_backends(any_db):
+    """The warm-start cases every backend shares: a current snapshot, the
+    log after it (another store's writes), writes of its own, raw SQL since
+    (the tables), no snapshot (the tables)."""
+    target, kw = any_db
+    with reopen(target, **kw) as store:
+        assert store.loaded_from == "snapshot" and store.reloads == 0
+        churn(store, random.Random(2))
+        assert_right(store)
+    with reopen(target, **kw) as store:
+        assert store.loaded_from == "snapshot"
+        # (open meanwhile: on SQLite the other store logs only while one is)
+        with EventStore.open(target, snapshot=False) as other:
+            churn(other, random.Random(3), n=20)
+        store.close(snapshot=False)
+    with reopen(target, **kw) as store:
+        assert store.loaded_from == "snapshot+log" and store.changes_replayed > 0
+    with EventStore.open(target, snapshot=False) as other:  # raw SQL: drift
+        other._conn.execute("DELETE FROM event_follows WHERE user_id = (SELECT min(user_id)"
+                            " FROM event_follows)")
+    with reopen(target, **kw) as store:
+        assert store.loaded_from == "tables"
+    os.remove(kw["snapshot_path"])
+    with reopen(target, **kw) as store:
+        assert store.loaded_from == "tables"
+
+
 def test_memory_and_disabled(tmp_path):
     with EventStore.open(":memory:") as store:
         populate(store, random.Random(3), events=5, follows=5)

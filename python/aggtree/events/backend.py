@@ -13,7 +13,13 @@ once, against this class; a backend supplies only
   :meth:`Backend.mark_snapshot`, :meth:`Backend.log_clean` and the dialect's
   ``warm_vouch``), see below.
 
-:class:`~aggtree.events.sqlite.SQLiteBackend` is the implementation today.
+:class:`~aggtree.events.sqlite.SQLiteBackend` and
+:class:`~aggtree.events.postgres.PostgresBackend` implement it.  The rules
+below are those of a backend with serialised writers (SQLite); a backend
+with ``concurrent_writers = True`` (PostgreSQL) keeps the log's ids dense
+and in commit order by other means (:mod:`aggtree.events.pglog`), and the
+store then takes its concurrent write path (``EventStore._write_concurrent``:
+row locks in the hooks, log append with COMMIT, apply after COMMIT).
 
 What the store relies on
 ------------------------
@@ -40,10 +46,8 @@ that every writer of the database takes first (for instance
 ``SELECT ... FOR UPDATE`` of a one-row head table), and must assign log ids
 itself under that lock (``head + 1``), never from a sequence: sequence
 values are handed out at insert, not at commit, so a reader polling
-``id > last`` could skip a row that commits late.  Row locks (``FOR
-UPDATE`` on the event a follow reads) are then not needed for correctness
-between stores; a backend that wants concurrent writers instead must keep
-every guarantee above by other means.
+``id > last`` could skip a row that commits late.  (The PostgreSQL backend
+does not serialise whole writes: see above.)
 
 Warm start
 ----------
@@ -153,6 +157,23 @@ class Backend(abc.ABC):
     integrity_error: type = Exception
     private: bool = False
     path: str = ""
+    #: False: writers are serialised (the store's write path of SQLite,
+    #: ``EventStore._write``).  True: writers run at once under row locks
+    #: and append to the log at commit (PostgreSQL,
+    #: ``EventStore._write_concurrent``); such a backend also provides
+    #: ``failure_kind``, ``append_commit``, ``resolve``, ``lost`` and
+    #: ``feed_query`` (see :mod:`aggtree.events.postgres`).
+    concurrent_writers: bool = False
+    #: Exceptions that mean "the connection was lost" (none for SQLite).
+    connection_errors: tuple = ()
+    #: The drift counter as of the tables the aggregates were last built or
+    #: verified from (:meth:`read_drift`; None where there is none).
+    drift_seen: Any = None
+    #: ``check_warm(conn, header) -> Optional[str]``: a backend whose
+    #: snapshots are per instance (PostgreSQL) decides there whether a
+    #: snapshot may be loaded (None) or why not; None here: the token and
+    #: dirty flag of :meth:`warm_state` decide.
+    check_warm: Any = None
 
     # -- connections and transactions ----------------------------------------
 
@@ -192,6 +213,20 @@ class Backend(abc.ABC):
         ``COPY``) may override it."""
         flat = np.fromiter(itertools.chain.from_iterable(conn.execute(sql, params)), dtype=np.int64)
         return flat.reshape(-1, width)
+
+    def compact_log(self, keep: int) -> int:
+        """Delete all but the newest ``keep`` change-log rows (never the
+        newest), in one write transaction; the number deleted."""
+        q = self.sql
+        with self.transaction(write=True) as conn:
+            top = conn.execute(q.log_head).fetchone()[0]
+            cur = conn.execute(q.log_compact, (top - keep, top))
+        return cur.rowcount
+
+    def read_drift(self, conn: Any) -> Any:
+        """Inside a read transaction: the drift counter (writes that bypassed
+        the store), or None if the backend keeps none."""
+        return None
 
     # -- the schema ------------------------------------------------------------
 

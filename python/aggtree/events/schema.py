@@ -126,6 +126,16 @@ class Dialect:
     )
     delete_follow = "DELETE FROM event_follows WHERE user_id = ? AND event_id = ?"
     select_start = "SELECT start_time FROM events WHERE id = ?"
+    # Row locks for a backend with concurrent writers (PostgreSQL; empty:
+    # none, the writers are serialised): ``lock_event`` runs first in
+    # update_event and delete_event; with ``select_start_locked`` (the start
+    # read FOR SHARE, never from the start cache) follow_event and
+    # unfollow_event read the event first, and follow inserts with
+    # ``insert_follow_checked`` (params event_id, created_at, user_id;
+    # returns a row iff inserted; a missing user inserts nothing).
+    lock_event = ""
+    select_start_locked = ""
+    insert_follow_checked = ""
     event_exists = "SELECT 1 FROM events WHERE id = ?"
     user_exists = "SELECT 1 FROM users WHERE id = ?"
 

@@ -131,18 +131,25 @@ class StatsMixin(StoreState):
         week_ago = now_ms - WEEK_MS
         q = self._sql
         with self._lock:
-            with self._backend.transaction() as conn:  # one snapshot for all the queries
-                row = conn.execute(q.user_by_name, (username,)).fetchone()
-                if row is None:
-                    return UserStats.zero()
-                user_id = row[0]
-                events = conn.execute(q.events_of_user, (user_id,)).fetchall()
-                follows = conn.execute(q.follows_of_user, (user_id,)).fetchall()
-                upcoming_followed = 0
-                for follow in follows:
-                    event = conn.execute(q.event_by_id, (follow[1],)).fetchone()
-                    if event is not None and event[3] >= now_ms:
-                        upcoming_followed += 1
+            for attempt in (0, 1):  # once more on a new connection if it was lost
+                try:
+                    with self._backend.transaction() as conn:  # one snapshot for all the queries
+                        row = conn.execute(q.user_by_name, (username,)).fetchone()
+                        if row is None:
+                            return UserStats.zero()
+                        user_id = row[0]
+                        events = conn.execute(q.events_of_user, (user_id,)).fetchall()
+                        follows = conn.execute(q.follows_of_user, (user_id,)).fetchall()
+                        upcoming_followed = 0
+                        for follow in follows:
+                            event = conn.execute(q.event_by_id, (follow[1],)).fetchone()
+                            if event is not None and event[3] >= now_ms:
+                                upcoming_followed += 1
+                    break
+                except self._backend.connection_errors:
+                    if attempt:
+                        raise
+                    self._backend.lost()  # type: ignore[attr-defined]
         return UserStats.from_parts(
             captures_this_week=sum(1 for e in events if week_ago <= e[5] <= now_ms),
             upcoming_own=sum(1 for e in events if e[3] > now_ms),

@@ -29,6 +29,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+import uuid
 from datetime import datetime
 from typing import Any, Callable, Optional, Sequence
 
@@ -36,7 +38,7 @@ from .. import Aggregate
 from ..table import TableAggregate
 from .backend import Backend
 from .migrate import MigrationMixin
-from .oplog import ADD, KEY_IS_NONE, MOVE, REMOVE, StartCache, encode, pick_apply_ops, undo_ops
+from .oplog import ADD, KEY_IS_NONE, MOVE, REMOVE, StartCache, decode, encode, pick_apply_ops, undo_ops
 from .schema import (
     AGGREGATE_NAMES,
     BY_CREATION,
@@ -58,6 +60,13 @@ from .warm import WarmMixin, default_path
 __all__ = ["EventStore"]
 
 log = logging.getLogger("aggtree.events")
+
+
+def _is_postgres(target: Any) -> bool:
+    """A ``postgresql://`` URI or a psycopg connection (no psycopg import)."""
+    if isinstance(target, str):
+        return target.startswith(("postgresql://", "postgres://"))
+    return type(target).__module__.startswith("psycopg")
 
 
 def _doc_id(doc: Any) -> Any:
@@ -156,6 +165,8 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
         self._vouch = False  # logged writes clear the dirty flag (warm.py)
         self._snapshot_token = None
         self._closed = False
+        self._ready = False  # loaded: the change feed may apply rows (PostgreSQL)
+        self._concurrent = backend.concurrent_writers
 
     # -- opening and closing --------------------------------------------
 
@@ -174,6 +185,7 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
         aggregate_class: Any = None,
         snapshot: bool = True,
         snapshot_path: Optional[str] = None,
+        poll_interval: float = 1.0,
     ) -> "EventStore":
         """Open (or create) the database at ``path`` (``":memory:"`` works)
         and load the aggregates from its tables in bulk.
@@ -206,20 +218,41 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
         Loading from the tables reads each table once and builds every
         aggregate with ``Aggregate.from_arrays``: O(n log n), no per-row
         inserts.
+
+        PostgreSQL: ``path`` is a libpq URI (``postgresql://...``) or an
+        open psycopg connection (the store then owns it: switched to
+        autocommit, closed by :meth:`close`; reconnects use its
+        ``info.dsn``).  Needs the ``aggtree[postgres]`` extra.  Each
+        instance holds its own aggregates; other instances' writes are
+        applied by a background thread within the lag of a notification (at
+        worst ``poll_interval`` seconds; :meth:`catch_up` waits for none).
+        The snapshot is per instance: only with ``snapshot_path`` given.
+        ``timeout`` and ``synchronous`` are SQLite's and ignored there.  See
+        :mod:`aggtree.events.postgres`.
         """
-        if not isinstance(path, str):
+        pg = _is_postgres(path)
+        if not pg and not isinstance(path, str):
             path = os.fspath(path)
         if isinstance(node_size, bool) or not isinstance(node_size, int):
             raise TypeError("node_size must be an int")
         if isinstance(change_log_keep, bool) or not isinstance(change_log_keep, int) or change_log_keep < 1:
             raise ValueError("change_log_keep must be a positive int")
-        # (Another backend plugs in here, chosen by the form of ``path``.)
-        backend = SQLiteBackend(path, create=create, timeout=timeout, synchronous=synchronous)
         if snapshot_path is not None:
             snapshot_path = os.fspath(snapshot_path)
             if not isinstance(snapshot_path, str):
                 raise TypeError("snapshot_path must be a str or os.PathLike of str")
-        if snapshot and not backend.private:
+        backend: Backend
+        if pg:
+            from .postgres import PostgresBackend  # imports psycopg: only here
+
+            backend = PostgresBackend(path, create=create, poll_interval=poll_interval)
+            if not snapshot:
+                snapshot_path = None
+        else:
+            backend = SQLiteBackend(path, create=create, timeout=timeout, synchronous=synchronous)
+        if pg:
+            pass  # the snapshot is the instance's own: only where snapshot_path says
+        elif snapshot and not backend.private:
             snapshot_path = snapshot_path if snapshot_path is not None else default_path(path)
         else:
             snapshot_path = None
@@ -240,14 +273,18 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
             store = cls(backend, node_size=node_size, change_log_keep=change_log_keep,
                         clock=clock or utcnow, aggregate_class=aggregate_class)
             store.snapshot_path = snapshot_path
-            backend.attach()
-            store._write_version = None
-            if load:
-                store._load_warm()
-            else:
-                store._data_version = backend.change_token()
-                with backend.transaction() as conn:
-                    store.change_id = conn.execute(store._sql.log_head).fetchone()[0]
+            if backend.concurrent_writers:
+                backend.on_wake = store._feed_wake  # type: ignore[attr-defined]
+            with store._lock:  # the feed applies nothing before the load is done
+                backend.attach()
+                store._write_version = None
+                if load:
+                    store._load_warm()
+                else:
+                    store._data_version = backend.change_token()
+                    with backend.transaction() as conn:
+                        store.change_id = conn.execute(store._sql.log_head).fetchone()[0]
+                store._ready = True
         except BaseException:
             if store is not None:
                 store.close()  # detaches
@@ -345,6 +382,8 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
         """Run ``body(conn) -> (result, ops)`` in one write transaction, log
         the ops if another store needs them, apply them, commit last; on any
         failure (the commit's included) undo the applied ops and roll back."""
+        if self._concurrent:
+            return self._write_concurrent(kind, body)
         with self._lock:
             if self._stale:
                 self._reload()
@@ -390,6 +429,164 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
                     self.change_id = change_id
                 return result
             raise RuntimeError("could not catch up with the change log")  # pragma: no cover
+
+    def _write_concurrent(self, kind: str, body: Callable[[Any], tuple]) -> Any:
+        """:meth:`_write` for a backend whose writers run at once under row
+        locks (PostgreSQL, :mod:`aggtree.events.postgres`): ``body`` runs in
+        a READ COMMITTED transaction; if it produced ops they are appended
+        to the log as the last statement, sent with COMMIT in one round
+        trip.  Only after COMMIT succeeded are the aggregates touched: first
+        the log rows other writers committed before this one (not applied
+        yet), then this write's ops, in log order.  A deadlock is retried; a
+        lost connection is re-opened, and a write whose COMMIT was in flight
+        is resolved by its token (committed: applied once, from the log;
+        not: run again).  Nothing to undo: the aggregates never saw an
+        uncommitted write."""
+        with self._lock:
+            if self._stale:
+                self._reload()
+            backend: Any = self._backend
+            deadline = time.monotonic() + backend.reconnect_timeout
+            retries = 0
+            backoff = 0.05
+            while True:
+                token = None
+                committing = False
+                try:
+                    conn = backend.conn  # (reconnects)
+                    conn.execute(self._begin_write)
+                    result, ops = body(conn)
+                    committing = True
+                    if not ops:
+                        conn.execute("COMMIT")
+                        return result
+                    token = uuid.uuid4()
+                    appended = backend.append_commit(conn, encode(ops), token, self.change_id)
+                except BaseException as exc:
+                    what = backend.failure_kind(exc)
+                    if what is None:
+                        backend.rollback()
+                        raise
+                    if what == "retry" and retries < 10:
+                        retries += 1
+                        backend.rollback()
+                        continue
+                    if what != "lost" or time.monotonic() > deadline:
+                        backend.rollback()
+                        raise
+                    backend.lost()
+                    if committing:
+                        pos = self._resolve_lost(token, deadline)
+                        if pos is not None or token is None:
+                            # Committed (applied from the log, with anyone's
+                            # rows before it), or nothing to apply: done.
+                            # (An unlogged write whose COMMIT was lost is
+                            # taken as committed: it changed no aggregate.)
+                            self._catch_up_now()
+                            return result
+                    log.info("%s: connection lost during %s; reconnecting", self.path, kind)
+                    time.sleep(backoff)
+                    backoff = min(1.0, backoff * 2)
+                    continue
+                break
+            try:
+                if appended.missed is None:  # rows before ours were compacted: reload
+                    self._reload()
+                    return result
+                for row in appended.missed:
+                    self._apply(decode(row.ops), None)
+                    self.change_id = row.pos
+                    self.changes_replayed += 1
+                self._apply(ops, None)
+                self.change_id = appended.pos
+            except BaseException:
+                self._stale = True  # half applied (cannot happen with sane ops): rebuild
+                raise
+            if appended.pos % self._prune_every == 0:
+                try:
+                    backend.compact_log(self._keep)
+                except Exception:  # noqa: BLE001 - the write committed; compaction waits
+                    log.warning("%s: compacting the change log failed", self.path, exc_info=True)
+            return result
+
+    def _resolve_lost(self, token: Any, deadline: float) -> Optional[int]:
+        """After the connection broke during COMMIT: reconnect (until
+        ``deadline``) and return the write's log position if it committed,
+        None otherwise (or when ``token`` is None: an unlogged write)."""
+        backend: Any = self._backend
+        backoff = 0.05
+        while True:
+            try:
+                if token is None:
+                    backend.conn  # noqa: B018 - reconnect
+                    return None
+                return backend.resolve(token)
+            except backend.connection_errors:
+                if time.monotonic() > deadline:
+                    raise
+                backend.lost()
+                time.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+
+    def _catch_up_now(self) -> None:
+        """Under the lock: replay every committed change-log row after
+        ``change_id`` on the main connection (reload if they were pruned)."""
+        version = self._backend.change_token()
+        try:
+            self._catch_up(self._backend.conn)
+        except NeedReload:
+            self._reload()
+            return
+        self._data_version = version
+
+    def catch_up(self) -> int:
+        """Bring this store to the database's current head: when it returns,
+        every write committed before the call (by any store, any process) is
+        in the aggregates.  Returns the number of change-log rows replayed
+        (a reload counts as 0).  Reconnects on PostgreSQL."""
+        with self._lock:
+            before = self.changes_replayed
+            if self._stale:
+                self._reload()
+                return 0
+            if self._private:
+                return 0
+            backend = self._backend
+            deadline = time.monotonic() + getattr(backend, "reconnect_timeout", 0.0)
+            while True:
+                try:
+                    self._catch_up_now()
+                    break
+                except backend.connection_errors:
+                    if time.monotonic() > deadline:
+                        raise
+                    backend.lost()  # type: ignore[attr-defined]
+                    time.sleep(0.1)
+            return self.changes_replayed - before
+
+    def _feed_wake(self) -> None:
+        """The change feed's callback (its own thread, PostgreSQL): apply the
+        log rows committed since ``change_id``, under the store's lock (so
+        a read sees each write whole), on the feed's connection."""
+        lock = self._lock
+        while not lock.acquire(timeout=0.05):
+            if self._closed:
+                return
+        try:
+            if self._closed or not self._ready:
+                return
+            if self._stale:
+                self._reload()
+                return
+            backend: Any = self._backend
+            if not backend.feed_news(self.change_id):
+                return  # notifications of rows this store applied (its own writes)
+            try:
+                backend.feed_query(self._catch_up)
+            except NeedReload:
+                self._reload()
+        finally:
+            lock.release()
 
     def _log(self, conn: Any, kind: str, ops: Sequence) -> int:
         """Append the ops to the change log (inside the write transaction,
@@ -500,6 +697,8 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
         q = self._sql
 
         def body(conn):
+            if q.lock_event:  # concurrent writers: lock first, then read (a new snapshot)
+                conn.execute(q.lock_event, (event_id,))
             if start_ms is _UNSET:
                 rows = conn.execute(q.select_event, (event_id,)).fetchall()
             else:  # the start may move: the followers' items move with it
@@ -543,6 +742,8 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
         q = self._sql
 
         def body(conn):
+            if q.lock_event:  # concurrent writers: lock first, then read the followers
+                conn.execute(q.lock_event, (event_id,))
             rows = conn.execute(q.select_event_to_delete, (event_id,)).fetchall()
             if not rows:
                 raise LookupError(f"no event with id {event_id}")
@@ -569,8 +770,19 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
         user_id = check_id(user_id, "user_id")
         event_id = check_id(event_id, "event_id")
         created = to_ms(self._clock(), "clock()")
+        q = self._sql
 
         def body(conn):
+            if q.select_start_locked:  # concurrent writers: the start FOR SHARE first
+                start = self._locked_start(conn, event_id)
+                if conn.execute(q.insert_follow_checked, (event_id, created, user_id)).fetchone() is None:
+                    if conn.execute(q.user_exists, (user_id,)).fetchone() is None:
+                        raise LookupError(f"no user with id {user_id}")
+                    return False, ()
+                return True, (
+                    (FOLLOWS, ADD, user_id, 0, 0, event_id),
+                    (FOLLOWED_BY_START, ADD, user_id, 0, start, event_id),
+                )
             try:
                 inserted = conn.execute(self._sql.insert_follow, (user_id, event_id, created)).rowcount
             except self._backend.integrity_error:
@@ -591,14 +803,19 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
         user_id = check_id(user_id, "user_id")
         event_id = check_id(event_id, "event_id")
 
+        q = self._sql
+
         def body(conn):
+            locked = q.select_start_locked  # concurrent writers: the start FOR SHARE first
+            start = self._locked_start(conn, event_id) if locked else None
             deleted = conn.execute(self._sql.delete_follow, (user_id, event_id)).rowcount
             if not deleted:
                 error = self._missing(conn, user_id, event_id)
                 if error is not None:
                     raise error
                 return False, ()
-            start = self._event_start(conn, event_id)
+            if start is None:
+                start = self._event_start(conn, event_id)
             return True, (
                 (FOLLOWS, REMOVE, user_id, 0, 0, event_id),
                 (FOLLOWED_BY_START, REMOVE, user_id, start, 0, event_id),
@@ -616,6 +833,15 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
             start = conn.execute(self._sql.select_start, (event_id,)).fetchone()[0]
             self._starts.set(event_id, start)
         return start
+
+    def _locked_start(self, conn: Any, event_id: int) -> int:
+        """The event's start read with a row lock (``FOR SHARE``: an update
+        or delete of the event waits for this write, or this write for it
+        and then reads its result); ``LookupError`` if there is none."""
+        row = conn.execute(self._sql.select_start_locked, (event_id,)).fetchone()
+        if row is None:
+            raise LookupError(f"no event with id {event_id}")
+        return row[0]
 
     def _missing(self, conn: Any, user_id: int, event_id: int) -> Optional[LookupError]:
         """The LookupError a follow or unfollow of a missing user or event
@@ -635,10 +861,21 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
         with self._lock:
             return self._lookup_user(username)
 
+    def _execute(self, sql: str, params: Any) -> Any:
+        """One statement outside a transaction, on the backend's connection;
+        run once more on a new connection if that one was lost (PostgreSQL:
+        a server restart; SQLite has no such errors)."""
+        backend = self._backend
+        try:
+            return backend.conn.execute(sql, params)
+        except backend.connection_errors:
+            backend.lost()  # type: ignore[attr-defined]
+            return backend.conn.execute(sql, params)
+
     def _lookup_user(self, username: str) -> Optional[int]:
         user_id = self._user_ids.get(username)
         if user_id is None:
-            row = self._backend.conn.execute(self._sql.user_by_name, (username,)).fetchone()
+            row = self._execute(self._sql.user_by_name, (username,)).fetchone()
             if row is None:
                 return None  # not cached: another process may create it
             user_id = self._user_ids[username] = row[0]
@@ -648,7 +885,7 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
         """The event's row as a dict (times in ms), or None."""
         event_id = check_id(event_id, "event_id")
         with self._lock:
-            cur = self._backend.conn.execute(self._sql.event_by_id, (event_id,))
+            cur = self._execute(self._sql.event_by_id, (event_id,))
             row = cur.fetchone()
             if row is None:
                 return None

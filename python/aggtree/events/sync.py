@@ -64,6 +64,7 @@ class SyncMixin(StoreState):
         version = backend.change_token()  # before the snapshot: never misses a commit
         with backend.transaction() as conn:
             last = conn.execute(q.log_head).fetchone()[0]
+            drift = backend.read_drift(conn)
             ev = backend.read_matrix(conn, q.all_events, 4)
             fo = backend.read_matrix(conn, q.all_follows, 2)
         ids = ev[:, 0]
@@ -90,6 +91,7 @@ class SyncMixin(StoreState):
         self._set_aggregates(aggs)
         self._starts.load(ids, starts)
         self.change_id = last
+        backend.drift_seen = drift
         self._data_version = version
         self._write_version = None
         self._stale = False
@@ -179,11 +181,7 @@ class SyncMixin(StoreState):
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
             raise ValueError("keep must be a non-negative int")
         with self._lock:
-            q = self._sql
-            with self._backend.transaction(write=True) as conn:
-                top = conn.execute(q.log_head).fetchone()[0]
-                cur = conn.execute(q.log_compact, (top - keep, top))
-            return cur.rowcount
+            return self._backend.compact_log(keep)
 
 
 def _lookup(ids: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> tuple:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import time
 from datetime import datetime
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -116,6 +116,10 @@ def generate_dataset(
     f_users, f_events = f_users[keep], f_events[keep]  # sorted by (user, event)
     f_created = np.maximum(created[f_events - 1], now_ms - 365 * day) + rng.integers(0, 7 * day, size=len(f_users))
 
+    if _is_postgres(path):
+        _write_postgres(path, names, user_created, owners, starts, ends, created,
+                        f_users, f_events, f_created)
+        return DatasetInfo(users, events, len(f_users), names[:n_heavy], time.perf_counter() - started)
     backend = SQLiteBackend(path, synchronous="OFF")  # (creates the tables)
     try:
         backend.conn.execute("PRAGMA cache_size = -262144")  # 256 MiB: no thrashing on big loads
@@ -150,3 +154,44 @@ def generate_dataset(
     finally:
         backend.close()
     return DatasetInfo(users, events, len(f_users), names[:n_heavy], time.perf_counter() - started)
+
+
+def _is_postgres(path: Any) -> bool:
+    if isinstance(path, str):
+        return path.startswith(("postgresql://", "postgres://"))
+    return type(path).__module__.startswith("psycopg")
+
+
+def _write_postgres(target: Any, names: list, user_created: int, owners: np.ndarray,
+                    starts: np.ndarray, ends: np.ndarray, created: np.ndarray,
+                    f_users: np.ndarray, f_events: np.ndarray, f_created: np.ndarray) -> None:
+    """The dataset into an empty PostgreSQL database, with COPY, in one
+    transaction marked as the store's (the drift triggers stay quiet: no
+    store has loaded anything yet)."""
+    from .postgres import PostgresBackend  # psycopg: only here
+
+    backend = PostgresBackend(target)  # (creates the tables)
+    try:
+        conn = backend.conn
+        if conn.execute("SELECT count(*) FROM users").fetchone()[0]:
+            raise ValueError(f"{backend.path} already holds data")
+        with conn.transaction():
+            conn.execute("SELECT set_config('aggtree.writer', 'store', true)")
+            with conn.cursor() as cur:
+                with cur.copy("COPY users (id, username, created_at) FROM STDIN") as cp:
+                    for i, name in enumerate(names):
+                        cp.write_row((i + 1, name, user_created))
+                with cur.copy("COPY events (id, user_id, name, start_time, end_time, created_at)"
+                              " FROM STDIN") as cp:
+                    for row in zip(range(1, len(owners) + 1), owners.tolist(), itertools.repeat("event"),
+                                   starts.tolist(), ends.tolist(), created.tolist()):
+                        cp.write_row(row)
+                with cur.copy("COPY event_follows (user_id, event_id, created_at) FROM STDIN") as cp:
+                    for row in zip(f_users.tolist(), f_events.tolist(), f_created.tolist()):
+                        cp.write_row(row)
+            for table in ("users", "events"):  # identities continue after the ids given
+                conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
+                             f" greatest((SELECT max(id) FROM {table}), 1))")
+        conn.execute("ANALYZE users, events, event_follows")
+    finally:
+        backend.close()

@@ -108,6 +108,7 @@ class VerifyMixin(StoreState):
             with self._caught_up() as conn:
                 ev = backend.read_matrix(conn, q.verify_events, 4)
                 fo = backend.read_matrix(conn, q.verify_follows, 3)
+                drift = backend.read_drift(conn)
             # The start cache mirrors the table (not the aggregate): refill it
             # from this snapshot, which also undoes any drift it picked up
             # from writes that bypassed the store.
@@ -142,6 +143,8 @@ class VerifyMixin(StoreState):
                     differences.extend(found[: max(0, max_listed - len(differences))])
                 if repair and found:
                     _repair(agg, found)
+            if repair or not any(counts.values()):  # the aggregates match these tables
+                backend.drift_seen = drift
             return VerifyReport(differences=differences, counts=counts, checked=checked,
                                 repaired=bool(repair and any(counts.values())))
 

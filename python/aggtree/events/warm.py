@@ -295,17 +295,23 @@ class WarmMixin(StoreState):
         position = header["position"]
         version = backend.change_token()  # before the read: never misses a commit
         with backend.transaction() as conn:
-            state = backend.warm_state(conn)
-            if state is None:
-                return "this backend keeps no warm-start state"
-            store_id, token, dirty = state
-            if store_id != header["store_id"]:
-                return "the snapshot is of another database"
-            if token != header["token"]:
-                return ("the database is not in the snapshot's state (an older snapshot, "
-                        "or a restored backup)")
-            if dirty:
-                return "the database was written outside the change log since the snapshot"
+            if backend.check_warm is not None:  # per-instance snapshots (PostgreSQL)
+                token = header["token"]
+                why = backend.check_warm(conn, header)
+                if why is not None:
+                    return why
+            else:
+                state = backend.warm_state(conn)
+                if state is None:
+                    return "this backend keeps no warm-start state"
+                store_id, token, dirty = state
+                if store_id != header["store_id"]:
+                    return "the snapshot is of another database"
+                if token != header["token"]:
+                    return ("the database is not in the snapshot's state (an older snapshot, "
+                            "or a restored backup)")
+                if dirty:
+                    return "the database was written outside the change log since the snapshot"
             head = conn.execute(self._sql.log_head).fetchone()[0]
             rows: list = []
             if head < position:
