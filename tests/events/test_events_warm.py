@@ -167,6 +167,18 @@ def test_warm_start_on_both_backends(any_db):
         assert store.loaded_from == "tables"
 
 
+def test_a_database_without_events_starts_warm(tmp_path):
+    """The start-time cache of a store without events is empty: its section
+    of the snapshot has no bytes, which must still load (it once made every
+    such snapshot 'unusable')."""
+    path = str(tmp_path / "users-only.db")
+    with EventStore.open(path) as store:
+        store.create_user("alice")
+    with reopen(path) as store:
+        assert store.loaded_from == "snapshot"
+        assert store.get_user_stats("alice") == store.get_user_stats_naive("alice")
+
+
 def test_memory_and_disabled(tmp_path):
     with EventStore.open(":memory:") as store:
         populate(store, random.Random(3), events=5, follows=5)

@@ -143,7 +143,9 @@ def read_file(path: str) -> tuple:
     sections = []
     for index, length in enumerate(lengths):
         end = pos + length
-        if length < 8 or end + _pad(length) > n - _CRC.size:
+        # an aggregate section holds at least its crc; the start cache may be
+        # empty (a database without events)
+        if length < (8 if index < 4 else 0) or end + _pad(length) > n - _CRC.size:
             raise SnapshotError(f"{path}: section length past the end (truncated or corrupted)")
         sections.append(view[pos:end])
         crc = zlib.crc32(_checked(view[pos:end + _pad(length)] if index == 4 else view[pos:end],
