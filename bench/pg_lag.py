@@ -35,8 +35,6 @@ import sys
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
 
 WRITER = r"""
 import json, os, sys, time, uuid, psycopg
@@ -120,9 +118,7 @@ def main() -> None:
         feed.start()
         feed.listening.wait(30)
 
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.path.join(os.path.dirname(HERE), "python") + os.pathsep + \
-            env.get("PYTHONPATH", "")
+        env = dict(os.environ)  # the writers import the installed aggtree, as this process does
         start_at = time.time() + 1.0 + 0.3 * args.writers
         procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, str(args.rate / args.writers),
                                    str(args.seconds), str(start_at), args.mode],

@@ -33,7 +33,6 @@ psycopg = pytest.importorskip("psycopg") if os.environ.get("AGGTREE_REQUIRE_POST
 from psycopg import sql as pgsql  # noqa: E402
 from aggtree import pgsync as ps  # noqa: E402  (needs psycopg)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="session")
@@ -100,9 +99,9 @@ def raw_append(conn, blob, after=None, commit=True):
 
 
 def run_py(code, *args, **kw):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.path.join(ROOT, "python") + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env,
+    """Run ``code`` in a fresh interpreter: the same Python, so the same
+    installed aggtree (not the source tree, which has no compiled modules)."""
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
