@@ -207,6 +207,15 @@ after connecting), then ``catch_up``: the write's own row, if it committed,
 is applied from the log like anyone's.  ``store.catch_up()`` is
 ``consumer.catch_up(fetch)``.  The start-time cache of the SQLite store
 must not answer follow/unfollow here: the start is read FOR SHARE.
+
+What the event store does (:mod:`aggtree.events.postgres`,
+``EventStore._write_concurrent``): the above with its own hooks (the same
+row locks, through the dialect), :func:`append_commit_simple` (append and
+COMMIT in one simple-protocol round trip; the missed rows read only when
+there are some), its ``change_id`` as the position (the chain is checked
+when a snapshot is loaded, :func:`check_snapshot`, not per row), and a
+feed wake that skips the fetch when the notifications name only positions
+it has applied (:attr:`ChangeFeed.wake_reason`).
 """
 
 from __future__ import annotations

@@ -196,8 +196,14 @@ class PostgresBackend(Backend):
         the outcome of a COMMIT in flight is unknown) or None (raise)."""
         if isinstance(exc, (pgerrors.DeadlockDetected, pgerrors.SerializationFailure)):
             return "retry"
-        if isinstance(exc, self.connection_errors) and getattr(self._conn, "closed", True):
-            return "lost"
+        if isinstance(exc, self.connection_errors):
+            if getattr(self._conn, "closed", True):
+                return "lost"
+            # The server ends the session (a shutdown, a terminated backend,
+            # a connection failure) before libpq may have noticed the EOF.
+            state = getattr(exc, "sqlstate", None) or ""
+            if state.startswith("08") or state in ("57P01", "57P02", "57P03"):
+                return "lost"
         return None
 
     def transaction(self, write: bool = False) -> Transaction:

@@ -227,8 +227,9 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
         applied by a background thread within the lag of a notification (at
         worst ``poll_interval`` seconds; :meth:`catch_up` waits for none).
         The snapshot is per instance: only with ``snapshot_path`` given.
-        ``timeout`` and ``synchronous`` are SQLite's and ignored there.  See
-        :mod:`aggtree.events.postgres`.
+        ``timeout`` is there how long a write (or :meth:`catch_up`) keeps
+        reconnecting to a lost server before it raises; ``synchronous`` is
+        SQLite's and ignored.  See :mod:`aggtree.events.postgres`.
         """
         pg = _is_postgres(path)
         if not pg and not isinstance(path, str):
@@ -245,7 +246,8 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
         if pg:
             from .postgres import PostgresBackend  # imports psycopg: only here
 
-            backend = PostgresBackend(path, create=create, poll_interval=poll_interval)
+            backend = PostgresBackend(path, create=create, poll_interval=poll_interval,
+                                      reconnect_timeout=timeout)
             if not snapshot:
                 snapshot_path = None
         else:
