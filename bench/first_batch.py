@@ -34,6 +34,7 @@ import numpy as np
 
 def child(args: argparse.Namespace) -> dict:
     import aggtree
+    import aggtree._core
 
     rng = np.random.default_rng(args.seed)
     n, m = args.n, args.m
@@ -62,7 +63,8 @@ def child(args: argparse.Namespace) -> dict:
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     assert len(agg) == n + args.batches * m
     return {"bytes_per_item": bpi, "ns_per_item": batches, "faults": faults,
-            "bytes_per_item_end": agg.nbytes / len(agg)}
+            "bytes_per_item_end": agg.nbytes / len(agg),
+            "module": aggtree._core.__file__}
 
 
 def main() -> None:
@@ -96,6 +98,8 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         res = json.loads(out.strip().splitlines()[-1])
         ns = res["ns_per_item"]
+        if r == 0:
+            print("module:", res["module"])
         later = sum(ns[1:]) / len(ns[1:])
         ratios.append(ns[0] / later)
         print(f"run {r}: ns/item per batch " + " ".join(f"{x:6.1f}" for x in ns)

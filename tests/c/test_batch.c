@@ -495,15 +495,21 @@ static void op_delete_sorted(agg_tree *t, model *m, bufs *B, int shape)
     snap_free(&before);
 }
 
-/* Rebuild the tree from the model (packed full leaves: the state where
- * every batch key overflows its leaf). */
+/* Rebuild the tree from the model: half the time with leaves packed full
+ * (AGG_TEST_BUILD_SLACK 0: the state where every batch key overflows its
+ * leaf), else with the bulk build's own free slots. */
 static agg_tree *op_build(agg_tree *t, const model *m, bufs *B)
 {
     agg_tree *nt;
+    int full = rnd_chance(0.5);
     REQUIRE(agg_tree_new(&nt, agg_tree_node_size(t), agg_tree_mode(t)) == AGG_OK, "new");
     bufs_need(B, m->n + 10);
     batch_keys(m, m->a, m->n, B->keys, B->kb, B->vals);
+    if (full)
+        test_build_slack(0);
     REQUIRE(agg_tree_build(nt, B->keys, B->vals, m->n, NULL) == AGG_OK, "build");
+    if (full)
+        test_build_slack(-1);
     check_tree(nt, "build");
     agg_tree_free(t);
     return nt;

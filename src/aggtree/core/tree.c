@@ -970,6 +970,32 @@ AGG_INTERN void pack_span(uint64_t e, uint64_t s, uint64_t i, int full, uint32_t
     }
 }
 
+/* Free slots the bulk build leaves in each leaf (section 9): < 0 the
+ * default rule (build_leaf_fill), else that many (AGG_TEST_BUILD_SLACK,
+ * so that tests can still build packed-full trees). */
+static AGG_ATOMIC(long) g_build_slack = -1;
+
+/* AGG_TEST_BUILD_SLACK (aggtree_test.h): sets the slack, returns the old one. */
+AGG_INTERN long build_slack_set(long slack)
+{
+    long old = atomic_load_relaxed(&g_build_slack);
+    atomic_store_relaxed(&g_build_slack, slack < 0 ? -1 : slack);
+    return old;
+}
+
+/* Items the bulk build puts in each leaf of a tree of capacity cap: cap
+ * less cap / BUILD_SLACK_DIV free slots (section 9), at least min + 1 (the
+ * one before the last leaf may hold one less: pack_span). */
+AGG_INTERN uint32_t build_leaf_fill(uint32_t cap)
+{
+    long slack = atomic_load_relaxed(&g_build_slack);
+    uint32_t f;
+    if (slack < 0)
+        slack = cap / BUILD_SLACK_DIV;
+    f = (uint64_t)slack >= cap ? 0 : cap - (uint32_t)slack;
+    return f < cap / 2 + 1 ? cap / 2 + 1 : f;
+}
+
 /* Smallest key of subtree n. */
 AGG_INTERN agg_key node_min_key(const agg_tree *t, node *n)
 {
@@ -1008,7 +1034,7 @@ agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
 {
     uint64_t sizes[MAX_DEPTH], i, at;
     node *heads[MAX_DEPTH] = {NULL};
-    uint32_t levels = 0, l, cap = t->cap;
+    uint32_t levels = 0, l, cap = t->cap, lf = build_leaf_fill(cap);
     node *prev, *x;
 
     if (t->root)
@@ -1025,7 +1051,7 @@ agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
         }
     }
     /* 2. level sizes */
-    sizes[0] = (n + cap - 1) / cap;
+    sizes[0] = (n + lf - 1) / lf;
     levels = 1;
     while (sizes[levels - 1] > 1) {
         sizes[levels] = (sizes[levels - 1] + cap - 1) / cap;
@@ -1058,7 +1084,7 @@ agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
     for (x = heads[0]; x; x = x->next, i++) {
         uint64_t base;
         uint32_t k, sz;
-        pack_span(n, sizes[0], i, 1, cap, &base, &sz);
+        pack_span(n, sizes[0], i, 1, lf, &base, &sz);
         agg_key *nk = node_keys(x);
         double *nv = leaf_vals(t, x);
         for (k = 0; k < sz; k++, at++) {
