@@ -11,7 +11,7 @@ script re-runs itself with ``--child``): the first batch after a build is
 what is measured, so it cannot be repeated within one process.
 
     AGGTREE_THREADS=1 python bench/first_batch.py [--n 1000000] [--m 100000]
-        [--batches 4] [--runs 5] [--load] [--node-size 64] [--seed 0]
+        [--batches 4] [--runs 5] [--load] [--node-size 64] [--seed 0] [--slack S]
 
 To compare two builds, alternate them (a fresh process each time), e.g.
 with two ``PYTHONPATH``s, and compare the ratios rather than the absolute
@@ -36,6 +36,8 @@ def child(args: argparse.Namespace) -> dict:
     import aggtree
     import aggtree._core
 
+    if args.slack is not None:
+        aggtree._core._debug_build_slack(args.slack)
     rng = np.random.default_rng(args.seed)
     n, m = args.n, args.m
     keys = rng.random(n)
@@ -79,6 +81,8 @@ def main() -> None:
                     help="build by save + load instead of from_arrays")
     ap.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
                     help="directory of the snapshot file (--load)")
+    ap.add_argument("--slack", type=int, default=None,
+                    help="free slots per bulk-built leaf (0: packed full; default: the core's rule)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.batches < 2:
@@ -89,10 +93,12 @@ def main() -> None:
     cmd = [sys.executable, os.path.abspath(__file__), "--child",
            "--n", str(args.n), "--m", str(args.m), "--batches", str(args.batches),
            "--node-size", str(args.node_size), "--seed", str(args.seed)]
+    if args.slack is not None:
+        cmd += ["--slack", str(args.slack)]
     if args.load:
         cmd += ["--load"] + (["--dir", args.dir] if args.dir else [])
     ratios = []
-    print(f"n={args.n} m={args.m} build={'load' if args.load else 'from_arrays'} "
+    print(f"n={args.n} m={args.m} build={'load' if args.load else 'from_arrays'} slack={args.slack} "
           f"node_size={args.node_size} AGGTREE_THREADS={os.environ.get('AGGTREE_THREADS', '-')}")
     for r in range(args.runs):
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

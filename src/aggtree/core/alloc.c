@@ -51,6 +51,8 @@
 #include <sys/mman.h>
 #endif
 
+#define POOL_CHUNK_MAX_BYTES ((size_t)1 << 21)   /* 2 MiB: a huge page */
+
 /* Failure injector: < 0 off; else the number of allocations still allowed
  * to succeed.  alloc_count: successful allocations since the last
  * AGG_TEST_FAIL_AFTER. */
@@ -69,13 +71,20 @@ AGG_INLINE int injected_failure(void)
     return 0;
 }
 
-/* malloc honouring the injector.  NULL on (real or injected) failure. */
+static void *chunk_alloc(size_t bytes);
+
+/* malloc honouring the injector.  NULL on (real or injected) failure.
+ * Over 1 MiB (a batch's or a sort's scratch arrays): whole 2 MiB pages,
+ * advised for huge pages like the pools' chunks (chunk_alloc).  free()
+ * releases either. */
 AGG_INTERN void *raw_alloc(size_t size)
 {
     void *p;
     if (injected_failure())
         return NULL;
-    p = malloc(size);
+    if (size > POOL_CHUNK_MAX_BYTES / 2 && size <= SIZE_MAX - POOL_CHUNK_MAX_BYTES)
+        size = (size + POOL_CHUNK_MAX_BYTES - 1) / POOL_CHUNK_MAX_BYTES * POOL_CHUNK_MAX_BYTES;
+    p = chunk_alloc(size);
     if (p)
         atomic_add_relaxed(&g_alloc_count, 1);
     return p;
@@ -99,7 +108,7 @@ AGG_INTERN void *raw_alloc(size_t size)
 #define POOL_UNPOISON(p, n) ((void)(p), (void)(n))
 #endif
 #define POOL_HEADER 64                    /* room for the pool_chunk header (blocks stay 16-byte aligned) */
-#define POOL_CHUNK_MAX ((size_t)1 << 21)  /* a grown chunk: 2 MiB, header included */
+#define POOL_CHUNK_MAX POOL_CHUNK_MAX_BYTES  /* a grown chunk: 2 MiB, header included */
 
 /* A chunk of `bytes` bytes.  A multiple of 2 MiB is taken 2 MiB-aligned
  * and, where the kernel offers transparent huge pages on request
