@@ -210,28 +210,33 @@ static uint64_t expect_span(uint64_t e, uint64_t s, uint64_t i, uint64_t f)
     return f;
 }
 
-/* The exact shape of agg_tree_build's trees: leaves hold cap - cap / 8
- * items (at least cap / 2 + 1; slack 0 under AGG_TEST_BUILD_SLACK: cap),
- * internal levels are packed full, the last node of each level takes the
- * rest (section 9, core/tree.c); checked level by level against the rule
- * computed here, and the tree is valid.  At cap 64 the memory bar holds
- * (<= 32 bytes per FAST item). */
+/* The exact shape of agg_tree_build's trees: leaves packed full (cap
+ * items; cap - cap / BUILD_SLACK_DIV if that is set; cap - s under
+ * AGG_TEST_BUILD_SLACK s, at least cap / 2 + 1), internal levels packed
+ * full, the last node of each level taking the rest (section 9,
+ * core/tree.c); checked level by level against the rule computed here, and
+ * the tree is valid.  At cap 64 the memory bar holds (<= 32 bytes per FAST
+ * item). */
 static void test_build_shape(void)
 {
     static const uint32_t caps[] = {4, 5, 7, 8, 9, 16, 17, 64, 100};
     static const uint64_t sizes[] = {1, 2, 3, 4, 5, 7, 8, 9, 56, 57, 63, 64, 65, 113, 4000, 4097};
     size_t ci, si;
-    int slack0;
+    int mode;
     g_phase = "build shape";
-    for (slack0 = 0; slack0 < 2; slack0++) {
-        REQUIRE(test_build_slack(slack0 ? 0 : -1) == -1,
+    for (mode = 0; mode < 3; mode++) {   /* default rule, slack 0, slack 3 */
+        REQUIRE(test_build_slack(mode == 0 ? -1 : mode == 1 ? 0 : 3) == (mode == 2 ? 0 : -1),
                 "AGG_TEST_BUILD_SLACK returns the previous setting");
         for (ci = 0; ci < sizeof caps / sizeof caps[0]; ci++) {
             for (si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
                 uint32_t cap = caps[ci];
-                uint64_t n = sizes[si], f = slack0 ? cap : cap - cap / 8, j, e, s, l;
+                uint64_t n = sizes[si], f = cap, j, e, s, l;
                 agg_key *k = (agg_key *)malloc(n * sizeof *k);
                 REQUIRE(k, "out of memory");
+                if (!mode && BUILD_SLACK_DIV > 0)     /* the default rule */
+                    f = cap - cap / (BUILD_SLACK_DIV > 0 ? BUILD_SLACK_DIV : 1);
+                if (mode == 2)                          /* 3 free slots asked for */
+                    f = cap - 3;
                 if (f < cap / 2 + 1)
                     f = cap / 2 + 1;
                 for (j = 0; j < n; j++)
@@ -287,7 +292,7 @@ static void test_build_shape(void)
                 }
                 REQUIRE(e == 1, "cap %u n %llu: the top level has %llu nodes", cap,
                         (unsigned long long)n, (unsigned long long)e);
-                if (cap == 64 && n >= 4000 && !slack0)
+                if (cap == 64 && n >= 4000)
                     REQUIRE(agg_tree_nbytes(g_t) <= 32 * n, "cap 64: %.2f bytes per item",
                             (double)agg_tree_nbytes(g_t) / (double)n);
                 agg_tree_free(g_t);
@@ -295,7 +300,7 @@ static void test_build_shape(void)
             }
         }
     }
-    REQUIRE(test_build_slack(-1) == 0, "slack back to the default");
+    REQUIRE(test_build_slack(-1) == 3, "slack back to the default");
 }
 
 int main(int argc, char **argv)

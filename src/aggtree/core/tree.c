@@ -984,14 +984,15 @@ AGG_INTERN long build_slack_set(long slack)
 }
 
 /* Items the bulk build puts in each leaf of a tree of capacity cap: cap
- * less cap / BUILD_SLACK_DIV free slots (section 9), at least min + 1 (the
- * one before the last leaf may hold one less: pack_span). */
+ * less the slack (AGG_TEST_BUILD_SLACK, else cap / BUILD_SLACK_DIV, else
+ * none: section 9), at least min + 1 (the one before the last leaf may
+ * hold one less: pack_span). */
 AGG_INTERN uint32_t build_leaf_fill(uint32_t cap)
 {
     long slack = atomic_load_relaxed(&g_build_slack);
     uint32_t f;
     if (slack < 0)
-        slack = cap / BUILD_SLACK_DIV;
+        slack = BUILD_SLACK_DIV > 0 ? cap / (BUILD_SLACK_DIV > 0 ? BUILD_SLACK_DIV : 1) : 0;
     f = (uint64_t)slack >= cap ? 0 : cap - (uint32_t)slack;
     return f < cap / 2 + 1 ? cap / 2 + 1 : f;
 }
