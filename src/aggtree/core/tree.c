@@ -69,7 +69,27 @@
  * leaves packed full, internal levels likewise, the last node of each
  * level (on the rightmost path, exempt from min by I4) taking the rest, at
  * least 2 (pack_span, the rule batch inserts use for the tree's last
- * nodes too).  O(n), ~25 bytes per FAST item at cap 64.
+ * nodes too).  O(n), ~25 bytes per FAST item at cap 64.  Loading a
+ * snapshot is this build, so a loaded tree has the same shape.
+ *
+ * Fill of the leaves.  A packed tree's first batch of writes overflows
+ * every leaf it touches, and that batch measured slower than the next
+ * ones (10^5 random keys into 10^6 from Python, one thread: first/later
+ * 1.2-1.4).  The overflow itself is not what costs: the batch rewrites
+ * every touched leaf either way (section 13), and with every page of the
+ * process already mapped (glibc's mmap threshold and trim threshold set
+ * out of reach, GLIBC_TUNABLES) the first batch into a packed tree cost
+ * what the later ones did, 0.97-1.05 of them in five runs.  What differed
+ * was page faults: 3,165 in the first batch against 590-950 in the
+ * later ones, for the fresh memory of its new leaves, the key sort's
+ * scratch and the batch's plan (later batches reuse freed memory).  Huge
+ * pages for node chunks and large scratch (section 10) cut them to ~1,200
+ * against ~100-400 (the rest is the Python layer's key array).  Leaving
+ * cap / 8 slots free per leaf (28.8 bytes per item instead of 25.2) cut
+ * them only to ~1,080 and makes a load write 14% more fresh memory, which
+ * is what a load's time is mostly made of (section 10); it is kept as a
+ * switch (BUILD_SLACK_DIV; AGG_TEST_BUILD_SLACK for tests, which build
+ * both shapes), off.  Runs: bench/first_batch.py, bench/README.md.
  *
  */
 #include "internal.h"
