@@ -86,8 +86,10 @@ AGG_INTERN void *raw_alloc(size_t size)
     void *p;
     if (injected_failure())
         return NULL;
+#ifdef MADV_HUGEPAGE
     if (size > POOL_CHUNK_MAX_BYTES / 2 && size <= SIZE_MAX - POOL_CHUNK_MAX_BYTES)
         size = (size + POOL_CHUNK_MAX_BYTES - 1) / POOL_CHUNK_MAX_BYTES * POOL_CHUNK_MAX_BYTES;
+#endif
     p = chunk_alloc(size);
     if (p)
         atomic_add_relaxed(&g_alloc_count, 1);
