@@ -10,9 +10,10 @@
  * so threads working on different trees do not race on it).
  *
  * Nodes come from the tree's two pools (leaves, internal nodes): blocks
- * carved in order from chunks of 1, 2, 4, ... blocks, then (from the first
- * chunk that would pass 1 MiB) chunks of exactly 2 MiB, 2 MiB-aligned and
- * advised for transparent huge pages (chunk_alloc, below);
+ * carved in order from chunks of 1, 2, 4, ... blocks, up to ~2 MB each
+ * (with AGG_HUGE: from the first chunk that would pass 1 MiB, chunks of
+ * exactly 2 MiB, 2 MiB-aligned and advised for transparent huge pages:
+ * chunk_alloc, below);
  * a freed node goes on its pool's free list and is the next one handed
  * out; the chunks go back to malloc when the tree is cleared or freed (a
  * FAST tree without visiting its nodes).  Why: a batch insert splits most
@@ -25,17 +26,22 @@
  * two threads).  From the pools they are as close together as in a fresh
  * process (41-43).  The cost: a tree keeps the nodes it freed for its own
  * later use (nbytes counts only the live ones), and a small tree's last
- * chunk may be up to half empty.  Huge pages: fresh memory costs a page
- * fault per 4 KiB, in which the kernel maps and zeroes the page; a 2 MiB
- * chunk advised MADV_HUGEPAGE is one fault (Linux with
- * transparent_hugepage "madvise" or "always"; elsewhere, or if the kernel
- * says no, plain pages and nothing else changes).  raw_alloc does the
- * same for scratch over 1 MiB (a batch's sort and plan).  Measured: a
- * load of 10^7 items took 62,245 faults, now 1,348; the first batch of
- * 10^5 into 10^6 3,165, now ~1,200.  What it does not remove is the
- * zeroing: a load's profile is still ~55% clear_page (the tree's 250 MB
- * and the 240 MB read buffer, all fresh memory), so the load's time did
- * not move on the development VM.  The runs: bench/README.md, "Core
+ * chunk may be up to half empty.  Huge pages (AGG_HUGE, a build switch,
+ * off): fresh memory costs a page fault per 4 KiB, in which the kernel
+ * maps and zeroes the page; a 2 MiB chunk advised MADV_HUGEPAGE is one
+ * fault (Linux with transparent_hugepage "madvise" or "always"; if the
+ * kernel says no, plain pages and nothing else changes).  raw_alloc then
+ * does the same for scratch over 1 MiB (a batch's sort and plan).
+ * Measured with it on: a load of 10^7 items took 1,294-1,805 faults
+ * instead of 62,245, the first batch of 10^5 into 10^6 ~1,200 instead of
+ * 3,165 - but the faults were not the cost: the kernel's zeroing of the
+ * fresh memory is, and on the development VM a fresh huge page was
+ * sometimes far slower to zero than 4 KiB pages (a load spent 60% of its
+ * time in clear_page against 13%; the VM's host backs never-touched guest
+ * memory on first touch), so `load(path)` measured slower in 4 runs of 6
+ * while `load(path, mmap=True)` (no 240 MB read buffer taking the
+ * recycled pages first) measured ~145 ms of CPU instead of ~250.  Off
+ * until measured on a quiet machine.  The runs: bench/README.md, "Core
  * design measurements".  ASan builds poison free blocks by hand
  * (POOL_POISON), so a use after free inside a chunk is still reported.  Writes
  * allocate only in their reserve step (insert, build, new, insert_sorted)
@@ -53,6 +59,14 @@
 #include "internal.h"
 #if defined(__linux__)
 #include <sys/mman.h>
+#endif
+/* AGG_HUGE: node chunks and large scratch in 2 MiB pages advised for
+ * transparent huge pages (section 10); a build switch (CMake
+ * AGGTREE_HUGEPAGES, -DAGG_HUGEPAGES=1), off by default. */
+#if defined(AGG_HUGEPAGES) && AGG_HUGEPAGES && defined(MADV_HUGEPAGE)
+#define AGG_HUGE 1
+#else
+#define AGG_HUGE 0
 #endif
 
 #define POOL_CHUNK_MAX_BYTES ((size_t)1 << 21)   /* 2 MiB: a huge page */
@@ -86,7 +100,7 @@ AGG_INTERN void *raw_alloc(size_t size)
     void *p;
     if (injected_failure())
         return NULL;
-#ifdef MADV_HUGEPAGE
+#if AGG_HUGE
     if (size > POOL_CHUNK_MAX_BYTES / 2 && size <= SIZE_MAX - POOL_CHUNK_MAX_BYTES)
         size = (size + POOL_CHUNK_MAX_BYTES - 1) / POOL_CHUNK_MAX_BYTES * POOL_CHUNK_MAX_BYTES;
 #endif
@@ -124,7 +138,7 @@ AGG_INTERN void *raw_alloc(size_t size)
  * and where there is no MADV_HUGEPAGE. */
 static void *chunk_alloc(size_t bytes)
 {
-#ifdef MADV_HUGEPAGE
+#if AGG_HUGE
     if (bytes % POOL_CHUNK_MAX == 0) {
         void *p = aligned_alloc(POOL_CHUNK_MAX, bytes);
         if (p)
@@ -141,7 +155,7 @@ static int pool_grow(node_pool *pl, size_t size, size_t n)
 {
     size_t bytes = POOL_HEADER + n * size;
     pool_chunk *c;
-    if (2 * bytes > POOL_CHUNK_MAX) {  /* over 1 MiB: whole 2 MiB pages, full of blocks */
+    if (AGG_HUGE && 2 * bytes > POOL_CHUNK_MAX) {  /* over 1 MiB: whole 2 MiB pages of blocks */
         bytes = (bytes + POOL_CHUNK_MAX - 1) / POOL_CHUNK_MAX * POOL_CHUNK_MAX;
         n = (bytes - POOL_HEADER) / size;
     }
@@ -182,7 +196,7 @@ static void *pool_alloc(node_pool *pl, size_t size)
             if (!pool_grow(pl, size, n))
                 return NULL;
             n = (size_t)(pl->end - pl->bump) / size;       /* what it holds */
-            pl->blocks = POOL_HEADER + 2 * n * size <= POOL_CHUNK_MAX ? 2 * n : n;
+            pl->blocks = (AGG_HUGE ? POOL_HEADER : 0) + 2 * n * size <= POOL_CHUNK_MAX ? 2 * n : n;
         }
         p = pl->bump;
         pl->bump += size;
