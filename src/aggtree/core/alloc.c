@@ -38,11 +38,12 @@
  * fresh memory is, and on the development VM a fresh huge page was
  * sometimes far slower to zero than 4 KiB pages (a load spent 60% of its
  * time in clear_page against 13%; the VM's host backs never-touched guest
- * memory on first touch), so `load(path)` measured slower in 4 runs of 6
- * while `load(path, mmap=True)` (no 240 MB read buffer taking the
- * recycled pages first) measured ~145 ms of CPU instead of ~250.  Off
- * until measured on a quiet machine.  The runs: bench/README.md, "Core
- * design measurements".  ASan builds poison free blocks by hand
+ * memory on first touch), so `load(path)` cost about twice the CPU (12
+ * runs of 12) while `load(path, mmap=True)` (no 240 MB read buffer taking
+ * the recycled pages first) cost ~0.65x, and every insert_many batch
+ * 10-20% less (the first within 1.11-1.21x of the later ones, against
+ * 1.22-1.37x without).  Off by default for the read load's sake.  The
+ * runs: bench/README.md, "Core design measurements".  ASan builds poison free blocks by hand
  * (POOL_POISON), so a use after free inside a chunk is still reported.  Writes
  * allocate only in their reserve step (insert, build, new, insert_sorted)
  * or never (delete, clear, value overwrite), which is what makes "on

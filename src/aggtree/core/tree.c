@@ -83,9 +83,10 @@
  * was page faults: 3,165 in the first batch against 590-950 in the
  * later ones, for the fresh memory of its new leaves, the key sort's
  * scratch and the batch's plan (later batches reuse freed memory).  Huge
- * pages for node chunks and large scratch (section 10, a build switch)
- * cut them to ~1,200 against ~100-400 (the rest is the Python layer's key
- * array).  Leaving cap / 8 slots free per leaf (28.8 bytes per item
+ * pages for node chunks and large scratch (section 10, a build switch,
+ * off) cut them to ~1,200 against ~100-400 (the rest is the Python
+ * layer's key array) and the first batch to 1.11-1.21x the later ones in
+ * CPU time (1.22-1.37x without).  Leaving cap / 8 slots free per leaf (28.8 bytes per item
  * instead of 25.2) on top cut them only to ~1,080, and makes a load write
  * 14% more fresh memory, which is what a load's time is mostly made of
  * (section 10); it is kept as a switch (BUILD_SLACK_DIV;
