@@ -37,8 +37,8 @@
  * 3,165 - but the faults were not the cost: the kernel's zeroing of the
  * fresh memory is, and on the development VM a fresh huge page was
  * sometimes far slower to zero than 4 KiB pages (a load spent 60% of its
- * time in clear_page against 13%; the VM's host backs never-touched guest
- * memory on first touch), so `load(path)` cost about twice the CPU (12
+ * time in clear_page against 13%; a guess: the VM's host backs
+ * never-touched guest memory on first touch), so `load(path)` cost about twice the CPU (12
  * runs of 12) while `load(path, mmap=True)` (no 240 MB read buffer taking
  * the recycled pages first) cost ~0.65x, and every insert_many batch
  * 10-20% less (the first within 1.11-1.21x of the later ones, against
