@@ -7,6 +7,7 @@
 
 cdef extern from "aggtree_test.h":
     enum: AGG_TEST_FAIL_AFTER
+    enum: AGG_TEST_BUILD_SLACK
     long agg_test_control(int op, ...)
 
 
@@ -16,6 +17,13 @@ def _debug_fail_after(long n):
     Returns the number of allocations made since the previous call.  For
     the failure-injection tests only; not thread-safe."""
     return agg_test_control(AGG_TEST_FAIL_AFTER, n)
+
+
+def _debug_build_slack(long slack):
+    """Make bulk builds (from_arrays, load) leave ``slack`` free slots per
+    leaf (0: packed full; < 0: the default rule).  Returns the previous
+    setting (-1: the default).  For tests and benchmarks only."""
+    return agg_test_control(AGG_TEST_BUILD_SLACK, slack)
 
 
 def _tree_busy(Aggregate agg, namespace=None):

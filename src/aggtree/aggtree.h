@@ -205,8 +205,9 @@ void agg_tree_clear(agg_tree *t);
 
 /* Bulk-build into an EMPTY tree from n keys in strictly increasing order
  * with their values (NULL values = all 0.0).  Leaves and internal nodes are
- * packed full (the last two nodes of a level share what is left so both
- * keep the minimum fill).  Tails are copied.  AGG_INVALID if the tree is
+ * packed full: node_size items or children each, the last node of a
+ * level of several taking the rest, never fewer than 2 (then the one
+ * before it holds one less).  Tails are copied.  AGG_INVALID if the tree is
  * not empty; AGG_DUPLICATE if two neighbours are equal (and *bad_index, if
  * not NULL, is the index of the second), AGG_INVALID if out of order (same
  * *bad_index); AGG_NOMEM.  On failure the tree stays empty.  O(n). */

@@ -43,7 +43,13 @@ enum {
      * operation left the tree exactly as it was, not merely holding the
      * same items.  FAST keys' bits; GENERAL separators and keys by their
      * head and tail bytes.  O(size of the tree).  Returns 0. */
-    AGG_TEST_SHAPE_HASH = 3
+    AGG_TEST_SHAPE_HASH = 3,
+    /* (long slack) global: the bulk build (agg_tree_build) leaves `slack`
+     * free slots in every leaf (0: packed full, the state where every
+     * batch key overflows its leaf), within [0, cap / 2 - 1]; slack < 0
+     * restores the default rule (section 9, core/tree.c).  Returns the
+     * previous setting (-1: the default). */
+    AGG_TEST_BUILD_SLACK = 4
 };
 
 /* Perform test-control operation `op` (above) with its arguments.  An

@@ -139,3 +139,35 @@ def test_large_insert_and_delete_batches(threads, node_size):
     assert len(agg) == 0
     assert agg.nbytes == 0
     agg.check()
+
+
+@pytest.mark.parametrize("slack", [0, 3, 8])
+def test_batches_into_bulk_builds_of_any_fill(threads, slack):
+    """Bulk builds that leave `slack` free slots per leaf (the core's test
+    hook; 0 = packed full, the default rule) hold the same items, cost the
+    memory their fill says, and take large batches like any tree."""
+    from aggtree._core import Aggregate, _debug_build_slack, _tree_info
+
+    rng = np.random.default_rng(16 + slack)
+    n, m = 100_000, 20_000
+    keys, ids, vals = rng.random(n), np.arange(n, dtype=np.int64), rng.random(n)
+    old = _debug_build_slack(slack)
+    try:
+        agg = Aggregate.from_arrays(keys, ids, vals, node_size=64)
+        loaded = Aggregate.loads(agg.dumps())
+    finally:
+        _debug_build_slack(old)
+    assert old == -1
+    # leaves of 64 - slack items: 24 + 24 * 64 bytes each, plus ~1 byte per item above
+    per_item = _tree_info(agg)[3] / n
+    assert (24 + 24 * 64) / (64 - slack) < per_item < (24 + 24 * 64) / (64 - slack) + 1.5
+    assert _tree_info(loaded)[3] == _tree_info(agg)[3]
+    for a in (agg, loaded):
+        a.check()
+        k2, i2, v2 = rng.random(m), np.arange(n, n + m, dtype=np.int64), rng.random(m)
+        a.insert_many(k2, i2, v2)
+        a.check()
+        mk, mi, mv = _model_arrays(np.concatenate([keys, k2]), np.concatenate([ids, i2]),
+                                   np.concatenate([vals, v2]))
+        gk, gi, gv = a.to_arrays()
+        assert np.array_equal(gk, mk) and np.array_equal(gi, mi) and np.array_equal(gv, mv)

@@ -495,15 +495,19 @@ static void op_delete_sorted(agg_tree *t, model *m, bufs *B, int shape)
     snap_free(&before);
 }
 
-/* Rebuild the tree from the model (packed full leaves: the state where
- * every batch key overflows its leaf). */
+/* Rebuild the tree from the model: half the time with the bulk build's
+ * own rule (leaves packed full: the state where every batch key overflows
+ * its leaf), else with 1..cap/4 free slots per leaf (AGG_TEST_BUILD_SLACK). */
 static agg_tree *op_build(agg_tree *t, const model *m, bufs *B)
 {
     agg_tree *nt;
+    long slack = rnd_chance(0.5) ? 1 + (long)rnd_below(agg_tree_node_size(t) / 4) : -1;
     REQUIRE(agg_tree_new(&nt, agg_tree_node_size(t), agg_tree_mode(t)) == AGG_OK, "new");
     bufs_need(B, m->n + 10);
     batch_keys(m, m->a, m->n, B->keys, B->kb, B->vals);
+    test_build_slack(slack);
     REQUIRE(agg_tree_build(nt, B->keys, B->vals, m->n, NULL) == AGG_OK, "build");
+    test_build_slack(-1);
     check_tree(nt, "build");
     agg_tree_free(t);
     return nt;

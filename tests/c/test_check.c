@@ -202,10 +202,119 @@ static void damage_once(void)
     expect_ok("all repaired");
 }
 
+/* Expected size of node i of the s nodes a bulk build cuts e entries into
+ * at fill f (section 9): f each, the last taking the rest, but never 1:
+ * then the one before it gives one up ([.., f - 1, 2]). */
+static uint64_t expect_span(uint64_t e, uint64_t s, uint64_t i, uint64_t f)
+{
+    uint64_t last = e - (s - 1) * f;
+    if (s == 1)
+        return e;
+    if (i + 1 == s)
+        return last == 1 ? 2 : last;
+    if (i + 2 == s && last == 1)
+        return f - 1;
+    return f;
+}
+
+/* The exact shape of agg_tree_build's trees: leaves packed full (cap
+ * items; cap - cap / BUILD_SLACK_DIV if that is set; cap - s under
+ * AGG_TEST_BUILD_SLACK s, at least cap / 2 + 1), internal levels packed
+ * full, the last node of each level taking the rest (section 9,
+ * core/tree.c); checked level by level against the rule computed here, and
+ * the tree is valid.  At cap 64 the memory bar holds (<= 32 bytes per FAST
+ * item). */
+static void test_build_shape(void)
+{
+    static const uint32_t caps[] = {4, 5, 7, 8, 9, 16, 17, 64, 100};
+    static const uint64_t sizes[] = {1, 2, 3, 4, 5, 7, 8, 9, 56, 57, 63, 64, 65, 113, 4000, 4097};
+    size_t ci, si;
+    int mode;
+    g_phase = "build shape";
+    for (mode = 0; mode < 3; mode++) {   /* default rule, slack 0, slack 3 */
+        REQUIRE(test_build_slack(mode == 0 ? -1 : mode == 1 ? 0 : 3) == (mode == 2 ? 0 : -1),
+                "AGG_TEST_BUILD_SLACK returns the previous setting");
+        for (ci = 0; ci < sizeof caps / sizeof caps[0]; ci++) {
+            for (si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+                uint32_t cap = caps[ci];
+                uint64_t n = sizes[si], f = cap, j, e, s, l;
+                agg_key *k = (agg_key *)malloc(n * sizeof *k);
+                REQUIRE(k, "out of memory");
+                if (!mode && BUILD_SLACK_DIV > 0)     /* the default rule */
+                    f = cap - cap / (BUILD_SLACK_DIV > 0 ? BUILD_SLACK_DIV : 1);
+                if (mode == 2)                          /* 3 free slots asked for */
+                    f = cap - 3;
+                if (f < cap / 2 + 1)
+                    f = cap / 2 + 1;
+                for (j = 0; j < n; j++)
+                {
+                    k[j].head = agg_f64_to_key((double)j);
+                    k[j].rest = 0;
+                }
+                REQUIRE(agg_tree_new(&g_t, cap, AGG_KEYS_FAST) == AGG_OK, "new");
+                REQUIRE(agg_tree_build(g_t, k, NULL, n, NULL) == AGG_OK, "build");
+                expect_ok("bulk-built tree");
+                /* the nodes of each level, top-down, then checked from the
+                 * leaves up: e entries in s nodes */
+                {
+                    node **lv[MAX_DEPTH];
+                    uint64_t cnt[MAX_DEPTH], d, i;
+                    uint32_t depth = g_t->depth;
+                    lv[0] = (node **)malloc(sizeof(node *));
+                    REQUIRE(lv[0], "out of memory");
+                    lv[0][0] = g_t->root;
+                    cnt[0] = 1;
+                    for (d = 1; d < depth; d++) {
+                        uint64_t w = 0;
+                        for (i = 0; i < cnt[d - 1]; i++)
+                            w += lv[d - 1][i]->count;
+                        lv[d] = (node **)malloc(w * sizeof(node *));
+                        REQUIRE(lv[d], "out of memory");
+                        cnt[d] = 0;
+                        for (i = 0; i < cnt[d - 1]; i++) {
+                            uint32_t c;
+                            for (c = 0; c < lv[d - 1][i]->count; c++)
+                                lv[d][cnt[d]++] = inner_child(g_t, lv[d - 1][i])[c];
+                        }
+                    }
+                    e = n;
+                    s = (e + f - 1) / f;
+                    for (l = 0; l < depth; l++) {
+                        d = depth - 1 - l;
+                        REQUIRE(cnt[d] == s, "cap %u n %llu level %llu: %llu nodes, expected %llu",
+                                cap, (unsigned long long)n, (unsigned long long)l,
+                                (unsigned long long)cnt[d], (unsigned long long)s);
+                        for (i = 0; i < s; i++) {
+                            uint64_t want = expect_span(e, s, i, l ? cap : f);
+                            REQUIRE(lv[d][i]->count == want,
+                                    "cap %u n %llu level %llu node %llu: %u entries, expected %llu",
+                                    cap, (unsigned long long)n, (unsigned long long)l,
+                                    (unsigned long long)i, lv[d][i]->count, (unsigned long long)want);
+                        }
+                        e = s;
+                        s = (e + cap - 1) / cap;
+                    }
+                    for (d = 0; d < depth; d++)
+                        free(lv[d]);
+                }
+                REQUIRE(e == 1, "cap %u n %llu: the top level has %llu nodes", cap,
+                        (unsigned long long)n, (unsigned long long)e);
+                if (cap == 64 && n >= 4000)
+                    REQUIRE(agg_tree_nbytes(g_t) <= 32 * n, "cap 64: %.2f bytes per item",
+                            (double)agg_tree_nbytes(g_t) / (double)n);
+                agg_tree_free(g_t);
+                free(k);
+            }
+        }
+    }
+    REQUIRE(test_build_slack(-1) == 3, "slack back to the default");
+}
+
 int main(int argc, char **argv)
 {
     uint64_t iters = 400, it;
     test_args(argc, argv, &iters, "test_check");
+    test_build_shape();
     g_phase = "check";
     for (it = 0; it < iters; it++) {
         agg_keymode mode = (agg_keymode)(it & 1);

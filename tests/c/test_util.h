@@ -44,6 +44,10 @@ static inline long test_batch_thread_mode(long mode)
 {
     return agg_test_control(AGG_TEST_BATCH_THREAD_MODE, mode);
 }
+static inline long test_build_slack(long slack)
+{
+    return agg_test_control(AGG_TEST_BUILD_SLACK, slack);
+}
 static inline uint64_t test_shape_hash(const agg_tree *t)
 {
     uint64_t h = 0;

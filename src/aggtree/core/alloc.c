@@ -10,7 +10,10 @@
  * so threads working on different trees do not race on it).
  *
  * Nodes come from the tree's two pools (leaves, internal nodes): blocks
- * carved in order from chunks of 1, 2, 4, ... blocks, up to ~2 MB each;
+ * carved in order from chunks of 1, 2, 4, ... blocks, up to ~2 MB each
+ * (with AGG_HUGE: from the first chunk that would pass 1 MiB, chunks of
+ * exactly 2 MiB, 2 MiB-aligned and advised for transparent huge pages:
+ * chunk_alloc, below);
  * a freed node goes on its pool's free list and is the next one handed
  * out; the chunks go back to malloc when the tree is cleared or freed (a
  * FAST tree without visiting its nodes).  Why: a batch insert splits most
@@ -23,7 +26,24 @@
  * two threads).  From the pools they are as close together as in a fresh
  * process (41-43).  The cost: a tree keeps the nodes it freed for its own
  * later use (nbytes counts only the live ones), and a small tree's last
- * chunk may be up to half empty.  ASan builds poison free blocks by hand
+ * chunk may be up to half empty.  Huge pages (AGG_HUGE, a build switch,
+ * off): fresh memory costs a page fault per 4 KiB, in which the kernel
+ * maps and zeroes the page; a 2 MiB chunk advised MADV_HUGEPAGE is one
+ * fault (Linux with transparent_hugepage "madvise" or "always"; if the
+ * kernel says no, plain pages and nothing else changes).  raw_alloc then
+ * does the same for scratch over 1 MiB (a batch's sort and plan).
+ * Measured with it on: a load of 10^7 items took 1,294-1,805 faults
+ * instead of 62,245, the first batch of 10^5 into 10^6 ~1,200 instead of
+ * 3,165 - but the faults were not the cost: the kernel's zeroing of the
+ * fresh memory is, and on the development VM a fresh huge page was
+ * sometimes far slower to zero than 4 KiB pages (a load spent 60% of its
+ * time in clear_page against 13%; a guess: the VM's host backs
+ * never-touched guest memory on first touch), so `load(path)` cost about twice the CPU (12
+ * runs of 12) while `load(path, mmap=True)` (no 240 MB read buffer taking
+ * the recycled pages first) cost ~0.65x, and every insert_many batch
+ * 10-20% less (the first within 1.11-1.21x of the later ones, against
+ * 1.22-1.37x without).  Off by default for the read load's sake.  The
+ * runs: bench/README.md, "Core design measurements".  ASan builds poison free blocks by hand
  * (POOL_POISON), so a use after free inside a chunk is still reported.  Writes
  * allocate only in their reserve step (insert, build, new, insert_sorted)
  * or never (delete, clear, value overwrite), which is what makes "on
@@ -34,7 +54,23 @@
  * second thread (section 13) never allocates: its arrays are sized first.
  *
  */
+#if defined(__linux__) && !defined(_DEFAULT_SOURCE)
+#define _DEFAULT_SOURCE 1        /* madvise, MADV_HUGEPAGE */
+#endif
 #include "internal.h"
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+/* AGG_HUGE: node chunks and large scratch in 2 MiB pages advised for
+ * transparent huge pages (section 10); a build switch (CMake
+ * AGGTREE_HUGEPAGES, -DAGG_HUGEPAGES=1), off by default. */
+#if defined(AGG_HUGEPAGES) && AGG_HUGEPAGES && defined(MADV_HUGEPAGE)
+#define AGG_HUGE 1
+#else
+#define AGG_HUGE 0
+#endif
+
+#define POOL_CHUNK_MAX_BYTES ((size_t)1 << 21)   /* 2 MiB: a huge page */
 
 /* Failure injector: < 0 off; else the number of allocations still allowed
  * to succeed.  alloc_count: successful allocations since the last
@@ -54,13 +90,22 @@ AGG_INLINE int injected_failure(void)
     return 0;
 }
 
-/* malloc honouring the injector.  NULL on (real or injected) failure. */
+static void *chunk_alloc(size_t bytes);
+
+/* malloc honouring the injector.  NULL on (real or injected) failure.
+ * Over 1 MiB (a batch's or a sort's scratch arrays): whole 2 MiB pages,
+ * advised for huge pages like the pools' chunks (chunk_alloc).  free()
+ * releases either. */
 AGG_INTERN void *raw_alloc(size_t size)
 {
     void *p;
     if (injected_failure())
         return NULL;
-    p = malloc(size);
+#if AGG_HUGE
+    if (size > POOL_CHUNK_MAX_BYTES / 2 && size <= SIZE_MAX - POOL_CHUNK_MAX_BYTES)
+        size = (size + POOL_CHUNK_MAX_BYTES - 1) / POOL_CHUNK_MAX_BYTES * POOL_CHUNK_MAX_BYTES;
+#endif
+    p = chunk_alloc(size);
     if (p)
         atomic_add_relaxed(&g_alloc_count, 1);
     return p;
@@ -84,7 +129,48 @@ AGG_INTERN void *raw_alloc(size_t size)
 #define POOL_UNPOISON(p, n) ((void)(p), (void)(n))
 #endif
 #define POOL_HEADER 64                    /* room for the pool_chunk header (blocks stay 16-byte aligned) */
-#define POOL_CHUNK_MAX ((size_t)1 << 21)  /* a chunk grows to at most ~2 MB of blocks */
+#define POOL_CHUNK_MAX POOL_CHUNK_MAX_BYTES  /* a grown chunk: 2 MiB, header included */
+
+/* A chunk of `bytes` bytes.  A multiple of 2 MiB is taken 2 MiB-aligned
+ * and, where the kernel offers transparent huge pages on request
+ * (MADV_HUGEPAGE), marked for them: one page fault then maps (and the
+ * kernel zeroes) 2 MiB at once instead of 512 faults of 4 KiB.  Silently
+ * plain pages if the advice is refused; plain malloc for smaller chunks
+ * and where there is no MADV_HUGEPAGE. */
+static void *chunk_alloc(size_t bytes)
+{
+#if AGG_HUGE
+    if (bytes % POOL_CHUNK_MAX == 0) {
+        void *p = aligned_alloc(POOL_CHUNK_MAX, bytes);
+        if (p)
+            (void)madvise(p, bytes, MADV_HUGEPAGE);
+        return p;
+    }
+#endif
+    return malloc(bytes);
+}
+
+/* Start a new chunk in pl holding n blocks of `size` bytes (n >= 1). 0 on
+ * failure (pl unchanged). */
+static int pool_grow(node_pool *pl, size_t size, size_t n)
+{
+    size_t bytes = POOL_HEADER + n * size;
+    pool_chunk *c;
+    if (AGG_HUGE && 2 * bytes > POOL_CHUNK_MAX) {  /* over 1 MiB: whole 2 MiB pages of blocks */
+        bytes = (bytes + POOL_CHUNK_MAX - 1) / POOL_CHUNK_MAX * POOL_CHUNK_MAX;
+        n = (bytes - POOL_HEADER) / size;
+    }
+    c = (pool_chunk *)chunk_alloc(bytes);
+    if (!c)
+        return 0;
+    c->next = pl->chunks;
+    c->bytes = bytes;
+    pl->chunks = c;
+    pl->bump = (char *)c + POOL_HEADER;
+    pl->end = pl->bump + n * size;
+    POOL_POISON(pl->bump, n * size);
+    return 1;
+}
 
 /* The pool of t's blocks of `size` bytes, or NULL (tails of other sizes). */
 AGG_INLINE node_pool *pool_of(agg_tree *t, size_t size)
@@ -108,16 +194,10 @@ static void *pool_alloc(node_pool *pl, size_t size)
     } else {
         if (pl->bump == pl->end) {
             size_t n = pl->blocks ? pl->blocks : 1;
-            pool_chunk *c = (pool_chunk *)malloc(POOL_HEADER + n * size);
-            if (!c)
+            if (!pool_grow(pl, size, n))
                 return NULL;
-            c->next = pl->chunks;
-            c->bytes = POOL_HEADER + n * size;
-            pl->chunks = c;
-            pl->bump = (char *)c + POOL_HEADER;
-            pl->end = pl->bump + n * size;
-            POOL_POISON(pl->bump, n * size);
-            pl->blocks = 2 * n * size <= POOL_CHUNK_MAX ? 2 * n : n;
+            n = (size_t)(pl->end - pl->bump) / size;       /* what it holds */
+            pl->blocks = (AGG_HUGE ? POOL_HEADER : 0) + 2 * n * size <= POOL_CHUNK_MAX ? 2 * n : n;
         }
         p = pl->bump;
         pl->bump += size;

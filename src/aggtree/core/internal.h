@@ -415,10 +415,18 @@ AGG_INTERN void inner_move_right(const agg_tree *t, node *p, uint32_t j, uint32_
 AGG_INTERN void inner_move_left(const agg_tree *t, node *p, uint32_t j, uint32_t k);
 AGG_INTERN void node_free_rec(agg_tree *t, node *n);
 
+/* tree.c.  BUILD_SLACK_DIV: if > 0, the bulk build leaves cap /
+ * BUILD_SLACK_DIV slots of every leaf free; 0 (the default): leaves packed
+ * full (section 9 says why). */
+#ifndef BUILD_SLACK_DIV
+#define BUILD_SLACK_DIV 0
+#endif
 /* tree.c */
 AGG_INTERN void pack_span(uint64_t e, uint64_t s, uint64_t i, int full, uint32_t cap,
                           uint64_t *base, uint32_t *size);
 AGG_INTERN void root_collapse(agg_tree *t);
+AGG_INTERN long build_slack_set(long slack);
+AGG_INTERN uint32_t build_leaf_fill(uint32_t cap);
 AGG_INTERN agg_key node_min_key(const agg_tree *t, node *n);
 AGG_INTERN void node_repair(agg_tree *t, node *p, uint32_t i);
 

@@ -81,6 +81,9 @@ long agg_test_control(int op, ...)
         r = 0;
         break;
     }
+    case AGG_TEST_BUILD_SLACK:
+        r = build_slack_set(va_arg(ap, long));
+        break;
     default:
         break;
     }

@@ -69,7 +69,29 @@
  * leaves packed full, internal levels likewise, the last node of each
  * level (on the rightmost path, exempt from min by I4) taking the rest, at
  * least 2 (pack_span, the rule batch inserts use for the tree's last
- * nodes too).  O(n), ~25 bytes per FAST item at cap 64.
+ * nodes too).  O(n), ~25 bytes per FAST item at cap 64.  Loading a
+ * snapshot is this build, so a loaded tree has the same shape.
+ *
+ * Fill of the leaves.  A packed tree's first batch of writes overflows
+ * every leaf it touches, and that batch measured slower than the next
+ * ones (10^5 random keys into 10^6 from Python, one thread: first/later
+ * 1.2-1.4).  The overflow itself is not what costs: the batch rewrites
+ * every touched leaf either way (section 13), and with every page of the
+ * process already mapped (glibc's mmap threshold and trim threshold set
+ * out of reach, GLIBC_TUNABLES) the first batch into a packed tree cost
+ * what the later ones did, 0.97-1.05 of them in five runs.  What differed
+ * was page faults: 3,165 in the first batch against 590-950 in the
+ * later ones, for the fresh memory of its new leaves, the key sort's
+ * scratch and the batch's plan (later batches reuse freed memory).  Huge
+ * pages for node chunks and large scratch (section 10, a build switch,
+ * off) cut them to ~1,200 against ~100-400 (the rest is the Python
+ * layer's key array) and the first batch to 1.11-1.21x the later ones in
+ * CPU time (1.22-1.37x without).  Leaving cap / 8 slots free per leaf (28.8 bytes per item
+ * instead of 25.2) on top cut them only to ~1,080, and makes a load write
+ * 14% more fresh memory, which is what a load's time is mostly made of
+ * (section 10); it is kept as a switch (BUILD_SLACK_DIV;
+ * AGG_TEST_BUILD_SLACK for tests, which build both shapes), off.  Runs:
+ * bench/first_batch.py, bench/README.md.
  *
  */
 #include "internal.h"
@@ -970,6 +992,33 @@ AGG_INTERN void pack_span(uint64_t e, uint64_t s, uint64_t i, int full, uint32_t
     }
 }
 
+/* Free slots the bulk build leaves in each leaf (section 9): < 0 the
+ * default rule (build_leaf_fill), else that many (AGG_TEST_BUILD_SLACK,
+ * so that tests can still build packed-full trees). */
+static AGG_ATOMIC(long) g_build_slack = -1;
+
+/* AGG_TEST_BUILD_SLACK (aggtree_test.h): sets the slack, returns the old one. */
+AGG_INTERN long build_slack_set(long slack)
+{
+    long old = atomic_load_relaxed(&g_build_slack);
+    atomic_store_relaxed(&g_build_slack, slack < 0 ? -1 : slack);
+    return old;
+}
+
+/* Items the bulk build puts in each leaf of a tree of capacity cap: cap
+ * less the slack (AGG_TEST_BUILD_SLACK, else cap / BUILD_SLACK_DIV, else
+ * none: section 9), at least min + 1 (the one before the last leaf may
+ * hold one less: pack_span). */
+AGG_INTERN uint32_t build_leaf_fill(uint32_t cap)
+{
+    long slack = atomic_load_relaxed(&g_build_slack);
+    uint32_t f;
+    if (slack < 0)
+        slack = BUILD_SLACK_DIV > 0 ? cap / (BUILD_SLACK_DIV > 0 ? BUILD_SLACK_DIV : 1) : 0;
+    f = (uint64_t)slack >= cap ? 0 : cap - (uint32_t)slack;
+    return f < cap / 2 + 1 ? cap / 2 + 1 : f;
+}
+
 /* Smallest key of subtree n. */
 AGG_INTERN agg_key node_min_key(const agg_tree *t, node *n)
 {
@@ -1008,7 +1057,7 @@ agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
 {
     uint64_t sizes[MAX_DEPTH], i, at;
     node *heads[MAX_DEPTH] = {NULL};
-    uint32_t levels = 0, l, cap = t->cap;
+    uint32_t levels = 0, l, cap = t->cap, lf = build_leaf_fill(cap);
     node *prev, *x;
 
     if (t->root)
@@ -1025,7 +1074,7 @@ agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
         }
     }
     /* 2. level sizes */
-    sizes[0] = (n + cap - 1) / cap;
+    sizes[0] = (n + lf - 1) / lf;
     levels = 1;
     while (sizes[levels - 1] > 1) {
         sizes[levels] = (sizes[levels - 1] + cap - 1) / cap;
@@ -1058,7 +1107,7 @@ agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
     for (x = heads[0]; x; x = x->next, i++) {
         uint64_t base;
         uint32_t k, sz;
-        pack_span(n, sizes[0], i, 1, cap, &base, &sz);
+        pack_span(n, sizes[0], i, 1, lf, &base, &sz);
         agg_key *nk = node_keys(x);
         double *nv = leaf_vals(t, x);
         for (k = 0; k < sz; k++, at++) {
