@@ -221,9 +221,7 @@ it has applied (:attr:`ChangeFeed.wake_reason`).
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
-import struct
 import threading
 import time
 import uuid
@@ -281,13 +279,11 @@ ZERO_CHAIN = bytes(32)
 # pg_advisory_xact_lock key that serialises schema creation ("aggtree" in ASCII).
 _SCHEMA_LOCK = 0x61676774726565
 
-# Aggregates and op codes, as in aggtree.events: an op is (aggregate, code,
-# namespace, old_key, new_key, id); REMOVE deletes (old_key, id) if present,
-# ADD upserts (new_key, id), MOVE does both.  The follows aggregate's key is
-# None, stored as 0.
-BY_CREATION, BY_START, FOLLOWS, FOLLOWED_BY_START = range(4)
-REMOVE, ADD, MOVE = 1, 2, 3
-OP_WIDTH = 6
+# Aggregates and op codes: the event store's own (schema.py, oplog.py).
+from .oplog import ADD, MOVE, OP_WIDTH, REMOVE  # noqa: E402,F401
+from .oplog import decode as decode_ops  # noqa: E402
+from .oplog import encode as encode_ops  # noqa: E402
+from .schema import BY_CREATION, BY_START, FOLLOWED_BY_START, FOLLOWS  # noqa: E402,F401
 
 
 class ReloadNeeded(Exception):
@@ -339,21 +335,6 @@ def _one(cur: Any) -> tuple:
     if row is None:  # pragma: no cover - the schema guarantees a row
         raise RuntimeError("expected a row: is the aggtree schema complete?")
     return tuple(row)
-
-
-# ---------------------------------------------------------------------------
-# Op encoding (the same bytes as aggtree.events' change log)
-# ---------------------------------------------------------------------------
-
-
-def encode_ops(ops: Sequence) -> bytes:
-    """Ops as little-endian int64s, ``OP_WIDTH`` per op."""
-    return struct.pack(f"<{OP_WIDTH * len(ops)}q", *itertools.chain.from_iterable(ops))
-
-
-def decode_ops(blob: bytes) -> list:
-    flat = struct.unpack(f"<{len(blob) // 8}q", blob)
-    return [flat[i : i + OP_WIDTH] for i in range(0, len(flat), OP_WIDTH)]
 
 
 # ---------------------------------------------------------------------------
