@@ -10,6 +10,7 @@ short str keys), with two pythons whose environments hold the two builds:
     python bench/ab_headline.py --rounds 4 \\
         --python-a /work/venv/ab-base/bin/python --python-b /work/venv/ab/bin/python
     python bench/ab_headline.py --rounds 6 --ops insert,delete ...   # some rows only
+    AGGTREE_THREADS=1 python bench/ab_headline.py --clock cpu ...    # CPU time, one thread
     python bench/ab_headline.py --child                               # one side, JSON out
 
 The driver runs the two pythons alternately, A B A B ..., each side in a fresh
@@ -17,6 +18,9 @@ subprocess (``--child``) that builds the same data from fixed seeds, times
 every operation and prints one JSON line.  Within a child each operation is
 timed timeit-style: GC disabled, ``time.perf_counter``, the fastest of several
 repeats (other jobs on a shared machine inflate a repeat, never deflate one).
+A bulk call (10-50 ms) outlasts a scheduler time slice on a loaded machine,
+so its wall time includes waits whatever the repeats; ``--clock cpu`` with
+AGGTREE_THREADS=1 times the CPU the one thread used instead.
 The driver prints, per operation, the minimum and the median over the rounds
 of each side, the ratios B/A of both, and each side's spread (max/min - 1
 over its rounds), and checks that both sides returned the same results.
@@ -62,18 +66,22 @@ OP_NAMES = [o[0] for o in OPS]
 # ---------------------------------------------------------------------------
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time
+
+
 def _best(fn, repeats, setup=None, teardown=None):
     """Fastest of ``repeats`` timed calls of ``fn(*setup(r))`` with GC off;
     returns (seconds, result of the last call)."""
+    clock = CLOCK
     best, out = float("inf"), None
     gc.collect()
     gc.disable()
     try:
         for r in range(repeats):
             args = setup(r) if setup else ()
-            t0 = time.perf_counter()
+            t0 = clock()
             out = fn(*args)
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             if teardown:
                 teardown(*args)
             best = min(best, dt)
@@ -246,9 +254,9 @@ def _loadavg():
         return float("nan")
 
 
-def run_side(python, ops, scale):
+def run_side(python, ops, scale, clock):
     cmd = [python, os.path.abspath(__file__), "--child", "--ops", ",".join(ops),
-           "--scale", str(scale)]
+           "--scale", str(scale), "--clock", clock]
     # run from / so that neither side can import aggtree from a source tree
     out = subprocess.run(cmd, capture_output=True, text=True, cwd="/", check=False)
     if out.returncode != 0:
@@ -269,7 +277,7 @@ def driver(args, ops):
     for r in range(args.rounds):
         for side in ("A", "B"):
             t0 = time.time()
-            got = run_side(sides[side], ops, args.scale)
+            got = run_side(sides[side], ops, args.scale, args.clock)
             loads.append(_loadavg())
             runs[side].append(got)
             print(f"round {r + 1}/{args.rounds} {side} ({time.time() - t0:.0f} s, "
@@ -284,7 +292,8 @@ def driver(args, ops):
     print(f"rounds: {args.rounds} each, alternating A B; {time.time() - t_start:.0f} s; "
           f"load average (1 min) {min(loads):.2f}..{max(loads):.2f}, "
           f"median {statistics.median(loads):.2f}; "
-          f"AGGTREE_THREADS={os.environ.get('AGGTREE_THREADS', '(unset)')}")
+          f"AGGTREE_THREADS={os.environ.get('AGGTREE_THREADS', '(unset)')}; "
+          f"clock {args.clock}; scale {args.scale}")
     print("times: ns per unit, each round's fastest repeat; min / median over the rounds; "
           "spread = max/min - 1 over one side's rounds\n")
     print("| row | unit | A min / median | B min / median | B/A min | B/A median "
@@ -316,6 +325,10 @@ def main():
                    help=f"comma-separated rows (default all: {','.join(OP_NAMES)})")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply the repeats per operation (default 1)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: time.perf_counter (default); cpu: time.process_time, the "
+                        "CPU time of all the process's threads (with AGGTREE_THREADS=1, "
+                        "the time the one thread ran: preemption by other jobs left out)")
     p.add_argument("--json", help="also write the raw figures to this file")
     args = p.parse_args()
     ops = [o for o in args.ops.split(",") if o]
@@ -323,6 +336,8 @@ def main():
     if bad:
         p.error(f"unknown rows {bad}; known: {OP_NAMES}")
     if args.child:
+        global CLOCK
+        CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
         print(json.dumps(child(set(ops), args.scale)))
     else:
         if args.rounds < 1:
