@@ -22,8 +22,10 @@ A bulk call (10-50 ms) outlasts a scheduler time slice on a loaded machine,
 so its wall time includes waits whatever the repeats; ``--clock cpu`` with
 AGGTREE_THREADS=1 times the CPU the one thread used instead.
 The driver prints, per operation, the minimum and the median over the rounds
-of each side, the ratios B/A of both, and each side's spread (max/min - 1
-over its rounds), and checks that both sides returned the same results.
+of each side, the ratios B/A of both, the median of the per-round ratios
+(A and B of a round ran back to back, under much the same load), and each
+side's spread (max/min - 1 over its rounds); it checks that both sides
+returned the same results.
 AGGTREE_THREADS is passed through unchanged.
 """
 
@@ -287,32 +289,41 @@ def driver(args, ops):
             if got["check"] != runs["A"][0]["check"]:
                 sys.exit(f"results differ: {side} {got['check']} vs A {runs['A'][0]['check']}")
 
+    meta = {"python_a": args.python_a, "python_b": args.python_b, "rounds": args.rounds,
+            "seconds": round(time.time() - t_start), "loads": loads,
+            "threads": os.environ.get("AGGTREE_THREADS", "(unset)"), "clock": args.clock,
+            "scale": args.scale,
+            "rows": {op: {"A": [g["times"][op] for g in runs["A"]],
+                          "B": [g["times"][op] for g in runs["B"]]} for op in ops}}
+    print_table(meta)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(meta, fh, indent=1)
+
+
+def print_table(meta):
+    """The table of one driver run (also from its --json file: --from-json)."""
     units = {o[0]: o[1] for o in OPS}
-    print(f"\nA: {args.python_a}\nB: {args.python_b}")
-    print(f"rounds: {args.rounds} each, alternating A B; {time.time() - t_start:.0f} s; "
+    loads = meta["loads"]
+    print(f"\nA: {meta['python_a']}\nB: {meta['python_b']}")
+    print(f"rounds: {meta['rounds']} each, alternating A B; {meta['seconds']} s; "
           f"load average (1 min) {min(loads):.2f}..{max(loads):.2f}, "
-          f"median {statistics.median(loads):.2f}; "
-          f"AGGTREE_THREADS={os.environ.get('AGGTREE_THREADS', '(unset)')}; "
-          f"clock {args.clock}; scale {args.scale}")
+          f"median {statistics.median(loads):.2f}; AGGTREE_THREADS={meta['threads']}; "
+          f"clock {meta['clock']}; scale {meta['scale']}")
     print("times: ns per unit, each round's fastest repeat; min / median over the rounds; "
+          "paired = median over the rounds of B/A within a round (A and B ran back to back); "
           "spread = max/min - 1 over one side's rounds\n")
     print("| row | unit | A min / median | B min / median | B/A min | B/A median "
-          "| spread A / B |")
-    print("|---|---|---|---|---|---|---|")
-    table = {}
-    for op in ops:
-        a = [g["times"][op] for g in runs["A"]]
-        b = [g["times"][op] for g in runs["B"]]
+          "| B/A paired | spread A / B |")
+    print("|---|---|---|---|---|---|---|---|")
+    for op, r in meta["rows"].items():
+        a, b = r["A"], r["B"]
         ra, rm = min(b) / min(a), statistics.median(b) / statistics.median(a)
-        table[op] = {"A": a, "B": b, "ratio_min": ra, "ratio_median": rm}
+        rp = statistics.median(y / x for x, y in zip(a, b))
         u = units[op]
         print(f"| {op} | ns/{u} | {fmt(min(a), u)} / {fmt(statistics.median(a), u)} "
               f"| {fmt(min(b), u)} / {fmt(statistics.median(b), u)} | {ra:.3f} | {rm:.3f} "
-              f"| {max(a) / min(a) - 1:.0%} / {max(b) / min(b) - 1:.0%} |")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"python_a": args.python_a, "python_b": args.python_b,
-                       "rounds": args.rounds, "loads": loads, "rows": table}, fh, indent=1)
+              f"| {rp:.3f} | {max(a) / min(a) - 1:.0%} / {max(b) / min(b) - 1:.0%} |")
 
 
 def main():
@@ -330,12 +341,16 @@ def main():
                         "CPU time of all the process's threads (with AGGTREE_THREADS=1, "
                         "the time the one thread ran: preemption by other jobs left out)")
     p.add_argument("--json", help="also write the raw figures to this file")
+    p.add_argument("--from-json", help="print the table of an earlier run's --json file")
     args = p.parse_args()
     ops = [o for o in args.ops.split(",") if o]
     bad = [o for o in ops if o not in OP_NAMES]
     if bad:
         p.error(f"unknown rows {bad}; known: {OP_NAMES}")
-    if args.child:
+    if args.from_json:
+        with open(args.from_json) as fh:
+            print_table(json.load(fh))
+    elif args.child:
         global CLOCK
         CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
         print(json.dumps(child(set(ops), args.scale)))
