@@ -100,8 +100,12 @@ def raw_append(conn, blob, after=None, commit=True):
 
 
 def run_py(code, *args, **kw):
+    # the children import the aggtree this process imported (the source tree
+    # with an editable install, else wherever it is installed)
+    import aggtree
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.path.join(ROOT, "python") + os.pathsep + env.get("PYTHONPATH", "")
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(aggtree.__file__)))
+    env["PYTHONPATH"] = pkg_parent + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
@@ -800,13 +804,13 @@ def test_write_helpers_report_bad_input_without_aborting(race):
 
 
 def test_op_layout_matches_the_event_store():
-    from aggtree import events
+    from aggtree.events import oplog, schema
     assert (ps.BY_CREATION, ps.BY_START, ps.FOLLOWS, ps.FOLLOWED_BY_START) == (
-        events.BY_CREATION, events.BY_START, events.FOLLOWS, events.FOLLOWED_BY_START)
+        schema.BY_CREATION, schema.BY_START, schema.FOLLOWS, schema.FOLLOWED_BY_START)
     assert (ps.REMOVE, ps.ADD, ps.MOVE, ps.OP_WIDTH) == (
-        events._REMOVE, events._ADD, events._MOVE, events._OP_WIDTH)
+        oplog.REMOVE, oplog.ADD, oplog.MOVE, oplog.OP_WIDTH)
     ops = [(1, 3, 7, -5, 2**40, 9), (0, 2, 1, 0, 3, 4)]
-    assert ps.encode_ops(ops) == events._encode(ops)
+    assert ps.encode_ops(ops) == oplog.encode(ops)
     assert ps.decode_ops(ps.encode_ops(ops)) == [tuple(o) for o in ops]
 
 
