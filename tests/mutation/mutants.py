@@ -206,8 +206,9 @@ MUTANTS = [
     {
         "id": "M25",
         "section": "threads",
-        "bug": "run_parts (core/threads.c), the two-thread runner of the batch insert check: the helper "
-               "thread's result (a duplicate it found) is dropped",
+        "bug": "run_parts (core/threads.c), the two-thread runner of the batch insert check (and, since "
+               "the split, of the batch delete check): the helper thread's result (a duplicate / a missing "
+               "key it found) is dropped",
         "find": "return r0 < r.helper_res ? r0 : r.helper_res;",
         "replace": "return r0;",
     },
