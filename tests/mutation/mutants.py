@@ -2,7 +2,7 @@
 
 Each mutant is a dict:
   id          short name (M01, ...), used by --only
-  section     the section of the core's design essay (aggtree.c, top) it hits
+  section     the section of the core's design essay (the essays atop core/*.c) it hits
   bug         one line: what the planted bug does
   find        exact text that must occur exactly once across src/aggtree/**/*.c and
               *.h (a logic line, not a comment or a function name, so that it
@@ -143,9 +143,10 @@ MUTANTS = [
     {
         "id": "M17",
         "section": "9 bulk build",
-        "bug": "pack_size: the last two nodes of a level share the remainder as share/2 + share/2 (one lost when odd)",
-        "find": "return i + 2 == nodes ? (uint32_t)(share - share / 2) : (uint32_t)(share / 2);",
-        "replace": "return (uint32_t)(share / 2);",
+        "bug": "pack_span (core/tree.c): when one entry is left for the last node of a full-packed level, "
+               "the last two nodes become [.., cap - 1, 1] instead of [.., cap - 1, 2] (one entry lost)",
+        "find": "*base = i * cap - 1;\n                *size = 2;",
+        "replace": "*base = i * cap - 1;\n                *size = 1;",
     },
     # ---- 10. allocation ------------------------------------------------------
     {
@@ -205,8 +206,10 @@ MUTANTS = [
     {
         "id": "M25",
         "section": "threads",
-        "bug": "two-thread batch insert check: the helper thread's duplicate report is dropped",
-        "find": "return r0 < job.res ? r0 : job.res;",
+        "bug": "run_parts (core/threads.c), the two-thread runner of the batch insert check (and, since "
+               "the split, of the batch delete check): the helper thread's result (a duplicate / a missing "
+               "key it found) is dropped",
+        "find": "return r0 < r.helper_res ? r0 : r.helper_res;",
         "replace": "return r0;",
     },
     {
