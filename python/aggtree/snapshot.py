@@ -87,7 +87,7 @@ def _pad8(n: int) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Order-preserving images (agg_f64_to_key / agg_i64_to_key of aggtree.c)
+# Order-preserving images (agg_f64_to_key / agg_i64_to_key of the C core, core/keys.c)
 # ---------------------------------------------------------------------------
 
 

@@ -591,7 +591,7 @@ cdef class Aggregate:
         return n
 
     def check(self):
-        """Verify every invariant of every tree (see aggtree.c); raises
+        """Verify every invariant of every tree (core/check.c, invariants in core/internal.h); raises
         AssertionError describing the first broken one.  O(total items)."""
         cdef char msg[512]
         cdef _Tree tree

@@ -2,7 +2,7 @@
 """aggtree._core: the native Aggregate, Cython glue over the C core.
 
 Reading order: README -> python/aggtree/__init__.py (public names) -> this
-file (the map below) -> aggtree.h / aggtree.c (the counted B+tree).
+file (the map below) -> aggtree.h / core/*.c (the counted B+tree; start at core/internal.h).
 
 Where things are
 ----------------

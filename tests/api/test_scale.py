@@ -11,11 +11,11 @@ duplicate runs, and outside the key range).  Every read is compared EXACTLY
 with a model: the items' (key, id, value) arrays sorted by (key, id), ranks
 by ``np.searchsorted``.  The checks run on the fresh aggregate, again after
 ``insert_many`` / ``delete_many`` batches of more than 16,384 items (the
-two-thread paths of ``aggtree.c`` section 13) and after a few thousand
+two-thread paths of section 13, ``core/batch_insert.c`` and ``core/batch_delete.c``) and after a few thousand
 single writes (insert, delete, replace, upsert).
 
 Sums are compared exactly too.  The core sums in double-double and rounds
-once (``aggtree.c`` section 8): exact whenever the exact sum of every
+once (section 8, ``core/internal.h``): exact whenever the exact sum of every
 subtree fits in 106 bits.  The values here are integers times 2**-40 of up
 to 53 bits (magnitude below 2**12), so every subtree sum spans at most ~71
 bits and the API's sum must be the correctly rounded exact sum, which is

@@ -139,7 +139,7 @@ def test_empty_aggregate():
 
 def test_fast_layout_is_the_agg_key_array():
     """A float namespace is stored as (head, rest) uint64 pairs, then the
-    float64 values: the order-preserving images of aggtree.c."""
+    float64 values: the order-preserving images of the C core (core/keys.c)."""
     keys = np.array([-2.5, 0.0, 1.0, 1.0, math.inf])
     ids = np.array([3, -1, 1, 2, 0])
     vals = np.array([1.0, 2.0, -0.0, 4.0, 5.0])

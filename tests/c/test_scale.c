@@ -10,12 +10,12 @@
  * the two keys), agg_tree_rank_many, agg_tree_select, agg_tree_sum over
  * random ranges and agg_tree_read (both directions).  Then again after a
  * batch agg_tree_insert_sorted and a batch agg_tree_delete_sorted of 20,000
- * keys each (>= 16,384: the two-thread paths of section 13 of aggtree.c)
+ * keys each (>= 16,384: the two-thread paths of section 13, core/batch_*.c)
  * and after a few thousand single inserts and deletes.
  *
  * Sums are exact: values are integers below 2^52 times 2^-40, so every
  * subtree's exact sum fits the core's double-double and agg_tree_sum must
- * return the correctly rounded exact sum (aggtree.c section 8), computed
+ * return the correctly rounded exact sum (section 8, core/internal.h), computed
  * here from 128-bit integer prefix sums (and cross-checked against the
  * Shewchuk sum of test_util.h on a few ranges).
  *
