@@ -54,17 +54,9 @@ from psycopg import errors as pgerrors
 
 from . import pglog
 from .backend import Backend, Transaction
-from .schema import Dialect
+from .schema import Dialect, is_postgres_target  # noqa: F401  (re-exported)
 
 __all__ = ["PostgresBackend", "PostgresDialect", "is_postgres_target"]
-
-
-def is_postgres_target(target: Any) -> bool:
-    """Whether ``EventStore.open`` should open ``target`` on PostgreSQL: a
-    ``postgresql://`` / ``postgres://`` URI or a psycopg connection."""
-    if isinstance(target, str):
-        return target.startswith(("postgresql://", "postgres://"))
-    return type(target).__module__.startswith("psycopg")
 
 
 def _redact(conninfo: str) -> str:

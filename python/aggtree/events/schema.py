@@ -199,6 +199,15 @@ class Dialect:
 # ---------------------------------------------------------------------------
 
 
+def is_postgres_target(target: Any) -> bool:
+    """Whether ``EventStore.open`` (and ``generate_dataset``) should take
+    ``target`` as PostgreSQL: a ``postgresql://`` / ``postgres://`` URI or a
+    psycopg connection (told without importing psycopg)."""
+    if isinstance(target, str):
+        return target.startswith(("postgresql://", "postgres://"))
+    return type(target).__module__.startswith("psycopg")
+
+
 def to_ms(dt: datetime, what: str = "time") -> int:
     """Milliseconds since the Unix epoch (UTC) of an aware datetime, rounded
     down.  ``TypeError`` for a non-datetime, ``ValueError`` for a naive one."""

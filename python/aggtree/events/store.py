@@ -48,6 +48,7 @@ from .schema import (
     _UNSET,
     check_id,
     check_text,
+    is_postgres_target,
     to_ms,
     utcnow,
 )
@@ -60,13 +61,6 @@ from .warm import WarmMixin, default_path
 __all__ = ["EventStore"]
 
 log = logging.getLogger("aggtree.events")
-
-
-def _is_postgres(target: Any) -> bool:
-    """A ``postgresql://`` URI or a psycopg connection (no psycopg import)."""
-    if isinstance(target, str):
-        return target.startswith(("postgresql://", "postgres://"))
-    return type(target).__module__.startswith("psycopg")
 
 
 def _doc_id(doc: Any) -> Any:
@@ -231,7 +225,7 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
         reconnecting to a lost server before it raises; ``synchronous`` is
         SQLite's and ignored.  See :mod:`aggtree.events.postgres`.
         """
-        pg = _is_postgres(path)
+        pg = is_postgres_target(path)
         if not pg and not isinstance(path, str):
             path = os.fspath(path)
         if isinstance(node_size, bool) or not isinstance(node_size, int):

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from .schema import to_ms, utcnow
+from .schema import is_postgres_target, to_ms, utcnow
 from .sqlite import SQLiteBackend
 
 __all__ = ["DatasetInfo", "generate_dataset"]
@@ -116,7 +116,7 @@ def generate_dataset(
     f_users, f_events = f_users[keep], f_events[keep]  # sorted by (user, event)
     f_created = np.maximum(created[f_events - 1], now_ms - 365 * day) + rng.integers(0, 7 * day, size=len(f_users))
 
-    if _is_postgres(path):
+    if is_postgres_target(path):
         _write_postgres(path, names, user_created, owners, starts, ends, created,
                         f_users, f_events, f_created)
         return DatasetInfo(users, events, len(f_users), names[:n_heavy], time.perf_counter() - started)
@@ -154,12 +154,6 @@ def generate_dataset(
     finally:
         backend.close()
     return DatasetInfo(users, events, len(f_users), names[:n_heavy], time.perf_counter() - started)
-
-
-def _is_postgres(path: Any) -> bool:
-    if isinstance(path, str):
-        return path.startswith(("postgresql://", "postgres://"))
-    return type(path).__module__.startswith("psycopg")
 
 
 def _write_postgres(target: Any, names: list, user_created: int, owners: np.ndarray,
