@@ -30,18 +30,12 @@ from aggtree._core import Aggregate as Native
 from aggtree._core import _tree_info
 from aggtree.reference import Aggregate as Ref
 
+from conftest import _typed  # noqa: E402  (a value with its type made visible)
+
 IMPLS = [pytest.param(Native, id="native"), pytest.param(Ref, id="reference")]
 
 
 # ---------------------------------------------------------------- helpers --
-
-
-def _typed(v):
-    if isinstance(v, tuple):
-        return ("tuple", tuple(_typed(e) for e in v))
-    if isinstance(v, float):
-        return ("float", v.hex())
-    return (type(v).__name__, v)
 
 
 def content(agg):
