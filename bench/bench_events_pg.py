@@ -154,19 +154,21 @@ def bench_writes(uri: str, args, out: dict) -> None:
     def make_events(k: int) -> list:
         return [store.create_event(owner, name="b", start=NOW, created_at=NOW) for _ in range(k)]
 
+    def params(what: str, eid: int, i: int) -> tuple:
+        """The parameters of one of PLAIN's statements, for event eid, round i."""
+        if what == "event":
+            return (owner, "b", start_ms, None, start_ms, None, None)
+        if what == "id":
+            return (eid,)
+        if what == "update":
+            return ("b", start_ms + 1000 * (i + 1), None, None, None, eid)
+        if what == "follow":
+            return (eid, start_ms, fan)
+        return (fan, eid)
+
     def plain_write(kind: str, eid: int, i: int) -> None:
         for sql, what in PLAIN[kind]:
-            if what == "event":
-                params = (owner, "b", start_ms, None, start_ms, None, None)
-            elif what == "id":
-                params = (eid,)
-            elif what == "update":
-                params = ("b", start_ms + 1000 * (i + 1), None, None, None, eid)
-            elif what == "follow":
-                params = (eid, start_ms, fan)
-            else:
-                params = (fan, eid)
-            plain.execute(sql, params)
+            plain.execute(sql, params(what, eid, i))
         plain.commit()
 
     def plain_log_write(kind: str, eid: int, i: int) -> None:
@@ -175,17 +177,7 @@ def bench_writes(uri: str, args, out: dict) -> None:
         # the instances that replay it) with COMMIT in one round trip.
         logged.execute(pglog.BEGIN_WRITE_SQL)
         for sql, what in PLAIN[kind]:
-            if what == "event":
-                params = (owner, "b", start_ms, None, start_ms, None, None)
-            elif what == "id":
-                params = (eid,)
-            elif what == "update":
-                params = ("b", start_ms + 1000 * (i + 1), None, None, None, eid)
-            elif what == "follow":
-                params = (eid, start_ms, fan)
-            else:
-                params = (fan, eid)
-            logged.execute(sql, params)
+            logged.execute(sql, params(what, eid, i))
         pglog.append_commit_simple(logged, b"", uuid.uuid4(), 2**62)
 
     def store_write(kind: str, eid: int, i: int) -> None:
