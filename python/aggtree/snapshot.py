@@ -943,19 +943,22 @@ def read_path(path) -> np.ndarray:
 
 
 def map_path(path):
-    """The file at ``path`` mapped read-only (its pages populated up front),
-    or None when it cannot be mapped (empty, not a regular file, no mmap):
-    loading from the page cache without copying the bytes first.  A mapped
-    file that another program truncates while it is read raises SIGBUS;
-    aggtree never truncates a snapshot (save renames a new file over it)."""
-    if not hasattr(mmap, "MAP_POPULATE"):
+    """The file at ``path`` mapped read-only, or None when it cannot be
+    mapped (empty, not a regular file, no mmap): loading from the page cache
+    without copying the bytes first.  Not populated up front (MAP_POPULATE
+    maps every page on the calling thread; mapped lazily, the checksum's two
+    threads fault them in, which measured faster: bench/README.md).  A
+    mapped file that another program truncates while it is read raises
+    SIGBUS; aggtree never truncates a snapshot (save renames a new file
+    over it)."""
+    if not hasattr(mmap, "MAP_PRIVATE"):
         return None
     with open(path, "rb", buffering=0) as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
             return None
         try:
-            return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE,
+            return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
                              prot=mmap.PROT_READ)
         except (OSError, ValueError):
             return None

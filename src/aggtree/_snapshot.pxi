@@ -14,14 +14,14 @@
 #   save, general trees  the stored bytes of each key (head + tail) copied
 #                        out; only the first item is decoded (to learn the
 #                        namespace's kind, which depends on its contents);
-#   load, numeric kinds  one validating loop over the key images and values,
-#                        then agg_tree_build on pointers into the read buffer.
+#   load, numeric kinds  one validating loop over the key images and values
+#                        (snapshot.c, two threads for large sections), then
+#                        agg_tree_build on pointers into the read buffer.
 # A general namespace is decoded item by item on load (each encoding must be
 # canonical: decoded and encoded again to the same bytes), then built from
 # the stored bytes.
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from libc.math cimport fabs
 from libc.stdint cimport uintptr_t
 
 import sys as _sys
@@ -33,6 +33,15 @@ from aggtree._types import SnapshotError
 cdef extern from "snapshot.h" nogil:
     uint32_t agg_snapshot_crc32(uint32_t crc, const uint8_t *p, size_t n)
     int agg_snapshot_crc32_fast()
+    void agg_snapshot_advise_huge(void *p, size_t n)
+    int64_t agg_snapshot_check_items(const uint64_t *keys, const double *vals, uint64_t n,
+                                     int kind, int *what)
+    enum:
+        AGG_SNAP_KIND_FLOAT, AGG_SNAP_KIND_INT, AGG_SNAP_KIND_NONE
+
+# (the kinds snapshot.c checks are the trees' kinds, _scalars.pxi)
+if (AGG_SNAP_KIND_FLOAT, AGG_SNAP_KIND_INT, AGG_SNAP_KIND_NONE) != (K_FLOAT, K_INT, K_NONE):
+    raise ImportError("snapshot.h and _scalars.pxi disagree on the kind codes")
 
 cdef bint _SNAP_LE = _sys.byteorder == "little"
 cdef bint _SNAP_FAST_CRC = agg_snapshot_crc32_fast() != 0
@@ -57,10 +66,6 @@ def _snap_crc32(buf):
         return _zlib.crc32(b"")
     return _snap_crc(0, &v[0], <size_t>v.shape[0], buf)
 cdef bytes _SNAP_MAGIC = _snapmod.MAGIC
-cdef uint64_t _SNAP_ZERO_HEAD = 0x8000000000000000ULL     # agg_f64_to_key(0.0)
-cdef uint64_t _SNAP_NEGZERO_HEAD = 0x7FFFFFFFFFFFFFFFULL  # agg_f64_to_key(-0.0) unmapped
-cdef uint64_t _SNAP_POSINF_HEAD = 0xFFF0000000000000ULL   # agg_f64_to_key(inf)
-cdef uint64_t _SNAP_NEGINF_HEAD = 0x000FFFFFFFFFFFFFULL   # agg_f64_to_key(-inf)
 cdef uint32_t _SNAP_TAIL_LEN_MASK = 0x00FFFFFFu
 
 
@@ -343,6 +348,7 @@ cdef object _snap_dumps(Aggregate agg):
         total, rows = _snap_plan(agg)
         out = PyBytes_FromStringAndSize(NULL, total)
         buf = <uint8_t *>PyBytes_AS_STRING(out)
+        agg_snapshot_advise_huge(buf, <size_t>total)
         if (<uintptr_t>buf) & 7:
             # (never seen: bytes data is 16-byte aligned in CPython) the
             # keys are written as uint64s, so fill an aligned buffer instead
@@ -381,34 +387,6 @@ cdef object _snap_write(Aggregate agg, object f):
 
 # ------------------------------------------------------------------ load --
 
-cdef Py_ssize_t _snap_check_fast(const agg_key *kp, const double *vp, uint64_t n,
-                                 int kind, int *what) noexcept nogil:
-    """Index of the first item whose value is not finite (what = 1) or whose
-    key image the kind cannot hold (what = 2); -1 if none."""
-    cdef uint64_t j, h
-    cdef double d
-    for j in range(n):
-        if not isfinite(vp[j]):
-            what[0] = 1
-            return <Py_ssize_t>j
-        h = kp[j].head
-        if kind == K_NONE:
-            if h != _SNAP_ZERO_HEAD:
-                what[0] = 2
-                return <Py_ssize_t>j
-            continue
-        # images of NaNs lie below that of -inf or above that of +inf
-        if h < _SNAP_NEGINF_HEAD or h > _SNAP_POSINF_HEAD or h == _SNAP_NEGZERO_HEAD:
-            what[0] = 2
-            return <Py_ssize_t>j
-        if kind == K_INT:
-            d = agg_key_to_f64(h)
-            if not (floor(d) == d and fabs(d) <= 9007199254740992.0):
-                what[0] = 2
-                return <Py_ssize_t>j
-    return -1
-
-
 cdef int _snap_check_count(object r, uint64_t count, uint64_t per_item) except -1:
     """(snapshot.parse checks this first; again here, before any C
     arithmetic on the count can overflow)"""
@@ -444,8 +422,8 @@ def _snap_read_fast(r, int kind, uint64_t count, ns, uint32_t node_size):
     cdef agg_status st
     cdef _Tree tree
     cdef agg_tree *tp
-    with nogil:
-        j = _snap_check_fast(kp, vp, count, kind, &what)
+    with nogil:   # (snapshot.c; two threads for a large section)
+        j = <Py_ssize_t>agg_snapshot_check_items(<const uint64_t *>kp, vp, count, kind, &what)
     if j >= 0:
         if what == 1:
             raise SnapshotError(f"value {vp[j]!r} of item {j} (byte offset {vat + 8 * j}) "

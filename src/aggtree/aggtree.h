@@ -210,7 +210,10 @@ void agg_tree_clear(agg_tree *t);
  * before it holds one less).  Tails are copied.  AGG_INVALID if the tree is
  * not empty; AGG_DUPLICATE if two neighbours are equal (and *bad_index, if
  * not NULL, is the index of the second), AGG_INVALID if out of order (same
- * *bad_index); AGG_NOMEM.  On failure the tree stays empty.  O(n). */
+ * *bad_index); AGG_NOMEM (an order error is reported first, whichever
+ * was met first).  On failure the tree stays empty.  O(n); a large FAST
+ * build fills its leaves on two threads (section 9, core/tree.c;
+ * AGGTREE_THREADS=1 in the environment prevents it). */
 agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
                           const double *values, uint64_t n,
                           uint64_t *bad_index);

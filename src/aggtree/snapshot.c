@@ -12,11 +12,29 @@
  * value several times faster.  Where PCLMULQDQ is missing,
  * agg_snapshot_crc32_fast() says so and the caller uses zlib.
  *
+ * A large buffer's checksum is computed in two halves on two threads and
+ * the halves' CRCs combined (agg_snapshot_crc32_combine: a CRC is linear,
+ * so crc(A B) = crc(A) * x^(8 |B|) + crc(B) mod P).  The per-item checks of
+ * a numeric section (agg_snapshot_check_items) are split the same way.
+ * Either runs on one thread below SNAP_PAR_MIN bytes, without threads in
+ * the build, and with AGGTREE_THREADS=1 in the environment.
+ *
  * No Python, no allocation, no global state but the CPU check.
  */
+#if defined(__linux__) && !defined(_DEFAULT_SOURCE)
+#define _DEFAULT_SOURCE 1        /* madvise, MADV_HUGEPAGE */
+#endif
 #include "snapshot.h"
+#include "core/threading.h"
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
+#include <math.h>
 #include <string.h>
+
+/* Bytes from which the checksum and the item checks use a second thread. */
+#define SNAP_PAR_MIN ((size_t)4 << 20)
 
 /* Byte-at-a-time update of the raw (not inverted) reflected CRC. */
 static uint32_t crc_table[256];
@@ -128,7 +146,8 @@ int agg_snapshot_crc32_fast(void) {
 int agg_snapshot_crc32_fast(void) { return 0; }
 #endif
 
-uint32_t agg_snapshot_crc32(uint32_t crc, const uint8_t *p, size_t n) {
+/* agg_snapshot_crc32 on the calling thread. */
+static uint32_t crc32_serial(uint32_t crc, const uint8_t *p, size_t n) {
     crc = ~crc;
 #ifdef HAVE_CLMUL_PATH
     if (n >= 64 + 15 && agg_snapshot_crc32_fast()) {
@@ -143,4 +162,154 @@ uint32_t agg_snapshot_crc32(uint32_t crc, const uint8_t *p, size_t n) {
     }
 #endif
     return ~crc_bytes(crc, p, n);
+}
+
+/* ------------------------------------------------------------------ */
+/* Combining CRCs, and two threads                                    */
+/* ------------------------------------------------------------------ */
+
+/* a * b mod P, for bit-reflected polynomials of degree < 32 (bit 31 holds
+ * the coefficient of x^0, bit 0 that of x^31). */
+static uint32_t gf2_mulmod(uint32_t a, uint32_t b) {
+    uint32_t r = 0;
+    for (int i = 0; i < 32; i++) {
+        if (a & (0x80000000u >> i))                 /* a has x^i: add b * x^i */
+            r ^= b;
+        b = (b & 1) ? (b >> 1) ^ 0xEDB88320u : b >> 1;   /* b *= x, mod P */
+    }
+    return r;
+}
+
+uint32_t agg_snapshot_crc32_combine(uint32_t crc1, uint32_t crc2, uint64_t len2) {
+    uint32_t r = 0x80000000u, sq = 0x80000000u;     /* 1, then x^8 below */
+    for (int i = 0; i < 8; i++)
+        sq = gf2_mulmod(sq, 0x40000000u);           /* times x */
+    for (; len2; len2 >>= 1) {                      /* r = x^(8 len2) */
+        if (len2 & 1)
+            r = gf2_mulmod(r, sq);
+        sq = gf2_mulmod(sq, sq);
+    }
+    return gf2_mulmod(r, crc1) ^ crc2;
+}
+
+/* Run job(arg1) on a helper thread and job(arg0) on this one; 0 if the
+ * helper could not be started (nothing ran). */
+static int run_two(void *(*job)(void *), void *arg0, void *arg1) {
+#if AGG_THREADS
+    pthread_t th;
+    if (pthread_create(&th, NULL, job, arg1) != 0)
+        return 0;
+    job(arg0);
+    pthread_join(th, NULL);
+    return 1;
+#else
+    (void)job, (void)arg0, (void)arg1;
+    return 0;
+#endif
+}
+
+typedef struct crc_half {
+    const uint8_t *p;
+    size_t n;
+    uint32_t crc;                /* in: the starting value; out: the result */
+} crc_half;
+
+static void *crc_half_job(void *arg) {
+    crc_half *h = (crc_half *)arg;
+    h->crc = crc32_serial(h->crc, h->p, h->n);
+    return NULL;
+}
+
+uint32_t agg_snapshot_crc32(uint32_t crc, const uint8_t *p, size_t n) {
+    if (n >= SNAP_PAR_MIN && threads_allowed()) {
+        crc_half a = {p, n / 2, crc}, b = {p + n / 2, n - n / 2, 0};
+        (void)agg_snapshot_crc32_fast();            /* (its CPU check, before the threads) */
+        if (run_two(crc_half_job, &a, &b))
+            return agg_snapshot_crc32_combine(a.crc, b.crc, b.n);
+    }
+    return crc32_serial(crc, p, n);
+}
+
+/* Key images (heads) of the numeric kinds: zero; -0.0 unmapped; +-inf. */
+#define HEAD_ZERO 0x8000000000000000ULL
+#define HEAD_NEGZERO 0x7FFFFFFFFFFFFFFFULL
+#define HEAD_POSINF 0xFFF0000000000000ULL
+#define HEAD_NEGINF 0x000FFFFFFFFFFFFFULL
+
+/* The double whose key image is h (the core's agg_f64_to_key inverted). */
+static double head_to_f64(uint64_t h) {
+    uint64_t u = (h >> 63) ? (h ^ 0x8000000000000000ULL) : ~h;
+    double d;
+    memcpy(&d, &u, 8);
+    return d;
+}
+
+typedef struct check_part {
+    const uint64_t *keys;        /* (head, rest) pairs */
+    const double *vals;
+    uint64_t lo, hi;             /* items [lo, hi) */
+    int kind;
+    int64_t bad;                 /* out: first bad item, or -1 */
+    int what;                    /* out: 1 value, 2 key image */
+} check_part;
+
+static void *check_job(void *arg) {
+    check_part *c = (check_part *)arg;
+    c->bad = -1;
+    for (uint64_t j = c->lo; j < c->hi; j++) {
+        uint64_t h = c->keys[2 * j];
+        if (!isfinite(c->vals[j])) {
+            c->what = 1;
+            c->bad = (int64_t)j;
+            return NULL;
+        }
+        if (c->kind == AGG_SNAP_KIND_NONE) {
+            if (h != HEAD_ZERO)
+                goto bad_key;
+            continue;
+        }
+        /* images of NaNs lie below that of -inf or above that of +inf */
+        if (h < HEAD_NEGINF || h > HEAD_POSINF || h == HEAD_NEGZERO)
+            goto bad_key;
+        if (c->kind == AGG_SNAP_KIND_INT) {
+            double d = head_to_f64(h);
+            if (!(floor(d) == d && fabs(d) <= 9007199254740992.0))
+                goto bad_key;
+        }
+        continue;
+    bad_key:
+        c->what = 2;
+        c->bad = (int64_t)j;
+        return NULL;
+    }
+    return NULL;
+}
+
+int64_t agg_snapshot_check_items(const uint64_t *keys, const double *vals, uint64_t n,
+                                 int kind, int *what) {
+    check_part a = {keys, vals, 0, n, kind, -1, 0}, b = a;
+    if (n * 24 >= SNAP_PAR_MIN && threads_allowed()) {
+        a.hi = b.lo = n / 2;
+        if (run_two(check_job, &a, &b)) {
+            const check_part *first = a.bad >= 0 ? &a : &b;
+            *what = first->what;
+            return first->bad;
+        }
+        a.hi = n;                                   /* (no helper: all here) */
+    }
+    check_job(&a);
+    *what = a.what;
+    return a.bad;
+}
+
+void agg_snapshot_advise_huge(void *p, size_t n) {
+#if defined(AGG_HUGEPAGES) && AGG_HUGEPAGES && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)1 << 21;
+    uintptr_t lo = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+    uintptr_t hi = ((uintptr_t)p + n) & ~(huge - 1);
+    if (hi > lo)
+        (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
+#else
+    (void)p, (void)n;
+#endif
 }

@@ -1,6 +1,7 @@
 /*
  * snapshot.h - C helpers of aggtree snapshots (snapshot.c): the crc32 of
- * the trailer.  No Python.h.
+ * the trailer (two threads for large buffers) and the checks of numeric
+ * sections.  No Python.h.
  */
 #ifndef AGGTREE_SNAPSHOT_H
 #define AGGTREE_SNAPSHOT_H
@@ -14,12 +15,36 @@ extern "C" {
 
 /* zlib's crc32(crc, p, n): the same value as Python's zlib.crc32(data, crc),
  * folded with PCLMULQDQ where the CPU has it (else byte by byte: slow; ask
- * agg_snapshot_crc32_fast() first and use zlib then).  Thread-safe after the
- * first call of agg_snapshot_crc32_fast(). */
+ * agg_snapshot_crc32_fast() first and use zlib then); from 4 MiB in two
+ * halves on two threads.  Thread-safe after the first call of
+ * agg_snapshot_crc32_fast(). */
 uint32_t agg_snapshot_crc32(uint32_t crc, const uint8_t *p, size_t n);
 
 /* 1 when agg_snapshot_crc32 has its fast path on this CPU, else 0. */
 int agg_snapshot_crc32_fast(void);
+
+/* The crc32 of A B from crc1 = crc32(A), crc2 = crc32(B) and len2 = |B|
+ * (zlib's crc32_combine).  O(log len2). */
+uint32_t agg_snapshot_crc32_combine(uint32_t crc1, uint32_t crc2, uint64_t len2);
+
+/* Ask for transparent huge pages for the whole 2 MiB pages inside the
+ * fresh, not yet written buffer p[0:n) (dumps' output): its page faults,
+ * a large part of the cost of writing 240 MB of new memory, become 512
+ * times fewer (core/alloc.c, section 10).  A hint: nothing changes where
+ * the kernel says no; nothing in builds without AGGTREE_HUGEPAGES. */
+void agg_snapshot_advise_huge(void *p, size_t n);
+
+/* Snapshot kinds of a numeric section (docs/SNAPSHOT.md). */
+enum { AGG_SNAP_KIND_FLOAT = 0, AGG_SNAP_KIND_INT = 1, AGG_SNAP_KIND_NONE = 3 };
+
+/* The checks of a numeric section's n items, keys[2 j] the key image of
+ * item j (keys[2 j + 1] its id image, any value) and vals[j] its value:
+ * every value finite, every key image one the kind can hold (NONE: that of
+ * 0.0; FLOAT: a non-NaN double but -0.0; INT: an integral double within
+ * +-2^53).  Returns the first bad item and sets *what (1: its value,
+ * 2: its key), or -1.  Two threads for large sections. */
+int64_t agg_snapshot_check_items(const uint64_t *keys, const double *vals, uint64_t n,
+                                 int kind, int *what);
 
 #ifdef __cplusplus
 }

@@ -800,3 +800,45 @@ def test_native_crc32_is_zlibs(data, offset):
     assert _snap_crc32(memoryview(padded)[offset:]) == zlib.crc32(data)
     big = np.random.default_rng(len(data)).integers(0, 256, 100_003 + offset, dtype=np.uint8)
     assert _snap_crc32(big[offset:]) == zlib.crc32(big[offset:].tobytes())
+
+
+@pytest.mark.parametrize("threads", ["default", "1"])
+def test_native_crc32_of_large_buffers_is_zlibs(threads, monkeypatch):
+    """From 4 MiB snapshot.c computes the checksum in two halves on two
+    threads and combines them: zlib's value at every length around that
+    threshold and at odd lengths and alignments (AGGTREE_THREADS=1: one
+    thread, for the same values)."""
+    from aggtree._core import _snap_crc32
+
+    if threads == "1":
+        monkeypatch.setenv("AGGTREE_THREADS", "1")
+    big = np.random.default_rng(7).integers(0, 256, (9 << 20) + 64, dtype=np.uint8)
+    for n in ((4 << 20) - 1, 4 << 20, (4 << 20) + 1, (4 << 20) + 15, (9 << 20) + 33):
+        for off in (0, 3):
+            view = big[off:off + n]
+            assert _snap_crc32(view) == zlib.crc32(view.tobytes()), (n, off)
+
+
+@pytest.mark.parametrize("where", ["first half", "second half", "both"])
+def test_large_numeric_section_reports_its_first_bad_item(where):
+    """The checks of a numeric section over 4 MiB run on two threads
+    (snapshot.c): whichever half holds the bad items, the error names the
+    first one, and nothing is loaded."""
+    n = 300_000                                 # 7.2 MB of items
+    agg = Native.from_arrays(np.arange(n, dtype=np.float64), np.arange(n),
+                             np.ones(n))
+    data = agg.dumps()
+    at = 32 + 24 + 8                            # the keys of the one namespace
+    first = {"first half": 1_000, "second half": 200_000, "both": 100_000}[where]
+    b = bytearray(data)
+    struct.pack_into("<d", b, at + 16 * n + 8 * first, math.inf)
+    if where == "both":
+        struct.pack_into("<Q", b, at + 16 * 250_000, 123)     # a NaN image, later
+    with pytest.raises(SnapshotError, match=rf"value inf of item {first} .*not finite"):
+        Native.loads(reseal(b))
+    b = bytearray(data)
+    struct.pack_into("<Q", b, at + 16 * first, 123)
+    if where == "both":
+        struct.pack_into("<d", b, at + 16 * n + 8 * 250_000, math.nan)
+    with pytest.raises(SnapshotError, match=rf"item {first} .*cannot hold"):
+        Native.loads(reseal(b))

@@ -1012,6 +1012,68 @@ static void unit_split(long md)
     test_batch_thread_mode(0);
 }
 
+/* agg_tree_build of a large FAST input with one or two keys out of order
+ * (section 9: the fill checks order part by part, on two threads from
+ * BATCH_THREAD_MIN items): the first bad index wins, whichever part or
+ * thread met it, equal neighbours are AGG_DUPLICATE and a smaller key
+ * AGG_INVALID, and the tree is left empty with nbytes 0.  Positions are
+ * drawn anywhere, and also at the first item of a leaf (the check across
+ * leaves and across parts), at 1 and at n - 1.  Then the same keys in
+ * order build a tree that check() passes. */
+static void test_build_order(uint64_t iters)
+{
+    uint64_t it;
+    g_phase = "build order errors";
+    for (it = 0; it < iters; it++) {
+        uint64_t n = 20000 + rnd_below(30000), i, bad = 0, p1, p2;
+        uint32_t ns = rnd_chance(0.5) ? 4 : 64;
+        agg_key *k = (agg_key *)malloc(n * sizeof *k);
+        double *v = (double *)malloc(n * sizeof *v);
+        agg_tree *t;
+        agg_status st, want;
+        int dup = rnd_chance(0.5);
+        g_iter = it;
+        REQUIRE(k && v, "out of memory");
+        for (i = 0; i < n; i++) {
+            k[i].head = 1000 + 3 * i;
+            k[i].rest = rnd_below(3);
+            v[i] = (double)rnd_below(1000) / 8.0;
+        }
+        switch (it % 4) {
+        case 0: p1 = 1; break;
+        case 1: p1 = n - 1; break;
+        case 2: p1 = (1 + rnd_below((n - 1) / ns)) * ns; break;   /* a leaf's first (cap ns) */
+        default: p1 = 1 + rnd_below(n - 1); break;
+        }
+        if (p1 >= n)
+            p1 = n - 1;
+        p2 = p1 + 1 + rnd_below(n - p1);                    /* a later error, or none (n) */
+        want = dup ? AGG_DUPLICATE : AGG_INVALID;
+        k[p1] = k[p1 - 1];
+        if (!dup)
+            k[p1].head -= 1;
+        if (p2 < n)
+            k[p2].head = 0;
+        REQUIRE(agg_tree_new(&t, ns, AGG_KEYS_FAST) == AGG_OK, "new");
+        st = agg_tree_build(t, k, v, n, &bad);
+        REQUIRE(st == want && bad == p1, "build n %llu: status %d bad %llu, expected %d at %llu",
+                (unsigned long long)n, (int)st, (unsigned long long)bad, (int)want,
+                (unsigned long long)p1);
+        REQUIRE(agg_tree_len(t) == 0 && agg_tree_nbytes(t) == 0, "failed build left len %llu nbytes %zu",
+                (unsigned long long)agg_tree_len(t), agg_tree_nbytes(t));
+        for (i = 0; i < n; i++) {
+            k[i].head = 1000 + 3 * i;
+            k[i].rest = 0;
+        }
+        REQUIRE(agg_tree_build(t, k, v, n, &bad) == AGG_OK, "build after a failed one");
+        REQUIRE(agg_tree_len(t) == n, "built len");
+        check_tree(t, "build after a failed one");
+        agg_tree_free(t);
+        free(k);
+        free(v);
+    }
+}
+
 int main(int argc, char **argv)
 {
     static const uint32_t sizes[] = {4, 5, 7, 16, 64};
@@ -1028,6 +1090,12 @@ int main(int argc, char **argv)
     printf("  %-40s ok\n", "sort");
     test_build_unsorted(iters / 200 + 10);
     printf("  %-40s ok\n", "build_unsorted");
+    for (md = 0; md <= 3; md++) {         /* the automatic choice, 1, 2 threads, halves on one */
+        test_batch_thread_mode(md);
+        test_build_order(TEST_SANITIZED ? 8 : 24);
+        printf("  %-40s ok (path %ld)\n", g_phase, md);
+    }
+    test_batch_thread_mode(0);
     per = iters / 10 + 1;
     /* batch inserts on one thread, on two, and cut in two halves run on
      * one thread (AGG_TEST_BATCH_THREAD_MODE) */

@@ -233,25 +233,7 @@ static inline long agg_exchange_plain(volatile long *p, long v)
     atomic_exchange_explicit((p), (v), memory_order_relaxed)
 #endif
 
-/* A second thread for large batch inserts (section 13) and key sorts
- * (section 14).  AGG_THREADS is 0 in builds without pthreads or C11
- * atomics, or with -DAGG_NO_THREADS; at run time AGGTREE_THREADS=1 in the
- * environment keeps everything on the calling thread. */
-#if !defined(AGG_NO_THREADS) && !defined(__STDC_NO_ATOMICS__) && \
-    (defined(__unix__) || defined(__APPLE__))
-#include <pthread.h>
-#include <sched.h>
-#define AGG_THREADS 1
-#else
-#define AGG_THREADS 0
-#endif
-
-/* 0 if AGGTREE_THREADS=1 in the environment (or the build has no threads). */
-static inline int threads_allowed(void)
-{
-    const char *e = AGG_THREADS ? getenv("AGGTREE_THREADS") : NULL;
-    return AGG_THREADS && !(e && atoi(e) == 1);
-}
+#include "threading.h"     /* AGG_THREADS, threads_allowed() */
 
 #ifdef __FAST_MATH__
 #error "the aggtree core needs exact IEEE additions (TwoSum); do not build it with -ffast-math"
