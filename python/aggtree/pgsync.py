@@ -1,8 +1,9 @@
-"""The PostgreSQL change log, feed and race-free writes, under their old
-name: the code lives in :mod:`aggtree.events.pglog` (the event store's
-PostgreSQL backend, :mod:`aggtree.events.postgres`, is built on it).  This
-module re-exports it for existing imports.  Needs psycopg (the
-``aggtree[postgres]`` extra).
+"""The PostgreSQL change log and change feed, under their old name: the
+code lives in :mod:`aggtree.events.pglog` (the event store's PostgreSQL
+backend, :mod:`aggtree.events.postgres`, is built on it).  This module
+re-exports it for existing imports.  Needs psycopg (the
+``aggtree[postgres]`` extra).  Writes go through
+:class:`aggtree.events.EventStore`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,12 @@ back) while reader processes follow through ChangeFeed: every reader sees
 every committed position exactly once, densely and in order; the chain;
 a listener that was down catching up; the compaction floor; connection loss
 and a server restart; commit-outcome resolution by token; the drift marker;
-and the classic write races, interleaved deterministically with row locks.
+and the classic write races run through the event store's own write hooks
+(two EventStore instances on the test's database), interleaved
+deterministically: one store's write paused with its row locks held, the
+other's seen waiting on them.  The writes of the multi-process and loading
+tests go through EventStore too: the pglog building blocks have no write
+helpers of their own.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import NamedTuple
 
 import pytest
 
@@ -32,6 +38,8 @@ psycopg = pytest.importorskip("psycopg") if os.environ.get("AGGTREE_REQUIRE_POST
 
 from psycopg import sql as pgsql  # noqa: E402
 from aggtree import pgsync as ps  # noqa: E402  (needs psycopg)
+from aggtree.events import AGGREGATE_NAMES, EventStore  # noqa: E402
+from aggtree.events.schema import from_ms  # noqa: E402
 
 
 
@@ -70,24 +78,6 @@ def uri(testdb, request):
 
 def connect(uri):
     return psycopg.connect(uri, autocommit=True)
-
-
-def write(conn, body, after, *, commit=True):
-    """One store write: body(cur) -> ops; returns the Appended (or None for
-    no ops)."""
-    ps.begin_write(conn)
-    cur = conn.cursor()
-    try:
-        ops = body(cur)
-        a = None
-        if ops:
-            blob = ps.encode_ops(ops)
-            a = ps.append(cur, blob, uuid.uuid4(), after)
-        conn.execute("COMMIT" if commit else "ROLLBACK")
-        return a
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def raw_append(conn, blob, after=None, commit=True):
@@ -537,12 +527,11 @@ def test_resolve_by_token(uri):
 
 
 def test_drift_marker(uri):
-    with connect(uri) as c:
-        write(c, lambda cur: ps.create_user(cur, "alice", 1) and [], 0)
+    with connect(uri) as c, EventStore.open(uri, snapshot=False) as store:
+        uid = store.create_user("alice")  # the store's writes are not drift
         assert ps.drift(c) == 0
-        uid = c.execute("SELECT id FROM users").fetchone()[0]
-        a = write(c, lambda cur: ps.create_event(cur, uid, "e", 100, None, 5)[1], 0)
-        assert a.pos == 1 and ps.drift(c) == 0
+        store.create_event(uid, name="e", start=from_ms(100), created_at=from_ms(5))
+        assert store.change_id == ps.read_head(c)[0] == 1 and ps.drift(c) == 0
         c.execute("INSERT INTO users (username, created_at) VALUES ('bob', 2)")
         assert ps.drift(c) == 1
         c.execute("UPDATE events SET start_time = 7")
@@ -560,8 +549,16 @@ def test_drift_marker(uri):
 
 
 # ---------------------------------------------------------------------------
-# Write races under READ COMMITTED
+# Write races under READ COMMITTED, through the event store's own hooks
 # ---------------------------------------------------------------------------
+#
+# Each race runs two EventStore instances on the test's database (two
+# writers, as two processes would be) and interleaves them deterministically:
+# the holder's write is paused after its SQL ran, with its row locks held and
+# before its append and COMMIT (Paused); the other store's write then starts
+# in a thread and must be seen waiting on a lock (pg_stat_activity); the
+# holder is released, both commit, and every instance, the log replayed and
+# the tables must agree.
 
 
 def wait_blocked(admin, pid, timeout=10.0):
@@ -591,23 +588,46 @@ def from_tables(conn):
             {(u, 0, e) for u, e, s in fo}, {(u, s, e) for u, e, s in fo}]
 
 
+def store_items(store):
+    """A store's four aggregates in replay()'s form (a follow's key as 0),
+    read under its lock (its feed thread applies rows under it)."""
+    with store._lock:
+        return [{(int(ns), 0 if it.key is None else int(it.key), int(it.id))
+                 for ns in agg.namespaces() for it in agg.iter(namespace=ns)}
+                for agg in (getattr(store, name).aggregate for name in AGGREGATE_NAMES)]
+
+
+def last_ops(conn):
+    """The ops of the log's last row."""
+    return ps.decode_ops(conn.execute(
+        "SELECT ops FROM aggtree_log ORDER BY pos DESC LIMIT 1").fetchone()[0])
+
+
+class Race(NamedTuple):
+    a: EventStore  # the holder's store
+    b: EventStore  # the waiter's store
+    admin: object  # a plain connection, to watch and read
+    owner: int
+    fan: int
+    event: int
+
+
 @pytest.fixture
 def race(uri):
-    """Two writer connections, an admin one, an owner, a follower and one
-    event at start 1000, all logged."""
-    a, b, admin = connect(uri), connect(uri), connect(uri)
-    write(admin, lambda cur: ps.create_user(cur, "owner", 1) and [], 0)
-    write(admin, lambda cur: ps.create_user(cur, "fan", 1) and [], 0)
-    ids = dict(admin.execute("SELECT username, id FROM users").fetchall())
-    got = {}
-
-    def mk(cur):
-        got["event"], ops = ps.create_event(cur, ids["owner"], "talk", 1000, None, 10)
-        return ops
-    write(admin, mk, 0)
-    yield a, b, admin, ids["owner"], ids["fan"], got["event"]
-    for c in (a, b, admin):
-        c.close()
+    """Two store instances, an admin connection, an owner, a follower and
+    one event at start 1000 ms (written through the store)."""
+    a = EventStore.open(uri, snapshot=False)
+    b = EventStore.open(uri, snapshot=False)
+    admin = connect(uri)
+    try:
+        owner = a.create_user("owner")
+        fan = a.create_user("fan")
+        event = a.create_event(owner, name="talk", start=from_ms(1000), created_at=from_ms(10))
+        yield Race(a, b, admin, owner, fan, event)
+    finally:
+        a.close()
+        b.close()
+        admin.close()
 
 
 def in_thread(fn):
@@ -623,179 +643,166 @@ def in_thread(fn):
     return t, box
 
 
-def finish(conn, ops):
-    """Append (after whatever is there) and commit."""
-    if ops:
-        ps.append(conn.cursor(), ps.encode_ops(ops), uuid.uuid4(), 0)
-    conn.execute("COMMIT")
+class Paused:
+    """Stops ``store``'s next logged write after its SQL ran (its row locks
+    held), before its append and COMMIT.  The store's concurrent write path
+    (``EventStore._write_concurrent``) calls ``backend.append_commit`` as its
+    last step; this replaces it on the instance for one call, so the write
+    path itself carries nothing for the test."""
+
+    def __init__(self, store):
+        self.reached, self.go = threading.Event(), threading.Event()
+        backend = store._backend
+        real = backend.append_commit
+
+        def paused(*args):
+            del backend.append_commit  # once: the method again
+            self.reached.set()
+            if not self.go.wait(30):
+                raise AssertionError("the paused write was never released")
+            return real(*args)
+        backend.append_commit = paused
+
+
+def run_race(race, holder, waiter):
+    """``holder()`` (a write on store a) runs and pauses with its locks
+    held; ``waiter()`` (a write on store b) must then wait on a row lock;
+    the holder commits, the waiter finishes.  Returns the waiter's box
+    (``result`` or ``error``), after both stores caught up and checks that
+    the log replayed, the tables and both instances agree."""
+    pause = Paused(race.a)
+    held, hbox = in_thread(holder)
+    assert pause.reached.wait(10), hbox
+    waiting, wbox = in_thread(waiter)
+    wait_blocked(race.admin, race.b._backend._conn.info.backend_pid)
+    assert held.is_alive() and waiting.is_alive()
+    pause.go.set()
+    held.join(10)
+    waiting.join(10)
+    assert not held.is_alive() and not waiting.is_alive()
+    assert "error" not in hbox, hbox
+    race.a.catch_up()
+    race.b.catch_up()
+    return wbox
+
+
+def check_agree(race):
+    tables = from_tables(race.admin)
+    assert replay(race.admin) == tables
+    assert store_items(race.a) == tables and store_items(race.b) == tables
+    assert ps.drift(race.admin) == 0
+    return tables
 
 
 def test_update_holds_the_event_then_follow_reads_the_final_start(race):
     a, b, admin, owner, fan, event = race
-    ps.begin_write(a)
-    ops_a = ps.update_event(a.cursor(), owner, event, start_ms=2000)
-
-    def follow():
-        ps.begin_write(b)
-        ok, ops = ps.follow_event(b.cursor(), fan, event, 50)
-        finish(b, ops)
-        return ok, ops
-    t, box = in_thread(follow)
-    wait_blocked(admin, b.info.backend_pid)   # the follow waits for the update
-    finish(a, ops_a)
-    t.join(10)
-    assert box["result"][0] is True
-    assert (ps.FOLLOWED_BY_START, ps.ADD, fan, 0, 2000, event) in box["result"][1]
-    assert replay(admin) == from_tables(admin)
-    assert (fan, 2000, event) in replay(admin)[ps.FOLLOWED_BY_START]
+    box = run_race(race, lambda: a.update_event(owner, event, start=from_ms(2000)),
+                   lambda: b.follow_event(fan, event))   # waits for the update
+    assert box.get("result") is True, box
+    assert (ps.FOLLOWED_BY_START, ps.ADD, fan, 0, 2000, event) in last_ops(admin)
+    assert (fan, 2000, event) in check_agree(race)[ps.FOLLOWED_BY_START]
 
 
 def test_follow_holds_the_event_then_update_moves_the_new_follower(race):
     a, b, admin, owner, fan, event = race
-    ps.begin_write(b)
-    ok, ops_b = ps.follow_event(b.cursor(), fan, event, 50)
-    assert ok
-
-    def update():
-        ps.begin_write(a)
-        ops = ps.update_event(a.cursor(), owner, event, start_ms=3000)
-        finish(a, ops)
-        return ops
-    t, box = in_thread(update)
-    wait_blocked(admin, a.info.backend_pid)
-    finish(b, ops_b)
-    t.join(10)
-    assert (ps.FOLLOWED_BY_START, ps.MOVE, fan, 1000, 3000, event) in box["result"]
-    assert replay(admin) == from_tables(admin)
-    assert (fan, 3000, event) in replay(admin)[ps.FOLLOWED_BY_START]
+    box = run_race(race, lambda: a.follow_event(fan, event),
+                   lambda: b.update_event(owner, event, start=from_ms(3000)))
+    assert "error" not in box, box
+    assert (ps.FOLLOWED_BY_START, ps.MOVE, fan, 1000, 3000, event) in last_ops(admin)
+    assert (fan, 3000, event) in check_agree(race)[ps.FOLLOWED_BY_START]
 
 
 def test_naive_follow_without_the_lock_gets_it_wrong(race):
-    """The same interleaving with the start read unlocked: the replayed
-    aggregates disagree with the tables (the check above can fail)."""
+    """The same interleaving with the start read unlocked (store b's
+    dialect without FOR SHARE): the log and b's aggregates disagree with
+    the tables (the checks above can fail)."""
     a, b, admin, owner, fan, event = race
-    ps.begin_write(a)
-    ops_a = ps.update_event(a.cursor(), owner, event, start_ms=2000)
-
-    def naive_follow():
-        ps.begin_write(b)
-        start = b.execute("SELECT start_time FROM events WHERE id = %s", (event,)).fetchone()[0]
-        b.execute("INSERT INTO event_follows (user_id, event_id, created_at) VALUES (%s, %s, 1)",
-                  (fan, event))
-        finish(b, [(ps.FOLLOWS, ps.ADD, fan, 0, 0, event),
-                   (ps.FOLLOWED_BY_START, ps.ADD, fan, 0, start, event)])
-    t, box = in_thread(naive_follow)
-    wait_blocked(admin, b.info.backend_pid)  # blocked only at its foreign-key check
-    finish(a, ops_a)
-    t.join(10)
-    assert "error" not in box
-    assert replay(admin) != from_tables(admin)
+    b._sql.select_start_locked = b._sql.select_start_locked.replace(" FOR SHARE", "")
+    assert "FOR" not in b._sql.select_start_locked
+    box = run_race(race, lambda: a.update_event(owner, event, start=from_ms(2000)),
+                   lambda: b.follow_event(fan, event))   # blocked only at its foreign-key check
+    assert box.get("result") is True, box
+    tables = from_tables(admin)
+    assert (fan, 2000, event) in tables[ps.FOLLOWED_BY_START]
+    assert replay(admin) != tables and store_items(b) != tables
     assert (fan, 1000, event) in replay(admin)[ps.FOLLOWED_BY_START]
+    assert not b.verify_aggregates().ok
 
 
 def test_delete_holds_the_event_then_follow_finds_it_gone(race):
     a, b, admin, owner, fan, event = race
-    ps.begin_write(a)
-    ops_a = ps.delete_event(a.cursor(), owner, event)
-
-    def follow():
-        ps.begin_write(b)
-        try:
-            return ps.follow_event(b.cursor(), fan, event, 50)
-        finally:
-            b.execute("ROLLBACK")
-    t, box = in_thread(follow)
-    wait_blocked(admin, b.info.backend_pid)
-    finish(a, ops_a)
-    t.join(10)
-    assert isinstance(box.get("error"), LookupError)
-    assert replay(admin) == from_tables(admin) and not any(replay(admin))
+    box = run_race(race, lambda: a.delete_event(owner, event), lambda: b.follow_event(fan, event))
+    assert isinstance(box.get("error"), LookupError), box
+    assert not any(check_agree(race))
 
 
 def test_follow_holds_the_event_then_delete_removes_the_follow(race):
     a, b, admin, owner, fan, event = race
-    ps.begin_write(b)
-    ok, ops_b = ps.follow_event(b.cursor(), fan, event, 50)
-
-    def delete():
-        ps.begin_write(a)
-        ops = ps.delete_event(a.cursor(), owner, event)
-        finish(a, ops)
-        return ops
-    t, box = in_thread(delete)
-    wait_blocked(admin, a.info.backend_pid)
-    finish(b, ops_b)
-    t.join(10)
-    assert (ps.FOLLOWED_BY_START, ps.REMOVE, fan, 1000, 0, event) in box["result"]
-    assert replay(admin) == from_tables(admin) and not any(replay(admin))
+    box = run_race(race, lambda: a.follow_event(fan, event), lambda: b.delete_event(owner, event))
+    assert "error" not in box, box
+    assert (ps.FOLLOWED_BY_START, ps.REMOVE, fan, 1000, 0, event) in last_ops(admin)
+    assert not any(check_agree(race))
 
 
 def test_two_updates_of_one_event_serialise(race):
     a, b, admin, owner, fan, event = race
-    write(admin, lambda cur: ps.follow_event(cur, fan, event, 5)[1], 0)
-    ps.begin_write(a)
-    ops_a = ps.update_event(a.cursor(), owner, event, start_ms=2000)
-
-    def update():
-        ps.begin_write(b)
-        ops = ps.update_event(b.cursor(), owner, event, start_ms=5000)
-        finish(b, ops)
-        return ops
-    t, box = in_thread(update)
-    wait_blocked(admin, b.info.backend_pid)
-    finish(a, ops_a)
-    t.join(10)
-    assert (ps.BY_START, ps.MOVE, owner, 2000, 5000, event) in box["result"]
-    assert replay(admin) == from_tables(admin)
-    assert (fan, 5000, event) in replay(admin)[ps.FOLLOWED_BY_START]
+    assert a.follow_event(fan, event)
+    box = run_race(race, lambda: a.update_event(owner, event, start=from_ms(2000)),
+                   lambda: b.update_event(owner, event, start=from_ms(5000)))
+    assert "error" not in box, box
+    assert (ps.BY_START, ps.MOVE, owner, 2000, 5000, event) in last_ops(admin)
+    assert (fan, 5000, event) in check_agree(race)[ps.FOLLOWED_BY_START]
 
 
 def test_unfollow_waits_for_update_and_removes_the_moved_item(race):
     a, b, admin, owner, fan, event = race
-    write(admin, lambda cur: ps.follow_event(cur, fan, event, 5)[1], 0)
-    ps.begin_write(a)
-    ops_a = ps.update_event(a.cursor(), owner, event, start_ms=2000)
-
-    def unfollow():
-        ps.begin_write(b)
-        ok, ops = ps.unfollow_event(b.cursor(), fan, event)
-        finish(b, ops)
-        return ops
-    t, box = in_thread(unfollow)
-    wait_blocked(admin, b.info.backend_pid)
-    finish(a, ops_a)
-    t.join(10)
-    assert (ps.FOLLOWED_BY_START, ps.REMOVE, fan, 2000, 0, event) in box["result"]
-    assert replay(admin) == from_tables(admin)
+    assert a.follow_event(fan, event)
+    box = run_race(race, lambda: a.update_event(owner, event, start=from_ms(2000)),
+                   lambda: b.unfollow_event(fan, event))
+    assert box.get("result") is True, box
+    assert (ps.FOLLOWED_BY_START, ps.REMOVE, fan, 2000, 0, event) in last_ops(admin)
+    assert not check_agree(race)[ps.FOLLOWED_BY_START]
 
 
-def test_write_helpers_report_bad_input_without_aborting(race):
+def test_store_writes_report_bad_input_and_change_nothing(race):
+    """On PostgreSQL each bad write raises the documented exception and
+    leaves the tables, the log and the aggregates as they were; the
+    idempotent cases answer without logging."""
     a, b, admin, owner, fan, event = race
-    ps.begin_write(a)
-    cur = a.cursor()
+
+    def state():
+        return ps.read_head(admin), store_items(a), [admin.execute(
+            f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in ("users", "events", "event_follows")]
+    before = state()
     with pytest.raises(ValueError, match="taken"):
-        ps.create_user(cur, "owner", 1)
+        a.create_user("owner")
     with pytest.raises(LookupError):
-        ps.create_event(cur, 999999, "x", 1, None, 1)
+        a.create_event(999999, name="x", start=from_ms(1))
     with pytest.raises(LookupError):
-        ps.update_event(cur, owner, 999999, start_ms=1)
+        a.update_event(owner, 999999, start=from_ms(1))
     with pytest.raises(PermissionError):
-        ps.update_event(cur, fan, event, start_ms=1)
+        a.update_event(fan, event, start=from_ms(1))
     with pytest.raises(PermissionError):
-        ps.delete_event(cur, fan, event)
+        a.delete_event(fan, event)
     with pytest.raises(ValueError, match="end"):
-        ps.update_event(cur, owner, event, end_ms=1)
+        a.update_event(owner, event, end=from_ms(1))
     with pytest.raises(LookupError):
-        ps.follow_event(cur, 999999, event, 1)
+        a.follow_event(999999, event)
     with pytest.raises(LookupError):
-        ps.unfollow_event(cur, fan, 999999)
-    assert ps.unfollow_event(cur, fan, event) == (False, [])
-    assert ps.follow_event(cur, fan, event, 1)[0] is True
-    assert ps.follow_event(cur, fan, event, 1) == (False, [])
-    assert ps.update_event(cur, owner, event, name="renamed") == []
-    a.execute("ROLLBACK")  # the transaction was still usable throughout
-    assert admin.execute("SELECT name FROM events").fetchone()[0] == "talk"
-    assert ps.drift(admin) == 0
+        a.follow_event(fan, 999999)
+    with pytest.raises(LookupError):
+        a.unfollow_event(fan, 999999)
+    assert a.unfollow_event(fan, event) is False
+    assert state() == before and ps.drift(admin) == 0
+    assert a.follow_event(fan, event) is True
+    head = ps.read_head(admin)[0]
+    assert head == before[0][0] + 1
+    assert a.follow_event(fan, event) is False
+    a.update_event(owner, event, name="renamed")  # no aggregate moves: not logged
+    assert ps.read_head(admin)[0] == head
+    assert admin.execute("SELECT name FROM events").fetchone()[0] == "renamed"
+    b.catch_up()
+    check_agree(race)
 
 
 def test_op_layout_matches_the_event_store():
@@ -814,31 +821,25 @@ def test_op_layout_matches_the_event_store():
 # ---------------------------------------------------------------------------
 
 
-def populate(conn, users=5, events=40, seed=3):
+def populate(uri, users=5, events=40, seed=3):
+    """Users, events and follows written through an event store."""
     import random
     rng = random.Random(seed)
-    for i in range(users):
-        write(conn, lambda cur: ps.create_user(cur, f"user{i}", i) and [], 0)
-    uids = [r[0] for r in conn.execute("SELECT id FROM users ORDER BY id")]
-    eids = []
-    for i in range(events):
-        box = {}
-
-        def mk(cur):
-            box["id"], ops = ps.create_event(cur, rng.choice(uids), f"e{i}",
-                                             rng.randint(-2**40, 2**40), None, rng.randint(0, 10**12))
-            return ops
-        write(conn, mk, 0)
-        eids.append(box["id"])
-    for u in uids:
-        for e in rng.sample(eids, min(9, len(eids))):
-            write(conn, lambda cur: ps.follow_event(cur, u, e, 1)[1], 0)
+    with EventStore.open(uri, snapshot=False) as s:
+        uids = [s.create_user(f"user{i}") for i in range(users)]
+        eids = [s.create_event(rng.choice(uids), name=f"e{i}",
+                               start=from_ms(rng.randint(-2**40, 2**40)),
+                               created_at=from_ms(rng.randint(0, 10**12)))
+                for i in range(events)]
+        for u in uids:
+            for e in rng.sample(eids, min(9, len(eids))):
+                s.follow_event(u, e)
     return uids, eids
 
 
 def test_load_tables_reads_every_row_at_one_position(uri):
     with connect(uri) as c:
-        populate(c, events=400)  # several heap pages
+        populate(uri, events=400)  # several heap pages
         c.execute("UPDATE events SET user_id = user_id")  # drift, for the record
         ev = c.execute("SELECT id, user_id, created_at, start_time FROM events ORDER BY id").fetchall()
         fo = c.execute("SELECT user_id, event_id FROM event_follows ORDER BY 1, 2").fetchall()
@@ -871,20 +872,26 @@ def test_load_tables_and_its_position_agree_under_concurrent_writes(uri):
     """While writers add events, each load's rows match its head: replaying
     the log up to info.head gives exactly the loaded events."""
     with connect(uri) as c:
-        populate(c, users=2, events=2)
+        populate(uri, users=2, events=2)
         stop = threading.Event()
         owner = c.execute("SELECT min(id) FROM users").fetchone()[0]
+        written = [0, 0]
+        errors = []
 
-        def writer():
-            with connect(uri) as w:
-                i = 0
-                while not stop.is_set():
-                    write(w, lambda cur: ps.create_event(cur, owner, "x", i, None, i)[1], 0)
-                    i += 1
-        threads = [threading.Thread(target=writer) for _ in range(2)]
+        def writer(k):
+            try:
+                with EventStore.open(uri, snapshot=False) as w:
+                    while not stop.is_set():
+                        i = written[k]
+                        w.create_event(owner, name="x", start=from_ms(i), created_at=from_ms(i))
+                        written[k] += 1
+            except BaseException as exc:  # handed to the test
+                errors.append(exc)
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
         for t in threads:
             t.start()
         try:
+            wait_until(lambda: all(written) or errors, what="both writers to write")
             for _ in range(15):
                 loaded = ps.load_tables(c)
                 ids = set()
@@ -898,6 +905,7 @@ def test_load_tables_and_its_position_agree_under_concurrent_writes(uri):
             stop.set()
             for t in threads:
                 t.join()
+        assert not errors and min(written) > 1, (errors, written)
 
 
 def test_check_snapshot(uri, pg):
@@ -934,65 +942,53 @@ def test_check_snapshot(uri, pg):
 # ---------------------------------------------------------------------------
 
 MIXED_WRITER = r"""
-import json, random, sys, uuid, psycopg
-from aggtree import pgsync as ps
+import json, random, sys
+from aggtree.events import AGGREGATE_NAMES, EventStore
+from aggtree.events.schema import from_ms
 uri, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = random.Random(seed)
-items = [set() for _ in range(4)]
-
-def apply(row):
-    for agg, code, ns, old, new, id_ in ps.decode_ops(row.ops):
-        if code & ps.REMOVE:
-            items[agg].discard((ns, old, id_))
-        if code & ps.ADD:
-            items[agg].add((ns, new, id_))
-
 counts = {}
-with psycopg.connect(uri, autocommit=True) as c:
-    loaded = ps.load_tables(c)  # the other writers may have started: build from the tables
-    start = {}
-    for i, u, cr, st in loaded.events.tolist():
-        items[0].add((u, cr, i)); items[1].add((u, st, i)); start[i] = st
-    for u, e in loaded.follows.tolist():
-        items[2].add((u, 0, e)); items[3].add((u, start[e], e))
-    cons = ps.LogConsumer(apply, loaded.info.head, loaded.info.head_chain)
-    users = [r[0] for r in c.execute("SELECT id FROM users")]
-    for i in range(n):
-        kind = rng.choice(["create", "move", "move", "move", "delete", "follow", "follow",
-                           "unfollow"])
-        top = c.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
-        event = rng.randint(max(1, top - 6), top + 1)
-        owner = c.execute("SELECT user_id FROM events WHERE id = %s", (event,)).fetchone()
-        owner = owner[0] if owner else rng.choice(users)
-        ps.begin_write(c)
-        cur = c.cursor()
-        try:
-            if kind == "create":
-                ops = ps.create_event(cur, rng.choice(users), "e", rng.randint(0, 50), None, i)[1]
-            elif kind == "move":
-                ops = ps.update_event(cur, owner, event, start_ms=rng.randint(0, 50))
-            elif kind == "delete":
-                ops = ps.delete_event(cur, owner, event)
-            elif kind == "follow":
-                ops = ps.follow_event(cur, rng.choice(users), event, i)[1]
-            else:
-                ops = ps.unfollow_event(cur, rng.choice(users), event)[1]
-        except (LookupError, PermissionError, psycopg.errors.DeadlockDetected) as exc:
-            c.execute("ROLLBACK")
-            counts[type(exc).__name__] = counts.get(type(exc).__name__, 0) + 1
-            continue
-        if not ops:
-            c.execute("COMMIT")
-            continue
-        blob, token = ps.encode_ops(ops), uuid.uuid4()
-        a = ps.append_commit(c, blob, token, cons.pos)
-        cons.apply_rows(a.missed)
-        cons.apply_rows([ps.LogRow(a.pos, token, a.chain, blob)])
+# The other writers may have started: the store loads the tables at one log position.
+store = EventStore.open(uri, snapshot=False)
+c = store._conn
+users = [r[0] for r in c.execute("SELECT id FROM users")]
+for i in range(n):
+    kind = rng.choice(["create", "move", "move", "move", "delete", "follow", "follow",
+                       "unfollow"])
+    top = c.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+    event = rng.randint(max(1, top - 6), top + 1)
+    owner = c.execute("SELECT user_id FROM events WHERE id = %s", (event,)).fetchone()
+    owner = owner[0] if owner else rng.choice(users)
+    try:
+        if kind == "create":
+            store.create_event(rng.choice(users), name="e", start=from_ms(rng.randint(0, 50)),
+                               created_at=from_ms(i))
+            changed = True
+        elif kind == "move":
+            store.update_event(owner, event, start=from_ms(rng.randint(0, 50)))
+            changed = True
+        elif kind == "delete":
+            store.delete_event(owner, event)
+            changed = True
+        elif kind == "follow":
+            changed = store.follow_event(rng.choice(users), event)
+        else:
+            changed = store.unfollow_event(rng.choice(users), event)
+    except (LookupError, PermissionError) as exc:
+        counts[type(exc).__name__] = counts.get(type(exc).__name__, 0) + 1
+        continue
+    if changed:
         counts[kind] = counts.get(kind, 0) + 1
-    cons.catch_up(lambda after, lim: ps.fetch_since(c, after, lim))
-print(json.dumps({"pos": cons.pos, "counts": counts,
-                  "items": [sorted(map(list, s)) for s in items]}))
+store.catch_up()
+with store._lock:  # (the feed thread applies others' rows under it)
+    pos = store.change_id
+    items = [sorted([int(ns), 0 if it.key is None else int(it.key), int(it.id)]
+                    for ns in agg.namespaces() for it in agg.iter(namespace=ns))
+             for agg in (getattr(store, name).aggregate for name in AGGREGATE_NAMES)]
+store.close()
+print(json.dumps({"pos": pos, "counts": counts, "items": items}))
 """
+
 
 MIXED_READER = r"""
 import json, os, sys, time

@@ -1,5 +1,6 @@
 """PostgreSQL building blocks for the event store: schema, a change log in
-commit order, a change feed, compaction, a drift marker and race-free writes.
+commit order, a change feed, compaction and a drift marker; and the locking
+design that makes the store's writes race-free (its hooks implement it).
 
 This module is everything the PostgreSQL backend of the event store needs
 that does not depend on the store's backend seam.  It speaks psycopg 3 (the
@@ -148,36 +149,39 @@ that ``verify_aggregates`` repairs.
 
 Race-free writes (READ COMMITTED)
 ---------------------------------
-The write helpers (:func:`follow_event`, :func:`update_event`, ...) lock
-what they read, so that two writes touching one aggregate item are
-serialised and the later one computes its ops from the earlier one's
-result (then, log order being commit order, replaying the ops in log order
-reproduces the tables):
+The event store's write hooks (:mod:`aggtree.events.store`; the locking
+statements are :class:`~aggtree.events.postgres.PostgresDialect`'s
+``lock_event`` and ``select_start_locked``) lock what they read, so that
+two writes touching one aggregate item are serialised and the later one
+computes its ops from the earlier one's result (then, log order being
+commit order, replaying the ops in log order reproduces the tables):
 
 * ``follow_event`` / ``unfollow_event`` read the event's start with
-  ``SELECT ... FOR SHARE``.  ``update_event`` and ``delete_event`` take
-  ``FOR UPDATE`` on the event row.  FOR SHARE and FOR UPDATE conflict: if
+  ``SELECT ... FOR SHARE``.  ``update_event`` and ``delete_event`` first
+  take ``FOR UPDATE`` on the event row.  FOR SHARE and FOR UPDATE conflict: if
   the update holds the row, the follow waits and then reads the *new*
   start (READ COMMITTED re-reads the locked row's latest version); if the
   follow holds it, the update waits, and then reads the followers in a
   **separate statement** (a fresh snapshot that sees the follow) and moves
   the follower's item too.  Reading the followers in the same statement as
   the lock would miss a follow that committed during the wait.
-* ``delete_event`` locks the event, deletes its follows (RETURNING the
-  followers), then the event.  A racing follow either committed first (its
-  follow is deleted and the delete's ops remove its items) or finds the
-  event gone after the wait (``LookupError``).
+* ``delete_event`` locks the event, reads it and its followers in a later
+  statement, then deletes it (its follows go with it, ON DELETE CASCADE).
+  A racing follow either committed first (its follow is deleted and the
+  delete's ops remove its items) or finds the event gone after the wait
+  (``LookupError``).
 * Two ``update_event`` of one event serialise on FOR UPDATE; the second
   reads the first's start.
 * Two follows (or a follow and an unfollow) of one pair serialise on the
   follow row (primary key / row lock).
 
-Errors inside a PostgreSQL transaction abort it, so the helpers avoid them
-where a caller expects an answer (``ON CONFLICT DO NOTHING``, ``INSERT ...
-SELECT ... FROM users WHERE id = ...``) and raise ``LookupError`` /
-``ValueError`` / ``PermissionError`` with the transaction still usable (the
-store rolls it back).  A deadlock (``psycopg.errors.DeadlockDetected``) is
-possible only with bypass writes; the store may retry it.  SERIALIZABLE was
+Errors inside a PostgreSQL transaction abort it, so a hook avoids them
+where a caller expects an answer (``follow_event`` inserts with ``INSERT
+... SELECT ... FROM users WHERE id = ... ON CONFLICT DO NOTHING``: a
+missing user or an existing follow inserts nothing); bad input raises
+``LookupError`` / ``ValueError`` / ``PermissionError`` and the store rolls
+the transaction back.  A deadlock (``psycopg.errors.DeadlockDetected``) is
+possible only with bypass writes; the store retries it.  SERIALIZABLE was
 not chosen: it would abort and retry exactly the hot contended writes
 (moving a popular event's start) and still need the log's commit-order
 lock.
@@ -192,7 +196,7 @@ Open: ``create_schema``; ``load_tables`` (or a snapshot accepted by
 the store lock, on an autocommit connection::
 
     begin_write(conn)
-    result, ops = follow_event(conn.cursor(), ...)      # or another helper
+    result, ops = hook(conn)            # the write's SQL, under the row locks
     if not ops: COMMIT, return result
     a = append_commit(conn, encode_ops(ops), token, consumer.pos)
     if a.missed is None: reload (it includes this write), return result
@@ -209,8 +213,8 @@ is applied from the log like anyone's.  ``store.catch_up()`` is
 must not answer follow/unfollow here: the start is read FOR SHARE.
 
 What the event store does (:mod:`aggtree.events.postgres`,
-``EventStore._write_concurrent``): the above with its own hooks (the same
-row locks, through the dialect), :func:`append_commit_simple` (append and
+``EventStore._write_concurrent``): the above with its hooks (the row locks
+above, through the dialect), :func:`append_commit_simple` (append and
 COMMIT in one simple-protocol round trip; the missed rows read only when
 there are some), its ``change_id`` as the position (the chain is checked
 when a snapshot is loaded, :func:`check_snapshot`, not per row), and a
@@ -263,12 +267,6 @@ __all__ = [
     "ChangeFeed",
     "encode_ops",
     "decode_ops",
-    "create_user",
-    "create_event",
-    "update_event",
-    "delete_event",
-    "follow_event",
-    "unfollow_event",
 ]
 
 log = logging.getLogger("aggtree.pgsync")
@@ -1066,133 +1064,3 @@ def _payload_pos(payload: str) -> int:
         return int(payload)
     except ValueError:
         return 2**62
-
-
-# ---------------------------------------------------------------------------
-# Race-free writes (run inside begin_write ... COMMIT; see the docstring)
-# ---------------------------------------------------------------------------
-
-_UNSET: Any = object()
-
-
-def create_user(cur: Any, username: str, created_ms: int) -> int:
-    """Insert a user; its id.  ``ValueError`` if the name is taken."""
-    row = cur.execute("INSERT INTO users (username, created_at) VALUES (%s, %s)"
-                      " ON CONFLICT (username) DO NOTHING RETURNING id",
-                      (username, created_ms)).fetchone()
-    if row is None:
-        raise ValueError(f"username {username!r} is taken")
-    return row[0]
-
-
-def create_event(cur: Any, user_id: int, name: str, start_ms: int, end_ms: Optional[int],
-                 created_ms: int, description: Optional[str] = None,
-                 location: Optional[str] = None) -> tuple:
-    """Insert an event; ``(event id, ops)``.  ``LookupError`` for an unknown
-    user (without aborting the transaction)."""
-    row = cur.execute(
-        "INSERT INTO events (user_id, name, start_time, end_time, created_at, description,"
-        " location) SELECT id, %s, %s, %s, %s, %s, %s FROM users WHERE id = %s RETURNING id",
-        (name, start_ms, end_ms, created_ms, description, location, user_id)).fetchone()
-    if row is None:
-        raise LookupError(f"no user with id {user_id}")
-    event_id = row[0]
-    return event_id, [(BY_CREATION, ADD, user_id, 0, created_ms, event_id),
-                      (BY_START, ADD, user_id, 0, start_ms, event_id)]
-
-
-def update_event(cur: Any, user_id: int, event_id: int, *, name: Any = _UNSET,
-                 start_ms: Any = _UNSET, end_ms: Any = _UNSET, description: Any = _UNSET,
-                 location: Any = _UNSET) -> list:
-    """Change the given fields of an event owned by ``user_id``; the ops.
-    Locks the event row (FOR UPDATE), then reads its followers in a separate
-    statement.  ``LookupError`` / ``PermissionError`` / ``ValueError`` (end
-    before start)."""
-    row = cur.execute(
-        "SELECT user_id, name, start_time, end_time, description, location FROM events"
-        " WHERE id = %s FOR UPDATE", (event_id,)).fetchone()
-    if row is None:
-        raise LookupError(f"no event with id {event_id}")
-    owner, old_name, old_start, old_end, old_desc, old_loc = row
-    if owner != user_id:
-        raise PermissionError(f"user {user_id} does not own event {event_id}")
-    new_start = old_start if start_ms is _UNSET else start_ms
-    new_end = old_end if end_ms is _UNSET else end_ms
-    if new_end is not None and new_end < new_start:
-        raise ValueError("end must not be before start")
-    cur.execute(
-        "UPDATE events SET name = %s, start_time = %s, end_time = %s, description = %s,"
-        " location = %s WHERE id = %s",
-        (old_name if name is _UNSET else name, new_start, new_end,
-         old_desc if description is _UNSET else description,
-         old_loc if location is _UNSET else location, event_id))
-    if new_start == old_start:
-        return []
-    ops = [(BY_START, MOVE, owner, old_start, new_start, event_id)]
-    for (follower,) in cur.execute(
-            "SELECT user_id FROM event_follows WHERE event_id = %s ORDER BY user_id",
-            (event_id,)).fetchall():
-        ops.append((FOLLOWED_BY_START, MOVE, follower, old_start, new_start, event_id))
-    return ops
-
-
-def delete_event(cur: Any, user_id: int, event_id: int) -> list:
-    """Delete an event owned by ``user_id`` and its follows; the ops.  Locks
-    the event (FOR UPDATE), deletes the follows (RETURNING the followers),
-    then the event."""
-    row = cur.execute("SELECT user_id, created_at, start_time FROM events WHERE id = %s"
-                      " FOR UPDATE", (event_id,)).fetchone()
-    if row is None:
-        raise LookupError(f"no event with id {event_id}")
-    owner, created, start = row
-    if owner != user_id:
-        raise PermissionError(f"user {user_id} does not own event {event_id}")
-    followers = cur.execute("DELETE FROM event_follows WHERE event_id = %s RETURNING user_id",
-                            (event_id,)).fetchall()
-    cur.execute("DELETE FROM events WHERE id = %s", (event_id,))
-    ops = [(BY_CREATION, REMOVE, owner, created, 0, event_id),
-           (BY_START, REMOVE, owner, start, 0, event_id)]
-    for (follower,) in sorted(followers):
-        ops.append((FOLLOWS, REMOVE, follower, 0, 0, event_id))
-        ops.append((FOLLOWED_BY_START, REMOVE, follower, start, 0, event_id))
-    return ops
-
-
-def _event_start_shared(cur: Any, event_id: int) -> int:
-    row = cur.execute("SELECT start_time FROM events WHERE id = %s FOR SHARE",
-                      (event_id,)).fetchone()
-    if row is None:
-        raise LookupError(f"no event with id {event_id}")
-    return row[0]
-
-
-def follow_event(cur: Any, user_id: int, event_id: int, created_ms: int) -> tuple:
-    """``user_id`` follows ``event_id``: ``(True, ops)`` if it was not
-    following yet, ``(False, [])`` otherwise.  Reads the event's start FOR
-    SHARE first.  ``LookupError`` for an unknown user or event."""
-    start = _event_start_shared(cur, event_id)
-    row = cur.execute(
-        "INSERT INTO event_follows (user_id, event_id, created_at)"
-        " SELECT id, %s, %s FROM users WHERE id = %s ON CONFLICT DO NOTHING RETURNING 1",
-        (event_id, created_ms, user_id)).fetchone()
-    if row is None:
-        if cur.execute("SELECT 1 FROM users WHERE id = %s", (user_id,)).fetchone() is None:
-            raise LookupError(f"no user with id {user_id}")
-        return False, []
-    return True, [(FOLLOWS, ADD, user_id, 0, 0, event_id),
-                  (FOLLOWED_BY_START, ADD, user_id, 0, start, event_id)]
-
-
-def unfollow_event(cur: Any, user_id: int, event_id: int) -> tuple:
-    """``user_id`` stops following ``event_id``: ``(True, ops)`` if it was
-    following, ``(False, [])`` otherwise.  Reads the event's start FOR SHARE
-    first.  ``LookupError`` for an unknown user or event."""
-    start = _event_start_shared(cur, event_id)
-    row = cur.execute("DELETE FROM event_follows WHERE user_id = %s AND event_id = %s"
-                      " RETURNING 1", (user_id, event_id)).fetchone()
-    if row is None:
-        if cur.execute("SELECT 1 FROM users WHERE id = %s", (user_id,)).fetchone() is None:
-            raise LookupError(f"no user with id {user_id}")
-        return False, []
-    return True, [(FOLLOWS, REMOVE, user_id, 0, 0, event_id),
-                  (FOLLOWED_BY_START, REMOVE, user_id, start, 0, event_id)]
