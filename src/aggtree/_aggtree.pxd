@@ -43,6 +43,7 @@ cdef extern from "aggtree.h" nogil:
     uint64_t agg_i64_to_key(int64_t x)
     int64_t agg_key_to_i64(uint64_t k)
     void agg_fast_keys(const double *keys, const int64_t *ids, agg_key *out, uint64_t n) nogil
+    void agg_advise_huge_pages(void *p, size_t n) nogil
     int agg_key_cmp(agg_keymode mode, agg_key a, agg_key b)
     agg_key agg_key_from_bytes(const uint8_t *e, size_t len, agg_tail *tail_buf)
     agg_key agg_key_from_item_bytes(const uint8_t *e, size_t len, size_t meta,

@@ -97,9 +97,7 @@ cdef _load_arrays(Aggregate agg, cnp.ndarray ka, cnp.ndarray ia, cnp.ndarray va,
         _load_items(agg, zip(ka.tolist(), ia.tolist(), va.tolist()), namespace)
         return
     # The C core sorts (radix) and builds in one call; no numpy sort.
-    karr = _fast_key_array(np.ascontiguousarray(ka, dtype=np.float64),
-                           np.ascontiguousarray(ia, dtype=np.int64))
-    vs = np.array(va, dtype=np.float64, copy=True, order="C")
+    karr, vs = _fast_batch(ka, ia, va)
     tree = _new_tree(agg._node_size, kind)
     kp = <agg_key *>cnp.PyArray_DATA(karr)
     vp = <double *>cnp.PyArray_DATA(vs)
@@ -183,9 +181,7 @@ cdef _insert_many(Aggregate agg, keys, ids, values, namespace):
     if tree is None:
         _load_arrays(agg, ka, ia, va, kind, namespace)
         return
-    karr = _fast_key_array(np.ascontiguousarray(ka, dtype=np.float64),
-                           np.ascontiguousarray(ia, dtype=np.int64))
-    vs = np.array(va, dtype=np.float64, copy=True, order="C")
+    karr, vs = _fast_batch(ka, ia, va)
     kp = <agg_key *>cnp.PyArray_DATA(karr)
     vp = <double *>cnp.PyArray_DATA(vs)
     with nogil:
@@ -505,10 +501,53 @@ cdef object _as_1d(x, str what):
     return a
 
 
+cdef Py_ssize_t _HUGE_PAGE = 1 << 21
+
+
+cdef cnp.ndarray _scratch(Py_ssize_t nbytes):
+    """An uninitialised uint8 array of nbytes for a batch's keys and values.
+    From 1 MiB it lies on whole 2 MiB pages advised for huge pages
+    (agg_advise_huge_pages), as numpy lays its own arrays from 4 MiB: the
+    first batch's key and value arrays after a bulk build otherwise cost
+    ~600 page faults per 10^5 items, the most of that batch's extra time
+    (bench/README.md).  The pages past the array are never touched, so
+    they cost address space only."""
+    cdef Py_ssize_t span, off
+    if nbytes < (1 << 20):
+        return np.empty(nbytes, dtype=np.uint8)
+    span = (nbytes + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+    raw = np.empty(span + _HUGE_PAGE, dtype=np.uint8)
+    off = (-<Py_ssize_t>cnp.PyArray_DATA(raw)) & (_HUGE_PAGE - 1)
+    agg_advise_huge_pages(<char *>cnp.PyArray_DATA(raw) + off, <size_t>span)
+    return raw[off:off + nbytes]
+
+
+cdef cnp.ndarray _key_scratch(Py_ssize_t n):
+    """An uninitialised (n, 2) uint64 array of agg_keys (_scratch)."""
+    return _scratch(16 * n).view(np.uint64).reshape(n, 2)
+
+
+cdef tuple _fast_batch(ka, ia, va):
+    """(keys, values) of a FAST batch, ready for agg_keys_sort: the
+    agg_key array of float keys ka and int ids ia, and a float64 copy of
+    va, in one scratch block."""
+    cdef Py_ssize_t n = len(ka)
+    cdef cnp.ndarray buf = _scratch(24 * n)
+    cdef cnp.ndarray karr = buf[:16 * n].view(np.uint64).reshape(n, 2)
+    cdef cnp.ndarray vs = buf[16 * n:].view(np.float64)
+    cdef cnp.ndarray ks = np.ascontiguousarray(ka, dtype=np.float64)
+    cdef cnp.ndarray iss = np.ascontiguousarray(ia, dtype=np.int64)
+    with nogil:
+        agg_fast_keys(<double *>cnp.PyArray_DATA(ks), <int64_t *>cnp.PyArray_DATA(iss),
+                      <agg_key *>cnp.PyArray_DATA(karr), <uint64_t>n)
+    vs[:] = va
+    return karr, vs
+
+
 cdef cnp.ndarray _fast_key_array(cnp.ndarray ks, cnp.ndarray iss):
     """agg_key array (as a uint64 (n, 2) array) from sorted float64 keys and int64 ids."""
     cdef Py_ssize_t n = len(ks)
-    cdef cnp.ndarray out = np.empty((n, 2), dtype=np.uint64)
+    cdef cnp.ndarray out = _key_scratch(n)
     cdef agg_key *kp = <agg_key *>cnp.PyArray_DATA(out)
     cdef double *dp = <double *>cnp.PyArray_DATA(ks)
     cdef int64_t *ip = <int64_t *>cnp.PyArray_DATA(iss)
@@ -540,8 +579,8 @@ cdef tuple _rank_pairs(_Tree tree, cnp.ndarray lf, cnp.ndarray uf,
     """Ranks of [lf[i], uf[i]] ranges in a FAST tree, GIL released (the
     caller holds the aggregate's lock)."""
     cdef Py_ssize_t n = len(lf), j
-    cdef cnp.ndarray lk = np.empty((n, 2), dtype=np.uint64)
-    cdef cnp.ndarray uk = np.empty((n, 2), dtype=np.uint64)
+    cdef cnp.ndarray lk = _key_scratch(n)
+    cdef cnp.ndarray uk = _key_scratch(n)
     cdef cnp.ndarray lo = np.empty(n, dtype=np.int64)
     cdef cnp.ndarray hi = np.empty(n, dtype=np.int64)
     cdef agg_key *lkp = <agg_key *>cnp.PyArray_DATA(lk)
@@ -629,7 +668,7 @@ cdef tuple _empty_arrays(_Tree tree):
 cdef tuple _read_arrays(_Tree tree, uint64_t start, uint64_t n):
     """keys, ids, values arrays of items start .. start+n-1 (the caller
     holds the aggregate's lock)."""
-    cdef cnp.ndarray karr = np.empty((n, 2), dtype=np.uint64)
+    cdef cnp.ndarray karr = _key_scratch(n)
     cdef cnp.ndarray vals = np.empty(n, dtype=np.float64)
     cdef agg_key *kp = <agg_key *>cnp.PyArray_DATA(karr)
     cdef double *vp = <double *>cnp.PyArray_DATA(vals)
@@ -664,7 +703,7 @@ cdef tuple _split_fast_keys(_Tree tree, cnp.ndarray karr):
 
 cdef tuple _select_arrays(_Tree tree, cnp.ndarray pos):
     cdef Py_ssize_t n = len(pos), j
-    cdef cnp.ndarray karr = np.empty((n, 2), dtype=np.uint64)
+    cdef cnp.ndarray karr = _key_scratch(n)
     cdef cnp.ndarray vals = np.empty(n, dtype=np.float64)
     cdef agg_key *kp = <agg_key *>cnp.PyArray_DATA(karr)
     cdef double *vp = <double *>cnp.PyArray_DATA(vals)

@@ -33,7 +33,6 @@ from aggtree._types import SnapshotError
 cdef extern from "snapshot.h" nogil:
     uint32_t agg_snapshot_crc32(uint32_t crc, const uint8_t *p, size_t n)
     int agg_snapshot_crc32_fast()
-    void agg_snapshot_advise_huge(void *p, size_t n)
     int64_t agg_snapshot_check_items(const uint64_t *keys, const double *vals, uint64_t n,
                                      int kind, int *what)
     enum:
@@ -348,7 +347,7 @@ cdef object _snap_dumps(Aggregate agg):
         total, rows = _snap_plan(agg)
         out = PyBytes_FromStringAndSize(NULL, total)
         buf = <uint8_t *>PyBytes_AS_STRING(out)
-        agg_snapshot_advise_huge(buf, <size_t>total)
+        agg_advise_huge_pages(buf, <size_t>total)
         if (<uintptr_t>buf) & 7:
             # (never seen: bytes data is 16-byte aligned in CPython) the
             # keys are written as uint64s, so fill an aligned buffer instead

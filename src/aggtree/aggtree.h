@@ -127,6 +127,15 @@ int64_t agg_key_to_i64(uint64_t k);
  * for i < n: the whole array in one call (the caller rejects NaN first). */
 void agg_fast_keys(const double *keys, const int64_t *ids, agg_key *out, uint64_t n);
 
+/* Ask for transparent huge pages for the whole 2 MiB pages inside the
+ * fresh, not yet written buffer p[0:n) (a large output or scratch array of
+ * the caller's: dumps' bytes, the Python layer's key arrays): writing it
+ * then costs a page fault per 2 MiB instead of per 4 KiB, most of the cost
+ * of writing new memory (core/alloc.c, section 10).  A hint, as the core's
+ * own node chunks take it: nothing changes where the kernel says no, and
+ * nothing happens in builds without AGGTREE_HUGEPAGES or off Linux. */
+void agg_advise_huge_pages(void *p, size_t n);
+
 /* Three-way compare of two keys under `mode`: <0, 0, >0. */
 int agg_key_cmp(agg_keymode mode, agg_key a, agg_key b);
 

@@ -21,14 +21,8 @@
  *
  * No Python, no allocation, no global state but the CPU check.
  */
-#if defined(__linux__) && !defined(_DEFAULT_SOURCE)
-#define _DEFAULT_SOURCE 1        /* madvise, MADV_HUGEPAGE */
-#endif
 #include "snapshot.h"
 #include "core/threading.h"
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include <math.h>
 #include <string.h>
@@ -300,16 +294,4 @@ int64_t agg_snapshot_check_items(const uint64_t *keys, const double *vals, uint6
     check_job(&a);
     *what = a.what;
     return a.bad;
-}
-
-void agg_snapshot_advise_huge(void *p, size_t n) {
-#if defined(AGG_HUGEPAGES) && AGG_HUGEPAGES && defined(MADV_HUGEPAGE)
-    const uintptr_t huge = (uintptr_t)1 << 21;
-    uintptr_t lo = ((uintptr_t)p + huge - 1) & ~(huge - 1);
-    uintptr_t hi = ((uintptr_t)p + n) & ~(huge - 1);
-    if (hi > lo)
-        (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
-#else
-    (void)p, (void)n;
-#endif
 }

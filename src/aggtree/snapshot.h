@@ -27,13 +27,6 @@ int agg_snapshot_crc32_fast(void);
  * (zlib's crc32_combine).  O(log len2). */
 uint32_t agg_snapshot_crc32_combine(uint32_t crc1, uint32_t crc2, uint64_t len2);
 
-/* Ask for transparent huge pages for the whole 2 MiB pages inside the
- * fresh, not yet written buffer p[0:n) (dumps' output): its page faults,
- * a large part of the cost of writing 240 MB of new memory, become 512
- * times fewer (core/alloc.c, section 10).  A hint: nothing changes where
- * the kernel says no; nothing in builds without AGGTREE_HUGEPAGES. */
-void agg_snapshot_advise_huge(void *p, size_t n);
-
 /* Snapshot kinds of a numeric section (docs/SNAPSHOT.md). */
 enum { AGG_SNAP_KIND_FLOAT = 0, AGG_SNAP_KIND_INT = 1, AGG_SNAP_KIND_NONE = 3 };
 

@@ -26,24 +26,32 @@
  * two threads).  From the pools they are as close together as in a fresh
  * process (41-43).  The cost: a tree keeps the nodes it freed for its own
  * later use (nbytes counts only the live ones), and a small tree's last
- * chunk may be up to half empty.  Huge pages (AGG_HUGE, a build switch,
- * off): fresh memory costs a page fault per 4 KiB, in which the kernel
- * maps and zeroes the page; a 2 MiB chunk advised MADV_HUGEPAGE is one
- * fault (Linux with transparent_hugepage "madvise" or "always"; if the
- * kernel says no, plain pages and nothing else changes).  raw_alloc then
- * does the same for scratch over 1 MiB (a batch's sort and plan).
- * Measured with it on: a load of 10^7 items took 1,294-1,805 faults
- * instead of 62,245, the first batch of 10^5 into 10^6 ~1,200 instead of
- * 3,165 - but the faults were not the cost: the kernel's zeroing of the
- * fresh memory is, and on the development VM a fresh huge page was
- * sometimes far slower to zero than 4 KiB pages (a load spent 60% of its
- * time in clear_page against 13%; a guess: the VM's host backs
- * never-touched guest memory on first touch), so `load(path)` cost about twice the CPU (12
- * runs of 12) while `load(path, mmap=True)` (no 240 MB read buffer taking
- * the recycled pages first) cost ~0.65x, and every insert_many batch
- * 10-20% less (the first within 1.11-1.21x of the later ones, against
- * 1.22-1.37x without).  Off by default for the read load's sake.  The
- * runs: bench/README.md, "Core design measurements".  ASan builds poison free blocks by hand
+ * chunk may be up to half empty.  Huge pages (AGG_HUGE, the build switch
+ * AGGTREE_HUGEPAGES, on by default): fresh memory costs a page fault per
+ * 4 KiB, in which the kernel maps and zeroes the page; a 2 MiB chunk
+ * advised MADV_HUGEPAGE is one fault (Linux with transparent_hugepage
+ * "madvise" or "always"; if the kernel says no, plain pages and nothing
+ * else changes).  raw_alloc then does the same for scratch over 256 KiB (a
+ * batch's sort and plan arrays, the bulk build's node array): the first
+ * batch after a bulk build took ~1,320 page faults per 10^5 keys, ~730 of
+ * them in its plan arrays (fresh memory, where later batches reuse what
+ * the earlier ones freed), and ~600 in the Python layer's key and value
+ * arrays (which _numpy.pxi now lays on huge pages too); now ~275, against
+ * 30-700 for later batches (bench/first_batch.py).  Rounding 256 KiB up
+ * to a 2 MiB page zeroes more memory than it uses; on this VM, where a 4
+ * KiB fault costs ~2 us, that is cheaper, and on bare metal (~0.25 us a
+ * fault) it costs ~50 us a batch at most.  numpy does the
+ * same for its large arrays.  Measured on the development VM (tests of 250
+ * MB of fresh memory touched in 2 MiB chunks, bench/README.md "Huge pages
+ * by default"): 4 KiB pages 110-147 ms, huge pages 15-16 ms once the
+ * VM's memory had been touched before; the very first touch of guest
+ * memory the host never backed costs ~5 ms per 2 MiB either way (668 ms
+ * for the first 250 MB after boot), which is why an earlier measurement
+ * under load found huge pages slower for the read load and kept the
+ * switch off.  With it on: a load of 10^7 items takes ~1,300-1,800 faults
+ * instead of 62,000, and every insert_many batch costs 10-20% less CPU
+ * (the first into a bulk-built tree within 1.11-1.21x of the later ones,
+ * against 1.22-1.37x without).  ASan builds poison free blocks by hand
  * (POOL_POISON), so a use after free inside a chunk is still reported.  Writes
  * allocate only in their reserve step (insert, build, new, insert_sorted)
  * or never (delete, clear, value overwrite), which is what makes "on
@@ -63,7 +71,7 @@
 #endif
 /* AGG_HUGE: node chunks and large scratch in 2 MiB pages advised for
  * transparent huge pages (section 10); a build switch (CMake
- * AGGTREE_HUGEPAGES, -DAGG_HUGEPAGES=1), off by default. */
+ * AGGTREE_HUGEPAGES, -DAGG_HUGEPAGES=1), on by default. */
 #if defined(AGG_HUGEPAGES) && AGG_HUGEPAGES && defined(MADV_HUGEPAGE)
 #define AGG_HUGE 1
 #else
@@ -93,7 +101,7 @@ AGG_INLINE int injected_failure(void)
 static void *chunk_alloc(size_t bytes);
 
 /* malloc honouring the injector.  NULL on (real or injected) failure.
- * Over 1 MiB (a batch's or a sort's scratch arrays): whole 2 MiB pages,
+ * Over 256 KiB (a batch's or a sort's scratch arrays): whole 2 MiB pages,
  * advised for huge pages like the pools' chunks (chunk_alloc).  free()
  * releases either. */
 AGG_INTERN void *raw_alloc(size_t size)
@@ -102,7 +110,7 @@ AGG_INTERN void *raw_alloc(size_t size)
     if (injected_failure())
         return NULL;
 #if AGG_HUGE
-    if (size > POOL_CHUNK_MAX_BYTES / 2 && size <= SIZE_MAX - POOL_CHUNK_MAX_BYTES)
+    if (size > POOL_CHUNK_MAX_BYTES / 8 && size <= SIZE_MAX - POOL_CHUNK_MAX_BYTES)
         size = (size + POOL_CHUNK_MAX_BYTES - 1) / POOL_CHUNK_MAX_BYTES * POOL_CHUNK_MAX_BYTES;
 #endif
     p = chunk_alloc(size);
@@ -148,6 +156,20 @@ static void *chunk_alloc(size_t bytes)
     }
 #endif
     return malloc(bytes);
+}
+
+/* See aggtree.h. */
+void agg_advise_huge_pages(void *p, size_t n)
+{
+#if AGG_HUGE
+    uintptr_t lo = ((uintptr_t)p + POOL_CHUNK_MAX - 1) & ~(uintptr_t)(POOL_CHUNK_MAX - 1);
+    uintptr_t hi = ((uintptr_t)p + n) & ~(uintptr_t)(POOL_CHUNK_MAX - 1);
+    if (hi > lo)
+        (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)n;
+#endif
 }
 
 /* Start a new chunk in pl holding n blocks of `size` bytes (n >= 1). 0 on
