@@ -842,3 +842,44 @@ def test_large_numeric_section_reports_its_first_bad_item(where):
         struct.pack_into("<d", b, at + 16 * n + 8 * 250_000, math.nan)
     with pytest.raises(SnapshotError, match=rf"item {first} .*cannot hold"):
         Native.loads(reseal(b))
+
+
+@pytest.mark.parametrize("threads", ["default", "1"])
+def test_read_path_of_a_large_file_is_its_bytes(tmp_path, monkeypatch, threads):
+    """read_path reads a file of READ_THREAD_MIN or more in two halves on
+    two threads: the bytes come back whole at odd sizes around the cut
+    (and in one piece with AGGTREE_THREADS=1); a large snapshot loads by
+    path to the same contents."""
+    if threads == "1":
+        monkeypatch.setenv("AGGTREE_THREADS", "1")
+    rng = np.random.default_rng(5)
+    for size in (snapshot.READ_THREAD_MIN, snapshot.READ_THREAD_MIN + 4097,
+                 3 * snapshot.READ_THREAD_MIN + 13):
+        data = rng.integers(0, 256, size, dtype=np.uint8)
+        path = tmp_path / f"f{size}"
+        data.tofile(path)
+        assert np.array_equal(snapshot.read_path(path), data)
+    n = 400_000                                 # a 9.6 MB snapshot
+    agg = Native.from_arrays(rng.random(n), np.arange(n), rng.random(n))
+    agg.save(tmp_path / "a.snap", fsync=False)
+    got = Native.load(tmp_path / "a.snap")
+    got.check()
+    assert got.dumps() == agg.dumps()
+
+
+def test_read_path_falls_back_when_a_half_comes_up_short(tmp_path, monkeypatch):
+    """If a half of the two-thread read comes up short (the file shrank
+    while it was read), read_path reads the file again in one piece."""
+    data = np.random.default_rng(6).integers(0, 256, snapshot.READ_THREAD_MIN + 99,
+                                             dtype=np.uint8)
+    data.tofile(tmp_path / "f")
+    real = snapshot._pread_into
+    calls = []
+
+    def short(fd, view, start, end):
+        calls.append(start)
+        return real(fd, view, start, end) - (1 if start > 0 else 0)
+
+    monkeypatch.setattr(snapshot, "_pread_into", short)
+    assert np.array_equal(snapshot.read_path(tmp_path / "f"), data)
+    assert len(calls) == 2                      # the two halves, then the fallback
