@@ -222,6 +222,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import selectors
 import threading
 import time
 import uuid
@@ -925,12 +926,28 @@ class ChangeFeed:
     consumer does, so nothing the feed misses is lost.
 
     ``connect`` opens a connection (default: ``psycopg.connect(conninfo,
-    autocommit=True)``)."""
+    autocommit=True)``).
+
+    ``applied`` (optional) returns the position the consumer has applied;
+    a batch of notifications that names only positions at or below it (a
+    writing instance hearing its own commits) then wakes nobody: the thread
+    skips ``on_wake`` (counted in :attr:`skipped`) without taking any lock
+    the consumer holds.  The read is not locked: a stale value is only
+    lower (positions grow), which wakes the consumer for nothing, except
+    after a reload that moved the consumer back (the history changed under
+    it), where a skipped notification waits for the next one or the safety
+    poll.  The thread reads the socket with libpq directly (no psycopg
+    generator per wait): on a writing instance it wakes once per commit,
+    and every Python instruction it runs then is taken from the writer
+    (the GIL)."""
 
     def __init__(self, conninfo: str, on_wake: Optional[Callable[[], Any]] = None, *,
-                 poll_interval: float = 1.0, connect: Optional[Callable[[], Any]] = None) -> None:
+                 poll_interval: float = 1.0, connect: Optional[Callable[[], Any]] = None,
+                 applied: Optional[Callable[[], int]] = None) -> None:
         self.conninfo = conninfo
         self.on_wake = on_wake
+        self.applied = applied
+        self.skipped = 0
         self.poll_interval = poll_interval
         self._connect = connect or (lambda: psycopg.connect(conninfo, autocommit=True))
         self.woken = threading.Event()
@@ -1012,6 +1029,7 @@ class ChangeFeed:
         backoff = 0.05
         while not self._stop.is_set():
             conn = None
+            sel = None
             try:
                 conn = self._connect()
                 conn.execute("LISTEN aggtree_log")
@@ -1019,6 +1037,9 @@ class ChangeFeed:
                 self.connects += 1
                 self.listening.set()
                 backoff = 0.05
+                pgconn = conn.pgconn
+                sel = selectors.DefaultSelector()
+                sel.register(conn.fileno(), selectors.EVENT_READ)
                 self.wake_reason = "connect"
                 ok = self._wake()  # commits before LISTEN took effect sent us nothing
                 due = time.monotonic() + self.poll_interval
@@ -1029,15 +1050,24 @@ class ChangeFeed:
                     timeout = max(0.0, min(due - time.monotonic(), 0.2))
                     got = 0
                     top = 0
-                    for n in conn.notifies(timeout=timeout, stop_after=1):
-                        got += 1
-                        top = max(top, _payload_pos(n.payload))
-                    if got:  # take the rest that already arrived, in one wake
-                        for n in conn.notifies(timeout=0):
+                    if sel.select(timeout):
+                        # Take everything that arrived, in one wake.  (A
+                        # broken connection: consume_input raises.)
+                        pgconn.consume_input()
+                        n = pgconn.notifies()
+                        while n is not None:
                             got += 1
-                            top = max(top, _payload_pos(n.payload))
-                        self.notifications += got
-                    elif time.monotonic() < due:
+                            top = max(top, _payload_pos(n.extra))
+                            n = pgconn.notifies()
+                        if got:
+                            self.notifications += got
+                            applied = self.applied
+                            if ok and applied is not None and top <= applied():
+                                self.skipped += 1  # our own commits: nothing to fetch
+                                continue
+                        elif pgconn.status != psycopg.pq.ConnStatus.OK:
+                            raise psycopg.OperationalError("change feed: connection lost")
+                    if not got and time.monotonic() < due:
                         continue
                     # (a failed wake is retried as a poll: it must fetch)
                     self.wake_reason = "notify" if got and ok else "poll"
@@ -1049,6 +1079,8 @@ class ChangeFeed:
                 log.info("change feed: connection lost; reconnecting in %.2f s", backoff)
             finally:
                 self.listening.clear()
+                if sel is not None:
+                    sel.close()
                 if conn is not None:
                     try:
                         conn.close()
@@ -1058,7 +1090,7 @@ class ChangeFeed:
             backoff = min(2.0, backoff * 2)
 
 
-def _payload_pos(payload: str) -> int:
+def _payload_pos(payload: bytes) -> int:
     """The position a notification names (the append sends ``pos::text``);
     a payload that is not one (another sender) names none we can trust: a
     huge value, so the consumer fetches."""

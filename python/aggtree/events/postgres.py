@@ -129,6 +129,8 @@ class PostgresBackend(Backend):
         self._identity: Optional[tuple] = None
         self._feed: Optional[pglog.ChangeFeed] = None
         self.on_wake: Optional[Callable[[], Any]] = None
+        #: The consumer's applied position (the feed skips notifications at or below it).
+        self.applied: Optional[Callable[[], int]] = None
         self.drift_seen: Optional[int] = None
         self.reconnects = 0
         self._read = Transaction(self, _READ_BEGIN)
@@ -254,7 +256,8 @@ class PostgresBackend(Backend):
         """Start the change feed (its thread calls :attr:`on_wake`)."""
         if self._feed is None:
             self._feed = pglog.ChangeFeed(self.conninfo, self._wake,
-                                          poll_interval=self.poll_interval).start()
+                                          poll_interval=self.poll_interval,
+                                          applied=self.applied).start()
 
     def _wake(self) -> None:
         if self.on_wake is not None:
