@@ -42,8 +42,11 @@ COMMIT**, with one statement (:data:`APPEND_SQL`)::
     INSERT INTO aggtree_log (pos, token, chain, ops) SELECT ... FROM h
     RETURNING pos, chain, pg_notify('aggtree_log', pos::text)
 
-The UPDATE takes the head row's lock, which is held until the transaction
-ends.  Hence:
+(:func:`append_commit_simple` sends the same two statements as the
+PL/pgSQL function ``aggtree_append``: PostgreSQL plans them once per
+session, where the statement above, sent as text, is parsed and planned on
+every write.)  The UPDATE takes the head row's lock, which is held until
+the transaction ends.  Hence:
 
 * **Positions are dense.**  A second writer's UPDATE waits for the first to
   end; under READ COMMITTED it then increments the *committed* value.  If
@@ -123,7 +126,10 @@ notification) and at least every ``poll_interval`` seconds as a safety net.
 The consumer (:class:`LogConsumer`) keeps ``(pos, chain)`` and fetches
 ``pos > last`` on each wake: a lost, duplicated or folded notification, a
 reconnect or a server restart can delay it but never make it skip or repeat
-a position.
+a position.  Each notification names its position; given the consumer's
+position (``applied=``), the feed drops notifications of positions already
+applied (a writing instance hears each of its own commits) without calling
+``on_wake``, so they never contend for the consumer's lock.
 
 Drift
 -----
@@ -214,8 +220,9 @@ row locks, through the dialect), :func:`append_commit_simple` (append and
 COMMIT in one simple-protocol round trip; the missed rows read only when
 there are some), its ``change_id`` as the position (the chain is checked
 when a snapshot is loaded, :func:`check_snapshot`, not per row), and a
-feed wake that skips the fetch when the notifications name only positions
-it has applied (:attr:`ChangeFeed.wake_reason`).
+feed that drops notifications of positions it has applied (``applied=``;
+and a wake that skips the fetch when they name only such positions,
+:attr:`ChangeFeed.wake_reason`).
 """
 
 from __future__ import annotations
