@@ -229,7 +229,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import selectors
+import select
 import threading
 import time
 import uuid
@@ -1046,7 +1046,6 @@ class ChangeFeed:
         backoff = 0.05
         while not self._stop.is_set():
             conn = None
-            sel = None
             try:
                 conn = self._connect()
                 conn.execute("LISTEN aggtree_log")
@@ -1054,50 +1053,11 @@ class ChangeFeed:
                 self.connects += 1
                 self.listening.set()
                 backoff = 0.05
-                pgconn = conn.pgconn
-                sel = selectors.DefaultSelector()
-                sel.register(conn.fileno(), selectors.EVENT_READ)
-                self.wake_reason = "connect"
-                ok = self._wake()  # commits before LISTEN took effect sent us nothing
-                due = time.monotonic() + self.poll_interval
-                while not self._stop.is_set():
-                    if not ok:
-                        due = min(due, time.monotonic() + backoff)
-                    # wait in slices so that close() never waits long
-                    timeout = max(0.0, min(due - time.monotonic(), 0.2))
-                    got = 0
-                    top = 0
-                    if sel.select(timeout):
-                        # Take everything that arrived, in one wake.  (A
-                        # broken connection: consume_input raises.)
-                        pgconn.consume_input()
-                        n = pgconn.notifies()
-                        while n is not None:
-                            got += 1
-                            top = max(top, _payload_pos(n.extra))
-                            n = pgconn.notifies()
-                        if got:
-                            self.notifications += got
-                            applied = self.applied
-                            if ok and applied is not None and top <= applied():
-                                self.skipped += 1  # our own commits: nothing to fetch
-                                continue
-                        elif pgconn.status != psycopg.pq.ConnStatus.OK:
-                            raise psycopg.OperationalError("change feed: connection lost")
-                    if not got and time.monotonic() < due:
-                        continue
-                    # (a failed wake is retried as a poll: it must fetch)
-                    self.wake_reason = "notify" if got and ok else "poll"
-                    self.notified_max = top
-                    ok = self._wake()
-                    backoff = 0.05 if ok else min(2.0, backoff * 2)
-                    due = time.monotonic() + self.poll_interval
+                self._listen(conn)
             except psycopg.OperationalError:
                 log.info("change feed: connection lost; reconnecting in %.2f s", backoff)
             finally:
                 self.listening.clear()
-                if sel is not None:
-                    sel.close()
                 if conn is not None:
                     try:
                         conn.close()
@@ -1106,15 +1066,59 @@ class ChangeFeed:
             self._stop.wait(backoff)
             backoff = min(2.0, backoff * 2)
 
-
-def _payload_pos(payload: bytes) -> int:
-    """The position a notification names (the append sends ``pos::text``);
-    a payload that is not one (another sender) names none we can trust: a
-    huge value, so the consumer fetches."""
-    try:
-        return int(payload)
-    except ValueError:
-        return 2**62
+    def _listen(self, conn: Any) -> None:
+        """Wake on ``conn`` (listening) until :meth:`close` or a connection
+        error.  The socket is polled and read with libpq directly: on a
+        writing instance this loop runs once per commit (the instance's own
+        notifications), and every Python step it takes then is taken from
+        the writer (the GIL), so the path that drops them is kept short."""
+        pgconn = conn.pgconn
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        stop = self._stop
+        monotonic = time.monotonic
+        backoff = 0.05
+        self.wake_reason = "connect"
+        ok = self._wake()  # commits before LISTEN took effect sent us nothing
+        due = monotonic() + self.poll_interval
+        while not stop.is_set():
+            if not ok:
+                due = min(due, monotonic() + backoff)
+            # wait in slices so that close() never waits long
+            timeout = due - monotonic()
+            got = 0
+            top = 0
+            if poller.poll(0 if timeout <= 0 else min(200, int(timeout * 1000) + 1)):
+                # Take everything that arrived, in one wake.  (A broken
+                # connection: consume_input raises.)
+                pgconn.consume_input()
+                n = pgconn.notifies()
+                if n is None:
+                    if pgconn.status != psycopg.pq.ConnStatus.OK:
+                        raise psycopg.OperationalError("change feed: connection lost")
+                else:
+                    while n is not None:
+                        got += 1
+                        try:
+                            pos = int(n.extra)  # the append sends pos::text
+                        except ValueError:  # another sender: fetch
+                            pos = 2**62
+                        if pos > top:
+                            top = pos
+                        n = pgconn.notifies()
+                    self.notifications += got
+                    applied = self.applied
+                    if ok and applied is not None and top <= applied():
+                        self.skipped += 1  # our own commits: nothing to fetch
+                        continue
+            if not got and monotonic() < due:
+                continue
+            # (a failed wake is retried as a poll: it must fetch)
+            self.wake_reason = "notify" if got and ok else "poll"
+            self.notified_max = top
+            ok = self._wake()
+            backoff = 0.05 if ok else min(2.0, backoff * 2)
+            due = monotonic() + self.poll_interval
 
 
 # ---------------------------------------------------------------------------
