@@ -129,7 +129,13 @@ reconnect or a server restart can delay it but never make it skip or repeat
 a position.  Each notification names its position; given the consumer's
 position (``applied=``), the feed drops notifications of positions already
 applied (a writing instance hears each of its own commits) without calling
-``on_wake``, so they never contend for the consumer's lock.
+``on_wake``, so they never contend for the consumer's lock; and while an
+instance writes in a burst, its feed stops listening (each notification
+costs the server a signal and a message to every listener, on the
+writer's commit path): the instance's own appends bring it the rows others
+committed meanwhile (the gap check), and once its position has stood still
+for ``pause`` (5 ms) the feed LISTENs again and fetches
+(:class:`ChangeFeed`).
 
 Drift
 -----
@@ -954,16 +960,33 @@ class ChangeFeed:
     after a reload that moved the consumer back (the history changed under
     it), where a skipped notification waits for the next one or the safety
     poll.  The thread reads the socket with libpq directly (no psycopg
-    generator per wait): on a writing instance it wakes once per commit,
-    and every Python instruction it runs then is taken from the writer
-    (the GIL)."""
+    generator per wait).
+
+    ``pause`` (seconds, with ``applied`` and ``own_pid``, which returns the
+    server process id of the instance's writing connection): a writing
+    instance hears every one of its own commits, and each costs the server
+    a signal to this connection's process and a message, on the writer's
+    critical path.  When two batches of notifications, all sent by
+    ``own_pid()`` and all of applied positions, come within ``pause`` of
+    each other, the feed stops listening (UNLISTEN) for as long as the consumer's
+    position keeps moving within every ``pause`` (the instance keeps
+    writing, and each of its appends brings it the rows others committed
+    before it); when the position has stood still for ``pause``, it LISTENs
+    again and wakes the consumer to fetch.  So a writing instance applies
+    other instances' rows at its next write or within about ``2 * pause``
+    (counted in :attr:`pauses`); an instance that only reads never pauses.
+    ``pause=0``: never."""
 
     def __init__(self, conninfo: str, on_wake: Optional[Callable[[], Any]] = None, *,
                  poll_interval: float = 1.0, connect: Optional[Callable[[], Any]] = None,
-                 applied: Optional[Callable[[], int]] = None) -> None:
+                 applied: Optional[Callable[[], int]] = None, pause: float = 0.005,
+                 own_pid: Optional[Callable[[], Optional[int]]] = None) -> None:
         self.conninfo = conninfo
         self.on_wake = on_wake
         self.applied = applied
+        self.own_pid = own_pid
+        self.pause = pause
+        self.pauses = 0
         self.skipped = 0
         self.poll_interval = poll_interval
         self._connect = connect or (lambda: psycopg.connect(conninfo, autocommit=True))
@@ -1048,6 +1071,10 @@ class ChangeFeed:
             conn = None
             try:
                 conn = self._connect()
+                # Notifications that arrive during a statement on this
+                # connection are dropped (not queued in psycopg): each
+                # statement here is followed by a wake that fetches.
+                conn.add_notify_handler(_drop)
                 conn.execute("LISTEN aggtree_log")
                 self.listen_pid = conn.info.backend_pid
                 self.connects += 1
@@ -1066,6 +1093,22 @@ class ChangeFeed:
             self._stop.wait(backoff)
             backoff = min(2.0, backoff * 2)
 
+    def _pause(self, conn: Any, applied: Callable[[], int]) -> bool:
+        """UNLISTEN while the consumer's position moves within every
+        ``pause`` seconds, then LISTEN again; False if closing."""
+        self.pauses += 1
+        conn.execute("UNLISTEN aggtree_log")
+        pos = applied()
+        while True:
+            if self._stop.wait(max(self.pause, 0.001)):
+                return False
+            now = applied()
+            if now == pos:
+                break
+            pos = now
+        conn.execute("LISTEN aggtree_log")
+        return True
+
     def _listen(self, conn: Any) -> None:
         """Wake on ``conn`` (listening) until :meth:`close` or a connection
         error.  The socket is polled and read with libpq directly: on a
@@ -1081,6 +1124,7 @@ class ChangeFeed:
         self.wake_reason = "connect"
         ok = self._wake()  # commits before LISTEN took effect sent us nothing
         due = monotonic() + self.poll_interval
+        last_own = -1.0  # when the last batch of our own notifications came
         while not stop.is_set():
             if not ok:
                 due = min(due, monotonic() + backoff)
@@ -1097,8 +1141,11 @@ class ChangeFeed:
                     if pgconn.status != psycopg.pq.ConnStatus.OK:
                         raise psycopg.OperationalError("change feed: connection lost")
                 else:
+                    own = self.own_pid() if self.own_pid is not None else None
                     while n is not None:
                         got += 1
+                        if n.be_pid != own:
+                            own = None
                         try:
                             pos = int(n.extra)  # the append sends pos::text
                         except ValueError:  # another sender: fetch
@@ -1110,7 +1157,18 @@ class ChangeFeed:
                     applied = self.applied
                     if ok and applied is not None and top <= applied():
                         self.skipped += 1  # our own commits: nothing to fetch
-                        continue
+                        if own is None:
+                            continue  # (others' rows a fetch already brought)
+                        now = monotonic()
+                        if now - last_own >= self.pause:
+                            last_own = now
+                            continue
+                        # A burst of our own commits: stop hearing them.
+                        if not self._pause(conn, applied):
+                            return  # closing
+                        last_own = -1.0
+                        got = 0
+                        due = 0.0  # fetch now (below): nobody told us of the rows meanwhile
             if not got and monotonic() < due:
                 continue
             # (a failed wake is retried as a poll: it must fetch)
@@ -1119,6 +1177,10 @@ class ChangeFeed:
             ok = self._wake()
             backoff = 0.05 if ok else min(2.0, backoff * 2)
             due = monotonic() + self.poll_interval
+
+
+def _drop(notify: Any) -> None:
+    """A notify handler that drops the notification (see ChangeFeed._run)."""
 
 
 # ---------------------------------------------------------------------------

@@ -257,7 +257,13 @@ class PostgresBackend(Backend):
         if self._feed is None:
             self._feed = pglog.ChangeFeed(self.conninfo, self._wake,
                                           poll_interval=self.poll_interval,
-                                          applied=self.applied).start()
+                                          applied=self.applied, own_pid=self._writer_pid).start()
+
+    def _writer_pid(self) -> Optional[int]:
+        """The server process id of the writing connection (the feed pauses
+        while it hears only that process's commits)."""
+        identity = self._identity
+        return None if identity is None else identity[0]
 
     def _wake(self) -> None:
         if self.on_wake is not None:
