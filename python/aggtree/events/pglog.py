@@ -966,9 +966,11 @@ class ChangeFeed:
     server process id of the instance's writing connection): a writing
     instance hears every one of its own commits, and each costs the server
     a signal to this connection's process and a message, on the writer's
-    critical path.  When two batches of notifications, all sent by
-    ``own_pid()`` and all of applied positions, come within ``pause`` of
-    each other, the feed stops listening (UNLISTEN) for as long as the consumer's
+    critical path.  When four batches of notifications in a row, all sent
+    by ``own_pid()`` and all of applied positions, each come within
+    ``pause`` of the one before (a burst: a slower writer would pay more
+    for the toggles than for its notifications), the feed stops listening
+    (UNLISTEN) for as long as the consumer's
     position keeps moving within every ``pause`` (the instance keeps
     writing, and each of its appends brings it the rows others committed
     before it); when the position has stood still for ``pause``, it LISTENs
@@ -1125,6 +1127,7 @@ class ChangeFeed:
         ok = self._wake()  # commits before LISTEN took effect sent us nothing
         due = monotonic() + self.poll_interval
         last_own = -1.0  # when the last batch of our own notifications came
+        burst = 0  # how many batches in a row came within pause of the one before
         while not stop.is_set():
             if not ok:
                 due = min(due, monotonic() + backoff)
@@ -1160,13 +1163,15 @@ class ChangeFeed:
                         if own is None:
                             continue  # (others' rows a fetch already brought)
                         now = monotonic()
-                        if now - last_own >= self.pause:
-                            last_own = now
+                        burst = burst + 1 if now - last_own < self.pause else 0
+                        last_own = now
+                        if burst < 3:
                             continue
                         # A burst of our own commits: stop hearing them.
                         if not self._pause(conn, applied):
                             return  # closing
                         last_own = -1.0
+                        burst = 0
                         got = 0
                         due = 0.0  # fetch now (below): nobody told us of the rows meanwhile
             if not got and monotonic() < due:
