@@ -970,11 +970,11 @@ class ChangeFeed:
     by ``own_pid()`` and all of applied positions, each come within
     ``pause`` of the one before (a burst: a slower writer would pay more
     for the toggles than for its notifications), the feed stops listening
-    (UNLISTEN) for as long as the consumer's
-    position keeps moving within every ``pause`` (the instance keeps
-    writing, and each of its appends brings it the rows others committed
-    before it); when the position has stood still for ``pause``, it LISTENs
-    again and wakes the consumer to fetch.  So a writing instance applies
+    (UNLISTEN) for as long as the consumer's position keeps moving within
+    every ``pause`` (the instance keeps writing, and each of its appends
+    brings it the rows others committed before it); when the position has
+    stood still for ``pause``, it LISTENs again and wakes the consumer to
+    fetch.  So a writing instance applies
     other instances' rows at its next write or within about ``2 * pause``
     (counted in :attr:`pauses`); an instance that only reads never pauses.
     ``pause=0``: never."""
@@ -1115,8 +1115,9 @@ class ChangeFeed:
         """Wake on ``conn`` (listening) until :meth:`close` or a connection
         error.  The socket is polled and read with libpq directly: on a
         writing instance this loop runs once per commit (the instance's own
-        notifications), and every Python step it takes then is taken from
-        the writer (the GIL), so the path that drops them is kept short."""
+        notifications) until it pauses, and every Python step it takes then
+        is taken from the writer (the GIL), so the path that drops them is
+        kept short."""
         pgconn = conn.pgconn
         poller = select.poll()
         poller.register(conn.fileno(), select.POLLIN)
