@@ -228,7 +228,8 @@ there are some), its ``change_id`` as the position (the chain is checked
 when a snapshot is loaded, :func:`check_snapshot`, not per row), and a
 feed that drops notifications of positions it has applied (``applied=``;
 and a wake that skips the fetch when they name only such positions,
-:attr:`ChangeFeed.wake_reason`).
+:attr:`ChangeFeed.wake_reason`) and pauses listening during the instance's
+write bursts (``own_pid=``, ``pause=``).
 """
 
 from __future__ import annotations
