@@ -145,6 +145,7 @@ def test_a_writing_instance_pauses_its_feed_and_still_hears_others(uri):
     try:
         alice, bob, e = small_world(a)
         feed_a, feed_b = a._backend._feed, b._backend._feed
+        feed_a.pause = 0.05  # a burst even on a loaded machine (writes of up to 50 ms)
         for _ in range(500):
             a.unfollow_event(bob, e)
             a.follow_event(bob, e)
@@ -452,6 +453,10 @@ def test_many_processes_with_kills_and_a_restart(uri, pg_server, tmp_path):
         procs[("writer", 4)] = spawn("writer", 4)  # (they open while the others write)
         procs[("reader", 13)] = spawn("reader", 13)
         time.sleep(duration * 0.2)
+        # (on a loaded machine a new process can take longer than that to
+        # start; an open that meets the restart fails: wait for them first)
+        assert wait_until(lambda: all(os.path.exists(os.path.join(workdir, f"ready-{r}-{i}"))
+                                      for r, i in (("writer", 4), ("reader", 13))), 120.0)
         pg_server.restart()  # every connection is cut mid-run
         live = [k for k in procs if k not in killed]
         assert wait_until(lambda: all(os.path.exists(os.path.join(workdir, f"done-{r}-{i}"))
