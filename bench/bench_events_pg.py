@@ -10,9 +10,22 @@ server binaries are installed.  Sections:
 * ``stats``: get_user_stats p50 / p99 for the heaviest users, PostgreSQL
   instance vs SQLite store (both in-process aggregate counts);
 * ``writes``: each kind of write through the store vs the same SQL
-  statements issued by a plain psycopg client (BEGIN implicit, the same
-  row locks, COMMIT), alternating A/B rounds in one run; the ratio is
-  store / plain (bar: <= 1.25x);
+  issued by a plain psycopg client, alternating rounds in one run (bar:
+  store <= 1.25x the plain client issuing the same SQL).  Two plain
+  clients: ``plain+log`` issues the store's SQL (BEGIN with the writer
+  mark, the hook's statements with the same row locks, the log append with
+  COMMIT in one round trip, :func:`aggtree.events.pglog.append_commit_simple`,
+  whose ops are empty: a no-op for whoever replays them), ``plain`` the
+  hook's statements alone (BEGIN implicit, COMMIT; its writes are drift to
+  the store, and the drift triggers bump a counter for each).  The
+  environment is the same for every side: one listening session in another
+  process (a stand-in for the other instances, which NOTIFY signals), and
+  the store's own change feed runs only during the store's rounds (a plain
+  client has no feed; left running, the store's feed would wake on the plain
+  client's commits and fetch their rows in this process, charging the
+  plain side for the store's work).  12 rounds of 100 writes per side by
+  default (the median of the rounds is less noisy with more, shorter
+  rounds on a shared machine);
 * ``lag``: --writers writer processes (EventStore instances) make paced
   writes (--rate in total) while an instance in this process applies them
   through its change feed; lag = applied on the reader - committed_at of the
@@ -192,6 +205,29 @@ def bench_writes(uri: str, args, out: dict) -> None:
         else:
             store.delete_event(owner, eid)
 
+    # The other instances' stand-in: a session that LISTENs and drains, in
+    # another process (the server signals it on every commit that notifies).
+    listener = subprocess.Popen(
+        [sys.executable, "-c", "import sys, psycopg\n"
+         "c = psycopg.connect(sys.argv[1], autocommit=True)\n"
+         "c.execute('LISTEN aggtree_log')\n"
+         "print('listening', flush=True)\n"
+         "for _ in c.notifies(): pass\n", uri],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    listener.stdout.readline()
+    backend = store._backend
+
+    def feed(on: bool) -> None:
+        """The store's change feed: on for the store's rounds, off for the plain clients'."""
+        if not on:
+            backend.detach()
+            return
+        backend.attach()
+        deadline = time.monotonic() + 10
+        while backend._feed.wakes < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)  # its first wake (on connecting) has begun
+        store.catch_up()  # after it: the plain+log rows are applied
+
     res = {}
     print(f"writes: store vs plain psycopg, the same statements ({args.rounds} alternating rounds"
           f" of {n}; median of the rounds' per-write times)")
@@ -208,6 +244,7 @@ def bench_writes(uri: str, args, out: dict) -> None:
                 if kind == "unfollow_event":
                     for e in targets:
                         store.follow_event(fan, e)
+                feed(side == 0)
                 t0 = time.perf_counter()
                 for i, e in enumerate(targets):
                     sides[side](kind, e, i)
@@ -216,8 +253,11 @@ def bench_writes(uri: str, args, out: dict) -> None:
         res[kind] = {"store": s, "plain": p, "plain_log": pl, "ratio": s / p, "ratio_log": s / pl}
         print(f"  {kind:<15} store {fmt(s):>9}   plain {fmt(p):>9} ({s / p:.2f}x)"
               f"   plain+log {fmt(pl):>9} ({s / pl:.2f}x)")
+    listener.kill()
+    listener.wait()
     plain.close()
     logged.close()
+    feed(True)
     store.close()  # (the plain client's writes are drift to it, by design)
     out["writes"] = res
 
@@ -313,8 +353,8 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3, help="opens timed (best of)")
     ap.add_argument("--stats-runs", type=int, default=2000)
-    ap.add_argument("--write-runs", type=int, default=200)
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--write-runs", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--writers", type=int, default=4)
     ap.add_argument("--rate", type=float, default=600.0, help="lag: total writes/s")
     ap.add_argument("--lag-seconds", type=float, default=10.0)

@@ -135,6 +135,34 @@ def test_the_feed_applies_other_instances_writes(uri):
         b.close()
 
 
+def test_a_writing_instance_pauses_its_feed_and_still_hears_others(uri):
+    # a writes in a burst: its feed drops its own notifications, then stops
+    # listening while a's position keeps moving; b only reads and never
+    # pauses.  A row b commits while a's feed pauses reaches a by a's next
+    # write, or when a has been still for a moment: not the 60 s poll.
+    a = EventStore.open(uri, snapshot=False, poll_interval=60.0)
+    b = EventStore.open(uri, snapshot=False, poll_interval=60.0)
+    try:
+        alice, bob, e = small_world(a)
+        feed_a, feed_b = a._backend._feed, b._backend._feed
+        feed_a.pause = 0.05  # a burst even on a loaded machine (writes of up to 50 ms)
+        for _ in range(500):
+            a.unfollow_event(bob, e)
+            a.follow_event(bob, e)
+            if feed_a.pauses:
+                break
+        assert feed_a.pauses >= 1 and feed_a.skipped >= 1
+        e2 = b.create_event(bob, name="y", start=at(7), created_at=at(-1))
+        assert wait_until(lambda: a.change_id == b.change_id, 5.0)
+        assert a.get_user_stats("bob", now=T0).upcoming_own == 1  # e2, in a's aggregates
+        assert wait_until(lambda: b.change_id == a.change_id, 5.0)
+        assert feed_b.pauses == 0  # (its skips: rows a fetch had already brought)
+        assert dump(a) == dump(b) == fresh_dump(uri)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_compacted_log_makes_a_lagging_instance_reload(uri):
     a = EventStore.open(uri, change_log_keep=3)
     b = EventStore.open(uri, poll_interval=60.0)
@@ -425,6 +453,10 @@ def test_many_processes_with_kills_and_a_restart(uri, pg_server, tmp_path):
         procs[("writer", 4)] = spawn("writer", 4)  # (they open while the others write)
         procs[("reader", 13)] = spawn("reader", 13)
         time.sleep(duration * 0.2)
+        # (on a loaded machine a new process can take longer than that to
+        # start; an open that meets the restart fails: wait for them first)
+        assert wait_until(lambda: all(os.path.exists(os.path.join(workdir, f"ready-{r}-{i}"))
+                                      for r, i in (("writer", 4), ("reader", 13))), 120.0)
         pg_server.restart()  # every connection is cut mid-run
         live = [k for k in procs if k not in killed]
         assert wait_until(lambda: all(os.path.exists(os.path.join(workdir, f"done-{r}-{i}"))

@@ -129,6 +129,8 @@ class PostgresBackend(Backend):
         self._identity: Optional[tuple] = None
         self._feed: Optional[pglog.ChangeFeed] = None
         self.on_wake: Optional[Callable[[], Any]] = None
+        #: The consumer's applied position (the feed skips notifications at or below it).
+        self.applied: Optional[Callable[[], int]] = None
         self.drift_seen: Optional[int] = None
         self.reconnects = 0
         self._read = Transaction(self, _READ_BEGIN)
@@ -254,7 +256,14 @@ class PostgresBackend(Backend):
         """Start the change feed (its thread calls :attr:`on_wake`)."""
         if self._feed is None:
             self._feed = pglog.ChangeFeed(self.conninfo, self._wake,
-                                          poll_interval=self.poll_interval).start()
+                                          poll_interval=self.poll_interval,
+                                          applied=self.applied, own_pid=self._writer_pid).start()
+
+    def _writer_pid(self) -> Optional[int]:
+        """The server process id of the writing connection (the feed pauses
+        while it hears only that process's commits)."""
+        identity = self._identity
+        return None if identity is None else identity[0]
 
     def _wake(self) -> None:
         if self.on_wake is not None:

@@ -271,6 +271,7 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
             store.snapshot_path = snapshot_path
             if backend.concurrent_writers:
                 backend.on_wake = store._feed_wake  # type: ignore[attr-defined]
+                backend.applied = store._applied  # type: ignore[attr-defined]
             with store._lock:  # the feed applies nothing before the load is done
                 backend.attach()
                 store._write_version = None
@@ -559,6 +560,11 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
                     backend.lost()  # type: ignore[attr-defined]
                     time.sleep(0.1)
             return self.changes_replayed - before
+
+    def _applied(self) -> int:
+        """The last change-log position applied, read without the lock (the
+        change feed skips notifications of positions at or below it)."""
+        return self.change_id
 
     def _feed_wake(self) -> None:
         """The change feed's callback (its own thread, PostgreSQL): apply the
