@@ -31,16 +31,16 @@
  * 4 KiB, in which the kernel maps and zeroes the page; a 2 MiB chunk
  * advised MADV_HUGEPAGE is one fault (Linux with transparent_hugepage
  * "madvise" or "always"; if the kernel says no, plain pages and nothing
- * else changes).  raw_alloc then does the same for scratch over 256 KiB (a
- * batch's sort and plan arrays, the bulk build's node array): the first
- * batch after a bulk build took ~1,320 page faults per 10^5 keys, ~730 of
- * them in its plan arrays (fresh memory, where later batches reuse what
- * the earlier ones freed), and ~600 in the Python layer's key and value
- * arrays (which _numpy.pxi now lays on huge pages too); now ~275, against
- * 30-700 for later batches (bench/first_batch.py).  Rounding 256 KiB up
- * to a 2 MiB page zeroes more memory than it uses; on this VM, where a 4
- * KiB fault costs ~2 us, that is cheaper, and on bare metal (~0.25 us a
- * fault) it costs ~50 us a batch at most.  numpy does the
+ * else changes).  raw_alloc then does the same for scratch over 1 MiB (a
+ * batch's sort and plan arrays, the bulk build's node array).  The first
+ * batch after a bulk build took ~1,320 page faults per 10^5 keys: ~600 in
+ * the Python layer's fresh key and value arrays (which _numpy.pxi now lays
+ * on huge pages too: 360-550 left), the rest in its plan arrays of 256 KiB
+ * - 1 MiB, fresh where later batches reuse what the earlier ones freed.
+ * Rounding those up to huge pages as well cut the first batch to ~230
+ * faults but moved ~700 to the fourth (each 2 MiB-rounded array is mapped
+ * anew, where malloc would have reused heap memory), so the threshold
+ * stays at 1 MiB (bench/README.md).  numpy does the
  * same for its large arrays.  Measured on the development VM (tests of 250
  * MB of fresh memory touched in 2 MiB chunks, bench/README.md "Huge pages
  * by default"): 4 KiB pages 110-147 ms, huge pages 15-16 ms once the
@@ -101,7 +101,7 @@ AGG_INLINE int injected_failure(void)
 static void *chunk_alloc(size_t bytes);
 
 /* malloc honouring the injector.  NULL on (real or injected) failure.
- * Over 256 KiB (a batch's or a sort's scratch arrays): whole 2 MiB pages,
+ * Over 1 MiB (a batch's or a sort's scratch arrays): whole 2 MiB pages,
  * advised for huge pages like the pools' chunks (chunk_alloc).  free()
  * releases either. */
 AGG_INTERN void *raw_alloc(size_t size)
@@ -110,7 +110,7 @@ AGG_INTERN void *raw_alloc(size_t size)
     if (injected_failure())
         return NULL;
 #if AGG_HUGE
-    if (size > POOL_CHUNK_MAX_BYTES / 8 && size <= SIZE_MAX - POOL_CHUNK_MAX_BYTES)
+    if (size > POOL_CHUNK_MAX_BYTES / 2 && size <= SIZE_MAX - POOL_CHUNK_MAX_BYTES)
         size = (size + POOL_CHUNK_MAX_BYTES - 1) / POOL_CHUNK_MAX_BYTES * POOL_CHUNK_MAX_BYTES;
 #endif
     p = chunk_alloc(size);
