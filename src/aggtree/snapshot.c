@@ -12,6 +12,10 @@
  * value several times faster.  Where PCLMULQDQ is missing,
  * agg_snapshot_crc32_fast() says so and the caller uses zlib.
  *
+ * Where the CPU has VPCLMULQDQ (AVX-512), the fold runs on 64-byte registers
+ * (crc_vclmul, ~2x the speed here); AGGTREE_NO_VPCLMUL in the environment
+ * (read at the first checksum) keeps the 128-bit fold, for tests.
+ *
  * A large buffer's checksum is computed in two halves on two threads and
  * the halves' CRCs combined (agg_snapshot_crc32_combine: a CRC is linear,
  * so crc(A B) = crc(A) * x^(8 |B|) + crc(B) mod P).  The per-item checks of
@@ -56,55 +60,30 @@ static uint32_t crc_bytes(uint32_t crc, const uint8_t *p, size_t n) {
 #include <immintrin.h>
 #define HAVE_CLMUL_PATH 1
 
-/* Fold 16-byte aligned p[0:n] (n a multiple of 16, >= 64) into the raw crc.
- * Constants: x^(4*128+32) / x^(4*128-32) mod P (the 64-byte fold),
- * x^(128+32) / x^(128-32) mod P (the 16-byte fold), x^64 mod P, and the
- * Barrett pair (floor(x^64 / P), P), all bit-reflected. */
+/* The 64-byte fold of the loops below: x * k (its low qword by k's low,
+ * its high by k's high), plus the next data. */
+#define FOLD128(x, k, data) \
+    _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128((x), (k), 0x00), \
+                                _mm_clmulepi64_si128((x), (k), 0x11)), (data))
+
+/* The end of a fold: four 16-byte lanes x1..x4 holding everything before p,
+ * then p[0:n] (n a multiple of 16, 16-byte aligned), to the raw crc.
+ * Constants: x^(128+32) / x^(128-32) mod P (the 16-byte fold), x^64 mod P,
+ * and the Barrett pair (floor(x^64 / P), P), all bit-reflected. */
 __attribute__((target("pclmul,sse4.1")))
-static uint32_t crc_clmul(uint32_t crc, const uint8_t *p, size_t n) {
-    const __m128i k1k2 = _mm_set_epi64x(0x1c6e41596LL, 0x154442bd4LL);
+static uint32_t crc_lanes_finish(__m128i x1, __m128i x2, __m128i x3, __m128i x4,
+                                 const uint8_t *p, size_t n) {
     const __m128i k3k4 = _mm_set_epi64x(0x0ccaa009eLL, 0x1751997d0LL);
     const __m128i k5 = _mm_set_epi64x(0, 0x163cd6124LL);
     const __m128i poly = _mm_set_epi64x(0x1f7011641LL, 0x1db710641LL);
     const __m128i mask32 = _mm_set_epi32(0, 0, 0, -1);
-    __m128i x1 = _mm_load_si128((const __m128i *)p);
-    __m128i x2 = _mm_load_si128((const __m128i *)(p + 16));
-    __m128i x3 = _mm_load_si128((const __m128i *)(p + 32));
-    __m128i x4 = _mm_load_si128((const __m128i *)(p + 48));
-    __m128i t1, t2, t3, t4;
-    x1 = _mm_xor_si128(x1, _mm_cvtsi32_si128((int)crc));
-    p += 64;
-    n -= 64;
-    while (n >= 64) {
-        t1 = _mm_clmulepi64_si128(x1, k1k2, 0x11);
-        t2 = _mm_clmulepi64_si128(x2, k1k2, 0x11);
-        t3 = _mm_clmulepi64_si128(x3, k1k2, 0x11);
-        t4 = _mm_clmulepi64_si128(x4, k1k2, 0x11);
-        x1 = _mm_clmulepi64_si128(x1, k1k2, 0x00);
-        x2 = _mm_clmulepi64_si128(x2, k1k2, 0x00);
-        x3 = _mm_clmulepi64_si128(x3, k1k2, 0x00);
-        x4 = _mm_clmulepi64_si128(x4, k1k2, 0x00);
-        x1 = _mm_xor_si128(_mm_xor_si128(x1, t1), _mm_load_si128((const __m128i *)p));
-        x2 = _mm_xor_si128(_mm_xor_si128(x2, t2), _mm_load_si128((const __m128i *)(p + 16)));
-        x3 = _mm_xor_si128(_mm_xor_si128(x3, t3), _mm_load_si128((const __m128i *)(p + 32)));
-        x4 = _mm_xor_si128(_mm_xor_si128(x4, t4), _mm_load_si128((const __m128i *)(p + 48)));
-        p += 64;
-        n -= 64;
-    }
+    __m128i t1, t2;
     /* four lanes into one */
-    t1 = _mm_clmulepi64_si128(x1, k3k4, 0x11);
-    x1 = _mm_clmulepi64_si128(x1, k3k4, 0x00);
-    x1 = _mm_xor_si128(_mm_xor_si128(x1, t1), x2);
-    t1 = _mm_clmulepi64_si128(x1, k3k4, 0x11);
-    x1 = _mm_clmulepi64_si128(x1, k3k4, 0x00);
-    x1 = _mm_xor_si128(_mm_xor_si128(x1, t1), x3);
-    t1 = _mm_clmulepi64_si128(x1, k3k4, 0x11);
-    x1 = _mm_clmulepi64_si128(x1, k3k4, 0x00);
-    x1 = _mm_xor_si128(_mm_xor_si128(x1, t1), x4);
+    x1 = FOLD128(x1, k3k4, x2);
+    x1 = FOLD128(x1, k3k4, x3);
+    x1 = FOLD128(x1, k3k4, x4);
     while (n >= 16) {
-        t1 = _mm_clmulepi64_si128(x1, k3k4, 0x11);
-        x1 = _mm_clmulepi64_si128(x1, k3k4, 0x00);
-        x1 = _mm_xor_si128(_mm_xor_si128(x1, t1), _mm_load_si128((const __m128i *)p));
+        x1 = FOLD128(x1, k3k4, _mm_load_si128((const __m128i *)p));
         p += 16;
         n -= 16;
     }
@@ -126,12 +105,81 @@ static uint32_t crc_clmul(uint32_t crc, const uint8_t *p, size_t n) {
     return (uint32_t)_mm_extract_epi32(x1, 1);
 }
 
-static int clmul_checked, clmul_ok;
+/* Fold 16-byte aligned p[0:n] (n a multiple of 16, >= 64) into the raw crc,
+ * 64 bytes (four 16-byte lanes) per step.  Constants: x^(4*128+32) /
+ * x^(4*128-32) mod P (the 64-byte fold), bit-reflected. */
+__attribute__((target("pclmul,sse4.1")))
+static uint32_t crc_clmul(uint32_t crc, const uint8_t *p, size_t n) {
+    const __m128i k1k2 = _mm_set_epi64x(0x1c6e41596LL, 0x154442bd4LL);
+    __m128i x1 = _mm_load_si128((const __m128i *)p);
+    __m128i x2 = _mm_load_si128((const __m128i *)(p + 16));
+    __m128i x3 = _mm_load_si128((const __m128i *)(p + 32));
+    __m128i x4 = _mm_load_si128((const __m128i *)(p + 48));
+    x1 = _mm_xor_si128(x1, _mm_cvtsi32_si128((int)crc));
+    p += 64;
+    n -= 64;
+    while (n >= 64) {
+        x1 = FOLD128(x1, k1k2, _mm_load_si128((const __m128i *)p));
+        x2 = FOLD128(x2, k1k2, _mm_load_si128((const __m128i *)(p + 16)));
+        x3 = FOLD128(x3, k1k2, _mm_load_si128((const __m128i *)(p + 32)));
+        x4 = FOLD128(x4, k1k2, _mm_load_si128((const __m128i *)(p + 48)));
+        p += 64;
+        n -= 64;
+    }
+    return crc_lanes_finish(x1, x2, x3, x4, p, n);
+}
+
+/* The same with VPCLMULQDQ (AVX-512): four 64-byte registers, 256 bytes per
+ * step, each 16-byte lane folded by x^(2048+32) / x^(2048-32) mod P; then
+ * the four registers into one (the 64-byte fold above), the rest of the
+ * input 64 bytes at a time, and the register's four lanes to
+ * crc_lanes_finish.  p 16-byte aligned, n a multiple of 16, >= 256.  240 MB
+ * in 7.3 ms on one thread here, against 15.8 for the 128-bit fold
+ * (bench/README.md). */
+#define FOLD512(x, k, data) \
+    _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128((x), (k), 0x00), \
+                              _mm512_clmulepi64_epi128((x), (k), 0x11), (data), 0x96)
+__attribute__((target("avx512f,avx512vl,vpclmulqdq,pclmul,sse4.1")))
+static uint32_t crc_vclmul(uint32_t crc, const uint8_t *p, size_t n) {
+    const __m512i k2048 = _mm512_broadcast_i32x4(_mm_set_epi64x(0x1322d1430LL, 0x11542778aLL));
+    const __m512i k512 = _mm512_broadcast_i32x4(_mm_set_epi64x(0x1c6e41596LL, 0x154442bd4LL));
+    __m512i a = _mm512_loadu_si512((const void *)p);
+    __m512i b = _mm512_loadu_si512((const void *)(p + 64));
+    __m512i c = _mm512_loadu_si512((const void *)(p + 128));
+    __m512i d = _mm512_loadu_si512((const void *)(p + 192));
+    a = _mm512_xor_si512(a, _mm512_castsi128_si512(_mm_cvtsi32_si128((int)crc)));
+    p += 256;
+    n -= 256;
+    while (n >= 256) {
+        a = FOLD512(a, k2048, _mm512_loadu_si512((const void *)p));
+        b = FOLD512(b, k2048, _mm512_loadu_si512((const void *)(p + 64)));
+        c = FOLD512(c, k2048, _mm512_loadu_si512((const void *)(p + 128)));
+        d = FOLD512(d, k2048, _mm512_loadu_si512((const void *)(p + 192)));
+        p += 256;
+        n -= 256;
+    }
+    a = FOLD512(a, k512, b);
+    a = FOLD512(a, k512, c);
+    a = FOLD512(a, k512, d);
+    while (n >= 64) {
+        a = FOLD512(a, k512, _mm512_loadu_si512((const void *)p));
+        p += 64;
+        n -= 64;
+    }
+    return crc_lanes_finish(_mm512_extracti32x4_epi32(a, 0), _mm512_extracti32x4_epi32(a, 1),
+                            _mm512_extracti32x4_epi32(a, 2), _mm512_extracti32x4_epi32(a, 3),
+                            p, n);
+}
+
+static int clmul_checked, clmul_ok, vclmul_ok;
 
 int agg_snapshot_crc32_fast(void) {
     if (!clmul_checked) {
         __builtin_cpu_init();
         clmul_ok = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+        vclmul_ok = clmul_ok && __builtin_cpu_supports("avx512f") &&
+                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("vpclmulqdq") &&
+                    !getenv("AGGTREE_NO_VPCLMUL");
         clmul_checked = 1;
     }
     return clmul_ok;
@@ -150,7 +198,7 @@ static uint32_t crc32_serial(uint32_t crc, const uint8_t *p, size_t n) {
         p += pre;
         n -= pre;
         body = n & ~(size_t)15;
-        crc = crc_clmul(crc, p, body);
+        crc = vclmul_ok && body >= 256 ? crc_vclmul(crc, p, body) : crc_clmul(crc, p, body);
         p += body;
         n -= body;
     }

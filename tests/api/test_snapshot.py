@@ -16,6 +16,7 @@ import os
 import pathlib
 import pickle
 import struct
+import subprocess
 import sys
 import zlib
 
@@ -883,3 +884,23 @@ def test_read_path_falls_back_when_a_half_comes_up_short(tmp_path, monkeypatch):
     monkeypatch.setattr(snapshot, "_pread_into", short)
     assert np.array_equal(snapshot.read_path(tmp_path / "f"), data)
     assert len(calls) == 2                      # the two halves, then the fallback
+
+
+def test_native_crc32_128_bit_fold_is_zlibs():
+    """Where the CPU has VPCLMULQDQ the checksum folds 64-byte registers;
+    AGGTREE_NO_VPCLMUL (read at the first checksum, so in a child process)
+    keeps the 128-bit fold.  Both give zlib's value at sizes around every
+    step of either fold (16, 64, 256 bytes) and at odd alignments."""
+    code = (
+        "import zlib, numpy as np\n"
+        "from aggtree._core import _snap_crc32\n"
+        "b = np.random.default_rng(3).integers(0, 256, 300_000, dtype=np.uint8)\n"
+        "for n in list(range(60, 600, 7)) + [4095, 65_536 + 80, 299_000]:\n"
+        "    for off in (0, 1, 8, 15):\n"
+        "        v = b[off:off + n]\n"
+        "        assert _snap_crc32(v) == zlib.crc32(v.tobytes()), (n, off)\n"
+        "print('ok')\n")
+    for env in ({"AGGTREE_NO_VPCLMUL": "1"}, {}):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, **env}, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", (env, out.stderr[-2000:])
