@@ -171,3 +171,25 @@ def test_batches_into_bulk_builds_of_any_fill(threads, slack):
                                    np.concatenate([vals, v2]))
         gk, gi, gv = a.to_arrays()
         assert np.array_equal(gk, mk) and np.array_equal(gi, mi) and np.array_equal(gv, mv)
+
+
+def test_batches_over_a_mebibyte_of_scratch_match_numpy():
+    """A batch of 60,000 items needs 1.44 MB of keys and values, which the
+    Python layer lays on huge pages (_numpy.pxi, _scratch: from 1 MiB, an
+    aligned slice of a larger array): from_arrays, insert_many and
+    delete_many through that path give exactly the numpy model's items."""
+    Agg = load_impl("native")
+    rng = np.random.default_rng(11)
+    n, m = 100_000, 60_000
+    keys, ids = rng.random(n + m), np.arange(n + m, dtype=np.int64)
+    values = rng.integers(-1000, 1000, n + m).astype(np.float64) / 8
+    agg = Agg.from_arrays(keys[:n], ids[:n], values[:n])
+    agg.insert_many(keys[n:], ids[n:], values[n:])
+    _assert_same(agg, keys, ids, values)
+    gone = rng.permutation(n + m)[:m]
+    agg.delete_many(keys[gone], ids[gone])
+    keep = np.setdiff1d(np.arange(n + m), gone)
+    _assert_same(agg, keys[keep], ids[keep], values[keep])
+    big = Agg.from_arrays(keys, ids, values)            # 160,000 items: 3.84 MB of scratch
+    _assert_same(big, keys, ids, values)
+    big.check()
