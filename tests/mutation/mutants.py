@@ -219,4 +219,35 @@ MUTANTS = [
         "find": "*bad_index = c.bad[p] + (p ? c.cut : 0);",
         "replace": "*bad_index = c.bad[p];",
     },
+    # ---- 9. bulk build on two threads, and the snapshot's two halves ---------
+    {
+        "id": "M27",
+        "section": "9 bulk build",
+        "bug": "agg_tree_build (core/tree.c): the order check in the fill skips each leaf's first item "
+               "against the item before it (the check across leaves and across parts)",
+        "find": "for (at = base ? base : 1; at < base + sz; at++)",
+        "replace": "for (at = base + 1; at < base + sz; at++)",
+    },
+    {
+        "id": "M28",
+        "section": "9 bulk build",
+        "bug": "agg_tree_build: a level-1 separator is its child's second key instead of its first",
+        "find": "s = l == 1 ? node_keys(c)[0] : node_min_key(t, c);",
+        "replace": "s = l == 1 ? node_keys(c)[c->count > 1] : node_min_key(t, c);",
+    },
+    {
+        "id": "M29",
+        "section": "snapshot.c",
+        "bug": "the two-half item check of a numeric section reports the helper's bad item whenever it "
+               "found one, even when the caller's half holds an earlier one",
+        "find": "const check_part *first = a.bad >= 0 ? &a : &b;",
+        "replace": "const check_part *first = b.bad >= 0 ? &b : &a;",
+    },
+    {
+        "id": "M30",
+        "section": "snapshot.c",
+        "bug": "crc32_combine shifts the second half's CRC instead of the first's",
+        "find": "return gf2_mulmod(r, crc1) ^ crc2;",
+        "replace": "return gf2_mulmod(r, crc2) ^ crc1;",
+    },
 ]
