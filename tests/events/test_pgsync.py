@@ -95,6 +95,25 @@ def run_py(code, *args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+def run_readers_and_writers(reader, writer, uri, tmp_path, readers: int):
+    """``readers`` processes of ``reader`` (each prints "ready", then works
+    until the stop file exists), then 4 processes of ``writer`` doing 150
+    writes each (seeds 0..3); after the writers exit, the stop file ends the
+    readers.  Asserts that every process exited 0; returns their
+    (stdout, stderr) pairs: (writers', readers')."""
+    stop = tmp_path / "stop"
+    rprocs = [run_py(reader, uri, stop) for _ in range(readers)]
+    for r in rprocs:
+        assert r.stdout.readline().strip() == "ready", r.stderr.read()
+    wprocs = [run_py(writer, uri, 150, seed) for seed in range(4)]
+    wouts = [w.communicate(timeout=120) for w in wprocs]
+    assert all(w.returncode == 0 for w in wprocs), [o[1][-3000:] for o in wouts]
+    stop.touch()
+    routs = [r.communicate(timeout=60) for r in rprocs]
+    assert all(r.returncode == 0 for r in rprocs), [o[1][-3000:] for o in routs]
+    return wouts, routs
+
+
 # ---------------------------------------------------------------------------
 # Schema
 # ---------------------------------------------------------------------------
@@ -200,16 +219,7 @@ print(json.dumps({"seen": seen, "notifications": feed.notifications, "wakes": fe
 
 
 def test_writers_and_readers_in_processes(uri, tmp_path):
-    stop = tmp_path / "stop"
-    readers = [run_py(READER, uri, stop) for _ in range(3)]
-    for r in readers:
-        assert r.stdout.readline().strip() == "ready", r.stderr.read()
-    writers = [run_py(WRITER, uri, 150, seed) for seed in range(4)]
-    wouts = [w.communicate(timeout=120) for w in writers]
-    assert all(w.returncode == 0 for w in writers), [o[1][-2000:] for o in wouts]
-    stop.touch()
-    routs = [r.communicate(timeout=60) for r in readers]
-    assert all(r.returncode == 0 for r in readers), [o[1][-2000:] for o in routs]
+    wouts, routs = run_readers_and_writers(READER, WRITER, uri, tmp_path, readers=3)
     wres = [json.loads(o[0]) for o in wouts]
     rres = [json.loads(o[0].splitlines()[-1]) for o in routs]
     committed = [t for w in wres for t in w["committed"]]
@@ -1022,16 +1032,7 @@ def test_random_writes_of_every_kind_keep_every_instance_equal_to_the_tables(uri
         c.execute("INSERT INTO users (username, created_at) SELECT 'u' || g, 0"
                   " FROM generate_series(1, 4) g")
         c.execute("UPDATE aggtree_meta SET value = '0' WHERE key = 'drift'")
-    stop = tmp_path / "stop"
-    readers = [run_py(MIXED_READER, uri, stop) for _ in range(2)]
-    for r in readers:
-        assert r.stdout.readline().strip() == "ready", r.stderr.read()
-    writers = [run_py(MIXED_WRITER, uri, 150, seed) for seed in range(4)]
-    wouts = [w.communicate(timeout=120) for w in writers]
-    assert all(w.returncode == 0 for w in writers), [o[1][-3000:] for o in wouts]
-    stop.touch()
-    routs = [r.communicate(timeout=60) for r in readers]
-    assert all(r.returncode == 0 for r in readers), [o[1][-3000:] for o in routs]
+    wouts, routs = run_readers_and_writers(MIXED_READER, MIXED_WRITER, uri, tmp_path, readers=2)
     with connect(uri) as c:
         want = [sorted(map(list, s)) for s in from_tables(c)]
         head = ps.read_head(c)[0]
