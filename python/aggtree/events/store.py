@@ -525,17 +525,6 @@ class EventStore(SyncMixin, WarmMixin, StatsMixin, MigrationMixin, VerifyMixin):
                 time.sleep(backoff)
                 backoff = min(1.0, backoff * 2)
 
-    def _catch_up_now(self) -> None:
-        """Under the lock: replay every committed change-log row after
-        ``change_id`` on the main connection (reload if they were pruned)."""
-        version = self._backend.change_token()
-        try:
-            self._catch_up(self._backend.conn)
-        except NeedReload:
-            self._reload()
-            return
-        self._data_version = version
-
     def catch_up(self) -> int:
         """Bring this store to the database's current head: when it returns,
         every write committed before the call (by any store, any process) is

@@ -142,8 +142,16 @@ class SyncMixin(StoreState):
         if self._backend.private:
             return
         version = self._backend.change_token()
-        if version == self._data_version:
-            return
+        if version != self._data_version:
+            self._catch_up_now(version)
+
+    def _catch_up_now(self, version: Any = None) -> None:
+        """Under the lock: replay every committed change-log row after
+        ``change_id`` on the main connection (reload if they were pruned),
+        then remember ``version`` (the backend's change token read before
+        the replay; read here if not given) as the state caught up to."""
+        if version is None:
+            version = self._backend.change_token()
         try:
             self._catch_up(self._backend.conn)
         except NeedReload:
