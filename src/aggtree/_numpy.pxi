@@ -533,21 +533,20 @@ cdef tuple _fast_batch(ka, ia, va):
     va, in one scratch block."""
     cdef Py_ssize_t n = len(ka)
     cdef cnp.ndarray buf = _scratch(24 * n)
-    cdef cnp.ndarray karr = buf[:16 * n].view(np.uint64).reshape(n, 2)
     cdef cnp.ndarray vs = buf[16 * n:].view(np.float64)
-    cdef cnp.ndarray ks = np.ascontiguousarray(ka, dtype=np.float64)
-    cdef cnp.ndarray iss = np.ascontiguousarray(ia, dtype=np.int64)
-    with nogil:
-        agg_fast_keys(<double *>cnp.PyArray_DATA(ks), <int64_t *>cnp.PyArray_DATA(iss),
-                      <agg_key *>cnp.PyArray_DATA(karr), <uint64_t>n)
+    karr = _fast_key_array(np.ascontiguousarray(ka, dtype=np.float64),
+                           np.ascontiguousarray(ia, dtype=np.int64),
+                           buf[:16 * n].view(np.uint64).reshape(n, 2))
     vs[:] = va
     return karr, vs
 
 
-cdef cnp.ndarray _fast_key_array(cnp.ndarray ks, cnp.ndarray iss):
-    """agg_key array (as a uint64 (n, 2) array) from sorted float64 keys and int64 ids."""
+cdef cnp.ndarray _fast_key_array(cnp.ndarray ks, cnp.ndarray iss, cnp.ndarray out=None):
+    """agg_key array (as a uint64 (n, 2) array) from float64 keys and int64
+    ids, written into ``out`` (n, 2 uint64, C-contiguous) or a new one."""
     cdef Py_ssize_t n = len(ks)
-    cdef cnp.ndarray out = _key_scratch(n)
+    if out is None:
+        out = _key_scratch(n)
     cdef agg_key *kp = <agg_key *>cnp.PyArray_DATA(out)
     cdef double *dp = <double *>cnp.PyArray_DATA(ks)
     cdef int64_t *ip = <int64_t *>cnp.PyArray_DATA(iss)
