@@ -221,11 +221,46 @@ void agg_tree_clear(agg_tree *t);
  * not NULL, is the index of the second), AGG_INVALID if out of order (same
  * *bad_index); AGG_NOMEM (an order error is reported first, whichever
  * was met first).  On failure the tree stays empty.  O(n); a large FAST
- * build fills its leaves on two threads (section 9, core/tree.c;
+ * build fills its leaves on two threads (section 9, core/build.c;
  * AGGTREE_THREADS=1 in the environment prevents it). */
 agg_status agg_tree_build(agg_tree *t, const agg_key *keys,
                           const double *values, uint64_t n,
                           uint64_t *bad_index);
+
+/* The staged form of agg_tree_build for FAST trees (section 9): the caller
+ * writes the items into the leaves itself, range of leaves by range of
+ * leaves, so that a reader can fill them without an intermediate array.
+ *
+ *   agg_build_begin(t, n, &b)   plans a build of n >= 1 items into the empty
+ *       FAST tree t and allocates every node (AGG_INVALID: t not empty,
+ *       not FAST, or n == 0; AGG_NOMEM).  t stays empty until finish.
+ *   agg_build_leaves(b)         how many leaves; agg_build_leaf_start(b, l)
+ *       the index of leaf l's first item (l >= leaves: n).
+ *   agg_build_put_keys(b, l0, l1, keys)   keys[] are the items of leaves
+ *       [l0, l1): keys of items leaf_start(l0) .. leaf_start(l1) - 1.
+ *       Returns UINT64_MAX, or the index of the first item not greater than
+ *       the one before it within the range (the build must then be
+ *       aborted).
+ *   agg_build_put_values(b, l0, l1, values)  the same for their values
+ *       (NULL: all 0.0).  Values are not checked (NaN and infinities are
+ *       the caller's business, as for agg_tree_build).
+ *   agg_build_finish(b, &bad)   AGG_OK: t holds the n items, shaped as
+ *       agg_tree_build shapes them.  AGG_INVALID: a leaf was not filled
+ *       (*bad untouched) or two items across the edge of two put ranges
+ *       are out of order (*bad = the index of the second); t stays empty.
+ *       Frees b either way.
+ *   agg_build_abort(b)          frees b and every node; t stays empty.
+ *
+ * Puts of disjoint leaf ranges may run concurrently on different threads;
+ * begin, finish and abort may not overlap any other call on b. */
+typedef struct agg_build agg_build;
+agg_status agg_build_begin(agg_tree *t, uint64_t n, agg_build **out);
+uint64_t agg_build_leaves(const agg_build *b);
+uint64_t agg_build_leaf_start(const agg_build *b, uint64_t leaf);
+uint64_t agg_build_put_keys(agg_build *b, uint64_t l0, uint64_t l1, const agg_key *keys);
+void agg_build_put_values(agg_build *b, uint64_t l0, uint64_t l1, const double *values);
+agg_status agg_build_finish(agg_build *b, uint64_t *bad_index);
+void agg_build_abort(agg_build *b);
 
 /* Insert n new items whose keys are strictly increasing, all or nothing:
  * the batch form of agg_tree_insert (overwrite == 0) for the vectorised

@@ -47,7 +47,7 @@ enum {
     /* (long slack) global: the bulk build (agg_tree_build) leaves `slack`
      * free slots in every leaf (0: packed full, the state where every
      * batch key overflows its leaf), within [0, cap / 2 - 1]; slack < 0
-     * restores the default rule (section 9, core/tree.c).  Returns the
+     * restores the default rule (section 9, core/build.c).  Returns the
      * previous setting (-1: the default). */
     AGG_TEST_BUILD_SLACK = 4
 };

@@ -241,22 +241,6 @@ uint32_t agg_snapshot_crc32_combine(uint32_t crc1, uint32_t crc2, uint64_t len2)
     return gf2_mulmod(r, crc1) ^ crc2;
 }
 
-/* Run job(arg1) on a helper thread and job(arg0) on this one; 0 if the
- * helper could not be started (nothing ran). */
-static int run_two(void *(*job)(void *), void *arg0, void *arg1) {
-#if AGG_THREADS
-    pthread_t th;
-    if (pthread_create(&th, NULL, job, arg1) != 0)
-        return 0;
-    job(arg0);
-    pthread_join(th, NULL);
-    return 1;
-#else
-    (void)job, (void)arg0, (void)arg1;
-    return 0;
-#endif
-}
-
 typedef struct crc_half {
     const uint8_t *p;
     size_t n;
@@ -306,12 +290,15 @@ static void *check_job(void *arg) {
     check_part *c = (check_part *)arg;
     c->bad = -1;
     for (uint64_t j = c->lo; j < c->hi; j++) {
-        uint64_t h = c->keys[2 * j];
-        if (!isfinite(c->vals[j])) {
+        uint64_t h;
+        if (c->vals && !isfinite(c->vals[j])) {
             c->what = 1;
             c->bad = (int64_t)j;
             return NULL;
         }
+        if (!c->keys)
+            continue;
+        h = c->keys[2 * j];
         if (c->kind == AGG_SNAP_KIND_NONE) {
             if (h != HEAD_ZERO)
                 goto bad_key;

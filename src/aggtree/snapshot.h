@@ -1,13 +1,16 @@
 /*
- * snapshot.h - C helpers of aggtree snapshots (snapshot.c): the crc32 of
- * the trailer (two threads for large buffers) and the checks of numeric
- * sections.  No Python.h.
+ * snapshot.h - C helpers of aggtree snapshots: the crc32 of the trailer
+ * (two threads for large buffers) and the checks of numeric sections
+ * (snapshot.c), and a numeric section read from a file straight into a
+ * tree (snapshot_read.c).  No Python.h.
  */
 #ifndef AGGTREE_SNAPSHOT_H
 #define AGGTREE_SNAPSHOT_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "aggtree.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -35,9 +38,29 @@ enum { AGG_SNAP_KIND_FLOAT = 0, AGG_SNAP_KIND_INT = 1, AGG_SNAP_KIND_NONE = 3 };
  * every value finite, every key image one the kind can hold (NONE: that of
  * 0.0; FLOAT: a non-NaN double but -0.0; INT: an integral double within
  * +-2^53).  Returns the first bad item and sets *what (1: its value,
- * 2: its key), or -1.  Two threads for large sections. */
+ * 2: its key), or -1.  keys NULL: the values only; vals NULL: the keys
+ * only.  Two threads for large sections. */
 int64_t agg_snapshot_check_items(const uint64_t *keys, const double *vals, uint64_t n,
                                  int kind, int *what);
+
+/* Results of agg_snapshot_read_numeric. */
+enum {
+    AGG_SNAP_READ_OK = 0,
+    AGG_SNAP_READ_BAD = 1,       /* an item fails a check, or t was not an empty FAST tree */
+    AGG_SNAP_READ_SHORT = 2,     /* the file could not be read in full */
+    AGG_SNAP_READ_NOMEM = 3      /* an allocation failed */
+};
+
+/* Read the numeric section of n >= 1 items of the given kind at byte
+ * offset off of file fd (16 n bytes of keys, then 8 n of values: the
+ * layout of docs/SNAPSHOT.md) into the empty FAST tree t, checking every
+ * item as agg_snapshot_check_items does and their strict order; *crc is
+ * then the crc32 of the section's 24 n bytes (from 0, as zlib.crc32 of
+ * them).  Anything but AGG_SNAP_READ_OK leaves t empty and *crc
+ * untouched.  Reads with pread (fd's position is not used or moved); two
+ * threads for large sections (not with AGGTREE_THREADS=1). */
+int agg_snapshot_read_numeric(int fd, uint64_t off, uint64_t n, int kind, agg_tree *t,
+                              uint32_t *crc);
 
 #ifdef __cplusplus
 }

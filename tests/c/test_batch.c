@@ -1074,6 +1074,173 @@ static void test_build_order(uint64_t iters)
     }
 }
 
+/* Cut leaves [0, L) into random ranges of 1..max leaves: cut[0] = 0 <
+ * cut[1] < ... < cut[nr] = L; returns nr. */
+static size_t random_cuts(uint64_t L, uint64_t max, uint64_t *cut)
+{
+    size_t nr = 0;
+    cut[0] = 0;
+    while (cut[nr] < L) {
+        uint64_t step = 1 + rnd_below(max);
+        cut[nr + 1] = cut[nr] + step < L ? cut[nr] + step : L;
+        nr++;
+    }
+    return nr;
+}
+
+/* Shuffle the order in which ranges 0..nr-1 are put. */
+static void random_order(size_t nr, size_t *ord)
+{
+    size_t i;
+    for (i = 0; i < nr; i++)
+        ord[i] = i;
+    for (i = nr; i > 1; i--) {
+        size_t j = (size_t)rnd_below(i), x = ord[i - 1];
+        ord[i - 1] = ord[j];
+        ord[j] = x;
+    }
+}
+
+/* The staged build (agg_build_*): ranges of leaves put in random order
+ * give the very tree agg_tree_build gives; an order error inside a range
+ * is reported by the put, across two ranges by finish; a leaf never
+ * filled, abort and allocation failures leave the tree empty. */
+static void test_build_staged(uint64_t iters)
+{
+    uint64_t it;
+    g_phase = "staged build";
+    for (it = 0; it < iters; it++) {
+        static const uint32_t caps[] = {4, 5, 7, 64};
+        uint64_t n = 1 + rnd_below(it % 3 == 0 ? 40 : 20000), i, bad = 0, L, p = 0, r;
+        uint32_t ns = caps[rnd_below(4)];
+        agg_key *k = (agg_key *)malloc(n * sizeof *k);
+        double *v = (double *)malloc(n * sizeof *v);
+        uint64_t *cut = NULL, *vcut = NULL;
+        size_t *ord = NULL, *vord = NULL, nr, nv, q;
+        agg_tree *t, *ref;
+        agg_build *b;
+        agg_status st;
+        int mode = (int)(it % 5);       /* 0, 1: fine; 2: bad order; 3: a leaf left; 4: abort */
+        long slack = rnd_chance(0.3) ? (long)rnd_below(ns / 2) : -1, old;
+        g_iter = it;
+        REQUIRE(k && v, "out of memory");
+        for (i = 0; i < n; i++) {
+            k[i].head = 1000 + 3 * i;
+            k[i].rest = rnd_below(3);
+            v[i] = (double)rnd_below(1000) / 8.0 - 60.0;
+        }
+        old = agg_test_control(AGG_TEST_BUILD_SLACK, slack);
+        REQUIRE(agg_tree_new(&ref, ns, AGG_KEYS_FAST) == AGG_OK, "new");
+        REQUIRE(agg_tree_build(ref, k, v, n, NULL) == AGG_OK, "reference build");
+        if (mode == 2 && n > 1) {
+            p = 1 + rnd_below(n - 1);
+            k[p] = k[p - 1];
+            if (rnd_chance(0.5))
+                k[p].head -= 1;
+        }
+        REQUIRE(agg_tree_new(&t, ns, AGG_KEYS_FAST) == AGG_OK, "new");
+        REQUIRE(agg_build_begin(t, n, &b) == AGG_OK, "begin");
+        L = agg_build_leaves(b);
+        REQUIRE(agg_build_leaf_start(b, 0) == 0 && agg_build_leaf_start(b, L) == n,
+                "leaf starts 0 and n");
+        cut = (uint64_t *)malloc((L + 1) * sizeof *cut);
+        vcut = (uint64_t *)malloc((L + 1) * sizeof *vcut);
+        ord = (size_t *)malloc(L * sizeof *ord);
+        vord = (size_t *)malloc(L * sizeof *vord);
+        REQUIRE(cut && vcut && ord && vord, "out of memory");
+        nr = random_cuts(L, 1 + rnd_below(40), cut);
+        nv = random_cuts(L, 1 + rnd_below(40), vcut);
+        random_order(nr, ord);
+        random_order(nv, vord);
+        r = UINT64_MAX;
+        for (q = 0; q < nr; q++) {
+            uint64_t a = cut[ord[q]], z = cut[ord[q] + 1], got;
+            uint64_t i0 = agg_build_leaf_start(b, a);
+            got = agg_build_put_keys(b, a, z, k + i0);
+            if (got != UINT64_MAX) {
+                REQUIRE(mode == 2 && got == p && got > i0 && got < agg_build_leaf_start(b, z),
+                        "put_keys reported %llu (error at %llu, range from item %llu)",
+                        (unsigned long long)got, (unsigned long long)p, (unsigned long long)i0);
+                r = got;
+                break;
+            }
+        }
+        if (r != UINT64_MAX) {
+            agg_build_abort(b);
+        } else {
+            for (q = 0; q < nv; q++) {
+                uint64_t a = vcut[vord[q]], z = vcut[vord[q] + 1];
+                if (mode == 3 && q == nv / 2)
+                    continue;                           /* a range left unfilled */
+                agg_build_put_values(b, a, z, v + agg_build_leaf_start(b, a));
+            }
+            if (mode == 4) {
+                agg_build_abort(b);
+            } else {
+                st = agg_build_finish(b, &bad);
+                if (mode == 3) {
+                    REQUIRE(st == AGG_INVALID, "finish with a leaf unfilled: %d", (int)st);
+                } else if (mode == 2 && n > 1) {
+                    REQUIRE(st == AGG_INVALID && bad == p, "finish: %d at %llu, error at %llu",
+                            (int)st, (unsigned long long)bad, (unsigned long long)p);
+                } else {
+                    REQUIRE(st == AGG_OK, "finish: %d", (int)st);
+                    check_tree(t, "staged build");
+                    REQUIRE(agg_tree_len(t) == n && agg_tree_nbytes(t) == agg_tree_nbytes(ref) &&
+                                test_shape_hash(t) == test_shape_hash(ref),
+                            "staged build differs from agg_tree_build (n %llu, cap %u)",
+                            (unsigned long long)n, ns);
+                }
+            }
+        }
+        if (mode >= 3 || (mode == 2 && n > 1)) {
+            REQUIRE(agg_tree_len(t) == 0 && agg_tree_nbytes(t) == 0 && agg_tree_depth(t) == 0,
+                    "a failed staged build left len %llu nbytes %zu",
+                    (unsigned long long)agg_tree_len(t), agg_tree_nbytes(t));
+        }
+        agg_test_control(AGG_TEST_BUILD_SLACK, old);
+        agg_tree_free(t);
+        agg_tree_free(ref);
+        free(cut);
+        free(vcut);
+        free(ord);
+        free(vord);
+        free(k);
+        free(v);
+    }
+    /* misuse, and allocation failures at every point of begin */
+    {
+        agg_tree *t;
+        agg_build *b = NULL;
+        agg_key key = {5, 5};
+        long f;
+        REQUIRE(agg_tree_new(&t, 4, AGG_KEYS_FAST) == AGG_OK, "new");
+        REQUIRE(agg_build_begin(t, 0, &b) == AGG_INVALID && !b, "begin of 0 items");
+        REQUIRE(agg_tree_insert(t, key, 1.0, 0, NULL, NULL) == AGG_OK, "insert");
+        REQUIRE(agg_build_begin(t, 10, &b) == AGG_INVALID && !b, "begin into a non-empty tree");
+        agg_tree_free(t);
+        REQUIRE(agg_tree_new(&t, 4, AGG_KEYS_GENERAL) == AGG_OK, "new");
+        REQUIRE(agg_build_begin(t, 10, &b) == AGG_INVALID && !b, "begin into a GENERAL tree");
+        agg_tree_free(t);
+        REQUIRE(agg_tree_new(&t, 4, AGG_KEYS_FAST) == AGG_OK, "new");
+        for (f = 0;; f++) {
+            test_fail_after(f);
+            {
+                agg_status st = agg_build_begin(t, 500, &b);
+                test_fail_after(-1);
+                if (st == AGG_OK) {
+                    agg_build_abort(b);
+                    break;
+                }
+                REQUIRE(st == AGG_NOMEM && !b && agg_tree_nbytes(t) == 0,
+                        "begin failing after %ld allocations: %d", f, (int)st);
+            }
+        }
+        REQUIRE(f > 3, "begin made only %ld allocations", f);
+        agg_tree_free(t);
+    }
+}
+
 int main(int argc, char **argv)
 {
     static const uint32_t sizes[] = {4, 5, 7, 16, 64};
@@ -1090,6 +1257,8 @@ int main(int argc, char **argv)
     printf("  %-40s ok\n", "sort");
     test_build_unsorted(iters / 200 + 10);
     printf("  %-40s ok\n", "build_unsorted");
+    test_build_staged(TEST_SANITIZED ? 150 : 600);
+    printf("  %-40s ok\n", g_phase);
     for (md = 0; md <= 3; md++) {         /* the automatic choice, 1, 2 threads, halves on one */
         test_batch_thread_mode(md);
         test_build_order(TEST_SANITIZED ? 8 : 24);

@@ -10,6 +10,7 @@
 #include "keys.c"
 #include "node.c"
 #include "tree.c"
+#include "build.c"
 #include "threads.c"
 #include "batch.c"
 #include "batch_insert.c"

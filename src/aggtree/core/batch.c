@@ -2,8 +2,8 @@
  * core/batch.c - what the two batch operations of section 13 share: the
  * ordering check, scratch memory, exact sums of value runs, entry updates,
  * the forward-moving finger and the thread switch (their thread runner is
- * threads.c; the packing rule, pack_span, is with the bulk build in
- * tree.c).
+ * threads.c; the packing rule, pack_span, is in tree.c, shared
+ * with the bulk build).
  */
 #include "internal.h"
 

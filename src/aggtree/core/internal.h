@@ -14,7 +14,7 @@
  *  DESIGN
  * ==========================================================================
  * The design is told in numbered sections, each at the top of the unit
- * holding its code: 1, 2, 4, 5, 8 and 12 here; 3 keys.c; 6, 7, 9 tree.c; 10
+ * holding its code: 1, 2, 4, 5, 8 and 12 here; 3 keys.c; 6, 7 tree.c; 9 build.c; 10
  * alloc.c; 11 check.c; 13 batch_insert.c (insert) and batch_delete.c
  * (delete), with what both share in batch.c and their thread runner in
  * threads.c; 14 sort.c.  The test hooks (aggtree_test.h) are in
@@ -397,7 +397,7 @@ AGG_INTERN void inner_move_right(const agg_tree *t, node *p, uint32_t j, uint32_
 AGG_INTERN void inner_move_left(const agg_tree *t, node *p, uint32_t j, uint32_t k);
 AGG_INTERN void node_free_rec(agg_tree *t, node *n);
 
-/* tree.c.  BUILD_SLACK_DIV: if > 0, the bulk build leaves cap /
+/* build.c.  BUILD_SLACK_DIV: if > 0, the bulk build leaves cap /
  * BUILD_SLACK_DIV slots of every leaf free; 0 (the default): leaves packed
  * full (section 9 says why). */
 #ifndef BUILD_SLACK_DIV
@@ -407,10 +407,12 @@ AGG_INTERN void node_free_rec(agg_tree *t, node *n);
 AGG_INTERN void pack_span(uint64_t e, uint64_t s, uint64_t i, int full, uint32_t cap,
                           uint64_t *base, uint32_t *size);
 AGG_INTERN void root_collapse(agg_tree *t);
+AGG_INTERN void node_repair(agg_tree *t, node *p, uint32_t i);
+
+/* build.c */
 AGG_INTERN long build_slack_set(long slack);
 AGG_INTERN uint32_t build_leaf_fill(uint32_t cap);
 AGG_INTERN agg_key node_min_key(const agg_tree *t, node *n);
-AGG_INTERN void node_repair(agg_tree *t, node *p, uint32_t i);
 
 /* batch.c */
 AGG_INTERN void *scratch_alloc(size_t size);

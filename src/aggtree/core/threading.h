@@ -1,8 +1,9 @@
 /*
  * core/threading.h - whether the library may start a second thread: the
  * core's batch operations, bulk build and key sort (core/threads.c,
- * core/sort.c), and the snapshot checksum and checks (snapshot.c), which
- * lives outside the core and includes only this.
+ * core/sort.c), and the snapshot checksum, checks and section reader
+ * (snapshot.c, snapshot_read.c), which live outside the core and include
+ * only this.
  */
 #ifndef AGGTREE_THREADING_H
 #define AGGTREE_THREADING_H
@@ -27,6 +28,24 @@ static inline int threads_allowed(void)
 {
     const char *e = AGG_THREADS ? getenv("AGGTREE_THREADS") : NULL;
     return AGG_THREADS && !(e && atoi(e) == 1);
+}
+
+/* Run job(arg1) on a helper thread and job(arg0) on this one (the
+ * snapshot code's two halves); 0 if the helper could not be started
+ * (nothing ran: the caller runs both itself). */
+static inline int run_two(void *(*job)(void *), void *arg0, void *arg1)
+{
+#if AGG_THREADS
+    pthread_t th;
+    if (pthread_create(&th, NULL, job, arg1) != 0)
+        return 0;
+    job(arg0);
+    pthread_join(th, NULL);
+    return 1;
+#else
+    (void)job, (void)arg0, (void)arg1;
+    return 0;
+#endif
 }
 
 #endif /* AGGTREE_THREADING_H */
