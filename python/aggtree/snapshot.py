@@ -982,6 +982,96 @@ def read_path(path) -> np.ndarray:
     return buf
 
 
+STREAM_MIN = 4 << 20  # numeric sections of this many bytes or more are read straight into trees
+_READ_AHEAD = 256 << 10  # the bytes between them are read in blocks of at least this
+
+
+class _Short(Exception):
+    """The file ended early (it shrank while it was read)."""
+
+
+def read_path_streamed(path, read_section, crc32, crc32_combine):
+    """Read the snapshot file at ``path`` with its large numeric sections
+    going straight into their trees, or None when that does not apply (a
+    small file, no large numeric section, anything unexpected: the caller
+    then reads the file whole, whose checks report what is wrong).
+
+    Walks the namespace headers as ``parse`` does; a numeric section of
+    STREAM_MIN bytes or more is handed to ``read_section(fd, offset, count,
+    kind, node_size)``, which returns (tree, crc32 of the section) or None
+    (the section fails a check); every other byte is read into a buffer the
+    size of the file, at its offset, so that ``parse`` can walk it: the
+    sections read into trees are holes in it (never touched, so never in
+    memory).  Returns (buffer, {offset: (kind, count, tree)}, crc) where
+    ``crc(body)`` is the crc32 of the file's body, holes included (from the
+    sections' checksums, combined with ``crc32_combine(crc1, crc2, len2)``).
+    Raises SnapshotError only for a bad header (as ``parse`` would)."""
+    with open(path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        st = os.fstat(fd)
+        size = st.st_size
+        if not stat.S_ISREG(st.st_mode) or size < READ_THREAD_MIN or not hasattr(os, "preadv"):
+            return None
+        buf = np.empty(size, dtype=np.uint8)
+        view = memoryview(buf)  # type: ignore[arg-type]  # (numpy arrays are buffers)
+        have = 0  # buf[:have] is read, but for the holes
+        holes: list = []  # (offset, length, crc32) of each section read into a tree
+        sections: dict = {}
+
+        def need(stop: int) -> None:
+            nonlocal have
+            if stop > have:
+                stop = min(size, max(stop, have + _READ_AHEAD))
+                if _pread_into(fd, view, have, stop) != stop - have:
+                    raise _Short
+                have = stop
+
+        try:
+            need(HEADER_SIZE)
+            node_size, nns = check_envelope(buf, check_crc=False)
+            pos, end = HEADER_SIZE, size - TRAILER_SIZE
+            for _ in range(nns):
+                need(pos + NS_HEADER_SIZE)
+                if pos + NS_HEADER_SIZE > end:
+                    return None
+                kind, _, nslen, count, data_len = NS_HEADER.unpack_from(buf, pos)
+                pos += NS_HEADER_SIZE + _pad8(nslen)
+                if kind in (K_FLOAT, K_INT, K_NONE):
+                    n = 24 * count
+                    if n >= STREAM_MIN and pos + n <= end:
+                        need(pos)
+                        got = read_section(fd, pos, count, kind, node_size)
+                        if got is None:
+                            return None
+                        sections[pos] = (kind, count, got[0])
+                        holes.append((pos, n, got[1]))
+                        have = max(have, pos + n)
+                elif kind == K_GENERAL:
+                    n = _pad8(4 * count) + _pad8(data_len) + 8 * count
+                else:
+                    return None
+                pos += n
+                if pos > end:
+                    return None
+            if not holes:
+                return None
+            need(size)
+            if os.pread(fd, 1, size):
+                return None  # the file grew while it was read
+        except _Short:
+            return None
+
+    def crc(body) -> int:
+        value, at = 0, 0
+        for off, n, c in holes + [(len(body), 0, 0)]:
+            value = crc32_combine(value, crc32(body[at:off]), off - at)
+            value = crc32_combine(value, c, n)
+            at = off + n
+        return value
+
+    return buf, sections, crc
+
+
 def map_path(path):
     """The file at ``path`` mapped read-only, or None when it cannot be
     mapped (empty, not a regular file, no mmap): loading from the page cache

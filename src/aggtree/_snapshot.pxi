@@ -16,7 +16,10 @@
 #                        namespace's kind, which depends on its contents);
 #   load, numeric kinds  one validating loop over the key images and values
 #                        (snapshot.c, two threads for large sections), then
-#                        agg_tree_build on pointers into the read buffer.
+#                        agg_tree_build on pointers into the read buffer;
+#                        load(path) reads large ones from the file straight
+#                        into the leaves instead (snapshot_read.c, through
+#                        snapshot.read_path_streamed).
 # A general namespace is decoded item by item on load (each encoding must be
 # canonical: decoded and encoded again to the same bytes), then built from
 # the stored bytes.
@@ -33,10 +36,14 @@ from aggtree._types import SnapshotError
 cdef extern from "snapshot.h" nogil:
     uint32_t agg_snapshot_crc32(uint32_t crc, const uint8_t *p, size_t n)
     int agg_snapshot_crc32_fast()
+    uint32_t agg_snapshot_crc32_combine(uint32_t crc1, uint32_t crc2, uint64_t len2)
     int64_t agg_snapshot_check_items(const uint64_t *keys, const double *vals, uint64_t n,
                                      int kind, int *what)
+    int agg_snapshot_read_numeric(int fd, uint64_t off, uint64_t n, int kind, agg_tree *t,
+                                  uint32_t *crc)
     enum:
         AGG_SNAP_KIND_FLOAT, AGG_SNAP_KIND_INT, AGG_SNAP_KIND_NONE
+        AGG_SNAP_READ_OK
 
 # (the kinds snapshot.c checks are the trees' kinds, _scalars.pxi)
 if (AGG_SNAP_KIND_FLOAT, AGG_SNAP_KIND_INT, AGG_SNAP_KIND_NONE) != (K_FLOAT, K_INT, K_NONE):
@@ -653,7 +660,54 @@ cdef object _snap_save(Aggregate agg, object file, bint fsync):
 
 
 cdef object _snap_load(type cls, object file, bint use_mmap):
+    if not use_mmap and _snapmod.is_path(file):
+        _snap_host_check()
+        got = _snapmod.read_path_streamed(file, _snap_read_section, _snap_crc32,
+                                          _snap_crc32_combine)
+        if got is not None:
+            return _snap_load_streamed(cls, got[0], got[1], got[2])
     return _snap_loads(cls, _snapmod.read_file(file, use_mmap))
+
+
+def _snap_read_section(int fd, uint64_t off, uint64_t count, int kind, uint32_t node_size):
+    """(tree, crc32 of the section) of the numeric section at byte offset
+    `off` of file `fd`, read straight into the tree's leaves; None if an
+    item fails a check or the file is short (snapshot_read.c)."""
+    cdef _Tree tree = _new_tree(node_size, kind)
+    cdef agg_tree *tp = _tt(tree)     # a new tree: no one else can reach it yet
+    cdef uint32_t crc = 0
+    cdef int st
+    with nogil:
+        st = agg_snapshot_read_numeric(fd, off, count, kind, tp, &crc)
+    if st != AGG_SNAP_READ_OK:
+        return None
+    return tree, crc
+
+
+def _snap_crc32_combine(uint32_t crc1, uint32_t crc2, uint64_t len2):
+    return agg_snapshot_crc32_combine(crc1, crc2, len2)
+
+
+cdef object _snap_load_streamed(type cls, object buf, dict sections, object crc32):
+    """An Aggregate from read_path_streamed's result: `parse` walks the
+    buffer (whose large numeric sections are holes) and takes those
+    sections' trees as they were read."""
+    cdef Aggregate agg
+
+    def read_fast(r, int kind, uint64_t count, ns, uint32_t node_size):
+        got = sections.get(r.pos)
+        if got is None:
+            return _snap_read_fast(r, kind, count, ns, node_size)
+        if got[0] != kind or got[1] != count:   # (read from the same header bytes)
+            raise AssertionError("a streamed section does not match its header")
+        r.pos += 24 * count
+        return got[2]
+
+    node_size, namespaces = _snapmod.parse(buf, read_fast, _snap_read_general, crc32, None)
+    agg = cls(node_size)
+    for ns, tree in namespaces:
+        agg._trees[ns] = tree
+    return agg
 
 
 cdef list _snap_items_state(Aggregate agg):
