@@ -1234,23 +1234,10 @@ class Aggregate:
     # -- pickling ---------------------------------------------------------
 
     def __reduce_ex__(self, protocol: SupportsIndex):
-        # Pickles carry the snapshot format (docs/SNAPSHOT.md), unless a
-        # namespace is of a type no snapshot can hold (any hashable is a
-        # namespace): then the items of each namespace, as before snapshots.
-        # From protocol 5 on the snapshot is a PickleBuffer (PEP 574): in-band
-        # it is written as bytes, out-of-band (a buffer_callback) it is not
-        # copied into the pickle, and loads reads it in place.
-        from . import snapshot
-
-        if snapshot.namespaces_encodable(self._trees):
-            data: Any = self.dumps()
-            if operator.index(protocol) >= 5:
-                data = pickle.PickleBuffer(data)
-            return (_from_snapshot, (type(self), data))
-        return (_from_state, (type(self), self.__getstate__()))
+        return _reduce(self, operator.index(protocol))
 
     def __reduce__(self):
-        return self.__reduce_ex__(4)
+        return _reduce(self, 4)
 
     def __getstate__(self):
         return {
@@ -1277,6 +1264,23 @@ class Aggregate:
                 self._trees[ns] = tree
                 self._len += len(tree.items)
         self.check()
+
+
+def _reduce(agg: Aggregate, protocol: int) -> tuple:
+    """Pickles carry the snapshot format (docs/SNAPSHOT.md), unless a
+    namespace is of a type no snapshot can hold (any hashable is a
+    namespace): then the items of each namespace, as before snapshots.
+    From protocol 5 on the snapshot is a PickleBuffer (PEP 574): in-band it
+    is written as bytes, out-of-band (a buffer_callback) it is not copied
+    into the pickle, and loads reads it in place."""
+    from . import snapshot
+
+    if snapshot.namespaces_encodable(agg._trees):
+        data: Any = agg.dumps()
+        if protocol >= 5:
+            data = pickle.PickleBuffer(data)
+        return (_from_snapshot, (type(agg), data))
+    return (_from_state, (type(agg), agg.__getstate__()))
 
 
 def _from_snapshot(cls, data):
