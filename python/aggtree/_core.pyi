@@ -10,7 +10,7 @@ valid, and which ones a namespace holds is known only at run time.
 
 from collections.abc import Hashable, Iterable, Iterator
 import os
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, SupportsIndex, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -247,6 +247,7 @@ class Aggregate:
     def save(self, file: str | os.PathLike[str] | BinaryIO, *, fsync: bool = True) -> None: ...
     @classmethod
     def load(cls: type[_A], file: str | os.PathLike[str] | BinaryIO, *, mmap: bool = False) -> _A: ...
+    def __reduce_ex__(self, protocol: SupportsIndex, /) -> tuple[Any, ...]: ...
     def __reduce__(self) -> tuple[Any, ...]: ...
     def __copy__(self) -> Aggregate: ...
 

@@ -43,11 +43,12 @@ import itertools
 import json
 import math
 import operator
+import pickle
 import random as _random_module
 import re
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, SupportsIndex
 
 import numpy as np
 
@@ -1196,7 +1197,8 @@ class Aggregate:
 
     @classmethod
     def loads(cls, data) -> Aggregate:
-        """An aggregate from snapshot bytes (any bytes-like object);
+        """An aggregate from snapshot bytes (any C-contiguous bytes-like
+        object, a PickleBuffer included; TypeError for anything else);
         SnapshotError if they are not a valid snapshot.  O(n)."""
         from . import snapshot
 
@@ -1231,15 +1233,11 @@ class Aggregate:
 
     # -- pickling ---------------------------------------------------------
 
-    def __reduce__(self):
-        # Pickles carry the snapshot format (docs/SNAPSHOT.md), unless a
-        # namespace is of a type no snapshot can hold (any hashable is a
-        # namespace): then the items of each namespace, as before snapshots.
-        from . import snapshot
+    def __reduce_ex__(self, protocol: SupportsIndex):
+        return _reduce(self, operator.index(protocol))
 
-        if snapshot.namespaces_encodable(self._trees):
-            return (_from_snapshot, (type(self), self.dumps()))
-        return (_from_state, (type(self), self.__getstate__()))
+    def __reduce__(self):
+        return _reduce(self, 4)
 
     def __getstate__(self):
         return {
@@ -1268,8 +1266,26 @@ class Aggregate:
         self.check()
 
 
+def _reduce(agg: Aggregate, protocol: int) -> tuple:
+    """Pickles carry the snapshot format (docs/SNAPSHOT.md), unless a
+    namespace is of a type no snapshot can hold (any hashable is a
+    namespace): then the items of each namespace, as before snapshots.
+    From protocol 5 on the snapshot is a PickleBuffer (PEP 574): in-band it
+    is written as bytes, out-of-band (a buffer_callback) it is not copied
+    into the pickle, and loads reads it in place."""
+    from . import snapshot
+
+    if snapshot.namespaces_encodable(agg._trees):
+        data: Any = agg.dumps()
+        if protocol >= 5:
+            data = pickle.PickleBuffer(data)
+        return (_from_snapshot, (type(agg), data))
+    return (_from_state, (type(agg), agg.__getstate__()))
+
+
 def _from_snapshot(cls, data):
-    """Unpickle: ``cls.loads(data)``."""
+    """Unpickle: ``cls.loads(data)`` (bytes, or from protocol 5 on whatever
+    buffer the unpickler hands over, an out-of-band PickleBuffer included)."""
     return cls.loads(data)
 
 

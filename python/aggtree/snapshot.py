@@ -755,6 +755,25 @@ def _read_general(r: _Reader, count: int, data_len: int, ns: Any) -> list:
     return out
 
 
+def byte_view(data) -> memoryview:
+    """``data``, any bytes-like object (bytes, bytearray, memoryview,
+    pickle.PickleBuffer, a numpy array...), as a flat memoryview of its
+    bytes: no copy.  TypeError for what is not a buffer or is not
+    C-contiguous (a strided view's bytes are not a snapshot in order)."""
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(
+            f"a snapshot is a bytes-like object, not {type(data).__name__}"
+        ) from None
+    if not view.c_contiguous:
+        raise TypeError(
+            f"a snapshot must be a C-contiguous buffer: this {type(data).__name__} is a "
+            f"non-contiguous view (copy it first, e.g. with bytes())"
+        )
+    return view.cast("B")
+
+
 def parse(data, read_fast, read_general, crc32=zlib.crc32, walk_fast=None) -> tuple[int, list]:
     """Walk a snapshot: check its envelope (header, length, checksum), then
     each namespace header and encoding here, handing the item sections to
@@ -766,8 +785,9 @@ def parse(data, read_fast, read_general, crc32=zlib.crc32, walk_fast=None) -> tu
     (the same value as zlib's, faster; it must release the GIL), and
     ``walk_fast(buf, nns, node_size)``, a walk of the common shape that
     returns None for any other (this walk then runs and reports what is
-    wrong)."""
-    buf = memoryview(data).cast("B")
+    wrong).  ``data`` is any C-contiguous bytes-like object, read in
+    place (byte_view)."""
+    buf = byte_view(data)
     if len(buf) < CRC_THREAD_MIN:
         node_size, nns = check_envelope(buf, True, crc32)
         return node_size, _walk_either(buf, nns, node_size, read_fast, read_general, walk_fast)

@@ -620,9 +620,10 @@ cdef class Aggregate:
 
     @classmethod
     def loads(cls, data):
-        """An aggregate from snapshot bytes (any bytes-like object), each
-        namespace built bottom-up from the stored order; SnapshotError if
-        they are not a valid snapshot.  O(n)."""
+        """An aggregate from snapshot bytes (any C-contiguous bytes-like
+        object, read in place; TypeError for anything else), each namespace
+        built bottom-up from the stored order; SnapshotError if they are not
+        a valid snapshot.  O(n)."""
         return _snap_loads(cls, data)
 
     def save(self, file, *, fsync=True):
@@ -639,9 +640,13 @@ cdef class Aggregate:
         truncates while it loads kills the process with SIGBUS)."""
         return _snap_load(cls, file, mmap)
 
+    def __reduce_ex__(self, protocol):
+        # pickles carry the snapshot format (_snapshot.pxi); from protocol 5
+        # on as a PickleBuffer, which may travel out-of-band (PEP 574)
+        return _snap_reduce(self, protocol)
+
     def __reduce__(self):
-        # pickles carry the snapshot format (_snapshot.pxi)
-        return _snap_reduce(self)
+        return _snap_reduce(self, 4)
 
     def __copy__(self):
         return _snap_copy(self)

@@ -1,7 +1,7 @@
 # _snapshot.pxi - the native snapshot writer and reader (docs/SNAPSHOT.md).
 #
 # Included at the end of _core.pyx (`include "_snapshot.pxi"`); the Aggregate
-# methods dumps / loads / save / load / __reduce__ / __copy__ are one-line
+# methods dumps / loads / save / load / __reduce_ex__ / __copy__ are one-line
 # calls into the module-level functions here.  The pure-Python twin of this
 # file is python/aggtree/snapshot.py: it owns the parts that run once per
 # snapshot or per namespace (the header, the checksum, namespace encodings,
@@ -29,6 +29,7 @@ from libc.stdint cimport uintptr_t
 
 import sys as _sys
 import zlib as _zlib
+from pickle import PickleBuffer as _PickleBuffer
 
 import aggtree.snapshot as _snapmod
 from aggtree._types import SnapshotError
@@ -630,10 +631,12 @@ def _snap_walk_ints(buf, uint64_t nns, uint32_t node_size):
 
 
 cdef object _snap_loads(type cls, object data):
-    """An Aggregate of class `cls` from snapshot bytes."""
+    """An Aggregate of class `cls` from snapshot bytes: any C-contiguous
+    buffer (bytes, bytearray, memoryview, PickleBuffer, ndarray), read in
+    place, not copied (unless unaligned); TypeError for anything else."""
     cdef Aggregate agg
     _snap_host_check()
-    view = memoryview(data).cast("B")
+    view = _snapmod.byte_view(data)
     if view.nbytes and (<uintptr_t>_snap_view_ptr(view)) & 7:
         # keys are read as uint64s in place: an unaligned buffer is copied
         view = memoryview(np.frombuffer(view, dtype=np.uint8).copy())
@@ -720,11 +723,18 @@ cdef list _snap_items_state(Aggregate agg):
     return state
 
 
-cdef object _snap_reduce(Aggregate agg):
-    """__reduce__: the snapshot, or (a namespace that no snapshot can hold,
-    say a frozenset) the items of each namespace as before snapshots."""
+cdef object _snap_reduce(Aggregate agg, object protocol):
+    """__reduce_ex__(protocol): the snapshot, or (a namespace that no
+    snapshot can hold, say a frozenset) the items of each namespace as
+    before snapshots.  From protocol 5 on the snapshot travels as a
+    pickle.PickleBuffer (PEP 574): written in-band as bytes, as before,
+    but handed to a ``buffer_callback`` out-of-band (Dask, Ray) without
+    a copy into the pickle, and read back in place by _snap_restore."""
     if _snapmod.namespaces_encodable(list(agg._trees)):
-        return (_snap_restore, (type(agg), _snap_dumps(agg)))
+        data = _snap_dumps(agg)
+        if protocol >= 5:
+            data = _PickleBuffer(data)
+        return (_snap_restore, (type(agg), data))
     return (_restore, (agg._node_size, _snap_items_state(agg)))
 
 
@@ -735,5 +745,7 @@ cdef object _snap_copy(Aggregate agg):
 
 
 def _snap_restore(cls, data):
-    """Unpickle an Aggregate (``__reduce__`` carries a snapshot)."""
+    """Unpickle an Aggregate (``__reduce_ex__`` carries a snapshot: bytes,
+    or from protocol 5 on whatever buffer the unpickler hands over, an
+    out-of-band PickleBuffer or memoryview included)."""
     return _snap_loads(cls, data)

@@ -220,10 +220,110 @@ def test_pickle_and_copy(cls):
         got = pickle.loads(pickle.dumps(agg, protocol=protocol))
         got.check()
         assert type(got) is cls and content(got) == content(agg)
-    twin = copy.copy(agg)
-    twin.insert(12345.0, 1)
-    assert content(twin) != content(agg)
-    assert len(twin) == len(agg) + 1
+    for twin in (copy.copy(agg), copy.deepcopy(agg)):
+        twin.check()
+        assert type(twin) is cls and content(twin) == content(agg)
+        twin.insert(12345.0, 1)
+        assert content(twin) != content(agg)
+        assert len(twin) == len(agg) + 1
+
+
+# (pickle protocol 5, PEP 574: the snapshot travels as a PickleBuffer, which a
+# buffer_callback takes out-of-band, as Dask and Ray do, without a copy)
+
+PICKLE_KINDS = ["float", "int", "str", "mixed"]
+
+
+def kind_agg(cls, kind):
+    """An aggregate of `cls` with a few thousand items whose namespaces are
+    of `kind`: float keys, int keys, str keys (numeric namespaces are read by
+    the native fast path, the others item by item), or all sample_rows."""
+    rng = np.random.default_rng(16)
+    n = 1500
+    ids, vals = rng.permutation(n), rng.random(n) - 0.5
+    if kind == "float":
+        return cls.from_arrays(rng.random(n), ids, vals, node_size=16)
+    if kind == "int":
+        keys = rng.permutation(n) * 7 - 5000
+        return cls.from_arrays(keys, ids, vals, namespaces=[7] * n)
+    if kind == "str":
+        keys = [f"k{j:05d}"[: 2 + j % 5] + "x" * (j % 3) for j in range(n)]
+        return cls.from_arrays(keys, ids, vals, namespaces=["s"] * n)
+    agg = build(cls, sample_rows())
+    for j in range(n):
+        agg.insert(float(rng.random()), j, float(vals[j]), namespace=("f", 1))
+    return agg
+
+
+@pytest.mark.parametrize("kind", PICKLE_KINDS)
+@pytest.mark.parametrize("cls", IMPLS)
+def test_pickle_protocols_carry_the_snapshot(cls, kind):
+    """Every protocol writes the snapshot in-band (protocol 5 too, without a
+    buffer_callback, or with one that keeps the buffer in-band)."""
+    agg = kind_agg(cls, kind)
+    snap = agg.dumps()
+    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        data = pickle.dumps(agg, protocol=protocol)
+        if protocol >= 3:    # (protocol 2 writes bytes through a latin-1 str)
+            assert snap in data and len(data) < len(snap) + 300
+        got = pickle.loads(data)
+        got.check()
+        assert type(got) is cls and content(got) == content(agg)
+    kept = []
+    data = pickle.dumps(agg, protocol=5, buffer_callback=lambda b: kept.append(b) or True)
+    assert len(kept) == 1 and snap in data
+    got = pickle.loads(data)
+    got.check()
+    assert content(got) == content(agg)
+
+
+@pytest.mark.parametrize("kind", PICKLE_KINDS)
+@pytest.mark.parametrize("cls", IMPLS)
+def test_pickle_protocol5_out_of_band(cls, kind):
+    agg = kind_agg(cls, kind)
+    snap = agg.dumps()
+    bufs: list = []
+    data = pickle.dumps(agg, protocol=5, buffer_callback=bufs.append)
+    # out-of-band: the pickle holds the call, the snapshot is the one buffer
+    assert len(bufs) == 1 and isinstance(bufs[0], pickle.PickleBuffer)
+    assert len(data) < 300 < len(snap)
+    raw = bufs[0].raw()
+    assert raw.nbytes == len(snap) and raw.readonly and bytes(raw) == snap
+    got = pickle.loads(data, buffers=bufs)
+    got.check()
+    assert type(got) is cls and content(got) == content(agg)
+    assert got.dumps() == snap
+    # the buffers as another process gets them (bytes, or a writable
+    # bytearray of a receive); the aggregate keeps no view of them
+    received = bytearray(snap)
+    for buffers in ([bytes(snap)], [memoryview(received)], [received]):
+        got = pickle.loads(data, buffers=buffers)
+        got.check()
+        assert content(got) == content(agg)
+    received[:] = bytes(len(received))
+    got.check()
+    assert content(got) == content(agg)
+    # the other implementation reads the same buffer
+    other = Ref if cls is Native else Native
+    assert content(other.loads(bufs[0])) == content(agg)
+
+
+@pytest.mark.parametrize("cls", IMPLS)
+def test_pickle_out_of_band_buffer_damaged(cls):
+    agg = kind_agg(cls, "mixed")
+    bufs: list = []
+    data = pickle.dumps(agg, protocol=5, buffer_callback=bufs.append)
+    snap = bytes(bufs[0].raw())
+    for at in (0, 20, len(snap) // 2, len(snap) - 1):
+        bad = bytearray(snap)
+        bad[at] ^= 0x10
+        with pytest.raises(SnapshotError):
+            pickle.loads(data, buffers=[bad])
+    for cut in (0, 40, len(snap) - 1):
+        with pytest.raises(SnapshotError):
+            pickle.loads(data, buffers=[snap[:cut]])
+    with pytest.raises(SnapshotError):
+        pickle.loads(data, buffers=[snap + bytes(8)])
 
 
 def _child_adds(agg):
@@ -265,6 +365,30 @@ def test_bytes_like_inputs(cls):
         cls.loads("not bytes")
 
 
+@pytest.mark.parametrize("cls", IMPLS)
+def test_any_contiguous_buffer_loads_and_strided_ones_are_refused(cls):
+    data = build(cls, sample_rows()).dumps()
+    want = content(cls.loads(data))
+    assert len(data) % 8 == 0
+    writable = bytearray(data)
+    srcs = [pickle.PickleBuffer(data), pickle.PickleBuffer(writable), memoryview(writable),
+            memoryview(pickle.PickleBuffer(writable)),
+            np.frombuffer(data, np.uint64).reshape(-1, 2 if len(data) % 16 == 0 else 1),
+            memoryview(np.frombuffer(data, ">u8"))]
+    for src in srcs:
+        got = cls.loads(src)
+        got.check()
+        assert content(got) == want
+    assert writable == data
+    doubled = np.repeat(np.frombuffer(data, np.uint8), 2)
+    rows = np.frombuffer(data, np.uint8).reshape(8, -1)
+    for bad in (memoryview(doubled)[::2], doubled[::2], np.asfortranarray(rows),
+                pickle.PickleBuffer(doubled[::2])):
+        assert not memoryview(bad).c_contiguous
+        with pytest.raises(TypeError, match="a snapshot must be a C-contiguous buffer"):
+            cls.loads(bad)
+
+
 # -------------------------------------------------------------- namespaces --
 
 
@@ -294,7 +418,13 @@ def test_pickle_and_copy_keep_any_namespace(cls):
     agg.insert(1.0, 1, 2.0, namespace=frozenset({1}))
     agg.insert("x", 2, 3.0, namespace=float("nan"))
     agg.insert(1.0, 1, 2.0, namespace="ok")
-    for got in (pickle.loads(pickle.dumps(agg)), copy.copy(agg)):
+    bufs: list = []
+    got_oob = pickle.loads(pickle.dumps(agg, protocol=5, buffer_callback=bufs.append),
+                           buffers=bufs)
+    assert bufs == []    # (no snapshot: nothing to send out-of-band)
+    pickled = [pickle.loads(pickle.dumps(agg, protocol=p))
+               for p in range(2, pickle.HIGHEST_PROTOCOL + 1)]
+    for got in (*pickled, got_oob, copy.copy(agg), copy.deepcopy(agg)):
         got.check()
         assert len(got) == 3 and got.sum(namespace=frozenset({1})) == 2.0
         assert got.sum(namespace="ok") == 2.0
