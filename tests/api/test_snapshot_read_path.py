@@ -138,7 +138,8 @@ def _damages(n: int, per_leaf: int):
 
 
 @pytest.mark.parametrize("node_size", [4, 64])
-def test_lying_large_sections_give_the_whole_file_errors(tmp_path, node_size):
+def test_lying_large_sections_give_the_whole_file_errors(tmp_path, small_thresholds,
+                                                        node_size):
     """A large section with a bad item, checksum resealed or not, fails
     with the very message a load of the bytes gives (the streamed read
     falls back to it), and never yields an aggregate."""
@@ -147,6 +148,8 @@ def test_lying_large_sections_give_the_whole_file_errors(tmp_path, node_size):
                              np.ones(n), node_size=node_size)
     data = agg.dumps()
     path = tmp_path / "bad.snap"
+    path.write_bytes(data)
+    assert _streamed(path) is not None
     checked = 0
     for name, at, edit in _damages(n, node_size):
         b = bytearray(data)
@@ -161,7 +164,7 @@ def test_lying_large_sections_give_the_whole_file_errors(tmp_path, node_size):
     assert checked > 40
 
 
-def test_truncated_and_padded_files(tmp_path):
+def test_truncated_and_padded_files(tmp_path, small_thresholds):
     """A large snapshot cut short or with bytes after it: the header's
     length is checked before any section is read."""
     n = 200_000
