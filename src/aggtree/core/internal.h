@@ -284,9 +284,10 @@ typedef struct node {
 
 /* A pool of equal-sized blocks carved from chunks its tree owns (section
  * 10).  The chunk list threads through a header at each chunk's start. */
-typedef struct pool_chunk {
+typedef struct pool_chunk {      /* (allocated apart from its memory: alloc.c) */
     struct pool_chunk *next;
-    size_t bytes;                /* the chunk's size, header included */
+    void *mem;                   /* the chunk's blocks */
+    size_t bytes;                /* the chunk's size */
 } pool_chunk;
 
 typedef struct node_pool {
