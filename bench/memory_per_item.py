@@ -1,7 +1,7 @@
 """Bytes per item held by aggtree (``Aggregate.nbytes``) for 1,000,000 items
 with float keys, int ids and float values, built three ways:
 
-* ``from_arrays`` (bottom-up bulk build, nodes packed full);
+* ``from_arrays`` (bottom-up bulk build, leaves 7/8 full);
 * one ``insert`` at a time in random order (leaves overflow into siblings
   before they split);
 * the random build after churn: 10 rounds of deleting and re-inserting 10% of

@@ -661,8 +661,8 @@ cdef class Aggregate:
         ``keys`` / ``ids`` / ``values`` are equal-length 1-D array-likes
         (unsorted is fine); ``namespaces`` is None (all items in the None
         namespace) or one namespace per item.  Float or integer keys with
-        integer ids take the native fast path (nodes packed full, no per-item
-        inserts); other key and id types fall back to a per-item encoding.
+        integer ids take the native fast path (leaves 7/8 full, room for
+        later writes; no per-item inserts); other key and id types fall back to a per-item encoding.
         DuplicateItemError names a repeated (key, id), ValueError reports NaN
         or a length mismatch, TypeError a dtype that cannot be converted
         losslessly; nothing is half-built."""

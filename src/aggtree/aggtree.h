@@ -213,8 +213,9 @@ agg_status agg_tree_delete_sorted(agg_tree *t, const agg_key *keys, uint64_t n,
 void agg_tree_clear(agg_tree *t);
 
 /* Bulk-build into an EMPTY tree from n keys in strictly increasing order
- * with their values (NULL values = all 0.0).  Leaves and internal nodes are
- * packed full: node_size items or children each, the last node of a
+ * with their values (NULL values = all 0.0).  Leaves hold node_size -
+ * node_size / 8 items (room for a first batch of writes, section 9),
+ * internal nodes node_size children; the last node of a
  * level of several taking the rest, never fewer than 2 (then the one
  * before it holds one less).  Tails are copied.  AGG_INVALID if the tree is
  * not empty; AGG_DUPLICATE if two neighbours are equal (and *bad_index, if

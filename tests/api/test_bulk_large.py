@@ -144,7 +144,7 @@ def test_large_insert_and_delete_batches(threads, node_size):
 @pytest.mark.parametrize("slack", [0, 3, 8])
 def test_batches_into_bulk_builds_of_any_fill(threads, slack):
     """Bulk builds that leave `slack` free slots per leaf (the core's test
-    hook; 0 = packed full, the default rule) hold the same items, cost the
+    hook; 0 = packed full, 8 = the default rule) hold the same items, cost the
     memory their fill says, and take large batches like any tree."""
     from aggtree._core import Aggregate, _debug_build_slack, _tree_info
 

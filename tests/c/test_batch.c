@@ -495,13 +495,15 @@ static void op_delete_sorted(agg_tree *t, model *m, bufs *B, int shape)
     snap_free(&before);
 }
 
-/* Rebuild the tree from the model: half the time with the bulk build's
- * own rule (leaves packed full: the state where every batch key overflows
- * its leaf), else with 1..cap/4 free slots per leaf (AGG_TEST_BUILD_SLACK). */
+/* Rebuild the tree from the model: a third of the time with the bulk
+ * build's own rule (cap / 8 free slots per leaf, section 9), a third
+ * packed full (the state where every batch key overflows its leaf), else
+ * with 1..cap/4 free slots per leaf (AGG_TEST_BUILD_SLACK). */
 static agg_tree *op_build(agg_tree *t, const model *m, bufs *B)
 {
     agg_tree *nt;
-    long slack = rnd_chance(0.5) ? 1 + (long)rnd_below(agg_tree_node_size(t) / 4) : -1;
+    long r = (long)rnd_below(3);
+    long slack = r == 0 ? -1 : r == 1 ? 0 : 1 + (long)rnd_below(agg_tree_node_size(t) / 4);
     REQUIRE(agg_tree_new(&nt, agg_tree_node_size(t), agg_tree_mode(t)) == AGG_OK, "new");
     bufs_need(B, m->n + 10);
     batch_keys(m, m->a, m->n, B->keys, B->kb, B->vals);
@@ -1127,7 +1129,16 @@ static void test_build_staged(uint64_t iters)
         for (i = 0; i < n; i++) {
             k[i].head = 1000 + 3 * i;
             k[i].rest = rnd_below(3);
-            v[i] = (double)rnd_below(1000) / 8.0 - 60.0;
+            /* exact sums; sums that turn inexact anywhere in a leaf; and
+             * sums that overflow (the vectorised leaf sums must give the
+             * scalar node_summary's bits, which check_tree compares) */
+            switch ((it / 5) % 3) {
+            case 0: v[i] = (double)rnd_below(1000) / 8.0 - 60.0; break;
+            case 1: v[i] = ldexp((double)rnd_below(1u << 30) - (double)(1u << 29),
+                                 (int)rnd_below(160) - 110); break;
+            default: v[i] = rnd_chance(0.01) ? (rnd_chance(0.5) ? 1.7e308 : -1.7e308)
+                                             : (double)rnd_below(1000) / 8.0; break;
+            }
         }
         old = agg_test_control(AGG_TEST_BUILD_SLACK, slack);
         REQUIRE(agg_tree_new(&ref, ns, AGG_KEYS_FAST) == AGG_OK, "new");

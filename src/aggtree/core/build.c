@@ -8,10 +8,10 @@
  * -------------
  * agg_tree_build computes the level sizes, allocates every node of every
  * level into one array of pointers (all[], level by level, in key order),
- * then fills: leaves packed full, internal levels likewise, the last node
+ * then fills: leaves 7/8 full (below), internal levels packed full, the last node
  * of each level (on the rightmost path, exempt from min by I4) taking the
  * rest, at least 2 (pack_span, the rule batch inserts use for the tree's
- * last nodes too).  O(n), ~25 bytes per FAST item at cap 64.  Loading a
+ * last nodes too).  O(n), ~29 bytes per FAST item at cap 64.  Loading a
  * snapshot is this build, so a loaded tree has the same shape.
  *
  * The fill is cut into parts by level-1 node: a part fills the leaves of
@@ -53,26 +53,26 @@
  * this, one level-1 node's leaves per put: the summary of a leaf is taken
  * while it is in cache either way.
  *
- * Fill of the leaves.  A packed tree's first batch of writes overflows
- * every leaf it touches, and that batch measured slower than the next
- * ones (10^5 random keys into 10^6 from Python, one thread: first/later
- * 1.2-1.4).  The overflow itself is not what costs: the batch rewrites
- * every touched leaf either way (section 13), and with every page of the
- * process already mapped (glibc's mmap threshold and trim threshold set
- * out of reach, GLIBC_TUNABLES) the first batch into a packed tree cost
- * what the later ones did, 0.97-1.05 of them in five runs.  What differed
- * was page faults: 3,165 in the first batch against 590-950 in the
- * later ones, for the fresh memory of its new leaves, the key sort's
- * scratch and the batch's plan (later batches reuse freed memory).  Huge
- * pages for node chunks and large scratch (section 10, a build switch,
- * off) cut them to ~1,200 against ~100-400 (the rest is the Python
- * layer's key array) and the first batch to 1.11-1.21x the later ones in
- * CPU time (1.22-1.37x without).  Leaving cap / 8 slots free per leaf (28.8 bytes per item
- * instead of 25.2) on top cut them only to ~1,080, and makes a load write
- * 14% more fresh memory, which is what a load's time is mostly made of
- * (section 10); it is kept as a switch (BUILD_SLACK_DIV;
- * AGG_TEST_BUILD_SLACK for tests, which build both shapes), off.  Runs:
- * bench/first_batch.py, bench/README.md.
+ * Fill of the leaves: cap - cap / 8 items (56 of 64), BUILD_SLACK_DIV.
+ * A packed tree's first batch of writes overflows every leaf it touches
+ * (10^5 random keys into 10^6 items touch nearly all 15,600 leaves), so
+ * it splits them all and takes ~24 MB of fresh leaves, where the later
+ * batches find room in the half-full leaves the splits left.  The
+ * splitting itself costs little (the batch rewrites every touched leaf
+ * either way, section 13); the fresh memory is what costs: with every
+ * page of the process already mapped (glibc's mmap and trim thresholds
+ * out of reach) the first batch into a packed tree cost what the later
+ * ones did.  Huge pages for node chunks and scratch (section 10) cut the
+ * page faults, not the kernel's zeroing: the first batch still measured
+ * 1.15-2.06x the later ones (medians 1.53 and 1.64 of 4 runs, two
+ * threads, 2026-12-07).  With 8 free slots per leaf most touched leaves
+ * (6.4 new keys each on average) take their keys in place: first / later
+ * 0.98 (median of 6 runs; from a load, 0.93).  The price: 28.8 bytes per
+ * FAST item instead of 25.2 (the budget is 32), and 14% more fresh memory
+ * for a load or from_arrays to fill, which the vectorised leaf sums
+ * (vals_sum4_vec) more than paid back: a 10^7 load 46 ms against 47 packed
+ * without them (bench/README.md).  AGG_TEST_BUILD_SLACK sets another
+ * slack for tests, which build both shapes.  Runs: bench/first_batch.py.
  */
 #include "internal.h"
 
@@ -294,28 +294,96 @@ uint64_t agg_build_put_keys(agg_build *b, uint64_t l0, uint64_t l1, const agg_ke
     return UINT64_MAX;
 }
 
+/* vals_sum of four leaves of sz values each at once, lane j summing
+ * v[j][0..sz): the same operations in the same order per lane, so the
+ * same bits as four vals_sum calls (IEEE additions are the same in a
+ * vector register; no contraction: there is no multiplication).  The
+ * exact phase and the fast phase of vals_sum give the same (hi, lo); the
+ * exact flag is whether no step rounded lo's addition (f != 0), which
+ * stays set once it is, as vals_sum's switch to the fast phase does.  Four
+ * independent chains in one register: the leaf summaries of a build
+ * (10^7 compensated additions at 10^7 items) take a third of the time. */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__aarch64__))
+#define HAVE_VALS_SUM4 1
+typedef double v4d __attribute__((vector_size(32)));
+typedef int64_t v4i __attribute__((vector_size(32)));
+#if defined(__x86_64__)
+__attribute__((target("avx")))
+#endif
+static void vals_sum4_vec(double *const v[4], uint32_t sz, double *hi, double *lo, int *ex)
+{
+    v4d h = {0, 0, 0, 0}, l = {0, 0, 0, 0};
+    v4i inexact = {0, 0, 0, 0};
+    uint32_t i, j;
+    for (i = 0; i < sz; i++) {
+        v4d x = {v[0][i], v[1][i], v[2][i], v[3][i]};
+        v4d s = h + x, bv = s - h, av = s - bv, e = (h - av) + (x - bv);
+        v4d t = l + e, bw = t - l, aw = t - bw, f = (l - aw) + (e - bw);
+        inexact |= (f != 0.0);
+        h = s;
+        l = t;
+    }
+    for (j = 0; j < 4; j++) {
+        double a = h[j], b = l[j];
+        ex[j] = dd_finish(&a, &b, !inexact[j]);
+        hi[j] = a;
+        lo[j] = b;
+    }
+}
+#endif
+
+/* Whether vals_sum4_vec may run here (x86-64: the CPU has AVX). */
+static int vals_sum4_ok(void)
+{
+#if defined(HAVE_VALS_SUM4) && defined(__x86_64__)
+    return __builtin_cpu_supports("avx");
+#elif defined(HAVE_VALS_SUM4)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* See aggtree.h and section 9. */
 void agg_build_put_values(agg_build *b, uint64_t l0, uint64_t l1, const double *values)
 {
     agg_tree *t = b->t;
     uint64_t li, base, base0 = agg_build_leaf_start(b, l0);
     uint32_t sz, k;
-    for (li = l0; li < l1; li++) {
-        double *nv = leaf_vals(t, b->all[li]);
+    int vec = b->levels > 1 && values && vals_sum4_ok();
+    for (li = l0; li < l1;) {
+        double *nv[4], hi[4], lo[4];
+        int ex[4];
+        uint32_t m = 1, j;
         leaf_span(b, li, &base, &sz);
-        if (values)
-            memcpy(nv, values + (base - base0), (size_t)sz * sizeof *nv);
-        else
-            memset(nv, 0, (size_t)sz * sizeof *nv);
-        if (b->levels > 1) {
-            node *p = leaf_parent(b, li, &k);
-            double hi, lo;
-            inner_ex(t, p)[k] = (uint8_t)vals_sum(nv, sz, 1, &hi, &lo);
-            inner_cnt(t, p)[k] = sz;
-            inner_hi(t, p)[k] = hi;
-            inner_lo(t, p)[k] = lo;
+        /* four leaves of the same size at once where there are four */
+        if (vec && li + 4 <= l1 && li + 4 <= b->sizes[0] - 2)
+            m = 4;                  /* (only the last two leaves differ: pack_span) */
+        for (j = 0; j < m; j++) {
+            nv[j] = leaf_vals(t, b->all[li + j]);
+            if (values)
+                memcpy(nv[j], values + (base - base0) + (uint64_t)j * sz, (size_t)sz * sizeof(double));
+            else
+                memset(nv[j], 0, (size_t)sz * sizeof(double));
         }
-        b->done[li] |= DONE_VALS;
+#ifdef HAVE_VALS_SUM4
+        if (m == 4)
+            vals_sum4_vec(nv, sz, hi, lo, ex);
+        else
+#endif
+        if (b->levels > 1)
+            ex[0] = vals_sum(nv[0], sz, 1, &hi[0], &lo[0]);
+        for (j = 0; j < m; j++) {
+            if (b->levels > 1) {
+                node *p = leaf_parent(b, li + j, &k);
+                inner_ex(t, p)[k] = (uint8_t)ex[j];
+                inner_cnt(t, p)[k] = sz;
+                inner_hi(t, p)[k] = hi[j];
+                inner_lo(t, p)[k] = lo[j];
+            }
+            b->done[li + j] |= DONE_VALS;
+        }
+        li += m;
     }
 }
 
