@@ -1028,7 +1028,7 @@ static void test_build_order(uint64_t iters)
     g_phase = "build order errors";
     for (it = 0; it < iters; it++) {
         uint64_t n = 20000 + rnd_below(30000), i, bad = 0, p1, p2;
-        uint32_t ns = rnd_chance(0.5) ? 4 : 64;
+        uint32_t ns = rnd_chance(0.5) ? 4 : 64, lf = ns - ns / 8;   /* (the default fill) */
         agg_key *k = (agg_key *)malloc(n * sizeof *k);
         double *v = (double *)malloc(n * sizeof *v);
         agg_tree *t;
@@ -1044,7 +1044,7 @@ static void test_build_order(uint64_t iters)
         switch (it % 4) {
         case 0: p1 = 1; break;
         case 1: p1 = n - 1; break;
-        case 2: p1 = (1 + rnd_below((n - 1) / ns)) * ns; break;   /* a leaf's first (cap ns) */
+        case 2: p1 = (1 + rnd_below((n - 1) / lf)) * lf; break;   /* a leaf's first */
         default: p1 = 1 + rnd_below(n - 1); break;
         }
         if (p1 >= n)

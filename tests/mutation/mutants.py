@@ -223,10 +223,10 @@ MUTANTS = [
     {
         "id": "M27",
         "section": "9 bulk build",
-        "bug": "agg_tree_build (core/tree.c): the order check in the fill skips each leaf's first item "
-               "against the item before it (the check across leaves and across parts)",
-        "find": "for (at = base ? base : 1; at < base + sz; at++)",
-        "replace": "for (at = base + 1; at < base + sz; at++)",
+        "bug": "agg_build_put_keys (core/build.c): the order check skips each leaf's first item "
+               "against the item before it (the check across leaves inside a put range)",
+        "find": "for (at = li > l0 ? 0 : 1; at < sz; at++)",
+        "replace": "for (at = 1; at < sz; at++)",
     },
     {
         "id": "M28",
@@ -249,5 +249,42 @@ MUTANTS = [
         "bug": "crc32_combine shifts the second half's CRC instead of the first's",
         "find": "return gf2_mulmod(r, crc1) ^ crc2;",
         "replace": "return gf2_mulmod(r, crc2) ^ crc1;",
+    },
+    # ---- 9. staged build, snapshot_read.c (2026-12-07, third session) -------
+    {
+        "id": "M31",
+        "section": "9 bulk build",
+        "bug": "agg_build_finish skips the order check across the edges of two put ranges",
+        "find": "if (li > 0 && !(d & DONE_EDGE) &&",
+        "replace": "if (0 && li > 0 && !(d & DONE_EDGE) &&",
+    },
+    {
+        "id": "M32",
+        "section": "9 bulk build",
+        "bug": "leaf_parent ignores the irregular end of level 1 ([.., cap - 1, 2]): the last two leaves "
+               "land in the wrong parent slots",
+        "find": "if (s1 > 1 && s0 - (s1 - 1) * cap == 1 && li + 2 >= s0) {",
+        "replace": "if (0) {",
+    },
+    {
+        "id": "M33",
+        "section": "9 bulk build",
+        "bug": "the vectorised leaf sums never clear the exact flag (an inexact leaf sum is flagged exact)",
+        "find": "inexact |= (f != 0.0);",
+        "replace": "(void)f;",
+    },
+    {
+        "id": "M34",
+        "section": "snapshot_read.c",
+        "bug": "a section read from a file skips the key image check of its chunks",
+        "find": "} else if (agg_snapshot_check_items((const uint64_t *)buf, NULL, i1 - i0, h->kind,",
+        "replace": "} else if (0 && agg_snapshot_check_items((const uint64_t *)buf, NULL, i1 - i0, h->kind,",
+    },
+    {
+        "id": "M35",
+        "section": "snapshot_read.c",
+        "bug": "the two halves' value checksums are XORed instead of combined",
+        "find": "h[0].crc_v = agg_snapshot_crc32_combine(h[0].crc_v, h[1].crc_v, 8 * (n - mid));",
+        "replace": "h[0].crc_v = h[0].crc_v ^ h[1].crc_v;",
     },
 ]
