@@ -1010,7 +1010,7 @@ class _Short(Exception):
     """The file ended early (it shrank while it was read)."""
 
 
-def read_path_streamed(path, read_section, crc32, crc32_combine):
+def read_path_streamed(path, read_section, crc32, crc32_combine) -> tuple[Any, dict, Any] | None:
     """Read the snapshot file at ``path`` with its large numeric sections
     going straight into their trees, or None when that does not apply (a
     small file, no large numeric section, anything unexpected: the caller
@@ -1054,7 +1054,7 @@ def read_path_streamed(path, read_section, crc32, crc32_combine):
                 need(pos + NS_HEADER_SIZE)
                 if pos + NS_HEADER_SIZE > end:
                     return None
-                kind, _, nslen, count, data_len = NS_HEADER.unpack_from(buf, pos)
+                kind, _, nslen, count, data_len = NS_HEADER.unpack_from(view, pos)
                 pos += NS_HEADER_SIZE + _pad8(nslen)
                 if kind in (K_FLOAT, K_INT, K_NONE):
                     n = 24 * count
