@@ -634,14 +634,20 @@ cdef object _snap_loads(type cls, object data):
     """An Aggregate of class `cls` from snapshot bytes: any C-contiguous
     buffer (bytes, bytearray, memoryview, PickleBuffer, ndarray), read in
     place, not copied (unless unaligned); TypeError for anything else."""
-    cdef Aggregate agg
     _snap_host_check()
     view = _snapmod.byte_view(data)
     if view.nbytes and (<uintptr_t>_snap_view_ptr(view)) & 7:
         # keys are read as uint64s in place: an unaligned buffer is copied
         view = memoryview(np.frombuffer(view, dtype=np.uint8).copy())
-    node_size, namespaces = _snapmod.parse(view, _snap_read_fast, _snap_read_general, _snap_crc32,
-                                           _snap_walk_ints)
+    return _snap_aggregate(cls, _snapmod.parse(view, _snap_read_fast, _snap_read_general,
+                                               _snap_crc32, _snap_walk_ints))
+
+
+cdef object _snap_aggregate(type cls, tuple parsed):
+    """An Aggregate of class `cls` from snapshot.parse's (node_size,
+    [(namespace, tree), ...])."""
+    cdef Aggregate agg
+    node_size, namespaces = parsed
     agg = cls(node_size)
     for ns, tree in namespaces:
         agg._trees[ns] = tree
@@ -695,7 +701,6 @@ cdef object _snap_load_streamed(type cls, object buf, dict sections, object crc3
     """An Aggregate from read_path_streamed's result: `parse` walks the
     buffer (whose large numeric sections are holes) and takes those
     sections' trees as they were read."""
-    cdef Aggregate agg
 
     def read_fast(r, int kind, uint64_t count, ns, uint32_t node_size):
         got = sections.get(r.pos)
@@ -706,11 +711,7 @@ cdef object _snap_load_streamed(type cls, object buf, dict sections, object crc3
         r.pos += 24 * count
         return got[2]
 
-    node_size, namespaces = _snapmod.parse(buf, read_fast, _snap_read_general, crc32, None)
-    agg = cls(node_size)
-    for ns, tree in namespaces:
-        agg._trees[ns] = tree
-    return agg
+    return _snap_aggregate(cls, _snapmod.parse(buf, read_fast, _snap_read_general, crc32, None))
 
 
 cdef list _snap_items_state(Aggregate agg):
